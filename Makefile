@@ -1,0 +1,71 @@
+# llmlb developer tasks. `make help` lists them.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+.PHONY: install
+install: ## Install llmlb (builds the Rust extension, release profile)
+	$(PIP) install .
+
+.PHONY: dev
+dev: ## Install llmlb editable plus everything the tests, lints and benchmarks need
+	$(PIP) install -e '.[test]'
+
+.PHONY: build
+build: ## Rebuild the Rust extension in place after Rust changes (editable install)
+	$(PIP) install --no-build-isolation --no-deps -e .
+
+.PHONY: lint-python
+lint-python: ## ruff (lint + format check) and mypy --strict
+	ruff check python tests bench
+	ruff format --check python tests bench
+	mypy
+
+.PHONY: lint-rust
+lint-rust: ## rustfmt check and clippy (pedantic) with warnings as errors
+	cargo fmt --check
+	cargo clippy --all-targets --features python -- -D warnings
+
+.PHONY: lint
+lint: lint-python lint-rust ## All linters
+
+.PHONY: fmt
+fmt: ## Format Python and Rust
+	ruff format python tests bench
+	ruff check --fix python tests bench
+	cargo fmt
+
+.PHONY: test-rust
+test-rust: ## Rust unit tests
+	cargo test --release
+
+.PHONY: test-python
+test-python: ## Python tests: unit, protocol and end-to-end through a real Envoy
+	$(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+.PHONY: test-bench-smoke
+test-bench-smoke: ## The Python benchmarks, once each, as smoke tests
+	$(PYTHON) -m pytest bench/python --benchmark-disable -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+.PHONY: test
+test: dev lint test-rust test-python test-bench-smoke ## Install what tests need, lint, run every test
+
+.PHONY: bench
+bench: ## Criterion (Rust) and pytest-benchmark (Python) benchmarks
+	cargo bench --bench core
+	$(PYTHON) -m pytest bench/python --benchmark-enable
+
+.PHONY: bench-check
+bench-check: ## Run the benchmarks and print each figure against its budget
+	$(PYTHON) bench/check.py
+
+.PHONY: clean
+clean: ## Remove build outputs
+	cargo clean
+	rm -rf .pytest_cache .hypothesis .benchmarks .mypy_cache .ruff_cache python/llmlb/*.so

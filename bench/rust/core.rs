@@ -1,0 +1,548 @@
+//! Criterion benchmarks of the llmlb core: request parsing + prefix hashing, picks, and the
+//! prefix table. Run with `cargo bench --bench core -- --noplot`; `python bench/check.py` runs
+//! this and the Python benchmarks and compares them with the budgets.
+//!
+//! Benchmark ids (criterion writes `target/criterion/<id>/new/estimates.json`):
+//! - `parse_hash/{1KB,32KB,1MB}`: `parse_request` of a generated OpenAI chat body.
+//! - `pick/<policy>/<endpoints>`: one `pick` + one `release` (state stays steady).
+//! - `pick_only/<policy>/<endpoints>`: `pick` alone, in bursts of outstanding picks whose
+//!   releases are not timed.
+//! - `pick/prefix_cache_miss/<endpoints>`: pick + release of a never-seen 32 KB-sized chain.
+//! - `release/unknown_ticket`: the smallest call there is (baseline of the Python call cost).
+//! - `prefix_table/match_depths/<case>/<levels>` and `prefix_table/record/<case>/64`.
+//!
+//! The request bodies come from a small deterministic generator, mirrored byte for byte by
+//! `bench/python/bodies.py`; each run prints a fingerprint line per body so `check.py` can
+//! confirm that both sides measured the same bytes.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+
+use _core::balancer::{Balancer, BalancerConfig, PickReason};
+use _core::prefix_table::PrefixTable;
+use _core::request::parse_request;
+use _core::scheduling::policies::Policy;
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic request bodies (keep in sync with bench/python/bodies.py).
+
+const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+const BODY_HEAD: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":["#;
+const BODY_TAIL: &str = r#"],"max_tokens":512,"temperature":0.7,"stream":true}"#;
+
+/// (label, target size in bytes, seed)
+const BODY_SIZES: [(&str, usize, u64); 3] = [
+    ("1KB", 1024, 1),
+    ("32KB", 32 * 1024, 32),
+    ("1MB", 1024 * 1024, 1024),
+];
+
+const WORDS: [&str; 96] = [
+    "the",
+    "model",
+    "request",
+    "server",
+    "cache",
+    "prefix",
+    "token",
+    "latency",
+    "and",
+    "of",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "with",
+    "as",
+    "on",
+    "this",
+    "be",
+    "are",
+    "we",
+    "can",
+    "it",
+    "an",
+    "by",
+    "from",
+    "at",
+    "or",
+    "not",
+    "which",
+    "will",
+    "should",
+    "would",
+    "could",
+    "please",
+    "answer",
+    "question",
+    "explain",
+    "summary",
+    "document",
+    "section",
+    "example",
+    "function",
+    "value",
+    "result",
+    "because",
+    "however",
+    "therefore",
+    "system",
+    "user",
+    "assistant",
+    "response",
+    "context",
+    "window",
+    "memory",
+    "throughput",
+    "endpoint",
+    "cluster",
+    "replica",
+    "balancer",
+    "routing",
+    "policy",
+    "healthy",
+    "load",
+    "queue",
+    "batch",
+    "stream",
+    "output",
+    "input",
+    "small",
+    "large",
+    "quickly",
+    "carefully",
+    "first",
+    "second",
+    "finally",
+    "also",
+    "other",
+    "more",
+    "than",
+    "each",
+    "every",
+    "some",
+    "about",
+    "into",
+    "over",
+    "after",
+    "before",
+    "while",
+    "café",
+    "naïve",
+    "résumé",
+    "façade",
+    "über",
+    "déjà",
+];
+
+/// splitmix64: tiny, fast and easy to mirror exactly in Python.
+struct Mix(u64);
+
+impl Mix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// English-like text as JSON string content (already escaped): sentences with commas, the odd
+/// quoted phrase (`\"`), paragraphs separated by `\n\n`, a few non-ASCII words.
+struct TextGen {
+    words_left: u64,
+    sentences_left: u64,
+    quote_left: u64,
+    first: bool,
+}
+
+impl TextGen {
+    fn new() -> Self {
+        Self {
+            words_left: 0,
+            sentences_left: 0,
+            quote_left: 0,
+            first: true,
+        }
+    }
+
+    fn token(&mut self, rng: &mut Mix, tok: &mut Vec<u8>) {
+        tok.clear();
+        let mut capitalize = false;
+        if self.words_left == 0 {
+            if self.sentences_left == 0 {
+                self.sentences_left = 2 + rng.below(5);
+                if !self.first {
+                    tok.extend_from_slice(br"\n\n");
+                }
+            } else {
+                tok.push(b' ');
+            }
+            self.sentences_left -= 1;
+            self.words_left = 6 + rng.below(14);
+            capitalize = true;
+        } else {
+            tok.push(b' ');
+        }
+        let word = WORDS[rng.below(WORDS.len() as u64) as usize].as_bytes();
+        if self.quote_left == 0 && self.words_left > 3 && rng.below(16) == 0 {
+            tok.extend_from_slice(br#"\""#);
+            self.quote_left = 2 + rng.below(2);
+        }
+        let start = tok.len();
+        tok.extend_from_slice(word);
+        if capitalize {
+            tok[start] = tok[start].to_ascii_uppercase();
+        }
+        if self.quote_left > 0 {
+            self.quote_left -= 1;
+            if self.quote_left == 0 {
+                tok.extend_from_slice(br#"\""#);
+            }
+        }
+        self.words_left -= 1;
+        if self.words_left == 0 {
+            if self.quote_left > 0 {
+                tok.extend_from_slice(br#"\""#);
+                self.quote_left = 0;
+            }
+            tok.push(if rng.below(8) == 0 { b'?' } else { b'.' });
+        } else if rng.below(12) == 0 {
+            tok.push(b',');
+        }
+        self.first = false;
+    }
+}
+
+/// Appends `{"role":"<role>","content":"<about len bytes of text>"}`.
+fn message(out: &mut Vec<u8>, rng: &mut Mix, role: &str, len: usize) {
+    out.extend_from_slice(br#"{"role":""#);
+    out.extend_from_slice(role.as_bytes());
+    out.extend_from_slice(br#"","content":""#);
+    let mut text = TextGen::new();
+    let mut tok = Vec::new();
+    let mut written = 0;
+    loop {
+        text.token(rng, &mut tok);
+        if written + tok.len() > len {
+            break;
+        }
+        out.extend_from_slice(&tok);
+        written += tok.len();
+    }
+    out.extend_from_slice(br#""}"#);
+}
+
+const fn message_overhead(role: &str) -> usize {
+    r#"{"role":"","content":""}"#.len() + role.len()
+}
+
+/// A chat-completions body of about `target` bytes: a system prompt, then user/assistant turns
+/// (the odd long pasted document), ending with a user turn.
+fn chat_body(target: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Mix(seed);
+    let mut out = Vec::with_capacity(target + 64);
+    out.extend_from_slice(BODY_HEAD.as_bytes());
+    let system = (target / 8).clamp(200, 4000);
+    message(&mut out, &mut rng, "system", system);
+    let (user_oh, asst_oh) = (message_overhead("user"), message_overhead("assistant"));
+    loop {
+        let remaining = target.saturating_sub(out.len() + BODY_TAIL.len());
+        let user = if rng.below(10) == 0 {
+            2000 + rng.below(14_000)
+        } else {
+            100 + rng.below(700)
+        } as usize;
+        let assistant = 300 + rng.below(2500) as usize;
+        if remaining < user + assistant + user_oh + asst_oh + 2 + 300 {
+            out.push(b',');
+            message(
+                &mut out,
+                &mut rng,
+                "user",
+                remaining.saturating_sub(user_oh + 1),
+            );
+            break;
+        }
+        out.push(b',');
+        message(&mut out, &mut rng, "user", user);
+        out.push(b',');
+        message(&mut out, &mut rng, "assistant", assistant);
+    }
+    out.extend_from_slice(BODY_TAIL.as_bytes());
+    out
+}
+
+fn bodies() -> Vec<(&'static str, Vec<u8>)> {
+    BODY_SIZES
+        .iter()
+        .map(|&(label, size, seed)| (label, chat_body(size, seed)))
+        .collect()
+}
+
+fn hashes_of(body: &[u8]) -> Vec<u64> {
+    parse_request(body)
+        .expect("generated bodies parse")
+        .prefix_hashes
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing and hashing.
+
+fn bench_parse(c: &mut Criterion) {
+    let mut group = c.benchmark_group("parse_hash");
+    // A 1 MB body takes ~1 ms: 50 samples keep the run within the measurement time.
+    group.sample_size(50);
+    for (label, body) in bodies() {
+        let parsed = parse_request(&body).expect("generated bodies parse");
+        assert_eq!(parsed.model, MODEL);
+        // One line per body so check.py can confirm the Python side measured the same bytes.
+        println!(
+            "llmlb-bench-body size={label} bytes={} levels={} last_hash={}",
+            body.len(),
+            parsed.prefix_hashes.len(),
+            parsed.prefix_hashes.last().copied().unwrap_or(0)
+        );
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(label), &body, |b, body| {
+            b.iter(|| parse_request(black_box(body)).expect("parses"));
+        });
+    }
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Picks.
+
+const NOW_MS: u64 = 1_000;
+/// Entries put in the prefix table before timing pick benches: about 100k (1,500 chains of 64).
+const WARM_CHAINS: usize = 1_500;
+const WARM_LEVELS: usize = 64;
+/// Outstanding picks in the pick-alone bench before they are released (untimed).
+const PICK_BURST: u64 = 64;
+
+fn endpoints(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("10.{}.{}.{}:8000", i / 65_536, (i / 256) % 256, i % 256))
+        .collect()
+}
+
+fn random_chain(rng: &mut Mix, levels: usize) -> Vec<u64> {
+    (0..levels).map(|_| rng.next()).collect()
+}
+
+/// A balancer over `n` endpoints; for prefix_cache, a prefix table warmed with ~100k entries by
+/// earlier picks, and `chain` recorded on one endpoint so picking it exercises the hit path.
+fn balancer(policy: Policy, n: usize, chain: &[u64]) -> Balancer {
+    let config = BalancerConfig {
+        policy,
+        ..BalancerConfig::default()
+    };
+    let mut b = Balancer::with_rng(config, SmallRng::seed_from_u64(7));
+    b.set_endpoints(&endpoints(n));
+    if policy.uses_prefix() {
+        let mut rng = Mix(99);
+        for _ in 0..WARM_CHAINS {
+            let p = b
+                .pick(Some(&random_chain(&mut rng, WARM_LEVELS)), NOW_MS)
+                .expect("pick");
+            b.release(p.ticket);
+        }
+        let p = b.pick(Some(chain), NOW_MS).expect("pick");
+        b.release(p.ticket);
+        let again = b.pick(Some(chain), NOW_MS).expect("pick");
+        assert_eq!(again.reason, PickReason::PrefixHit);
+        assert_eq!(again.prefix_depth as usize, chain.len());
+        b.release(again.ticket);
+    }
+    b
+}
+
+fn bench_pick(c: &mut Criterion) {
+    let body32 = chat_body(BODY_SIZES[1].1, BODY_SIZES[1].2);
+    let chain = hashes_of(&body32);
+    let empty: &[u64] = &[];
+    let cases = [
+        (Policy::GlobalLeastRequest, empty),
+        (Policy::PrefixCache, chain.as_slice()),
+    ];
+
+    let mut group = c.benchmark_group("pick");
+    group.throughput(Throughput::Elements(1));
+    for (policy, hashes) in cases {
+        for n in [8, 1000] {
+            let mut b = balancer(policy, n, &chain);
+            group.bench_function(BenchmarkId::new(policy.name(), n), |bench| {
+                bench.iter(|| {
+                    let p = b.pick(Some(black_box(hashes)), NOW_MS).expect("pick");
+                    b.release(p.ticket)
+                });
+            });
+            assert_eq!(b.open_tickets(), 0);
+        }
+    }
+    // A chain nobody holds: every level misses and is then recorded (evicting LRU entries).
+    for n in [8, 1000] {
+        let mut b = balancer(Policy::PrefixCache, n, &chain);
+        let mut rng = Mix(4242);
+        group.bench_function(BenchmarkId::new("prefix_cache_miss", n), |bench| {
+            bench.iter_batched(
+                || random_chain(&mut rng, chain.len()),
+                |fresh| {
+                    let p = b.pick(Some(&fresh), NOW_MS).expect("pick");
+                    b.release(p.ticket);
+                    fresh
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("pick_only");
+    group.throughput(Throughput::Elements(1));
+    for (policy, hashes) in cases {
+        for n in [8, 1000] {
+            let mut b = balancer(policy, n, &chain);
+            let mut tickets = Vec::with_capacity(PICK_BURST as usize);
+            group.bench_function(BenchmarkId::new(policy.name(), n), |bench| {
+                bench.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    let mut left = iters;
+                    while left > 0 {
+                        let burst = left.min(PICK_BURST);
+                        let start = Instant::now();
+                        for _ in 0..burst {
+                            tickets.push(
+                                b.pick(Some(black_box(hashes)), NOW_MS)
+                                    .expect("pick")
+                                    .ticket,
+                            );
+                        }
+                        total += start.elapsed();
+                        for t in tickets.drain(..) {
+                            b.release(t);
+                        }
+                        left -= burst;
+                    }
+                    total
+                });
+            });
+            assert_eq!(b.open_tickets(), 0);
+        }
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("release");
+    group.throughput(Throughput::Elements(1));
+    let mut b = balancer(Policy::GlobalLeastRequest, 8, &chain);
+    group.bench_function("unknown_ticket", |bench| {
+        bench.iter(|| b.release(black_box(0)))
+    });
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The prefix table on its own.
+
+const TABLE_CAPACITY: usize = 262_144;
+const TABLE_ENTRIES: usize = 100_000;
+const TTL_MS: u64 = 1_800_000;
+
+/// A table of ~100k entries from 64-level chains recorded on random endpoints of 1,000.
+fn warm_table(rng: &mut Mix) -> PrefixTable {
+    let mut t = PrefixTable::new(TABLE_CAPACITY, TTL_MS);
+    while t.len() < TABLE_ENTRIES {
+        let chain = random_chain(rng, WARM_LEVELS);
+        t.record(&chain, rng.below(1000) as u32, NOW_MS);
+    }
+    t
+}
+
+fn bench_prefix_table(c: &mut Criterion) {
+    let mut rng = Mix(2024);
+    let mut group = c.benchmark_group("prefix_table");
+    group.throughput(Throughput::Elements(1));
+    for levels in [64, 2048] {
+        let mut t = warm_table(&mut rng);
+        let held = random_chain(&mut rng, levels);
+        t.record(&held, 7, NOW_MS);
+        // Shares the first half with `held`, then diverges.
+        let mut partial = held[..levels / 2].to_vec();
+        partial.extend(random_chain(&mut rng, levels - levels / 2));
+        // Held by four endpoints, as a shared system prompt would be.
+        let shared = random_chain(&mut rng, levels);
+        for e in [11, 12, 13, 14] {
+            t.record(&shared, e, NOW_MS);
+        }
+        let missing = random_chain(&mut rng, levels);
+
+        let cases: [(&str, &[u64], usize, u32); 4] = [
+            ("hit", &held, 1, levels as u32),
+            ("hit_4_holders", &shared, 4, levels as u32),
+            ("partial", &partial, 1, (levels / 2) as u32),
+            ("miss", &missing, 0, 0),
+        ];
+        let mut out = Vec::new();
+        for (case, hashes, holders, depth) in cases {
+            t.match_depths(hashes, NOW_MS, &mut out);
+            assert_eq!(out.len(), holders, "{case}/{levels}");
+            assert!(
+                out.iter().all(|&(_, d)| d == depth),
+                "{case}/{levels}: {out:?}"
+            );
+            group.bench_function(format!("match_depths/{case}/{levels}"), |b| {
+                b.iter(|| {
+                    t.match_depths(black_box(hashes), NOW_MS, &mut out);
+                    out.len()
+                });
+            });
+        }
+    }
+
+    // `record` of 64 levels: re-recording a held chain (the prefix-hit path of a pick) and
+    // recording a new chain into a full table (every level inserted, one LRU eviction each).
+    let mut t = warm_table(&mut rng);
+    let held = random_chain(&mut rng, 64);
+    t.record(&held, 7, NOW_MS);
+    group.bench_function("record/existing/64", |b| {
+        b.iter(|| t.record(black_box(&held), 7, NOW_MS));
+    });
+    let mut full = PrefixTable::new(TABLE_ENTRIES, TTL_MS);
+    while full.len() < full.capacity() {
+        full.record(
+            &random_chain(&mut rng, WARM_LEVELS),
+            rng.below(1000) as u32,
+            NOW_MS,
+        );
+    }
+    group.bench_function("record/new/64", |b| {
+        b.iter_batched(
+            || random_chain(&mut rng, 64),
+            |fresh| {
+                full.record(&fresh, 7, NOW_MS);
+                fresh
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    // Bounded run; `--warm-up-time` / `--measurement-time` on the command line override these.
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = bench_parse, bench_pick, bench_prefix_table
+}
+criterion_main!(benches);

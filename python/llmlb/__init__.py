@@ -1,0 +1,23 @@
+"""llmlb: an LLM-aware endpoint picker for Envoy (gRPC ext_proc)."""
+
+from llmlb._core import (
+    PREFIX_BLOCK_SIZE,
+    Balancer,
+    NoEndpointsError,
+    OverLimitError,
+    ParsedRequest,
+    RequestParseError,
+    __version__,
+    parse_request,
+)
+
+__all__ = [
+    "PREFIX_BLOCK_SIZE",
+    "Balancer",
+    "NoEndpointsError",
+    "OverLimitError",
+    "ParsedRequest",
+    "RequestParseError",
+    "__version__",
+    "parse_request",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from llmlb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+"""The ``llmlb`` command line: serve, check-config, envoy-config.
+
+Exit codes: 0 clean shutdown, 2 bad config or arguments (one line naming the field), 1 anything
+else. User mistakes never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from llmlb.config import Config, ConfigError, effective_yaml, load_config, load_endpoints_file, with_overrides
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other llmlb error, plus where to look.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"llmlb: error: {message}", file=sys.stderr)
+    return code
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="llmlb", description="LLM-aware endpoint picker for Envoy (gRPC ext_proc).")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the picker daemon (ext_proc gRPC + admin HTTP)")
+    serve.add_argument("--config", metavar="FILE", help="YAML config file (see docs/configuration.md)")
+    serve.add_argument("--endpoints", metavar="A,B,...", help="comma-separated ip:port endpoints")
+    serve.add_argument("--policy", metavar="NAME", help="global_least_request | prefix_cache | least_busy")
+    serve.add_argument("--grpc-listen", metavar="H:P", help="ext_proc listen address (default 0.0.0.0:9002)")
+    serve.add_argument("--admin-listen", metavar="H:P", help="admin HTTP address (default 127.0.0.1:9090)")
+    serve.add_argument("--log-level", metavar="L", help="debug | info | warning | error")
+
+    check = sub.add_parser("check-config", help="validate a config and print the effective config")
+    check.add_argument("file", metavar="FILE")
+
+    envoy = sub.add_parser("envoy-config", help="print an Envoy bootstrap wired to the picker")
+    source = envoy.add_mutually_exclusive_group()
+    source.add_argument("--config", metavar="FILE", help="take endpoints and the picker address from it")
+    source.add_argument("--endpoints", metavar="A,B,...", help="comma-separated ip:port endpoints")
+    envoy.add_argument("--listen", metavar="H:P", default="0.0.0.0:10000", help="Envoy's HTTP listener")
+    envoy.add_argument("--admin", metavar="H:P", default="127.0.0.1:9901", help="Envoy's admin listener")
+    envoy.add_argument("--picker", metavar="H:P", help="the picker's ext_proc address (default from config)")
+    envoy.add_argument(
+        "--max-body-bytes", metavar="N", type=int, help="largest request body (default 16 MiB)"
+    )
+    envoy.add_argument("--mode", choices=("buffered", "full-duplex"), default="buffered")
+    envoy.add_argument("--fallback", choices=("round_robin", "least_request", "random", "ring_hash"))
+    return parser
+
+
+def _serve_config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config) if args.config else Config()
+    return with_overrides(
+        config,
+        endpoints=args.endpoints,
+        policy=args.policy,
+        grpc_listen=args.grpc_listen,
+        admin_listen=args.admin_listen,
+        log_level=args.log_level,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from llmlb.daemon import ConfigRefused, StartupError, serve
+
+    config = _serve_config(args)
+    try:
+        return serve(config)
+    except ConfigRefused as e:
+        return _fail(EXIT_USAGE, str(e))
+    except StartupError as e:
+        return _fail(EXIT_FAILURE, str(e))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    if config.endpoints_file:
+        load_endpoints_file(config.endpoints_file)
+    sys.stdout.write(effective_yaml(config))
+    return EXIT_OK
+
+
+def _picker_address(grpc_listen: str) -> str:
+    """Where Envoy should dial a picker listening on ``grpc_listen`` (wildcards mean local)."""
+    host, _, port = grpc_listen.rpartition(":")
+    if host in ("0.0.0.0", "", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def _cmd_envoy_config(args: argparse.Namespace) -> int:
+    from llmlb.envoy_config import DEFAULT_MAX_BODY_BYTES, EnvoyConfigError, EnvoyOptions, render_envoy_config
+
+    config = load_config(args.config) if args.config else with_overrides(Config(), endpoints=args.endpoints)
+    endpoints = [ep.address for ep in config.endpoints]
+    if config.endpoints_file:
+        endpoints += [
+            ep.address for ep in load_endpoints_file(config.endpoints_file) if ep.address not in endpoints
+        ]
+    if args.fallback and not endpoints:
+        raise ConfigError(
+            "--fallback", "needs endpoints (--endpoints or --config) to list in the Envoy cluster"
+        )
+    try:
+        options = EnvoyOptions(
+            endpoints=tuple(endpoints),
+            listen=args.listen,
+            admin=args.admin,
+            picker=args.picker or _picker_address(config.grpc_listen),
+            max_body_bytes=args.max_body_bytes if args.max_body_bytes is not None else DEFAULT_MAX_BODY_BYTES,
+            mode=args.mode,
+            fallback=args.fallback,
+        )
+        rendered = render_envoy_config(options)
+    except EnvoyConfigError as e:
+        raise ConfigError(e.field, e.message) from None
+    if args.fallback and args.mode == "full-duplex":
+        print(
+            "llmlb: warning: in full-duplex mode Envoy 1.40 cannot fail open once a request body is on its "
+            "way (500 while the picker is down); use --mode buffered for a dependable fallback",
+            file=sys.stderr,
+        )
+    sys.stdout.write(rendered)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from llmlb import __version__
+
+        print(f"llmlb {__version__}")
+        return EXIT_OK
+    commands = {"serve": _cmd_serve, "check-config": _cmd_check_config, "envoy-config": _cmd_envoy_config}
+    if args.command not in commands:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return commands[args.command](args)
+    except ConfigError as e:
+        return _fail(EXIT_USAGE, str(e))
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

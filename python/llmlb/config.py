@@ -1,0 +1,419 @@
+"""The configuration file: schema, defaults, validation and the effective view.
+
+Every field is documented in docs/configuration.md. A Higress ``ai-load-balancer`` plugin config
+(``lb_type`` + ``lb_policy`` + ``lb_config``) is valid as it stands. Unknown keys are errors, so a
+typo never silently changes behaviour; every error names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POLICIES = ("global_least_request", "prefix_cache", "least_busy")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Higress fields llmlb accepts but does not need: its counters cannot leak, so nothing to clean,
+# and decisions are always visible in /metrics and debug logs.
+IGNORED_HIGRESS_FIELDS = ("cleanInterval", "enableDetailLog")
+
+# Higress's later metrics policy; llmlb's least_busy covers it (see docs/configuration.md).
+HIGRESS_METRICS_POLICIES = ("endpoint_metrics", "metrics_based")
+HIGRESS_METRICS_FIELDS = ("metric_policy", "target_metric", "rate_limit")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the field."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        super().__init__(f"{field_name}: {problem}")
+        self.field = field_name
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LbConfig:
+    """``lb_config``: Higress field names, plus llmlb's own tuning knobs."""
+
+    serviceFQDN: str | None = None
+    servicePort: int = 6379
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in logs or reprs
+    timeout: int = 3000
+    redisBudget: int = 25
+    database: int = 0
+    redisKeyTTL: int = 1800
+    criticalModels: tuple[str, ...] | None = None
+    scrapeInterval: int = 50
+    staleAfter: int = 2000
+    leaseTTL: int = 15
+    maxRequestCount: int = 0
+    affinityLoadFactor: float = 1.25
+    affinityLoadFloor: int = 2
+    prefixTableSize: int = 262_144
+
+
+@dataclass(frozen=True)
+class Config:
+    grpc_listen: str = "0.0.0.0:9002"
+    admin_listen: str = "127.0.0.1:9090"
+    pool: str = "default"
+    endpoints: tuple[Endpoint, ...] = ()
+    endpoints_file: str | None = None
+    lb_type: str = "endpoint"
+    lb_policy: str = "prefix_cache"
+    lb_config: LbConfig = field(default_factory=LbConfig)
+    log_level: str = "info"
+    max_body_bytes: int = 64 * 1024 * 1024
+    health_check_interval: int = 5000
+    health_check_timeout: int = 1000
+    drain_timeout: int = 30
+    # Set while loading: Higress fields that were accepted and ignored (warned once at start).
+    ignored_fields: tuple[str, ...] = ()
+
+
+# --- value checkers -------------------------------------------------------------------------
+
+
+def _int(value: Any, name: str, minimum: int = 0, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(name, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be <= {maximum}, got {value}")
+    return value
+
+
+def _float(value: Any, name: str, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"must be a number, got {value!r}")
+    if not value >= minimum:
+        raise ConfigError(name, f"must be >= {minimum}, got {value}")
+    return float(value)
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(name, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}; got {value!r}")
+    return str(value)
+
+
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
+
+
+def parse_listen(value: Any, name: str) -> tuple[str, int]:
+    """``host:port`` for a listener (a hostname such as ``localhost`` is allowed)."""
+    text = _str(value, name)
+    m = _HOST_PORT.match(text)
+    if not m:
+        raise ConfigError(name, f"must be host:port, got {text!r}")
+    port = int(m["port"])
+    if not 0 <= port <= 65535:
+        raise ConfigError(name, f"port must be 0..65535, got {port}")
+    return (m["v6"] or m["host"]), port
+
+
+def parse_endpoint_address(value: Any, name: str) -> str:
+    """An endpoint is an IP literal and port: Envoy's ORIGINAL_DST routing needs an IP."""
+    text = _str(value, name).strip()
+    m = _HOST_PORT.match(text)
+    if not m:
+        raise ConfigError(name, f"must be ip:port (or [ipv6]:port), got {text!r}")
+    port = int(m["port"])
+    if not 1 <= port <= 65535:
+        raise ConfigError(name, f"port must be 1..65535, got {port}")
+    host = m["v6"] or m["host"]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            name, f"{host!r} is not an IP address (Envoy routes picks to ip:port; resolve names first)"
+        ) from None
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def parse_endpoint(value: Any, name: str) -> Endpoint:
+    if isinstance(value, str):
+        return Endpoint(parse_endpoint_address(value, name))
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"address", "labels"}
+        if unknown:
+            raise ConfigError(f"{name}.{sorted(unknown)[0]}", "unknown key (allowed: address, labels)")
+        if "address" not in value:
+            raise ConfigError(f"{name}.address", "is required")
+        labels = value.get("labels") or {}
+        if not isinstance(labels, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in labels.items()
+        ):
+            raise ConfigError(f"{name}.labels", "must be a mapping of strings to scalars")
+        return Endpoint(
+            parse_endpoint_address(value["address"], f"{name}.address"),
+            {k: str(v) for k, v in labels.items()},
+        )
+    raise ConfigError(name, f'must be "ip:port" or {{address: ip:port, labels: {{...}}}}, got {value!r}')
+
+
+def parse_endpoints(value: Any, name: str) -> tuple[Endpoint, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(name, "must be a list")
+    out: list[Endpoint] = []
+    seen: set[str] = set()
+    for i, item in enumerate(value):
+        ep = parse_endpoint(item, f"{name}[{i}]")
+        if ep.address in seen:
+            raise ConfigError(f"{name}[{i}]", f"duplicate endpoint {ep.address}")
+        seen.add(ep.address)
+        out.append(ep)
+    return tuple(out)
+
+
+def load_endpoints_file(path: str) -> tuple[Endpoint, ...]:
+    """An endpoints file holds the same list as ``endpoints``, bare or under an ``endpoints`` key."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError("endpoints_file", f"cannot read {path}: {_one_line(e)}") from None
+    if isinstance(data, Mapping):
+        unknown = set(data) - {"endpoints"}
+        if unknown:
+            raise ConfigError(f"endpoints_file.{sorted(unknown)[0]}", "unknown key (allowed: endpoints)")
+        data = data.get("endpoints")
+    return parse_endpoints(data if data is not None else [], "endpoints_file")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+# --- lb_config --------------------------------------------------------------------------------
+
+_LB_FIELDS = {f.name: f for f in dataclasses.fields(LbConfig)}
+
+
+def _env_expand(value: str, name: str) -> str:
+    """``${NAME}`` takes the value from the environment; a missing variable is an error."""
+    m = re.fullmatch(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value)
+    if not m:
+        return value
+    env = os.environ.get(m[1])
+    if env is None:
+        raise ConfigError(name, f"environment variable {m[1]} is not set")
+    return env
+
+
+def parse_lb_config(raw: Any, policy: str) -> tuple[LbConfig, tuple[str, ...]]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("lb_config", "must be a mapping")
+    values: dict[str, Any] = {}
+    ignored: list[str] = []
+    for key, value in raw.items():
+        name = f"lb_config.{key}"
+        if key in IGNORED_HIGRESS_FIELDS:
+            ignored.append(str(key))
+            continue
+        if key in HIGRESS_METRICS_FIELDS:
+            raise ConfigError(
+                name, "belongs to Higress's endpoint_metrics policy; use lb_policy: least_busy instead"
+            )
+        if key not in _LB_FIELDS:
+            raise ConfigError(name, f"unknown key (known: {', '.join(sorted(_LB_FIELDS))})")
+        if value is None:
+            continue  # an empty value means the default
+        values[key] = _lb_value(str(key), value, name)
+    if "serviceFQDN" in values and "servicePort" not in raw:
+        values.setdefault("servicePort", 6379)
+    if policy != "least_busy" and "criticalModels" in values:
+        raise ConfigError("lb_config.criticalModels", "only applies to lb_policy: least_busy")
+    if values.get("maxRequestCount") and policy != "global_least_request":
+        raise ConfigError("lb_config.maxRequestCount", "only applies to lb_policy: global_least_request")
+    return LbConfig(**values), tuple(ignored)
+
+
+def _lb_value(key: str, value: Any, name: str) -> Any:
+    if key in ("serviceFQDN", "username"):
+        return _str(value, name)
+    if key == "password":
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        return _env_expand(_str(value, name), name)
+    if key == "servicePort":
+        return _int(value, name, 1, 65535)
+    if key == "database":
+        return _int(value, name, 0)
+    if key == "timeout":
+        # Higress treats 0 as "use the default".
+        return _int(value, name, 0) or 3000
+    if key == "redisKeyTTL":
+        # Seconds (the Higress code's unit, whatever its README says); 0 means the default.
+        return _int(value, name, 0) or 1800
+    if key in ("redisBudget", "scrapeInterval", "staleAfter", "leaseTTL", "prefixTableSize"):
+        return _int(value, name, 1)
+    if key in ("maxRequestCount", "affinityLoadFloor"):
+        return _int(value, name, 0)
+    if key == "affinityLoadFactor":
+        return _float(value, name, 1.0)
+    if key == "criticalModels":
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(name, "must be a list of model names")
+        return tuple(value)
+    raise AssertionError(key)  # pragma: no cover - every field is handled above
+
+
+# --- the whole file ---------------------------------------------------------------------------
+
+_TOP_FIELDS = {f.name for f in dataclasses.fields(Config)} - {"ignored_fields"}
+
+
+def parse_config(raw: Any) -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("(top level)", "the config must be a YAML mapping")
+    for key in raw:
+        if key not in _TOP_FIELDS:
+            raise ConfigError(str(key), f"unknown key (known: {', '.join(sorted(_TOP_FIELDS))})")
+    values: dict[str, Any] = {}
+    if "lb_type" in raw and raw["lb_type"] != "endpoint":
+        raise ConfigError(
+            "lb_type", f"only 'endpoint' is supported (llmlb picks endpoints), got {raw['lb_type']!r}"
+        )
+    policy = raw.get("lb_policy", "prefix_cache")
+    if policy in HIGRESS_METRICS_POLICIES:
+        raise ConfigError(
+            "lb_policy",
+            f"{policy!r} (Higress endpoint_metrics) is not supported; use least_busy, which picks "
+            "from the same engine metrics with staleness handling",
+        )
+    values["lb_policy"] = _choice(policy, "lb_policy", POLICIES)
+    values["lb_config"], values["ignored_fields"] = parse_lb_config(raw.get("lb_config"), policy)
+    for key in ("grpc_listen", "admin_listen"):
+        if key in raw:
+            parse_listen(raw[key], key)
+            values[key] = raw[key]
+    if "pool" in raw:
+        pool = _str(raw["pool"], "pool")
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", pool):
+            raise ConfigError("pool", f"may hold only letters, digits, '_', '.', '-'; got {pool!r}")
+        values["pool"] = pool
+    values["endpoints"] = parse_endpoints(raw.get("endpoints"), "endpoints")
+    if raw.get("endpoints_file") is not None:
+        values["endpoints_file"] = _str(raw["endpoints_file"], "endpoints_file")
+    if "log_level" in raw:
+        values["log_level"] = _choice(str(raw["log_level"]).lower(), "log_level", LOG_LEVELS)
+    if "max_body_bytes" in raw:
+        values["max_body_bytes"] = _int(raw["max_body_bytes"], "max_body_bytes", 1024, 2**30)
+    if "health_check_interval" in raw:
+        values["health_check_interval"] = _int(raw["health_check_interval"], "health_check_interval", 0)
+    if "health_check_timeout" in raw:
+        values["health_check_timeout"] = _int(raw["health_check_timeout"], "health_check_timeout", 1)
+    if "drain_timeout" in raw:
+        values["drain_timeout"] = _int(raw["drain_timeout"], "drain_timeout", 0)
+    return Config(**values)
+
+
+def load_config(path: str) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("--config", f"cannot read {path}: {_one_line(e)}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", f"{path} is not valid YAML: {_one_line(e)}") from None
+    config = parse_config(raw)
+    if config.endpoints_file:
+        # Relative endpoint files are relative to the config file, not the working directory.
+        resolved = Path(path).parent / config.endpoints_file
+        config = dataclasses.replace(config, endpoints_file=str(resolved))
+    return config
+
+
+def with_overrides(
+    config: Config,
+    *,
+    endpoints: str | None = None,
+    policy: str | None = None,
+    grpc_listen: str | None = None,
+    admin_listen: str | None = None,
+    log_level: str | None = None,
+) -> Config:
+    """Applies command-line flags over the file."""
+    changes: dict[str, Any] = {}
+    if endpoints is not None:
+        items = [e for e in endpoints.split(",") if e.strip()]
+        changes["endpoints"] = parse_endpoints(items, "--endpoints")
+    if policy is not None:
+        changes["lb_policy"] = _choice(policy, "--policy", POLICIES)
+        lb = dataclasses.asdict(config.lb_config)
+        raw_lb = {k: v for k, v in lb.items() if v != getattr(LbConfig(), k)}
+        parse_lb_config(raw_lb, policy)  # re-check policy-specific fields under the new policy
+    if grpc_listen is not None:
+        parse_listen(grpc_listen, "--grpc-listen")
+        changes["grpc_listen"] = grpc_listen
+    if admin_listen is not None:
+        parse_listen(admin_listen, "--admin-listen")
+        changes["admin_listen"] = admin_listen
+    if log_level is not None:
+        changes["log_level"] = _choice(log_level.lower(), "--log-level", LOG_LEVELS)
+    return dataclasses.replace(config, **changes)
+
+
+REDACTED = "<redacted>"
+
+
+def effective_dict(config: Config) -> dict[str, Any]:
+    """The config with every default filled in, secrets redacted: for check-config and /debug."""
+    lb = dataclasses.asdict(config.lb_config)
+    if lb.get("password") is not None:
+        lb["password"] = REDACTED
+    if lb.get("criticalModels") is not None:
+        lb["criticalModels"] = list(lb["criticalModels"])
+    return {
+        "grpc_listen": config.grpc_listen,
+        "admin_listen": config.admin_listen,
+        "pool": config.pool,
+        "endpoints": [
+            {"address": e.address, "labels": dict(e.labels)} if e.labels else e.address
+            for e in config.endpoints
+        ],
+        "endpoints_file": config.endpoints_file,
+        "lb_type": config.lb_type,
+        "lb_policy": config.lb_policy,
+        "lb_config": lb,
+        "log_level": config.log_level,
+        "max_body_bytes": config.max_body_bytes,
+        "health_check_interval": config.health_check_interval,
+        "health_check_timeout": config.health_check_timeout,
+        "drain_timeout": config.drain_timeout,
+    }
+
+
+def effective_yaml(config: Config) -> str:
+    return yaml.safe_dump(effective_dict(config), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,178 @@
+"""``llmlb serve``: the ext_proc gRPC server and the admin HTTP server on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from llmlb._core import Balancer
+from llmlb.admin import build_app
+from llmlb.config import Config, parse_listen
+from llmlb.endpoints import EndpointManager
+from llmlb.extproc import ExtProcService
+from llmlb.metrics import Metrics
+from llmlb.picking import Picker
+
+log = logging.getLogger("llmlb")
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# Room for the gRPC framing and headers around the largest body Envoy may forward.
+MESSAGE_OVERHEAD = 1024 * 1024
+
+
+class StartupError(Exception):
+    """The daemon cannot start (exit 1), e.g. a listen address is taken."""
+
+
+class ConfigRefused(Exception):
+    """The config is valid but this build cannot serve it (exit 2)."""
+
+
+def build_balancer(config: Config) -> Balancer:
+    if config.lb_policy == "least_busy":
+        raise ConfigRefused(
+            "lb_policy: least_busy is not available in this llmlb version; "
+            "use prefix_cache or global_least_request"
+        )
+    lb = config.lb_config
+    return Balancer(
+        config.lb_policy,
+        prefix_ttl_s=lb.redisKeyTTL,
+        prefix_capacity=lb.prefixTableSize,
+        load_factor=lb.affinityLoadFactor,
+        load_floor=lb.affinityLoadFloor,
+        max_request_count=lb.maxRequestCount,
+    )
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.balancer = build_balancer(config)
+        self.metrics = Metrics(self._inflight_samples)
+        self.endpoints = EndpointManager(
+            self.balancer,
+            self.metrics,
+            static=config.endpoints,
+            endpoints_file=config.endpoints_file,
+            health_interval_ms=config.health_check_interval,
+            health_timeout_ms=config.health_check_timeout,
+        )
+        self.service = ExtProcService(Picker(self.balancer, self.metrics), self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.ready = False
+        self._stop = asyncio.Event()
+
+    def _inflight_samples(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((address,), float(n)) for address, n, _, _ in self.balancer.endpoints()]
+
+    def _warn_about_config(self) -> None:
+        for name in self.config.ignored_fields:
+            log.warning("lb_config.%s is accepted for Higress compatibility and ignored", name)
+        if self.config.lb_config.serviceFQDN:
+            log.warning(
+                "lb_config.serviceFQDN is set, but shared Redis state is not available in this version: "
+                "running on embedded state (this replica's view only)"
+            )
+        if not self.endpoints.pool:
+            log.warning("no endpoints configured: requests get 503 until endpoints appear")
+
+    async def _start_grpc(self) -> grpc.aio.Server:
+        limit = self.config.max_body_bytes + MESSAGE_OVERHEAD
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # A second daemon on the same port must fail, not silently share the traffic.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:
+            port = server.add_insecure_port(self.config.grpc_listen)
+        except RuntimeError as e:
+            raise StartupError(f"grpc_listen: cannot listen on {self.config.grpc_listen}: {e}") from None
+        if port == 0:
+            raise StartupError(f"grpc_listen: cannot listen on {self.config.grpc_listen}")
+        await server.start()
+        for service in ("", EXT_PROC_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return server
+
+    async def _start_admin(self) -> web.AppRunner:
+        host, port = parse_listen(self.config.admin_listen, "admin_listen")
+        app = build_app(self.config, self.balancer, self.endpoints, self.metrics, lambda: self.ready)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as e:
+            await runner.cleanup()
+            raise StartupError(
+                f"admin_listen: cannot listen on {self.config.admin_listen}: {e.strerror}"
+            ) from None
+        return runner
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        self.endpoints.load_initial()
+        self._warn_about_config()
+        admin = await self._start_admin()
+        try:
+            server = await self._start_grpc()
+        except StartupError:
+            await admin.cleanup()
+            raise
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        self.endpoints.start()
+        self.ready = True
+        log.info(
+            "serving ext_proc on %s (policy %s, %d endpoints), admin on %s",
+            self.config.grpc_listen,
+            self.config.lb_policy,
+            len(self.endpoints.pool),
+            self.config.admin_listen,
+        )
+        await self._stop.wait()
+        await self._drain(server)
+        await self.endpoints.stop()
+        await admin.cleanup()
+        return 0
+
+    async def _drain(self, server: grpc.aio.Server) -> None:
+        """Stops taking new streams and lets open ones (requests in flight) finish, bounded."""
+        self.ready = False
+        await self.health.enter_graceful_shutdown()
+        log.info(
+            "draining: %d open streams, up to %d s", self.service.open_streams, self.config.drain_timeout
+        )
+        await server.stop(self.config.drain_timeout)
+        log.info("stopped")
+
+
+def serve(config: Config) -> int:
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    async def main() -> int:
+        return await Daemon(config).run()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(main())
+    code: int = uvloop.run(main())
+    return code

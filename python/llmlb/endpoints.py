@@ -1,0 +1,169 @@
+"""Endpoint discovery and health.
+
+The pool is the static ``endpoints`` list plus the ``endpoints_file`` list (re-read when the file
+changes; a broken file keeps the last good pool and is counted). Health is a TCP connect probe
+every ``health_check_interval`` ms: two failures in a row mark an endpoint unhealthy, one success
+marks it healthy again. Unhealthy endpoints are avoided while any endpoint is healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+
+from llmlb._core import Balancer
+from llmlb.config import ConfigError, Endpoint, load_endpoints_file
+from llmlb.metrics import Metrics
+
+log = logging.getLogger("llmlb.endpoints")
+
+FILE_POLL_SECONDS = 1.0
+UNHEALTHY_AFTER_FAILURES = 2
+# Probes run concurrently, but never more than this many connections at once.
+MAX_CONCURRENT_PROBES = 64
+
+
+class EndpointManager:
+    def __init__(
+        self,
+        balancer: Balancer,
+        metrics: Metrics,
+        *,
+        static: tuple[Endpoint, ...],
+        endpoints_file: str | None,
+        health_interval_ms: int,
+        health_timeout_ms: int,
+    ) -> None:
+        self.balancer = balancer
+        self.metrics = metrics
+        self.static = static
+        self.endpoints_file = endpoints_file
+        self.health_interval = health_interval_ms / 1000
+        self.health_timeout = health_timeout_ms / 1000
+        self.from_file: tuple[Endpoint, ...] = ()
+        self.labels: dict[str, Mapping[str, str]] = {}
+        self.healthy: dict[str, bool] = {}
+        self._failures: dict[str, int] = {}
+        self._file_stamp: tuple[int, int, int] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def load_initial(self) -> None:
+        """Reads the endpoints file once at start; errors here are fatal (exit 2)."""
+        if self.endpoints_file:
+            self._file_stamp = self._stamp()
+            self.from_file = load_endpoints_file(self.endpoints_file)
+        self._apply()
+
+    @property
+    def pool(self) -> list[Endpoint]:
+        merged: dict[str, Endpoint] = {}
+        for ep in (*self.static, *self.from_file):
+            merged.setdefault(ep.address, ep)
+        return list(merged.values())
+
+    def _apply(self) -> None:
+        pool = self.pool
+        self.labels = {ep.address: ep.labels for ep in pool}
+        self.balancer.set_endpoints([ep.address for ep in pool])
+        for address in list(self.healthy):
+            if address not in self.labels:
+                del self.healthy[address]
+                self._failures.pop(address, None)
+        for ep in pool:
+            if ep.address not in self.healthy:
+                # (Re-)joining endpoints start healthy until a probe says otherwise.
+                self.healthy[ep.address] = True
+                self.balancer.set_healthy(ep.address, True)
+
+    def start(self) -> None:
+        if self.endpoints_file:
+            self._tasks.append(asyncio.create_task(self._watch_file(), name="endpoints-file"))
+        if self.health_interval > 0:
+            self._tasks.append(asyncio.create_task(self._health_loop(), name="health-checks"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    # --- endpoints_file --------------------------------------------------------------------
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        assert self.endpoints_file is not None
+        try:
+            st = os.stat(self.endpoints_file)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload_if_changed(self) -> bool:
+        """Re-reads the file when its stamp changed; returns whether the pool was replaced."""
+        stamp = self._stamp()
+        if stamp == self._file_stamp:
+            return False
+        self._file_stamp = stamp
+        assert self.endpoints_file is not None
+        try:
+            endpoints = load_endpoints_file(self.endpoints_file)
+        except ConfigError as e:
+            self.metrics.endpoints_reloads.inc(("error",))
+            log.error("keeping the previous endpoints: %s", e)
+            return False
+        self.from_file = endpoints
+        self._apply()
+        self.metrics.endpoints_reloads.inc(("ok",))
+        log.info("endpoints_file reloaded: %d endpoints", len(self.pool))
+        return True
+
+    async def _watch_file(self) -> None:
+        while True:
+            await asyncio.sleep(FILE_POLL_SECONDS)
+            self.reload_if_changed()
+
+    # --- health ----------------------------------------------------------------------------
+
+    async def _probe(self, address: str, limit: asyncio.Semaphore) -> bool:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        async with limit:
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, int(port)), self.health_timeout
+                )
+            except (OSError, asyncio.TimeoutError):
+                return False
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return True
+
+    async def check_health_once(self) -> None:
+        addresses = [ep.address for ep in self.pool]
+        limit = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
+        results = await asyncio.gather(*(self._probe(a, limit) for a in addresses))
+        for address, ok in zip(addresses, results, strict=True):
+            if address not in self.healthy:
+                continue  # left the pool while probing
+            failures = 0 if ok else self._failures.get(address, 0) + 1
+            self._failures[address] = failures
+            healthy = ok or (self.healthy[address] and failures < UNHEALTHY_AFTER_FAILURES)
+            if healthy != self.healthy[address]:
+                self.healthy[address] = healthy
+                self.balancer.set_healthy(address, healthy)
+                state = "healthy" if healthy else "unhealthy"
+                self.metrics.endpoint_health_changes.inc((state,))
+                log.warning("endpoint %s is now %s", address, state)
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await self.check_health_once()
+            except Exception:  # a probe bug must not stop health checking for good
+                log.exception("health check round failed")
+            await asyncio.sleep(self.health_interval)

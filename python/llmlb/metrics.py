@@ -1,0 +1,161 @@
+"""Prometheus metrics, kept small and allocation-free on the hot path.
+
+A counter increment is a dict update on the event-loop thread (no locks needed: the daemon is
+single-threaded), and the text exposition is rendered only when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable
+
+LabelValues = tuple[str, ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: tuple[str, ...], values: LabelValues, extra: str = "") -> str:
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.help = help_text
+        self.label_names = labels
+        self.values: dict[LabelValues, float] = {}
+        if not labels:
+            self.values[()] = 0.0
+
+    def inc(self, labels: LabelValues = (), amount: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def get(self, labels: LabelValues = ()) -> float:
+        return self.values.get(labels, 0.0)
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} counter"
+        for labels, value in sorted(self.values.items()):
+            yield f"{self.name}{_labels(self.label_names, labels)} {_num(value)}"
+
+
+class Gauge:
+    """A gauge whose samples are computed at scrape time."""
+
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labels: tuple[str, ...],
+        collect: Callable[[], Iterable[tuple[LabelValues, float]]],
+    ) -> None:
+        self.name = name
+        self.help = help_text
+        self.label_names = labels
+        self.collect = collect
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} gauge"
+        for labels, value in self.collect():
+            yield f"{self.name}{_labels(self.label_names, labels)} {_num(value)}"
+
+
+class Histogram:
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.help = help_text
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        cumulative = 0
+        # counts has one more slot than buckets: the +Inf bucket, rendered below.
+        for bound, n in zip(self.buckets, self.counts, strict=False):
+            cumulative += n
+            yield f'{self.name}_bucket{{le="{_num(bound)}"}} {cumulative}'
+        yield f'{self.name}_bucket{{le="+Inf"}} {self.count}'
+        yield f"{self.name}_sum {self.sum!r}"
+        yield f"{self.name}_count {self.count}"
+
+
+# Pick latency is microseconds in the normal case; the top buckets catch stalls.
+PICK_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """Every metric the daemon exports (names are part of the contract)."""
+
+    def __init__(self, inflight: Callable[[], Iterable[tuple[LabelValues, float]]]) -> None:
+        self.picks = Counter(
+            "llmlb_picks_total", "Endpoints picked, by policy, endpoint and reason.",
+            ("policy", "endpoint", "reason"),
+        )  # fmt: skip
+        self.pick_duration = Histogram(
+            "llmlb_pick_duration_seconds", "Time to parse the body and pick an endpoint.", PICK_BUCKETS
+        )
+        self.inflight = Gauge(
+            "llmlb_inflight_requests",
+            "Requests in flight per endpoint (this replica).",
+            ("endpoint",),
+            inflight,
+        )
+        self.fallbacks = Counter(
+            "llmlb_fallbacks_total", "Picks that fell back from the policy, by reason.", ("reason",)
+        )
+        self.redis_errors = Counter("llmlb_redis_errors_total", "Redis commands that failed or timed out.")
+        self.immediate = Counter(
+            "llmlb_immediate_responses_total", "Requests answered by the picker itself, by status.", ("code",)
+        )
+        self.streams = Counter("llmlb_extproc_streams_total", "ext_proc streams opened by Envoy.")
+        self.stream_errors = Counter(
+            "llmlb_extproc_stream_errors_total",
+            "ext_proc streams that ended with an error, by kind.",
+            ("kind",),
+        )
+        self.endpoint_health_changes = Counter(
+            "llmlb_endpoint_health_changes_total", "Endpoint health transitions, by new state.", ("state",)
+        )
+        self.endpoints_reloads = Counter(
+            "llmlb_endpoints_reloads_total", "endpoints_file reloads, by result.", ("result",)
+        )
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for metric in (
+            self.picks,
+            self.pick_duration,
+            self.inflight,
+            self.fallbacks,
+            self.redis_errors,
+            self.immediate,
+            self.streams,
+            self.stream_errors,
+            self.endpoint_health_changes,
+            self.endpoints_reloads,
+        ):
+            lines.extend(metric.render())
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,57 @@
+"""One pick, from body bytes to an answer: the balancer call plus its metrics and errors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from llmlb._core import Balancer, NoEndpointsError, OverLimitError
+from llmlb.metrics import Metrics
+
+log = logging.getLogger("llmlb.pick")
+
+# Seconds a client should wait before retrying a 429 from maxRequestCount.
+OVER_LIMIT_RETRY_AFTER = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The picker answers the request itself (ImmediateResponse)."""
+
+    status: int
+    error_type: str
+    message: str
+    retry_after: int | None = None
+
+
+class Picker:
+    """Wraps the Rust balancer with metrics; called once per request from the event loop."""
+
+    def __init__(self, balancer: Balancer, metrics: Metrics) -> None:
+        self.balancer = balancer
+        self.metrics = metrics
+        self.policy = balancer.policy
+        self._debug = log.isEnabledFor(logging.DEBUG)
+
+    def pick(self, body: bytes | None) -> tuple[int, str] | Refusal:
+        """``(ticket, endpoint)``, or a refusal. ``body=None`` picks from headers alone."""
+        started = time.perf_counter()
+        try:
+            ticket, endpoint, reason, depth = self.balancer.pick(body)
+        except NoEndpointsError:
+            self.metrics.immediate.inc(("503",))
+            return Refusal(503, "service_unavailable", "llmlb: no model-server endpoints are available")
+        except OverLimitError as e:
+            self.metrics.immediate.inc(("429",))
+            return Refusal(429, "rate_limit_exceeded", f"llmlb: {e}", OVER_LIMIT_RETRY_AFTER)
+        self.metrics.pick_duration.observe(time.perf_counter() - started)
+        self.metrics.picks.inc((self.policy, endpoint, reason))
+        if reason in ("bad_body", "no_healthy"):
+            self.metrics.fallbacks.inc((reason,))
+        if self._debug:
+            log.debug("picked %s reason=%s prefix_depth=%d ticket=%d", endpoint, reason, depth, ticket)
+        return ticket, endpoint
+
+    def release(self, ticket: int) -> None:
+        self.balancer.release(ticket)

@@ -1,0 +1,427 @@
+//! Embedded picking state for one replica: the endpoint pool, in-flight counts, request tickets,
+//! the prefix table, and the configured policy.
+//!
+//! Every pick returns a ticket; releasing a ticket decrements its endpoint exactly once, however
+//! often it is called, so in-flight counts cannot leak or go negative. Endpoints are interned by
+//! address for the life of the process: an endpoint removed from the pool keeps its in-flight
+//! count until its requests finish, and re-adding it restores its prefix entries and counts.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+
+use crate::prefix_table::PrefixTable;
+use crate::scheduling::policies::{self, Policy};
+use crate::scheduling::{Candidate, Profile, RequestInfo, Scratch};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalancerConfig {
+    pub policy: Policy,
+    /// Seconds a prefix -> endpoint entry lives after it was last recorded.
+    pub prefix_ttl_s: u64,
+    /// Entries in the prefix table (LRU beyond it).
+    pub prefix_capacity: usize,
+    /// Bounded-load factor and floor for prefix affinity (see `BoundedLoadFilter`).
+    pub load_factor: f64,
+    pub load_floor: u32,
+    /// Refuse a pick when the chosen endpoint already has this many in flight; 0 = off.
+    pub max_request_count: u32,
+}
+
+impl Default for BalancerConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::PrefixCache,
+            prefix_ttl_s: 1800,
+            prefix_capacity: 262_144,
+            load_factor: 1.25,
+            load_floor: 2,
+            max_request_count: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickReason {
+    /// The chosen endpoint holds part of the request's prefix.
+    PrefixHit,
+    /// Chosen by load (no prefix held, or the policy is least-request).
+    LeastRequest,
+    /// The body could not be parsed; chosen by load.
+    BadBody,
+    /// No endpoint was healthy; chosen by load among all of them.
+    NoHealthy,
+}
+
+impl PickReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PickReason::PrefixHit => "prefix_hit",
+            PickReason::LeastRequest => "least_request",
+            PickReason::BadBody => "bad_body",
+            PickReason::NoHealthy => "no_healthy",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pick {
+    pub ticket: u64,
+    pub endpoint: Arc<str>,
+    pub reason: PickReason,
+    pub prefix_depth: u32,
+    /// In-flight count of the chosen endpoint including this request.
+    pub inflight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PickError {
+    NoEndpoints,
+    /// `max_request_count` reached on the best endpoint.
+    OverLimit {
+        endpoint: Arc<str>,
+        inflight: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointView {
+    pub address: Arc<str>,
+    pub inflight: u32,
+    pub healthy: bool,
+    pub in_pool: bool,
+}
+
+pub struct Balancer {
+    config: BalancerConfig,
+    profile: Profile,
+    fallback: Profile,
+    addresses: Vec<Arc<str>>,
+    ids: HashMap<Arc<str>, u32>,
+    inflight: Vec<u32>,
+    healthy: Vec<bool>,
+    pool: Vec<u32>,
+    tickets: HashMap<u64, u32>,
+    next_ticket: u64,
+    prefix: PrefixTable,
+    rng: SmallRng,
+    candidates: Vec<Candidate>,
+    depths: Vec<(u32, u32)>,
+    scratch: Scratch,
+}
+
+impl Balancer {
+    pub fn new(config: BalancerConfig) -> Self {
+        Self::with_rng(config, SmallRng::from_os_rng())
+    }
+
+    pub fn with_rng(config: BalancerConfig, rng: SmallRng) -> Self {
+        let profile = match config.policy {
+            Policy::GlobalLeastRequest => policies::least_request(),
+            Policy::PrefixCache => policies::prefix_cache(config.load_factor, config.load_floor),
+        };
+        let prefix = PrefixTable::new(
+            config.prefix_capacity,
+            config.prefix_ttl_s.saturating_mul(1000),
+        );
+        Self {
+            config,
+            profile,
+            fallback: policies::least_request(),
+            addresses: Vec::new(),
+            ids: HashMap::new(),
+            inflight: Vec::new(),
+            healthy: Vec::new(),
+            pool: Vec::new(),
+            tickets: HashMap::new(),
+            next_ticket: 1,
+            prefix,
+            rng,
+            candidates: Vec::new(),
+            depths: Vec::new(),
+            scratch: Scratch::default(),
+        }
+    }
+
+    pub fn config(&self) -> &BalancerConfig {
+        &self.config
+    }
+
+    fn intern(&mut self, address: &str) -> u32 {
+        if let Some(&id) = self.ids.get(address) {
+            return id;
+        }
+        let id = u32::try_from(self.addresses.len()).expect("fewer than 2^32 distinct endpoints");
+        let address: Arc<str> = Arc::from(address);
+        self.addresses.push(address.clone());
+        self.ids.insert(address, id);
+        self.inflight.push(0);
+        self.healthy.push(true);
+        id
+    }
+
+    /// Replaces the pool (order kept, duplicates dropped). New endpoints start healthy.
+    pub fn set_endpoints<S: AsRef<str>>(&mut self, addresses: &[S]) {
+        let mut pool = Vec::with_capacity(addresses.len());
+        for address in addresses {
+            let id = self.intern(address.as_ref());
+            if !pool.contains(&id) {
+                pool.push(id);
+            }
+        }
+        self.pool = pool;
+    }
+
+    /// Marks an endpoint (in the pool or not) healthy or unhealthy.
+    pub fn set_healthy(&mut self, address: &str, healthy: bool) {
+        let id = self.intern(address);
+        self.healthy[id as usize] = healthy;
+    }
+
+    /// Picks an endpoint. `prefix_hashes` is `None` when the body could not be parsed.
+    pub fn pick(&mut self, prefix_hashes: Option<&[u64]>, now_ms: u64) -> Result<Pick, PickError> {
+        if self.pool.is_empty() {
+            return Err(PickError::NoEndpoints);
+        }
+        self.candidates.clear();
+        for &id in &self.pool {
+            self.candidates.push(Candidate {
+                id,
+                inflight: self.inflight[id as usize],
+                healthy: self.healthy[id as usize],
+                prefix_depth: 0,
+            });
+        }
+        let hashes = prefix_hashes.unwrap_or(&[]);
+        let use_prefix = self.config.policy.uses_prefix() && !hashes.is_empty();
+        if use_prefix {
+            self.prefix.match_depths(hashes, now_ms, &mut self.depths);
+            for c in &mut self.candidates {
+                if let Some(&(_, depth)) = self.depths.iter().find(|(id, _)| *id == c.id) {
+                    c.prefix_depth = depth;
+                }
+            }
+        }
+        let request = RequestInfo {
+            prefix_levels: hashes.len() as u32,
+        };
+        let profile = if prefix_hashes.is_some() {
+            &self.profile
+        } else {
+            &self.fallback
+        };
+        let chosen = profile
+            .run(
+                &request,
+                &mut self.candidates,
+                &mut self.scratch,
+                &mut self.rng,
+            )
+            .ok_or(PickError::NoEndpoints)?;
+
+        let idx = chosen.id as usize;
+        let limit = self.config.max_request_count;
+        if limit > 0 && chosen.inflight >= limit {
+            return Err(PickError::OverLimit {
+                endpoint: self.addresses[idx].clone(),
+                inflight: chosen.inflight,
+            });
+        }
+        let reason = if prefix_hashes.is_none() {
+            PickReason::BadBody
+        } else if !chosen.healthy {
+            PickReason::NoHealthy
+        } else if chosen.prefix_depth > 0 {
+            PickReason::PrefixHit
+        } else {
+            PickReason::LeastRequest
+        };
+        if use_prefix {
+            self.prefix.record(hashes, chosen.id, now_ms);
+        }
+        self.inflight[idx] += 1;
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.tickets.insert(ticket, chosen.id);
+        Ok(Pick {
+            ticket,
+            endpoint: self.addresses[idx].clone(),
+            reason,
+            prefix_depth: chosen.prefix_depth,
+            inflight: self.inflight[idx],
+        })
+    }
+
+    /// Ends a pick's request. Returns `false` for an unknown or already released ticket.
+    pub fn release(&mut self, ticket: u64) -> bool {
+        match self.tickets.remove(&ticket) {
+            Some(id) => {
+                let count = &mut self.inflight[id as usize];
+                *count = count.saturating_sub(1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn open_tickets(&self) -> usize {
+        self.tickets.len()
+    }
+
+    pub fn prefix_entries(&self) -> usize {
+        self.prefix.len()
+    }
+
+    /// The pool, plus endpoints outside it that still have requests in flight.
+    pub fn endpoints(&self) -> Vec<EndpointView> {
+        let mut out: Vec<EndpointView> = self.pool.iter().map(|&id| self.view(id, true)).collect();
+        for id in 0..self.addresses.len() as u32 {
+            if self.inflight[id as usize] > 0 && !self.pool.contains(&id) {
+                out.push(self.view(id, false));
+            }
+        }
+        out
+    }
+
+    fn view(&self, id: u32, in_pool: bool) -> EndpointView {
+        let i = id as usize;
+        EndpointView {
+            address: self.addresses[i].clone(),
+            inflight: self.inflight[i],
+            healthy: self.healthy[i],
+            in_pool,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn balancer(policy: Policy) -> Balancer {
+        let config = BalancerConfig {
+            policy,
+            ..BalancerConfig::default()
+        };
+        let mut b = Balancer::with_rng(config, SmallRng::seed_from_u64(3));
+        b.set_endpoints(&["a:1", "b:1", "c:1"]);
+        b
+    }
+
+    #[test]
+    fn least_request_spreads_and_releases() {
+        let mut b = balancer(Policy::GlobalLeastRequest);
+        let picks: Vec<Pick> = (0..30).map(|_| b.pick(Some(&[]), 0).unwrap()).collect();
+        for view in b.endpoints() {
+            assert_eq!(view.inflight, 10, "{view:?}");
+        }
+        for p in &picks {
+            assert!(b.release(p.ticket));
+            assert!(!b.release(p.ticket), "release is idempotent");
+        }
+        assert!(b.endpoints().iter().all(|v| v.inflight == 0));
+        assert_eq!(b.open_tickets(), 0);
+    }
+
+    #[test]
+    fn ties_do_not_follow_list_order() {
+        let mut b = balancer(Policy::GlobalLeastRequest);
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..60 {
+            let p = b.pick(Some(&[]), 0).unwrap();
+            firsts.insert(p.endpoint.clone());
+            b.release(p.ticket);
+        }
+        assert_eq!(firsts.len(), 3);
+    }
+
+    #[test]
+    fn prefix_affinity_follows_the_conversation() {
+        let mut b = balancer(Policy::PrefixCache);
+        let first = b.pick(Some(&[11, 12]), 0).unwrap();
+        assert_eq!(first.reason, PickReason::LeastRequest);
+        b.release(first.ticket);
+        let next = b.pick(Some(&[11, 12, 13, 14]), 10).unwrap();
+        assert_eq!(next.endpoint, first.endpoint);
+        assert_eq!(next.reason, PickReason::PrefixHit);
+        assert_eq!(next.prefix_depth, 2);
+    }
+
+    #[test]
+    fn affinity_is_bounded_by_load() {
+        let mut b = balancer(Policy::PrefixCache);
+        let mut tickets = Vec::new();
+        let mut per_endpoint: HashMap<Arc<str>, u32> = HashMap::new();
+        // 30 concurrent requests sharing one hot prefix: they must not all pile onto one server.
+        for _ in 0..30 {
+            let p = b.pick(Some(&[42, 43]), 0).unwrap();
+            *per_endpoint.entry(p.endpoint.clone()).or_default() += 1;
+            tickets.push(p.ticket);
+        }
+        let max = *per_endpoint.values().max().unwrap();
+        // The last pick saw 29 in flight: bound = max(2, ceil(1.25 * 30 / 3)) = 13.
+        assert!(max <= 13, "{per_endpoint:?}");
+        assert_eq!(per_endpoint.len(), 3);
+    }
+
+    #[test]
+    fn unhealthy_endpoints_are_avoided_unless_all_are() {
+        let mut b = balancer(Policy::PrefixCache);
+        let first = b.pick(Some(&[1]), 0).unwrap();
+        b.release(first.ticket);
+        b.set_healthy(&first.endpoint, false);
+        let next = b.pick(Some(&[1, 2]), 0).unwrap();
+        assert_ne!(
+            next.endpoint, first.endpoint,
+            "an unhealthy prefix holder is skipped"
+        );
+        b.release(next.ticket);
+        for a in ["a:1", "b:1", "c:1"] {
+            b.set_healthy(a, false);
+        }
+        assert_eq!(b.pick(Some(&[1]), 0).unwrap().reason, PickReason::NoHealthy);
+    }
+
+    #[test]
+    fn bad_body_and_empty_pool() {
+        let mut b = balancer(Policy::PrefixCache);
+        assert_eq!(b.pick(None, 0).unwrap().reason, PickReason::BadBody);
+        b.set_endpoints::<&str>(&[]);
+        assert_eq!(b.pick(Some(&[1]), 0), Err(PickError::NoEndpoints));
+    }
+
+    #[test]
+    fn removed_endpoint_keeps_count_until_release_and_never_goes_negative() {
+        let mut b = balancer(Policy::GlobalLeastRequest);
+        b.set_endpoints(&["a:1"]);
+        let p = b.pick(Some(&[]), 0).unwrap();
+        b.set_endpoints(&["b:1"]);
+        let views = b.endpoints();
+        assert!(views
+            .iter()
+            .any(|v| &*v.address == "a:1" && v.inflight == 1 && !v.in_pool));
+        b.set_endpoints(&["a:1", "b:1"]);
+        assert!(b.release(p.ticket));
+        assert!(!b.release(p.ticket));
+        assert!(b.endpoints().iter().all(|v| v.inflight == 0));
+    }
+
+    #[test]
+    fn max_request_count_refuses() {
+        let config = BalancerConfig {
+            policy: Policy::GlobalLeastRequest,
+            max_request_count: 1,
+            ..BalancerConfig::default()
+        };
+        let mut b = Balancer::with_rng(config, SmallRng::seed_from_u64(1));
+        b.set_endpoints(&["a:1", "b:1"]);
+        b.pick(Some(&[]), 0).unwrap();
+        b.pick(Some(&[]), 0).unwrap();
+        assert!(matches!(
+            b.pick(Some(&[]), 0),
+            Err(PickError::OverLimit { inflight: 1, .. })
+        ));
+    }
+}

@@ -1,0 +1,12 @@
+//! llmlb core: OpenAI request parsing, chained prefix hashing, the embedded picking state and
+//! the picking pipeline. Plain Rust; the optional `python` feature adds the PyO3 bindings.
+
+pub mod balancer;
+pub mod json;
+pub mod prefix_hash;
+pub mod prefix_table;
+pub mod request;
+pub mod scheduling;
+
+#[cfg(feature = "python")]
+mod bindings;

@@ -1,0 +1,102 @@
+//! The picking pipeline: filters narrow the candidates, weighted scorers rank them, one picker
+//! chooses. A policy is a `Profile` composed of these small pieces (see `policies`).
+
+pub mod filters;
+pub mod pickers;
+pub mod policies;
+pub mod scorers;
+
+use rand::rngs::SmallRng;
+
+/// One endpoint as the pipeline sees it for one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    /// The endpoint's interned id (stable for the life of the process).
+    pub id: u32,
+    pub inflight: u32,
+    pub healthy: bool,
+    /// Leading prefix blocks of this request the endpoint is known to hold.
+    pub prefix_depth: u32,
+}
+
+/// What the pipeline knows of the request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestInfo {
+    /// Number of prefix blocks of the request (0 when the body gave none).
+    pub prefix_levels: u32,
+}
+
+pub trait Filter: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Removes candidates in place. Filters never empty a non-empty set: when nothing would
+    /// survive they leave it unchanged (fail open rather than refuse traffic).
+    fn filter(&self, request: &RequestInfo, candidates: &mut Vec<Candidate>);
+}
+
+pub trait Scorer: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Writes one score in [0, 1] per candidate, 1 = best.
+    fn score(&self, request: &RequestInfo, candidates: &[Candidate], out: &mut [f64]);
+}
+
+pub trait Picker: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Index of the chosen candidate; `candidates` is never empty.
+    fn pick(&self, candidates: &[Candidate], totals: &[f64], rng: &mut SmallRng) -> usize;
+}
+
+/// Buffers reused across picks so the hot path does not allocate.
+#[derive(Default)]
+pub struct Scratch {
+    scores: Vec<f64>,
+    totals: Vec<f64>,
+}
+
+pub struct Profile {
+    pub filters: Vec<Box<dyn Filter>>,
+    pub scorers: Vec<(Box<dyn Scorer>, f64)>,
+    pub picker: Box<dyn Picker>,
+}
+
+impl Profile {
+    /// Runs filters, scorers and the picker; returns the chosen candidate, `None` when there
+    /// are no candidates at all.
+    pub fn run(
+        &self,
+        request: &RequestInfo,
+        candidates: &mut Vec<Candidate>,
+        scratch: &mut Scratch,
+        rng: &mut SmallRng,
+    ) -> Option<Candidate> {
+        if candidates.is_empty() {
+            return None;
+        }
+        for filter in &self.filters {
+            filter.filter(request, candidates);
+        }
+        let n = candidates.len();
+        let Scratch { scores, totals } = scratch;
+        totals.clear();
+        totals.resize(n, 0.0);
+        scores.clear();
+        scores.resize(n, 0.0);
+        for (scorer, weight) in &self.scorers {
+            scorer.score(request, candidates, scores);
+            for (total, score) in totals.iter_mut().zip(scores.iter()) {
+                *total += weight * score.clamp(0.0, 1.0);
+            }
+        }
+        let chosen = self.picker.pick(candidates, totals, rng);
+        Some(candidates[chosen])
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn cand(id: u32, inflight: u32) -> Candidate {
+    Candidate {
+        id,
+        inflight,
+        healthy: true,
+        prefix_depth: 0,
+    }
+}

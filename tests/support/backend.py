@@ -1,0 +1,268 @@
+"""A fake OpenAI-compatible inference server for end-to-end tests.
+
+Run it as ``python tests/support/backend.py --port P --name b1`` (the file is self-contained, so it
+does not depend on how ``tests`` is importable). It binds 127.0.0.1 only.
+
+Every answer names the server: response header ``x-served-by`` and field ``served_by`` (also in each
+SSE chunk). Per-request knobs, as request headers:
+
+- ``x-test-delay-ms``: sleep this long before answering.
+- ``x-test-stream-chunks`` (default 5) and ``x-test-stream-interval-ms`` (default 5): SSE pacing
+  when the JSON body has ``"stream": true``.
+- ``x-test-status``: answer with this HTTP status (JSON error body) instead of 200.
+
+Bookkeeping at ``GET /_stats`` (``POST /_reset`` clears it); only inference requests
+(``POST /v1/chat/completions`` and ``POST /v1/completions``) count in ``total``, ``concurrent`` and
+``max_concurrent``, so health probes and scrapes by the picker do not disturb the tests' counts.
+Request bodies may be chunked (full-duplex Envoy drops Content-Length); aiohttp sets TCP_NODELAY on
+accepted connections, so there are no delayed-ACK stalls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions")
+MAX_BODY = 64 * 1024 * 1024
+MODEL = "test-model"
+
+
+class Stats:
+    """Counters of one backend; read and reset over HTTP."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.concurrent = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0
+        self.max_concurrent = self.concurrent
+        self.aborted = 0
+        self.completed = 0
+        self.by_path: dict[str, int] = {}
+        self.last_body_bytes = -1
+        self.last_body_sha256 = ""
+        self.last_chunked = False
+        self.last_headers: dict[str, str] = {}
+        self.tags: list[str] = []
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "total": self.total,
+            "concurrent": self.concurrent,
+            "max_concurrent": self.max_concurrent,
+            "aborted": self.aborted,
+            "completed": self.completed,
+            "by_path": self.by_path,
+            "last_body_bytes": self.last_body_bytes,
+            "last_body_sha256": self.last_body_sha256,
+            "last_chunked": self.last_chunked,
+            "last_headers": self.last_headers,
+            "tags": self.tags,
+        }
+
+
+def _int_header(request: web.Request, name: str, default: int) -> int:
+    try:
+        return int(request.headers.get(name, default))
+    except ValueError:
+        return default
+
+
+def _last_text(payload: Any) -> str:
+    """The last user text of a chat or completions request, for a deterministic reply."""
+    if not isinstance(payload, dict):
+        return ""
+    messages = payload.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        content = messages[-1].get("content")
+        return content if isinstance(content, str) else json.dumps(content)
+    prompt = payload.get("prompt")
+    return prompt if isinstance(prompt, str) else ""
+
+
+class Backend:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stats = Stats(name)
+        self.started = time.time()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/_stats", self.get_stats)
+        app.router.add_post("/_reset", self.reset_stats)
+        for path in INFERENCE_PATHS:
+            app.router.add_post(path, self.inference)
+        return app
+
+    def _count_path(self, request: web.Request) -> None:
+        key = f"{request.method} {request.path}"
+        self.stats.by_path[key] = self.stats.by_path.get(key, 0) + 1
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"x-served-by": self.name}
+        headers.update(extra or {})
+        return headers
+
+    async def health(self, request: web.Request) -> web.Response:
+        self._count_path(request)
+        return web.json_response({"status": "ok", "served_by": self.name}, headers=self._headers())
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._count_path(request)
+        body = {
+            "object": "list",
+            "data": [{"id": MODEL, "object": "model", "created": int(self.started), "owned_by": "test"}],
+            "served_by": self.name,
+        }
+        return web.json_response(body, headers=self._headers())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """A few vLLM-shaped gauges, so metrics-driven policies have something to scrape."""
+        self._count_path(request)
+        label = f'{{model_name="{MODEL}"}}'
+        text = (
+            f"vllm:num_requests_running{label} {self.stats.concurrent}\n"
+            f"vllm:num_requests_waiting{label} 0\n"
+            f"vllm:gpu_cache_usage_perc{label} 0.1\n"
+            f"vllm:kv_cache_usage_perc{label} 0.1\n"
+        )
+        return web.Response(text=text, content_type="text/plain", headers=self._headers())
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats.as_json(), headers=self._headers())
+
+    async def reset_stats(self, request: web.Request) -> web.Response:
+        self.stats.reset()
+        return web.json_response(self.stats.as_json(), headers=self._headers())
+
+    async def inference(self, request: web.Request) -> web.StreamResponse:
+        stats = self.stats
+        self._count_path(request)
+        stats.total += 1
+        stats.concurrent += 1
+        stats.max_concurrent = max(stats.max_concurrent, stats.concurrent)
+        stats.last_headers = {k.lower(): v for k, v in request.headers.items()}
+        stats.last_chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
+        tag = request.headers.get("x-test-tag")
+        if tag is not None:
+            stats.tags.append(tag)
+        try:
+            body = await request.read()
+            stats.last_body_bytes = len(body)
+            stats.last_body_sha256 = hashlib.sha256(body).hexdigest()
+            delay = _int_header(request, "x-test-delay-ms", 0)
+            if delay > 0:
+                await asyncio.sleep(delay / 1000)
+            status = _int_header(request, "x-test-status", 200)
+            try:
+                payload: Any = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                payload = None
+            if status != 200:
+                error = {"error": {"message": "x-test-status", "type": "test", "code": status}}
+                return web.json_response(
+                    {**error, "served_by": self.name}, status=status, headers=self._headers()
+                )
+            if isinstance(payload, dict) and payload.get("stream") is True:
+                response = await self._stream(request, payload)
+            else:
+                response = self._complete(request, payload)
+            stats.completed += 1
+            return response
+        except (ConnectionError, asyncio.CancelledError):
+            stats.aborted += 1
+            raise
+        finally:
+            stats.concurrent -= 1
+
+    def _reply_text(self, payload: Any) -> str:
+        digest = hashlib.sha1(_last_text(payload).encode()).hexdigest()[:8]
+        return f"answer {digest} from {self.name}"
+
+    def _complete(self, request: web.Request, payload: Any) -> web.Response:
+        chat = request.path == "/v1/chat/completions"
+        text = self._reply_text(payload)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        body = {
+            "id": f"cmpl-{self.name}-{self.stats.total}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": MODEL,
+            "choices": [choice],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5},
+            "served_by": self.name,
+        }
+        return web.json_response(body, headers=self._headers())
+
+    async def _stream(self, request: web.Request, payload: Any) -> web.StreamResponse:
+        chat = request.path == "/v1/chat/completions"
+        chunks = max(1, _int_header(request, "x-test-stream-chunks", 5))
+        interval = max(0, _int_header(request, "x-test-stream-interval-ms", 5)) / 1000
+        response = web.StreamResponse(
+            headers=self._headers({"content-type": "text/event-stream", "cache-control": "no-cache"})
+        )
+        await response.prepare(request)
+        ident = f"cmpl-{self.name}-{self.stats.total}"
+        text = self._reply_text(payload)
+        for seq in range(chunks):
+            piece = f"{text} [{seq}]"
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop" if seq == chunks - 1 else None}
+            if chat:
+                choice["delta"] = {"content": piece}
+            else:
+                choice["text"] = piece
+            chunk = {
+                "id": ident,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "model": MODEL,
+                "choices": [choice],
+                "seq": seq,
+                "served_by": self.name,
+            }
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if interval and seq < chunks - 1:
+                await asyncio.sleep(interval)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args()
+    backend = Backend(args.name)
+    with contextlib.suppress(KeyboardInterrupt):
+        web.run_app(
+            backend.app(),
+            host=args.host,
+            port=args.port,
+            print=None,
+            access_log=None,
+            shutdown_timeout=1.0,
+            handle_signals=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@
 //! - `prefix_table/match_depths/<case>/<levels>` and `prefix_table/record/<case>/64`.
 //!
 //! The request bodies come from a small deterministic generator, mirrored byte for byte by
-//! `bench/python/bodies.py`; each run prints a fingerprint line per body so `check.py` can
+//! `bench/python/bench_bodies.py`; each run prints a fingerprint line per body so `check.py` can
 //! confirm that both sides measured the same bytes.
 
 use std::hint::black_box;
@@ -28,7 +28,7 @@ use _core::request::parse_request;
 use _core::scheduling::policies::Policy;
 
 // ---------------------------------------------------------------------------------------------
-// Deterministic request bodies (keep in sync with bench/python/bodies.py).
+// Deterministic request bodies (keep in sync with bench/python/bench_bodies.py).
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 const BODY_HEAD: &str = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":["#;
@@ -41,103 +41,18 @@ const BODY_SIZES: [(&str, usize, u64); 3] = [
     ("1MB", 1024 * 1024, 1024),
 ];
 
+#[rustfmt::skip]
 const WORDS: [&str; 96] = [
-    "the",
-    "model",
-    "request",
-    "server",
-    "cache",
-    "prefix",
-    "token",
-    "latency",
-    "and",
-    "of",
-    "to",
-    "in",
-    "is",
-    "that",
-    "for",
-    "with",
-    "as",
-    "on",
-    "this",
-    "be",
-    "are",
-    "we",
-    "can",
-    "it",
-    "an",
-    "by",
-    "from",
-    "at",
-    "or",
-    "not",
-    "which",
-    "will",
-    "should",
-    "would",
-    "could",
-    "please",
-    "answer",
-    "question",
-    "explain",
-    "summary",
-    "document",
-    "section",
-    "example",
-    "function",
-    "value",
-    "result",
-    "because",
-    "however",
-    "therefore",
-    "system",
-    "user",
-    "assistant",
-    "response",
-    "context",
-    "window",
-    "memory",
-    "throughput",
-    "endpoint",
-    "cluster",
-    "replica",
-    "balancer",
-    "routing",
-    "policy",
-    "healthy",
-    "load",
-    "queue",
-    "batch",
-    "stream",
-    "output",
-    "input",
-    "small",
-    "large",
-    "quickly",
-    "carefully",
-    "first",
-    "second",
-    "finally",
-    "also",
-    "other",
-    "more",
-    "than",
-    "each",
-    "every",
-    "some",
-    "about",
-    "into",
-    "over",
-    "after",
-    "before",
-    "while",
-    "café",
-    "naïve",
-    "résumé",
-    "façade",
-    "über",
-    "déjà",
+    "the", "model", "request", "server", "cache", "prefix", "token", "latency", "and", "of", "to",
+    "in", "is", "that", "for", "with", "as", "on", "this", "be", "are", "we", "can", "it", "an",
+    "by", "from", "at", "or", "not", "which", "will", "should", "would", "could", "please",
+    "answer", "question", "explain", "summary", "document", "section", "example", "function",
+    "value", "result", "because", "however", "therefore", "system", "user", "assistant", "response",
+    "context", "window", "memory", "throughput", "endpoint", "cluster", "replica", "balancer",
+    "routing", "policy", "healthy", "load", "queue", "batch", "stream", "output", "input", "small",
+    "large", "quickly", "carefully", "first", "second", "finally", "also", "other", "more", "than",
+    "each", "every", "some", "about", "into", "over", "after", "before", "while", "café", "naïve",
+    "résumé", "façade", "über", "déjà",
 ];
 
 /// splitmix64: tiny, fast and easy to mirror exactly in Python.
@@ -195,7 +110,7 @@ impl TextGen {
             tok.push(b' ');
         }
         let word = WORDS[rng.below(WORDS.len() as u64) as usize].as_bytes();
-        if self.quote_left == 0 && self.words_left > 3 && rng.below(16) == 0 {
+        if self.quote_left == 0 && self.words_left > 3 && rng.below(48) == 0 {
             tok.extend_from_slice(br#"\""#);
             self.quote_left = 2 + rng.below(2);
         }
@@ -447,7 +362,7 @@ fn bench_pick(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     let mut b = balancer(Policy::GlobalLeastRequest, 8, &chain);
     group.bench_function("unknown_ticket", |bench| {
-        bench.iter(|| b.release(black_box(0)))
+        bench.iter(|| b.release(black_box(0)));
     });
     group.finish();
 }
@@ -518,24 +433,30 @@ fn bench_prefix_table(c: &mut Criterion) {
     group.bench_function("record/existing/64", |b| {
         b.iter(|| t.record(black_box(&held), 7, NOW_MS));
     });
-    let mut full = PrefixTable::new(TABLE_ENTRIES, TTL_MS);
-    while full.len() < full.capacity() {
-        full.record(
-            &random_chain(&mut rng, WARM_LEVELS),
-            rng.below(1000) as u32,
-            NOW_MS,
-        );
+    // Full tables of 100k entries and of the default capacity (262,144): the second is the steady
+    // state of a busy balancer, and shows what a larger working set costs per insert.
+    for capacity in [TABLE_ENTRIES, BalancerConfig::default().prefix_capacity] {
+        let mut full = PrefixTable::new(capacity, TTL_MS);
+        while full.len() < full.capacity() {
+            let chain = random_chain(&mut rng, WARM_LEVELS);
+            full.record(&chain, rng.below(1000) as u32, NOW_MS);
+        }
+        let name = if capacity == TABLE_ENTRIES {
+            "new"
+        } else {
+            "new_default_capacity"
+        };
+        group.bench_function(format!("record/{name}/64"), |b| {
+            b.iter_batched(
+                || random_chain(&mut rng, 64),
+                |fresh| {
+                    full.record(&fresh, 7, NOW_MS);
+                    fresh
+                },
+                BatchSize::SmallInput,
+            );
+        });
     }
-    group.bench_function("record/new/64", |b| {
-        b.iter_batched(
-            || random_chain(&mut rng, 64),
-            |fresh| {
-                full.record(&fresh, 7, NOW_MS);
-                fresh
-            },
-            BatchSize::SmallInput,
-        );
-    });
     group.finish();
 }
 

@@ -64,7 +64,8 @@ class Daemon:
             health_interval_ms=config.health_check_interval,
             health_timeout_ms=config.health_check_timeout,
         )
-        self.service = ExtProcService(Picker(self.balancer, self.metrics), self.metrics)
+        picker = Picker(self.balancer, self.metrics, self.endpoints.report_connect_failure)
+        self.service = ExtProcService(picker, self.metrics)
         self.health = health.aio.HealthServicer()
         self.ready = False
         self._stop = asyncio.Event()

@@ -4,6 +4,10 @@ The pool is the static ``endpoints`` list plus the ``endpoints_file`` list (re-r
 changes; a broken file keeps the last good pool and is counted). Health is a TCP connect probe
 every ``health_check_interval`` ms: two failures in a row mark an endpoint unhealthy, one success
 marks it healthy again. Unhealthy endpoints are avoided while any endpoint is healthy.
+
+Passive detection: when Envoy reports that it could not connect to a picked endpoint, that counts
+as one failure and the endpoint is probed at once, so a dead server is out of rotation after one
+failed request and one confirming probe, not after two probe intervals.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class EndpointManager:
         self._failures: dict[str, int] = {}
         self._file_stamp: tuple[int, int, int] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._suspects: set[str] = set()
+        self._probe_limit = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
 
     def load_initial(self) -> None:
         """Reads the endpoints file once at start; errors here are fatal (exit 2)."""
@@ -143,22 +149,41 @@ class EndpointManager:
                 await writer.wait_closed()
             return True
 
+    def _record(self, address: str, ok: bool) -> None:
+        if address not in self.healthy:
+            return  # left the pool while probing
+        failures = 0 if ok else self._failures.get(address, 0) + 1
+        self._failures[address] = failures
+        healthy = ok or (self.healthy[address] and failures < UNHEALTHY_AFTER_FAILURES)
+        if healthy != self.healthy[address]:
+            self.healthy[address] = healthy
+            self.balancer.set_healthy(address, healthy)
+            state = "healthy" if healthy else "unhealthy"
+            self.metrics.endpoint_health_changes.inc((state,))
+            log.warning("endpoint %s is now %s", address, state)
+
     async def check_health_once(self) -> None:
         addresses = [ep.address for ep in self.pool]
-        limit = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
-        results = await asyncio.gather(*(self._probe(a, limit) for a in addresses))
+        results = await asyncio.gather(*(self._probe(a, self._probe_limit) for a in addresses))
         for address, ok in zip(addresses, results, strict=True):
-            if address not in self.healthy:
-                continue  # left the pool while probing
-            failures = 0 if ok else self._failures.get(address, 0) + 1
-            self._failures[address] = failures
-            healthy = ok or (self.healthy[address] and failures < UNHEALTHY_AFTER_FAILURES)
-            if healthy != self.healthy[address]:
-                self.healthy[address] = healthy
-                self.balancer.set_healthy(address, healthy)
-                state = "healthy" if healthy else "unhealthy"
-                self.metrics.endpoint_health_changes.inc((state,))
-                log.warning("endpoint %s is now %s", address, state)
+            self._record(address, ok)
+
+    def report_connect_failure(self, address: str) -> None:
+        """Envoy could not reach ``address``: count a failure and confirm with a probe now."""
+        if address not in self.healthy or address in self._suspects or not self.healthy[address]:
+            return
+        self._suspects.add(address)
+        self._record(address, ok=False)
+        self._tasks.append(asyncio.create_task(self._confirm(address), name=f"confirm {address}"))
+
+    async def _confirm(self, address: str) -> None:
+        try:
+            self._record(address, await self._probe(address, self._probe_limit))
+        finally:
+            self._suspects.discard(address)
+            task = asyncio.current_task()
+            if task in self._tasks:
+                self._tasks.remove(task)
 
     async def _health_loop(self) -> None:
         while True:

@@ -35,6 +35,9 @@ from llmlb.picking import Picker, Refusal
 log = logging.getLogger("llmlb.extproc")
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
+# Envoy's router adds this to every response that came from an upstream; a 503 without it is
+# Envoy's own local reply, i.e. the picked endpoint could not be reached.
+UPSTREAM_TIME_HEADER = "x-envoy-upstream-service-time"
 METADATA_NAMESPACE = "envoy.lb"
 # Envoy takes body chunks up to 64 KiB per message; stay under it like the inference extension.
 STREAM_CHUNK = 62_000
@@ -174,7 +177,16 @@ def _echo_response_chunk(body: pb.HttpBody) -> pb.ProcessingResponse:
 class _Stream:
     """Per-stream state machine. ``handle`` maps one Envoy message to the answers it needs."""
 
-    __slots__ = ("body_mode", "chunks", "picked", "picker", "response_mode", "responses", "ticket")
+    __slots__ = (
+        "body_mode",
+        "chunks",
+        "endpoint",
+        "picked",
+        "picker",
+        "response_mode",
+        "responses",
+        "ticket",
+    )
 
     def __init__(self, picker: Picker, responses: _PickResponses) -> None:
         self.picker = picker
@@ -182,6 +194,7 @@ class _Stream:
         self.body_mode = BUFFERED
         self.response_mode = NONE
         self.ticket = 0
+        self.endpoint = ""
         self.picked = False
         self.chunks: list[bytes] = []
 
@@ -191,8 +204,8 @@ class _Stream:
         outcome = self.picker.pick(body)
         if isinstance(outcome, Refusal):
             return immediate_response(outcome)
-        self.ticket, endpoint = outcome
-        return endpoint
+        self.ticket, self.endpoint = outcome
+        return self.endpoint
 
     def handle(self, request: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         kind = request.WhichOneof("request")
@@ -206,6 +219,8 @@ class _Stream:
         if kind == "request_trailers":
             return self._request_trailers()
         if kind == "response_headers":
+            if self.endpoint:
+                self._check_for_connect_failure(request.response_headers)
             return [_RESPONSE_HEADERS_CONTINUE]
         if kind == "response_body":
             if self.response_mode == FULL_DUPLEX:
@@ -250,6 +265,19 @@ class _Stream:
         if isinstance(endpoint, pb.ProcessingResponse):
             return [endpoint]
         return [self.responses.in_headers(endpoint), *_streamed_request_body(body, end_of_stream)]
+
+    def _check_for_connect_failure(self, headers: pb.HttpHeaders) -> None:
+        status = b""
+        upstream_answered = False
+        for header in headers.headers.headers:
+            if header.key == ":status":
+                status = header.raw_value
+                if status != b"503":
+                    return
+            elif header.key == UPSTREAM_TIME_HEADER:
+                upstream_answered = True
+        if status == b"503" and not upstream_answered:
+            self.picker.on_connect_failure(self.endpoint)
 
     def _request_trailers(self) -> list[pb.ProcessingResponse]:
         if self.body_mode == FULL_DUPLEX and not self.picked:

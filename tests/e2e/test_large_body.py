@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+
 from tests.support.procs import Gateway
 
 pytestmark = pytest.mark.e2e

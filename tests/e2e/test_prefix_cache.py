@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+
 from tests.support.procs import Gateway
 
 pytestmark = pytest.mark.e2e

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+
 from tests.support.procs import Gateway
 
 pytestmark = pytest.mark.e2e

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from tests.support.procs import DEST_HEADER, HOST, Gateway, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -13,15 +15,15 @@ pytestmark = pytest.mark.e2e
 def test_spoof_does_not_move_a_pinned_conversation(pc_gateway: Gateway) -> None:
     gw = pc_gateway
     messages = [
-        {"role": "system", "content": "You are the spoof-test assistant. " * 10},
+        {"role": "system", "content": f"You are the spoof-test assistant {uuid.uuid4().hex}. " * 10},
         {"role": "user", "content": "first question of the pinned conversation"},
     ]
-    first = gw.chat(messages)
-    assert first.status == 200, first
-    home = gw.backend(first.served_by)
+    reply = gw.chat(messages)
+    assert reply.status == 200, reply
+    home = gw.backend(reply.served_by)
     others = [b for b in gw.backends if b is not home]
     for turn, target in enumerate(others * 2):
-        messages.append({"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]})
+        messages.append({"role": "assistant", "content": reply.json()["choices"][0]["message"]["content"]})
         messages.append({"role": "user", "content": f"follow-up {turn}"})
         reply = gw.chat(messages, headers={DEST_HEADER: target.address})
         assert reply.status == 200, reply
@@ -33,7 +35,7 @@ def test_spoof_does_not_move_a_pinned_conversation(pc_gateway: Gateway) -> None:
 def test_spoof_does_not_pull_traffic_to_a_busy_backend(lr_gateway: Gateway) -> None:
     gw = lr_gateway
     with ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(gw.chat, [{"role": "user", "content": "slow"}], {"x-test-delay-ms": "1500"}, 10)
+        slow = pool.submit(gw.chat, [{"role": "user", "content": "slow"}], {"x-test-delay-ms": "1000"}, 10)
         busy = wait_until(
             lambda: [b for b in gw.backends if b.stats()["concurrent"] == 1],
             5.0,

@@ -6,12 +6,13 @@ import json
 import time
 
 import pytest
+
 from tests.support.procs import Gateway
 
 pytestmark = pytest.mark.e2e
 
 CHUNKS = 8
-INTERVAL_MS = 40
+INTERVAL_MS = 50
 
 
 def test_sse_arrives_complete_in_order(pc_gateway: Gateway) -> None:
@@ -32,5 +33,5 @@ def test_sse_arrives_complete_in_order(pc_gateway: Gateway) -> None:
     assert {c["served_by"] for c in chunks} == {served}
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     # The first chunk must not wait for the last one (a buffering proxy would deliver all at once).
-    assert total - first_at >= (CHUNKS - 1) * INTERVAL_MS / 1000 * 0.7, (first_at, total)
+    assert total - first_at >= (CHUNKS - 1) * INTERVAL_MS / 1000 * 0.5, (first_at, total)
     assert pc_gateway.backend(served).stats()["completed"] == 1

@@ -178,12 +178,15 @@ class Backend:
                     {**error, "served_by": self.name}, status=status, headers=self._headers()
                 )
             if isinstance(payload, dict) and payload.get("stream") is True:
-                response = await self._stream(request, payload)
+                response, finished = await self._stream(request, payload)
             else:
-                response = self._complete(request, payload)
-            stats.completed += 1
+                response, finished = self._complete(request, payload), True
+            if finished:
+                stats.completed += 1
+            else:
+                stats.aborted += 1
             return response
-        except (ConnectionError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             stats.aborted += 1
             raise
         finally:
@@ -212,7 +215,8 @@ class Backend:
         }
         return web.json_response(body, headers=self._headers())
 
-    async def _stream(self, request: web.Request, payload: Any) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, payload: Any) -> tuple[web.StreamResponse, bool]:
+        """Send the SSE answer; returns (response, False) if the client went away mid-stream."""
         chat = request.path == "/v1/chat/completions"
         chunks = max(1, _int_header(request, "x-test-stream-chunks", 5))
         interval = max(0, _int_header(request, "x-test-stream-interval-ms", 5)) / 1000
@@ -222,27 +226,30 @@ class Backend:
         await response.prepare(request)
         ident = f"cmpl-{self.name}-{self.stats.total}"
         text = self._reply_text(payload)
-        for seq in range(chunks):
-            piece = f"{text} [{seq}]"
-            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop" if seq == chunks - 1 else None}
-            if chat:
-                choice["delta"] = {"content": piece}
-            else:
-                choice["text"] = piece
-            chunk = {
-                "id": ident,
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "model": MODEL,
-                "choices": [choice],
-                "seq": seq,
-                "served_by": self.name,
-            }
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            if interval and seq < chunks - 1:
-                await asyncio.sleep(interval)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+        try:
+            for seq in range(chunks):
+                piece = f"{text} [{seq}]"
+                choice: dict[str, Any] = {"index": 0, "finish_reason": "stop" if seq == chunks - 1 else None}
+                if chat:
+                    choice["delta"] = {"content": piece}
+                else:
+                    choice["text"] = piece
+                chunk = {
+                    "id": ident,
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "model": MODEL,
+                    "choices": [choice],
+                    "seq": seq,
+                    "served_by": self.name,
+                }
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                if interval and seq < chunks - 1:
+                    await asyncio.sleep(interval)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionError:
+            return response, False
+        return response, True
 
 
 def main() -> None:

@@ -683,7 +683,7 @@ def start_envoy(
     return launch_envoy(config, listen_port, admin_port, mode, workdir, name=name)
 
 
-@dataclass
+@dataclass(repr=False)
 class Gateway:
     """Envoy in one mode in front of a picker daemon (or none) and the backends."""
 
@@ -693,6 +693,9 @@ class Gateway:
     daemon: Daemon | None
     backends: list[Backend]
     fallback: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Gateway({self.policy}, {self.mode}, fallback={self.fallback}, url={self.url})"
 
     @property
     def url(self) -> str:
@@ -749,11 +752,16 @@ class Gateway:
         return totals
 
     def reset(self) -> None:
-        """Clear backend counters and wait until the picker has nothing in flight."""
-        for b in self.backends:
-            b.reset()
+        """Wait until neither the backends nor the picker have anything in flight; clear backend counters."""
+        wait_until(
+            lambda: all(b.stats()["concurrent"] == 0 for b in self.backends),
+            5.0,
+            message="backends to finish earlier requests",
+        )
         if self.daemon is not None:
             self.daemon.wait_idle(5.0)
+        for b in self.backends:
+            b.reset()
 
     def describe(self) -> str:
         return "\n".join(p.describe(30) for p in self.procs())

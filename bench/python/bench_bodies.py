@@ -13,7 +13,11 @@ BODY_HEAD = b'{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":['
 BODY_TAIL = b'],"max_tokens":512,"temperature":0.7,"stream":true}'
 
 # (label, target size in bytes, seed)
-BODY_SIZES: list[tuple[str, int, int]] = [("1KB", 1024, 1), ("32KB", 32 * 1024, 32), ("1MB", 1024 * 1024, 1024)]
+BODY_SIZES: list[tuple[str, int, int]] = [
+    ("1KB", 1024, 1),
+    ("32KB", 32 * 1024, 32),
+    ("1MB", 1024 * 1024, 1024),
+]
 
 # fmt: off
 WORDS: list[bytes] = [w.encode() for w in [
@@ -73,7 +77,7 @@ class TextGen:
         else:
             tok += b" "
         word = WORDS[rng.below(len(WORDS))]
-        if self.quote_left == 0 and self.words_left > 3 and rng.below(16) == 0:
+        if self.quote_left == 0 and self.words_left > 3 and rng.below(48) == 0:
             tok += QUOTE
             self.quote_left = 2 + rng.below(2)
         if capitalize:
@@ -137,3 +141,8 @@ def chat_body(target: int, seed: int) -> bytes:
 
 def bodies() -> dict[str, bytes]:
     return {label: chat_body(size, seed) for label, size, seed in BODY_SIZES}
+
+
+def endpoint_addresses(n: int) -> list[str]:
+    """The same endpoint addresses as the criterion benches use."""
+    return [f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}:8000" for i in range(n)]

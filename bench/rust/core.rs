@@ -306,7 +306,7 @@ fn bench_pick(c: &mut Criterion) {
             assert_eq!(b.open_tickets(), 0);
         }
     }
-    // A chain nobody holds: every level misses and is then recorded (evicting LRU entries).
+    // A chain nobody holds: every level misses and is then recorded (evicting old entries).
     for n in [8, 1000] {
         let mut b = balancer(Policy::PrefixCache, n, &chain);
         let mut rng = Mix(4242);
@@ -372,11 +372,11 @@ fn bench_pick(c: &mut Criterion) {
 
 const TABLE_CAPACITY: usize = 262_144;
 const TABLE_ENTRIES: usize = 100_000;
-const TTL_MS: u64 = 1_800_000;
+const TTL_S: u64 = 1_800;
 
 /// A table of ~100k entries from 64-level chains recorded on random endpoints of 1,000.
 fn warm_table(rng: &mut Mix) -> PrefixTable {
-    let mut t = PrefixTable::new(TABLE_CAPACITY, TTL_MS);
+    let mut t = PrefixTable::new(TABLE_CAPACITY, TTL_S);
     while t.len() < TABLE_ENTRIES {
         let chain = random_chain(rng, WARM_LEVELS);
         t.record(&chain, rng.below(1000) as u32, NOW_MS);
@@ -426,7 +426,7 @@ fn bench_prefix_table(c: &mut Criterion) {
     }
 
     // `record` of 64 levels: re-recording a held chain (the prefix-hit path of a pick) and
-    // recording a new chain into a full table (every level inserted, one LRU eviction each).
+    // recording a new chain into a full table (every level inserted, one eviction each).
     let mut t = warm_table(&mut rng);
     let held = random_chain(&mut rng, 64);
     t.record(&held, 7, NOW_MS);
@@ -436,7 +436,7 @@ fn bench_prefix_table(c: &mut Criterion) {
     // Full tables of 100k entries and of the default capacity (262,144): the second is the steady
     // state of a busy balancer, and shows what a larger working set costs per insert.
     for capacity in [TABLE_ENTRIES, BalancerConfig::default().prefix_capacity] {
-        let mut full = PrefixTable::new(capacity, TTL_MS);
+        let mut full = PrefixTable::new(capacity, TTL_S);
         while full.len() < full.capacity() {
             let chain = random_chain(&mut rng, WARM_LEVELS);
             full.record(&chain, rng.below(1000) as u32, NOW_MS);

@@ -21,7 +21,7 @@ pub struct BalancerConfig {
     pub policy: Policy,
     /// Seconds a prefix -> endpoint entry lives after it was last recorded.
     pub prefix_ttl_s: u64,
-    /// Entries in the prefix table (LRU beyond it).
+    /// Entries in the prefix table (least recently used evicted beyond it).
     pub prefix_capacity: usize,
     /// Bounded-load factor and floor for prefix affinity (see `BoundedLoadFilter`).
     pub load_factor: f64,
@@ -94,6 +94,8 @@ pub struct EndpointView {
     pub in_pool: bool,
 }
 
+const NOT_IN_POOL: u32 = u32::MAX;
+
 pub struct Balancer {
     config: BalancerConfig,
     profile: Profile,
@@ -103,6 +105,8 @@ pub struct Balancer {
     inflight: Vec<u32>,
     healthy: Vec<bool>,
     pool: Vec<u32>,
+    /// Position of each interned endpoint in `pool` (`NOT_IN_POOL` if absent).
+    pool_position: Vec<u32>,
     tickets: HashMap<u64, u32>,
     next_ticket: u64,
     prefix: PrefixTable,
@@ -135,6 +139,7 @@ impl Balancer {
             inflight: Vec::new(),
             healthy: Vec::new(),
             pool: Vec::new(),
+            pool_position: Vec::new(),
             tickets: HashMap::new(),
             next_ticket: 1,
             prefix,
@@ -159,15 +164,20 @@ impl Balancer {
         self.ids.insert(address, id);
         self.inflight.push(0);
         self.healthy.push(true);
+        self.pool_position.push(NOT_IN_POOL);
         id
     }
 
     /// Replaces the pool (order kept, duplicates dropped). New endpoints start healthy.
     pub fn set_endpoints<S: AsRef<str>>(&mut self, addresses: &[S]) {
+        for &id in &self.pool {
+            self.pool_position[id as usize] = NOT_IN_POOL;
+        }
         let mut pool = Vec::with_capacity(addresses.len());
         for address in addresses {
             let id = self.intern(address.as_ref());
-            if !pool.contains(&id) {
+            if self.pool_position[id as usize] == NOT_IN_POOL {
+                self.pool_position[id as usize] = pool.len() as u32;
                 pool.push(id);
             }
         }
@@ -198,9 +208,13 @@ impl Balancer {
         let use_prefix = self.config.policy.uses_prefix() && !hashes.is_empty();
         if use_prefix {
             self.prefix.match_depths(hashes, now_ms, &mut self.depths);
-            for c in &mut self.candidates {
-                if let Some(&(_, depth)) = self.depths.iter().find(|(id, _)| *id == c.id) {
-                    c.prefix_depth = depth;
+            for &(id, depth) in &self.depths {
+                if let Some(&pos) = self
+                    .pool_position
+                    .get(id as usize)
+                    .filter(|&&p| p != NOT_IN_POOL)
+                {
+                    self.candidates[pos as usize].prefix_depth = depth;
                 }
             }
         }
@@ -278,7 +292,7 @@ impl Balancer {
     pub fn endpoints(&self) -> Vec<EndpointView> {
         let mut out: Vec<EndpointView> = self.pool.iter().map(|&id| self.view(id, true)).collect();
         for id in 0..self.addresses.len() as u32 {
-            if self.inflight[id as usize] > 0 && !self.pool.contains(&id) {
+            if self.inflight[id as usize] > 0 && self.pool_position[id as usize] == NOT_IN_POOL {
                 out.push(self.view(id, false));
             }
         }

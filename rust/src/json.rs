@@ -109,13 +109,29 @@ impl<'a> Scanner<'a> {
                 Ok(Cow::Borrowed(&self.buf[start..start + n]))
             }
             Some(n) => {
-                let mut out = Vec::with_capacity(n + 16);
-                out.extend_from_slice(&self.buf[start..start + n]);
+                // Find the closing quote first so the decoded copy is allocated once, at its
+                // upper bound (escapes only shrink).
                 self.pos = start + n;
+                let end = self.string_end()?;
+                let mut out = Vec::with_capacity(end - start);
+                out.extend_from_slice(&self.buf[start..start + n]);
                 self.unescape_rest(&mut out)?;
                 Ok(Cow::Owned(out))
             }
             None => self.err("unterminated string"),
+        }
+    }
+
+    /// The offset of the closing quote of the string the scanner is inside, not consumed.
+    fn string_end(&self) -> JsonResult<usize> {
+        let mut pos = self.pos;
+        loop {
+            let rest = self.buf.get(pos..).unwrap_or_default();
+            match memchr::memchr2(b'"', b'\\', rest) {
+                Some(n) if rest[n] == b'"' => return Ok(pos + n),
+                Some(n) => pos += n + 2,
+                None => return self.err("unterminated string"),
+            }
         }
     }
 
@@ -278,20 +294,8 @@ impl<'a> Scanner<'a> {
             return self.err("expected a string");
         }
         self.pos += 1;
-        loop {
-            let rest = &self.buf[self.pos..];
-            match memchr::memchr2(b'"', b'\\', rest) {
-                Some(n) if rest[n] == b'"' => {
-                    self.pos += n + 1;
-                    return Ok(());
-                }
-                Some(n) => self.pos += n + 2,
-                None => return self.err("unterminated string"),
-            }
-            if self.pos > self.buf.len() {
-                return self.err("unterminated escape");
-            }
-        }
+        self.pos = self.string_end()? + 1;
+        Ok(())
     }
 
     /// Errors unless only whitespace remains.

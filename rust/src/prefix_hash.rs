@@ -24,21 +24,67 @@ const MODEL_SEED: u64 = 0x6c6c_6d6c_622f_7631;
 const FLAG_CONTINUES: u8 = 0;
 const FLAG_SEGMENT_END: u8 = 1;
 
-/// One message (or prompt) as tagged fields, borrowed from the body where possible.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Segment<'a> {
-    pub fields: Vec<(u8, Cow<'a, [u8]>)>,
+/// A tagged field of a segment, borrowed from the body where possible.
+pub type Field<'a> = (u8, Cow<'a, [u8]>);
+
+/// The prompt as segments (one per message, or per completions prompt) of tagged fields, kept
+/// in one flat vector so parsing a request does not allocate per message.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Prompt<'a> {
+    fields: Vec<Field<'a>>,
+    ends: Vec<usize>,
 }
 
-impl<'a> Segment<'a> {
-    pub fn text(tag: u8, bytes: Cow<'a, [u8]>) -> Self {
-        Self {
-            fields: vec![(tag, bytes)],
+impl<'a> Prompt<'a> {
+    /// Index where the next field goes (the start of the segment being built).
+    pub fn mark(&self) -> usize {
+        self.fields.len()
+    }
+
+    pub fn push(&mut self, tag: u8, bytes: Cow<'a, [u8]>) {
+        self.fields.push((tag, bytes));
+    }
+
+    /// The fields of the segment being built, which starts at `start` (from `mark`).
+    pub fn open_segment(&mut self, start: usize) -> &mut [Field<'a>] {
+        &mut self.fields[start..]
+    }
+
+    /// Drops the open segment's fields (from `start`) whose tag matches.
+    pub fn remove_open(&mut self, start: usize, mut drop: impl FnMut(u8) -> bool) {
+        let mut i = start;
+        while i < self.fields.len() {
+            if drop(self.fields[i].0) {
+                self.fields.remove(i);
+            } else {
+                i += 1;
+            }
         }
     }
 
-    pub fn raw(tag: u8, bytes: &'a [u8]) -> Self {
-        Self::text(tag, Cow::Borrowed(bytes))
+    pub fn end_segment(&mut self) {
+        self.ends.push(self.fields.len());
+    }
+
+    /// A one-field segment.
+    pub fn push_segment(&mut self, tag: u8, bytes: Cow<'a, [u8]>) {
+        self.push(tag, bytes);
+        self.end_segment();
+    }
+
+    pub fn segments(&self) -> impl Iterator<Item = &[Field<'a>]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .map(|(a, b)| &self.fields[a..b])
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
     }
 }
 
@@ -66,8 +112,8 @@ impl PrefixHasher {
         }
     }
 
-    pub fn segment(&mut self, segment: &Segment<'_>) {
-        for (tag, bytes) in &segment.fields {
+    pub fn segment(&mut self, fields: &[Field<'_>]) {
+        for (tag, bytes) in fields {
             // Fields over 4 GiB cannot occur: bodies are far smaller.
             let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
             self.feed(&[*tag]);
@@ -112,11 +158,11 @@ mod tests {
     fn chain(model: &str, block: usize, segments: &[&[(u8, &str)]]) -> Vec<u64> {
         let mut h = PrefixHasher::new(model.as_bytes(), block);
         for seg in segments {
-            let fields = seg
+            let fields: Vec<Field> = seg
                 .iter()
                 .map(|(t, s)| (*t, Cow::Borrowed(s.as_bytes())))
                 .collect();
-            h.segment(&Segment { fields });
+            h.segment(&fields);
         }
         h.finish()
     }

@@ -1,14 +1,17 @@
 //! The embedded prefix table: prefix hash -> the endpoints that recently served that prefix.
 //!
-//! Bounded in entries (LRU) and in time (each holder expires `ttl_ms` after it was last
-//! recorded). Each entry keeps up to `HOLDERS` endpoints, most recent first, so a prefix shared
-//! by several servers (a common system prompt) is known to all of them.
-//! Memory: about 100 bytes per entry (key, four holders, LRU links and map overhead).
+//! Bounded in entries and in time: each holder expires `ttl_s` seconds after it was last
+//! recorded, and past `capacity` entries the least recently used one is evicted (CLOCK, the
+//! classic one-bit approximation of LRU: an entry used since the hand last passed gets a second
+//! chance). Each entry keeps up to `HOLDERS` endpoints, most recent first, so a prefix shared by
+//! several servers (a common system prompt) is known to all of them.
+//!
+//! Layout for cache behaviour: entries live inline in one hash map (no per-entry allocation),
+//! and the eviction order is a flat ring of keys, so an insert costs one map probe plus the
+//! evicted key's removal. Memory: about 64 bytes per entry.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::num::NonZeroUsize;
-
-use lru::LruCache;
 
 pub const HOLDERS: usize = 4;
 
@@ -35,31 +38,34 @@ type IdentityBuild = BuildHasherDefault<IdentityHasher>;
 #[derive(Clone, Copy, Debug, Default)]
 struct Holder {
     endpoint: u32,
-    expires_ms: u64,
+    /// Whole seconds on the table's clock; u32 lasts 136 years.
+    expires_s: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
-struct Holders {
+struct Entry {
     len: u8,
-    slots: [Holder; HOLDERS],
+    /// Used since the clock hand last passed (CLOCK's second chance).
+    referenced: bool,
+    holders: [Holder; HOLDERS],
 }
 
-impl Holders {
-    fn live(&self, now_ms: u64) -> impl Iterator<Item = u32> + '_ {
-        self.slots[..usize::from(self.len)]
+impl Entry {
+    fn live(&self, now_s: u32) -> impl Iterator<Item = u32> + '_ {
+        self.holders[..usize::from(self.len)]
             .iter()
-            .filter(move |h| h.expires_ms > now_ms)
+            .filter(move |h| h.expires_s > now_s)
             .map(|h| h.endpoint)
     }
 
-    fn holds(&self, endpoint: u32, now_ms: u64) -> bool {
-        self.live(now_ms).any(|e| e == endpoint)
+    fn holds(&self, endpoint: u32, now_s: u32) -> bool {
+        self.live(now_s).any(|e| e == endpoint)
     }
 
     /// Moves (or inserts) `endpoint` to the front with a fresh expiry; the oldest drops off.
-    fn touch(&mut self, endpoint: u32, expires_ms: u64) {
+    fn touch(&mut self, endpoint: u32, expires_s: u32) {
         let len = usize::from(self.len);
-        let at = self.slots[..len]
+        let at = self.holders[..len]
             .iter()
             .position(|h| h.endpoint == endpoint)
             .unwrap_or_else(|| {
@@ -70,25 +76,37 @@ impl Holders {
                     HOLDERS - 1
                 }
             });
-        self.slots.copy_within(0..at, 1);
-        self.slots[0] = Holder {
+        self.holders.copy_within(0..at, 1);
+        self.holders[0] = Holder {
             endpoint,
-            expires_ms,
+            expires_s,
         };
+        self.referenced = true;
     }
 }
 
 pub struct PrefixTable {
-    entries: LruCache<u64, Holders, IdentityBuild>,
-    ttl_ms: u64,
+    entries: HashMap<u64, Entry, IdentityBuild>,
+    /// Keys in eviction order; `hand` is where the clock points.
+    ring: Vec<u64>,
+    hand: usize,
+    capacity: usize,
+    ttl_s: u32,
+}
+
+fn seconds(now_ms: u64) -> u32 {
+    u32::try_from(now_ms / 1000).unwrap_or(u32::MAX)
 }
 
 impl PrefixTable {
-    pub fn new(capacity: usize, ttl_ms: u64) -> Self {
-        let capacity = NonZeroUsize::new(capacity.max(1)).expect("capacity is at least 1");
+    pub fn new(capacity: usize, ttl_s: u64) -> Self {
+        let capacity = capacity.max(1);
         Self {
-            entries: LruCache::with_hasher(capacity, IdentityBuild::default()),
-            ttl_ms,
+            entries: HashMap::with_capacity_and_hasher(capacity, IdentityBuild::default()),
+            ring: Vec::with_capacity(capacity),
+            hand: 0,
+            capacity,
+            ttl_s: u32::try_from(ttl_s).unwrap_or(u32::MAX),
         }
     }
 
@@ -101,13 +119,13 @@ impl PrefixTable {
     }
 
     pub fn capacity(&self) -> usize {
-        self.entries.cap().get()
+        self.capacity
     }
 
-    fn holds(&self, hash: u64, endpoint: u32, now_ms: u64) -> bool {
+    fn holds(&self, hash: u64, endpoint: u32, now_s: u32) -> bool {
         self.entries
-            .peek(&hash)
-            .is_some_and(|h| h.holds(endpoint, now_ms))
+            .get(&hash)
+            .is_some_and(|e| e.holds(endpoint, now_s))
     }
 
     /// For each endpoint holding the first block, how many leading blocks of `hashes` it holds.
@@ -116,15 +134,18 @@ impl PrefixTable {
     /// it: a binary search per holder finds its depth in `O(log n)` lookups.
     pub fn match_depths(&mut self, hashes: &[u64], now_ms: u64, out: &mut Vec<(u32, u32)>) {
         out.clear();
+        let now_s = seconds(now_ms);
         let Some(first) = hashes.first() else { return };
-        let Some(holders) = self.entries.get(first).copied() else {
+        let Some(entry) = self.entries.get_mut(first) else {
             return;
         };
-        for endpoint in holders.live(now_ms) {
+        entry.referenced = true;
+        let entry = *entry;
+        for endpoint in entry.live(now_s) {
             let (mut lo, mut hi) = (1usize, hashes.len());
             while lo < hi {
                 let mid = (lo + hi).div_ceil(2);
-                if self.holds(hashes[mid - 1], endpoint, now_ms) {
+                if self.holds(hashes[mid - 1], endpoint, now_s) {
                     lo = mid;
                 } else {
                     hi = mid - 1;
@@ -136,14 +157,37 @@ impl PrefixTable {
 
     /// Records that `endpoint` now holds every level of `hashes`.
     pub fn record(&mut self, hashes: &[u64], endpoint: u32, now_ms: u64) {
-        let expires_ms = now_ms.saturating_add(self.ttl_ms);
+        let expires_s = seconds(now_ms).saturating_add(self.ttl_s);
         for &hash in hashes {
-            if let Some(holders) = self.entries.get_mut(&hash) {
-                holders.touch(endpoint, expires_ms);
+            if let Some(entry) = self.entries.get_mut(&hash) {
+                entry.touch(endpoint, expires_s);
+                continue;
+            }
+            if self.ring.len() < self.capacity {
+                self.ring.push(hash);
             } else {
-                let mut holders = Holders::default();
-                holders.touch(endpoint, expires_ms);
-                self.entries.push(hash, holders);
+                self.evict_into(hash);
+            }
+            let mut entry = Entry::default();
+            entry.touch(endpoint, expires_s);
+            self.entries.insert(hash, entry);
+        }
+    }
+
+    /// Advances the clock to an entry not used since the last pass, evicts it, and puts `hash`
+    /// in its ring slot. Bounded: one full turn clears every bit, so it stops within two turns.
+    fn evict_into(&mut self, hash: u64) {
+        loop {
+            let victim = self.ring[self.hand];
+            let slot = self.hand;
+            self.hand = (self.hand + 1) % self.ring.len();
+            match self.entries.get_mut(&victim) {
+                Some(entry) if entry.referenced => entry.referenced = false,
+                _ => {
+                    self.entries.remove(&victim);
+                    self.ring[slot] = hash;
+                    return;
+                }
             }
         }
     }
@@ -162,7 +206,7 @@ mod tests {
 
     #[test]
     fn longest_prefix_per_endpoint() {
-        let mut t = PrefixTable::new(100, 1000);
+        let mut t = PrefixTable::new(100, 1);
         t.record(&[1, 2, 3], 7, 0);
         t.record(&[1, 2, 3, 4, 5], 8, 0);
         assert_eq!(
@@ -175,22 +219,44 @@ mod tests {
 
     #[test]
     fn entries_expire() {
-        let mut t = PrefixTable::new(100, 1000);
+        let mut t = PrefixTable::new(100, 2);
         t.record(&[1, 2], 7, 0);
-        assert_eq!(depths(&mut t, &[1, 2], 999), vec![(7, 2)]);
-        assert_eq!(depths(&mut t, &[1, 2], 1000), vec![]);
-        t.record(&[1], 7, 900);
-        assert_eq!(depths(&mut t, &[1, 2], 1500), vec![(7, 1)]);
+        assert_eq!(depths(&mut t, &[1, 2], 1999), vec![(7, 2)]);
+        assert_eq!(depths(&mut t, &[1, 2], 2000), vec![]);
+        t.record(&[1], 7, 1500);
+        assert_eq!(depths(&mut t, &[1, 2], 2500), vec![(7, 1)]);
     }
 
     #[test]
-    fn capacity_bounds_entries_lru() {
+    fn capacity_bounds_entries() {
         let mut t = PrefixTable::new(3, 1000);
         t.record(&[1, 2, 3], 7, 0);
         t.record(&[4], 7, 0);
         assert_eq!(t.len(), 3);
-        assert_eq!(depths(&mut t, &[1], 0), vec![]);
         assert_eq!(depths(&mut t, &[4], 0), vec![(7, 1)]);
+        for key in 10..1000 {
+            t.record(&[key], 7, 0);
+            assert_eq!(t.len(), 3);
+        }
+    }
+
+    #[test]
+    fn eviction_spares_recently_used_entries() {
+        let mut t = PrefixTable::new(4, 1000);
+        t.record(&[1, 2, 3, 4], 7, 0);
+        // One full turn of the clock clears every "used" bit...
+        t.record(&[5], 7, 0);
+        assert_eq!(
+            depths(&mut t, &[1], 0),
+            vec![],
+            "the first entry went first"
+        );
+        // ...then 2 is looked up (used again) while 3 and 4 are not: 3 and 4 go before 2.
+        assert_eq!(depths(&mut t, &[2], 0), vec![(7, 1)]);
+        t.record(&[6, 8], 7, 0);
+        assert_eq!(depths(&mut t, &[2], 0), vec![(7, 1)]);
+        assert_eq!(depths(&mut t, &[3], 0), vec![]);
+        assert_eq!(depths(&mut t, &[4], 0), vec![]);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 
 use crate::json::{JsonError, Scanner};
-use crate::prefix_hash::{PrefixHasher, Segment, DEFAULT_BLOCK_SIZE};
+use crate::prefix_hash::{PrefixHasher, Prompt, DEFAULT_BLOCK_SIZE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
@@ -91,8 +91,9 @@ pub fn parse_request_with_block_size(body: &[u8], block_size: usize) -> Result<P
     let mut model: Option<Cow<[u8]>> = None;
     let mut stream = false;
     let mut tools: Option<&[u8]> = None;
-    let mut chat: Option<Vec<Segment>> = None;
-    let mut prompt: Option<Vec<Segment>> = None;
+    // Both are parsed if both are present (the last of each key wins); chat takes precedence.
+    let mut chat: Option<Prompt> = None;
+    let mut prompt: Option<Prompt> = None;
     let mut first = true;
     while s.next_member(b'}', &mut first)? {
         let key = s.key()?;
@@ -129,9 +130,9 @@ pub fn parse_request_with_block_size(body: &[u8], block_size: usize) -> Result<P
     let mut hasher = PrefixHasher::new(&model, block_size);
     if let Some(tools) = tools {
         // Tool definitions are rendered ahead of the conversation by chat templates.
-        hasher.segment(&Segment::raw(b'T', tools));
+        hasher.segment(&[(b'T', Cow::Borrowed(tools))]);
     }
-    for segment in &segments {
+    for segment in segments.segments() {
         hasher.segment(segment);
     }
     Ok(ParsedRequest {
@@ -144,27 +145,37 @@ pub fn parse_request_with_block_size(body: &[u8], block_size: usize) -> Result<P
 }
 
 /// `messages`: an array of objects with `role` and `content` (string, null or content parts).
-fn parse_messages<'a>(s: &mut Scanner<'a>) -> Result<Vec<Segment<'a>>> {
+fn parse_messages<'a>(s: &mut Scanner<'a>) -> Result<Prompt<'a>> {
     if s.peek() != Some(b'[') {
         return Err(wrong("messages", "an array"));
     }
     s.expect(b'[', "expected an array")?;
-    let mut out = Vec::new();
+    let mut prompt = Prompt::default();
     let mut first = true;
     while s.next_member(b']', &mut first)? {
-        out.push(parse_message(s)?);
+        parse_message(s, &mut prompt)?;
     }
-    Ok(out)
+    Ok(prompt)
 }
 
-fn parse_message<'a>(s: &mut Scanner<'a>) -> Result<Segment<'a>> {
+/// Canonical field order within a message, whatever the key order in the JSON: role, content
+/// (parts in their order), then the rest by tag.
+fn field_rank(tag: u8) -> u16 {
+    match tag {
+        b'r' => 0,
+        b'c' | b'p' => 1,
+        other => 2 + u16::from(other),
+    }
+}
+
+fn parse_message<'a>(s: &mut Scanner<'a>, prompt: &mut Prompt<'a>) -> Result<()> {
     if s.peek() != Some(b'{') {
         return Err(wrong("messages[]", "an object"));
     }
     s.expect(b'{', "expected an object")?;
-    let mut role: Option<Cow<'a, [u8]>> = None;
-    let mut content: Vec<(u8, Cow<'a, [u8]>)> = Vec::new();
-    let mut extras: Vec<(u8, Cow<'a, [u8]>)> = Vec::new();
+    let start = prompt.mark();
+    let mut has_role = false;
+    let mut has_content = false;
     let mut first = true;
     while s.next_member(b'}', &mut first)? {
         let key = s.key()?;
@@ -173,40 +184,48 @@ fn parse_message<'a>(s: &mut Scanner<'a>) -> Result<Segment<'a>> {
                 if s.peek() != Some(b'"') {
                     return Err(wrong("messages[].role", "a string"));
                 }
-                role = Some(s.string()?);
+                if has_role {
+                    prompt.remove_open(start, |tag| tag == b'r');
+                }
+                has_role = true;
+                prompt.push(b'r', s.string()?);
             }
             b"content" => {
-                content.clear();
+                if has_content {
+                    prompt.remove_open(start, |tag| field_rank(tag) == 1);
+                }
+                has_content = true;
                 match s.peek() {
-                    Some(b'"') => content.push((b'c', s.string()?)),
-                    Some(b'[') => parse_content_parts(s, &mut content)?,
+                    Some(b'"') => prompt.push(b'c', s.string()?),
+                    Some(b'[') => parse_content_parts(s, prompt)?,
                     Some(b'n') => {
                         s.skip_value()?;
                     }
                     _ => return Err(wrong("messages[].content", "a string, an array or null")),
                 }
             }
-            b"name" => extras.push((b'n', string_or_raw(s)?)),
-            b"tool_call_id" => extras.push((b'i', string_or_raw(s)?)),
-            b"tool_calls" => extras.push((b'x', Cow::Borrowed(s.skip_value()?))),
+            b"name" => prompt.push(b'n', string_or_raw(s)?),
+            b"tool_call_id" => prompt.push(b'i', string_or_raw(s)?),
+            b"tool_calls" => prompt.push(b'x', Cow::Borrowed(s.skip_value()?)),
             _ => {
                 s.skip_value()?;
             }
         }
     }
-    let role = role.ok_or(wrong("messages[].role", "present"))?;
-    // Canonical order whatever the key order in the JSON: role, content, then the rest by tag.
-    extras.sort_by_key(|(tag, _)| *tag);
-    let mut fields = Vec::with_capacity(1 + content.len() + extras.len());
-    fields.push((b'r', role));
-    fields.extend(content);
-    fields.extend(extras);
-    Ok(Segment { fields })
+    if !has_role {
+        return Err(wrong("messages[].role", "present"));
+    }
+    // Stable: content parts keep their order.
+    prompt
+        .open_segment(start)
+        .sort_by_key(|(tag, _)| field_rank(*tag));
+    prompt.end_segment();
+    Ok(())
 }
 
 /// Content parts: text parts hash like plain string content (so `"hi"` and
 /// `[{"type":"text","text":"hi"}]` share a prefix); any other part hashes as its raw JSON.
-fn parse_content_parts<'a>(s: &mut Scanner<'a>, out: &mut Vec<(u8, Cow<'a, [u8]>)>) -> Result<()> {
+fn parse_content_parts<'a>(s: &mut Scanner<'a>, out: &mut Prompt<'a>) -> Result<()> {
     s.expect(b'[', "expected an array")?;
     let mut first = true;
     while s.next_member(b']', &mut first)? {
@@ -216,8 +235,8 @@ fn parse_content_parts<'a>(s: &mut Scanner<'a>, out: &mut Vec<(u8, Cow<'a, [u8]>
         let raw = s.skip_value()?;
         let mut part = Scanner::new(raw);
         match text_of_part(&mut part) {
-            Some(text) => out.push((b'c', text)),
-            None => out.push((b'p', Cow::Borrowed(raw))),
+            Some(text) => out.push(b'c', text),
+            None => out.push(b'p', Cow::Borrowed(raw)),
         }
     }
     Ok(())
@@ -255,18 +274,18 @@ fn string_or_raw<'a>(s: &mut Scanner<'a>) -> Result<Cow<'a, [u8]>> {
 }
 
 /// `prompt`: a string, an array of strings, an array of token ids or an array of such arrays.
-fn parse_prompt<'a>(s: &mut Scanner<'a>) -> Result<Vec<Segment<'a>>> {
+fn parse_prompt<'a>(s: &mut Scanner<'a>) -> Result<Prompt<'a>> {
+    let mut out = Prompt::default();
     match s.peek() {
-        Some(b'"') => Ok(vec![Segment::text(b'P', s.string()?)]),
+        Some(b'"') => out.push_segment(b'P', s.string()?),
         Some(b'[') => {
             s.expect(b'[', "expected an array")?;
-            let mut out = Vec::new();
             let mut tokens: Vec<&'a [u8]> = Vec::new();
             let mut first = true;
             while s.next_member(b']', &mut first)? {
                 match s.peek() {
-                    Some(b'"') => out.push(Segment::text(b'P', s.string()?)),
-                    Some(b'[') => out.push(Segment::raw(b'K', s.skip_value()?)),
+                    Some(b'"') => out.push_segment(b'P', s.string()?),
+                    Some(b'[') => out.push_segment(b'K', Cow::Borrowed(s.skip_value()?)),
                     Some(b'-' | b'0'..=b'9') => tokens.push(s.skip_value()?),
                     _ => {
                         return Err(wrong(
@@ -278,13 +297,15 @@ fn parse_prompt<'a>(s: &mut Scanner<'a>) -> Result<Vec<Segment<'a>>> {
             }
             if !tokens.is_empty() {
                 // A flat token-id prompt: one segment of the ids, separated canonically.
-                let joined = tokens.join(&b' ');
-                out.insert(0, Segment::text(b'K', Cow::Owned(joined)));
+                if !out.is_empty() {
+                    return Err(wrong("prompt", "token ids or strings, not both"));
+                }
+                out.push_segment(b'K', Cow::Owned(tokens.join(&b' ')));
             }
-            Ok(out)
         }
-        _ => Err(wrong("prompt", "a string or an array")),
+        _ => return Err(wrong("prompt", "a string or an array")),
     }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -18,21 +18,21 @@ impl Picker for MaxScorePicker {
     }
 
     fn pick(&self, _candidates: &[Candidate], totals: &[f64], rng: &mut SmallRng) -> usize {
-        let mut best = 0;
-        let mut ties = 0u32;
-        for (i, &t) in totals.iter().enumerate() {
-            if i == 0 || t > totals[best] + TIE {
-                best = i;
-                ties = 1;
-            } else if (t - totals[best]).abs() <= TIE {
-                // Reservoir sampling: each tied index ends up chosen with probability 1/ties.
-                ties += 1;
-                if rng.random_range(0..ties) == 0 {
-                    best = i;
-                }
-            }
-        }
-        best
+        let best = totals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let is_tied = |t: &f64| (best - t).abs() <= TIE;
+        let ties = totals.iter().filter(|t| is_tied(t)).count();
+        // One draw among the tied, uniform (cheaper than a draw per tie when many are equal).
+        let nth = if ties > 1 {
+            rng.random_range(0..ties)
+        } else {
+            0
+        };
+        totals
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| is_tied(t))
+            .nth(nth)
+            .map_or(0, |(i, _)| i)
     }
 }
 

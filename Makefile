@@ -13,8 +13,12 @@ help: ## List the targets
 install: ## Install llmlb (builds the Rust extension, release profile)
 	$(PIP) install .
 
+.PHONY: deps
+deps: ## System packages the tests need (Debian's redis-server; idempotent)
+	bash scripts/install-test-deps.sh
+
 .PHONY: dev
-dev: ## Install llmlb editable plus everything the tests, lints and benchmarks need
+dev: deps ## Install llmlb editable plus everything the tests, lints and benchmarks need
 	$(PIP) install -e '.[test]'
 
 .PHONY: build
@@ -23,8 +27,8 @@ build: ## Rebuild the Rust extension in place after Rust changes (editable insta
 
 .PHONY: lint-python
 lint-python: ## ruff (lint + format check) and mypy --strict
-	ruff check python tests bench
-	ruff format --check python tests bench
+	ruff check python tests bench scripts
+	ruff format --check python tests bench scripts
 	mypy
 
 .PHONY: lint-rust
@@ -64,6 +68,10 @@ bench: ## Criterion (Rust) and pytest-benchmark (Python) benchmarks
 .PHONY: bench-check
 bench-check: ## Run the benchmarks and print each figure against its budget
 	$(PYTHON) bench/check.py
+
+.PHONY: bench-redis
+bench-redis: ## What shared state in Redis adds per pick, through Envoy at a fixed rate
+	$(PYTHON) bench/redis/bench_redis.py
 
 .PHONY: clean
 clean: ## Remove build outputs

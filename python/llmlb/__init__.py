@@ -9,6 +9,7 @@ from llmlb._core import (
     RequestParseError,
     __version__,
     parse_request,
+    shared_scripts,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "RequestParseError",
     "__version__",
     "parse_request",
+    "shared_scripts",
 ]

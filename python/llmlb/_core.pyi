@@ -38,6 +38,9 @@ def parse_request(body: bytes) -> ParsedRequest:
         RequestParseError: the body is not a usable request.
     """
 
+def shared_scripts() -> dict[str, str]:
+    """The Redis Lua scripts by name: ``pick``, ``release``, ``heartbeat``, ``reap``."""
+
 class Balancer:
     """Embedded picking state: pool, in-flight counts, tickets, prefix table, policy."""
 
@@ -70,6 +73,31 @@ class Balancer:
             NoEndpointsError: the pool is empty.
             OverLimitError: ``max_request_count`` is reached on the best endpoint.
         """
+    def enable_shared(self, pool: str, replica: str, lease_ms: int, keep_ms: int, pick_sha: str) -> None:
+        """Turns on shared-state picks for ``pool`` as replica ``replica``."""
+    def prepare_shared(
+        self, body: bytes | None, request_id: str, seed: int
+    ) -> tuple[int, list[str], list[str], bytes]:
+        """Parses ``body`` and encodes the pick script call: ``(prepared_id, keys, args,
+        command)``, ``command`` being the same call as a RESP ``EVALSHA`` (``pick_sha``).
+
+        Every prepared id must be committed, fall back or be discarded.
+
+        Raises:
+            NoEndpointsError: no candidate endpoints.
+        """
+    def commit_shared(self, prepared_id: int, endpoint: str, depth: int) -> tuple[int, str]:
+        """Counts a shared pick locally: ``(ticket, reason)``."""
+    def fallback_shared(self, prepared_id: int) -> tuple[int, str, str, int]:
+        """Picks from local state instead (like ``pick``)."""
+    def discard_shared(self, prepared_id: int) -> None:
+        """Forgets a prepared pick (no-op if already used)."""
+    @property
+    def pending_shared(self) -> int: ...
+    def shared_keys(self) -> dict[str, str]:
+        """``inflight``, ``leases``, ``replica_counts``, ``replica_requests`` key names."""
+    def replica_keys(self, replica: str) -> tuple[str, str]:
+        """``(counts, requests)`` key names of another replica (to reap it)."""
     def release(self, ticket: int) -> bool:
         """Ends a pick's request; ``False`` if the ticket is unknown or already released."""
     def endpoints(self) -> list[tuple[str, int, bool, bool]]:

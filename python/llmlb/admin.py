@@ -12,17 +12,24 @@ from llmlb._core import Balancer
 from llmlb.config import Config, effective_dict
 from llmlb.endpoints import EndpointManager
 from llmlb.metrics import Metrics
+from llmlb.shared import SharedState
 
 
-def endpoint_views(balancer: Balancer, endpoints: EndpointManager) -> list[dict[str, Any]]:
+async def endpoint_views(
+    balancer: Balancer, endpoints: EndpointManager, shared: SharedState | None = None
+) -> list[dict[str, Any]]:
+    local = balancer.endpoints()
+    # Pool-wide counts come from Redis when it answers; otherwise this replica's view is all
+    # there is (and `shared_view` says so).
+    pool = await shared.pool_inflight([v[0] for v in local]) if shared is not None else None
     views = []
-    for address, inflight, healthy, in_pool in balancer.endpoints():
+    for address, inflight, healthy, in_pool in local:
         views.append(
             {
                 "address": address,
-                # Embedded state: this replica's view is the whole pool's.
-                "inflight": inflight,
+                "inflight": pool.get(address, 0) if pool is not None else inflight,
                 "local_inflight": inflight,
+                "shared_view": pool is not None,
                 "healthy": healthy,
                 "in_pool": in_pool,
                 "labels": dict(endpoints.labels.get(address, {})),
@@ -33,10 +40,12 @@ def endpoint_views(balancer: Balancer, endpoints: EndpointManager) -> list[dict[
 
 def build_app(
     config: Config,
+    *,
     balancer: Balancer,
     endpoints: EndpointManager,
     metrics: Metrics,
     is_ready: Callable[[], bool],
+    shared: SharedState | None = None,
 ) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -50,7 +59,7 @@ def build_app(
         return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def debug_endpoints(_: web.Request) -> web.Response:
-        body = orjson.dumps(endpoint_views(balancer, endpoints), option=orjson.OPT_INDENT_2)
+        body = orjson.dumps(await endpoint_views(balancer, endpoints, shared), option=orjson.OPT_INDENT_2)
         return web.Response(body=body, content_type="application/json")
 
     async def debug_config(_: web.Request) -> web.Response:

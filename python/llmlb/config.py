@@ -56,6 +56,8 @@ class LbConfig:
     timeout: int = 3000
     redisBudget: int = 25
     database: int = 0
+    tls: bool = False
+    tlsCAFile: str | None = None
     redisKeyTTL: int = 1800
     criticalModels: tuple[str, ...] | None = None
     scrapeInterval: int = 50
@@ -255,8 +257,12 @@ def parse_lb_config(raw: Any, policy: str) -> tuple[LbConfig, tuple[str, ...]]:
 
 
 def _lb_value(key: str, value: Any, name: str) -> Any:
-    if key in ("serviceFQDN", "username"):
+    if key in ("serviceFQDN", "username", "tlsCAFile"):
         return _str(value, name)
+    if key == "tls":
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, got {value!r}")
+        return value
     if key == "password":
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)

@@ -18,6 +18,7 @@ from llmlb.endpoints import EndpointManager
 from llmlb.extproc import ExtProcService
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker
+from llmlb.shared import SharedPicker, SharedState
 
 log = logging.getLogger("llmlb")
 
@@ -64,7 +65,18 @@ class Daemon:
             health_interval_ms=config.health_check_interval,
             health_timeout_ms=config.health_check_timeout,
         )
-        picker = Picker(self.balancer, self.metrics, self.endpoints.report_connect_failure)
+        self.shared: SharedState | None = None
+        picker: Picker
+        if config.lb_config.serviceFQDN:
+            self.shared = SharedState(config, self.balancer, self.metrics)
+            picker = SharedPicker(
+                self.balancer,
+                self.metrics,
+                self.shared,
+                on_connect_failure=self.endpoints.report_connect_failure,
+            )
+        else:
+            picker = Picker(self.balancer, self.metrics, self.endpoints.report_connect_failure)
         self.service = ExtProcService(picker, self.metrics)
         self.health = health.aio.HealthServicer()
         self.ready = False
@@ -76,11 +88,6 @@ class Daemon:
     def _warn_about_config(self) -> None:
         for name in self.config.ignored_fields:
             log.warning("lb_config.%s is accepted for Higress compatibility and ignored", name)
-        if self.config.lb_config.serviceFQDN:
-            log.warning(
-                "lb_config.serviceFQDN is set, but shared Redis state is not available in this version: "
-                "running on embedded state (this replica's view only)"
-            )
         if not self.endpoints.pool:
             log.warning("no endpoints configured: requests get 503 until endpoints appear")
 
@@ -109,7 +116,14 @@ class Daemon:
 
     async def _start_admin(self) -> web.AppRunner:
         host, port = parse_listen(self.config.admin_listen, "admin_listen")
-        app = build_app(self.config, self.balancer, self.endpoints, self.metrics, lambda: self.ready)
+        app = build_app(
+            self.config,
+            balancer=self.balancer,
+            endpoints=self.endpoints,
+            metrics=self.metrics,
+            is_ready=lambda: self.ready,
+            shared=self.shared,
+        )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
@@ -137,6 +151,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         self.endpoints.start()
+        if self.shared is not None:
+            await self.shared.start()
         self.ready = True
         log.info(
             "serving ext_proc on %s (policy %s, %d endpoints), admin on %s",
@@ -147,6 +163,8 @@ class Daemon:
         )
         await self._stop.wait()
         await self._drain(server)
+        if self.shared is not None:
+            await self.shared.stop()
         await self.endpoints.stop()
         await admin.cleanup()
         return 0

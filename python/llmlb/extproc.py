@@ -198,26 +198,26 @@ class _Stream:
         self.picked = False
         self.chunks: list[bytes] = []
 
-    def _pick(self, body: bytes | None) -> str | pb.ProcessingResponse:
+    async def _pick(self, body: bytes | None) -> str | pb.ProcessingResponse:
         """The endpoint, or the immediate response that ends the request."""
         self.picked = True
-        outcome = self.picker.pick(body)
+        outcome = await self.picker.pick(body)
         if isinstance(outcome, Refusal):
             return immediate_response(outcome)
         self.ticket, self.endpoint = outcome
         return self.endpoint
 
-    def handle(self, request: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    async def handle(self, request: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         kind = request.WhichOneof("request")
         if request.HasField("protocol_config"):
             self.body_mode = request.protocol_config.request_body_mode
             self.response_mode = request.protocol_config.response_body_mode
         if kind == "request_headers":
-            return self._request_headers(request.request_headers)
+            return await self._request_headers(request.request_headers)
         if kind == "request_body":
-            return self._request_body(request.request_body)
+            return await self._request_body(request.request_body)
         if kind == "request_trailers":
-            return self._request_trailers()
+            return await self._request_trailers()
         if kind == "response_headers":
             if self.endpoint:
                 self._check_for_connect_failure(request.response_headers)
@@ -230,11 +230,11 @@ class _Stream:
             return [_RESPONSE_TRAILERS_CONTINUE]
         return []
 
-    def _request_headers(self, headers: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
+    async def _request_headers(self, headers: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
         # No body to wait for (a GET, or Envoy sends none): pick now from headers alone.
         # STREAMED mode routes as soon as the headers are answered, so it can only pick here too.
         if headers.end_of_stream or self.body_mode in (NONE, STREAMED):
-            endpoint = self._pick(None)
+            endpoint = await self._pick(None)
             if isinstance(endpoint, pb.ProcessingResponse):
                 return [endpoint]
             return [self.responses.in_headers(endpoint)]
@@ -242,26 +242,26 @@ class _Stream:
             return []  # held until the body is complete: the answer carries the pick
         return [_HEADERS_STRIP]
 
-    def _request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+    async def _request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if self.body_mode == FULL_DUPLEX:
             if self.picked:  # a stray chunk after the end: pass it on untouched
                 return _streamed_request_body(body.body, body.end_of_stream)
             self.chunks.append(body.body)
             if not body.end_of_stream:
                 return []
-            return self._finish_full_duplex(end_of_stream=True)
+            return await self._finish_full_duplex(end_of_stream=True)
         if self.picked:
             return [_BODY_CONTINUE]
         # BUFFERED (and BUFFERED_PARTIAL): the whole body, or all Envoy would buffer, is here.
-        endpoint = self._pick(body.body)
+        endpoint = await self._pick(body.body)
         if isinstance(endpoint, pb.ProcessingResponse):
             return [endpoint]
         return [self.responses.in_body(endpoint)]
 
-    def _finish_full_duplex(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+    async def _finish_full_duplex(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
         body = b"".join(self.chunks)
         self.chunks = []
-        endpoint = self._pick(body)
+        endpoint = await self._pick(body)
         if isinstance(endpoint, pb.ProcessingResponse):
             return [endpoint]
         return [self.responses.in_headers(endpoint), *_streamed_request_body(body, end_of_stream)]
@@ -279,10 +279,10 @@ class _Stream:
         if status == b"503" and not upstream_answered:
             self.picker.on_connect_failure(self.endpoint)
 
-    def _request_trailers(self) -> list[pb.ProcessingResponse]:
+    async def _request_trailers(self) -> list[pb.ProcessingResponse]:
         if self.body_mode == FULL_DUPLEX and not self.picked:
             # The body ended with trailers rather than an end-of-stream chunk.
-            answers = self._finish_full_duplex(end_of_stream=False)
+            answers = await self._finish_full_duplex(end_of_stream=False)
             if answers and answers[0].HasField("immediate_response"):
                 return answers
             return [*answers, _REQUEST_TRAILERS_CONTINUE]
@@ -304,7 +304,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         stream = _Stream(self.picker, self.responses)
         try:
             async for request in request_iterator:
-                for response in stream.handle(request):
+                for response in await stream.handle(request):
                     yield response
         except Exception:
             self.metrics.stream_errors.inc(("internal",))

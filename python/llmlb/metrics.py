@@ -71,6 +71,23 @@ class Gauge:
             yield f"{self.name}{_labels(self.label_names, labels)} {_num(value)}"
 
 
+class ValueGauge:
+    """A gauge holding one value, set by the code that knows it."""
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name = name
+        self.help = help_text
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} gauge"
+        yield f"{self.name} {_num(self.value)}"
+
+
 class Histogram:
     def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]) -> None:
         self.name = name
@@ -102,7 +119,8 @@ class Histogram:
 
 # Pick latency is microseconds in the normal case; the top buckets catch stalls.
 PICK_BUCKETS = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025,
+    0.005, 0.01, 0.025, 0.1, 1.0,
 )  # fmt: skip
 
 
@@ -127,6 +145,16 @@ class Metrics:
             "llmlb_fallbacks_total", "Picks that fell back from the policy, by reason.", ("reason",)
         )
         self.redis_errors = Counter("llmlb_redis_errors_total", "Redis commands that failed or timed out.")
+        self.redis_up = ValueGauge("llmlb_redis_up", "1 while shared picks go through Redis, 0 while local.")
+        self.redis_duration = Histogram(
+            "llmlb_redis_pick_duration_seconds", "Round trip of the shared pick script.", PICK_BUCKETS
+        )
+        self.reaped_requests = Counter(
+            "llmlb_redis_reaped_requests_total", "In-flight requests removed with a lapsed replica's lease."
+        )
+        self.redis_dropped_releases = Counter(
+            "llmlb_redis_dropped_releases_total", "Releases dropped while Redis was away (queue full)."
+        )
         self.immediate = Counter(
             "llmlb_immediate_responses_total", "Requests answered by the picker itself, by status.", ("code",)
         )
@@ -151,6 +179,10 @@ class Metrics:
             self.inflight,
             self.fallbacks,
             self.redis_errors,
+            self.redis_up,
+            self.redis_duration,
+            self.reaped_requests,
+            self.redis_dropped_releases,
             self.immediate,
             self.streams,
             self.stream_errors,

@@ -27,7 +27,7 @@ class Refusal:
 
 
 class Picker:
-    """Wraps the Rust balancer with metrics; called once per request from the event loop."""
+    """Picks from this replica's embedded state; called once per request from the event loop."""
 
     def __init__(
         self,
@@ -42,24 +42,30 @@ class Picker:
         self.on_connect_failure = on_connect_failure
         self._debug = log.isEnabledFor(logging.DEBUG)
 
-    def pick(self, body: bytes | None) -> tuple[int, str] | Refusal:
+    async def pick(self, body: bytes | None) -> tuple[int, str] | Refusal:
         """``(ticket, endpoint)``, or a refusal. ``body=None`` picks from headers alone."""
         started = time.perf_counter()
         try:
             ticket, endpoint, reason, depth = self.balancer.pick(body)
         except NoEndpointsError:
-            self.metrics.immediate.inc(("503",))
-            return Refusal(503, "service_unavailable", "llmlb: no model-server endpoints are available")
+            return self._refuse_no_endpoints()
         except OverLimitError as e:
             self.metrics.immediate.inc(("429",))
             return Refusal(429, "rate_limit_exceeded", f"llmlb: {e}", OVER_LIMIT_RETRY_AFTER)
-        self.metrics.pick_duration.observe(time.perf_counter() - started)
+        self._record(endpoint, reason, depth, ticket, time.perf_counter() - started)
+        return ticket, endpoint
+
+    def release(self, ticket: int) -> None:
+        self.balancer.release(ticket)
+
+    def _refuse_no_endpoints(self) -> Refusal:
+        self.metrics.immediate.inc(("503",))
+        return Refusal(503, "service_unavailable", "llmlb: no model-server endpoints are available")
+
+    def _record(self, endpoint: str, reason: str, depth: int, ticket: int, seconds: float) -> None:
+        self.metrics.pick_duration.observe(seconds)
         self.metrics.picks.inc((self.policy, endpoint, reason))
         if reason in ("bad_body", "no_healthy"):
             self.metrics.fallbacks.inc((reason,))
         if self._debug:
             log.debug("picked %s reason=%s prefix_depth=%d ticket=%d", endpoint, reason, depth, ticket)
-        return ticket, endpoint
-
-    def release(self, ticket: int) -> None:
-        self.balancer.release(ticket)

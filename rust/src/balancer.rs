@@ -268,6 +268,42 @@ impl Balancer {
         })
     }
 
+    /// Endpoints a pick may choose from: the healthy ones, or all when none is healthy (then
+    /// `true`). Used when the choice is made elsewhere (shared state).
+    pub fn candidates(&self) -> (Vec<Arc<str>>, bool) {
+        let healthy: Vec<Arc<str>> = self
+            .pool
+            .iter()
+            .filter(|&&id| self.healthy[id as usize])
+            .map(|&id| self.addresses[id as usize].clone())
+            .collect();
+        if healthy.is_empty() {
+            (
+                self.pool
+                    .iter()
+                    .map(|&id| self.addresses[id as usize].clone())
+                    .collect(),
+                !self.pool.is_empty(),
+            )
+        } else {
+            (healthy, false)
+        }
+    }
+
+    /// Counts a pick made elsewhere (shared state) in this replica's state, and records its
+    /// prefix levels locally so a later local fallback keeps the affinity.
+    pub fn assign(&mut self, endpoint: &str, prefix_hashes: &[u64], now_ms: u64) -> u64 {
+        let id = self.intern(endpoint);
+        if self.config.policy.uses_prefix() && !prefix_hashes.is_empty() {
+            self.prefix.record(prefix_hashes, id, now_ms);
+        }
+        self.inflight[id as usize] += 1;
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.tickets.insert(ticket, id);
+        ticket
+    }
+
     /// Ends a pick's request. Returns `false` for an unknown or already released ticket.
     pub fn release(&mut self, ticket: u64) -> bool {
         match self.tickets.remove(&ticket) {
@@ -420,6 +456,30 @@ mod tests {
         assert!(b.release(p.ticket));
         assert!(!b.release(p.ticket));
         assert!(b.endpoints().iter().all(|v| v.inflight == 0));
+    }
+
+    #[test]
+    fn assigned_picks_count_locally_and_keep_affinity() {
+        let mut b = balancer(Policy::PrefixCache);
+        let ticket = b.assign("b:1", &[5, 6], 0);
+        assert_eq!(
+            b.endpoints()
+                .iter()
+                .find(|v| &*v.address == "b:1")
+                .unwrap()
+                .inflight,
+            1
+        );
+        assert!(b.release(ticket));
+        let local = b.pick(Some(&[5, 6, 7]), 0).unwrap();
+        assert_eq!((&*local.endpoint, local.prefix_depth), ("b:1", 2));
+        b.set_healthy("a:1", false);
+        let (candidates, all_unhealthy) = b.candidates();
+        assert_eq!(
+            candidates.iter().map(|c| &**c).collect::<Vec<_>>(),
+            ["b:1", "c:1"]
+        );
+        assert!(!all_unhealthy);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 // PyO3 extracts arguments as owned values; taking them by value is how the binding works.
 #![allow(clippy::needless_pass_by_value)]
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -16,10 +18,11 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 
-use crate::balancer::{Balancer, BalancerConfig, PickError};
+use crate::balancer::{Balancer, BalancerConfig, Pick, PickError};
 use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
 use crate::request::{parse_request, ParseError, ParsedRequest};
 use crate::scheduling::policies::Policy;
+use crate::shared::{pick_call, resp_evalsha, scripts, Keys, PickSettings};
 
 create_exception!(
     _core,
@@ -71,13 +74,58 @@ fn py_parse_request(py: Python<'_>, body: PyBackedBytes) -> PyResult<PyParsedReq
     })
 }
 
+/// A request parsed for a shared-state pick, kept until the pick is committed or falls back.
+struct Prepared {
+    /// `None` when the body could not be parsed.
+    hashes: Option<Vec<u64>>,
+    no_healthy: bool,
+}
+
+struct SharedSetup {
+    keys: Keys,
+    /// SHA1 of the pick script, for the pre-encoded `EVALSHA`.
+    pick_sha: String,
+    settings: PickSettings,
+    prepared: HashMap<u64, Prepared>,
+    next_id: u64,
+}
+
 #[pyclass(name = "Balancer", module = "llmlb._core", frozen)]
 struct PyBalancer {
     inner: Mutex<Balancer>,
+    shared: Mutex<Option<SharedSetup>>,
     started: Instant,
 }
 
+fn pick_result(result: Result<Pick, PickError>) -> PyResult<PickTuple> {
+    match result {
+        Ok(p) => Ok((
+            p.ticket,
+            p.endpoint.to_string(),
+            p.reason.as_str(),
+            p.prefix_depth,
+        )),
+        Err(PickError::NoEndpoints) => Err(NoEndpointsError::new_err("no endpoints in the pool")),
+        Err(PickError::OverLimit { endpoint, inflight }) => Err(OverLimitError::new_err(format!(
+            "every endpoint is at maxRequestCount; least loaded {endpoint} has {inflight} in flight"
+        ))),
+    }
+}
+
 impl PyBalancer {
+    fn shared_lock(&self) -> MutexGuard<'_, Option<SharedSetup>> {
+        self.shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take_prepared(&self, prepared_id: u64) -> PyResult<Prepared> {
+        self.shared_lock()
+            .as_mut()
+            .and_then(|s| s.prepared.remove(&prepared_id))
+            .ok_or_else(|| PyValueError::new_err(format!("unknown prepared pick {prepared_id}")))
+    }
+
     fn lock(&self) -> MutexGuard<'_, Balancer> {
         // A panic while holding the lock cannot leave the counters half-updated in a way that
         // matters more than refusing all traffic would, so keep serving.
@@ -92,6 +140,8 @@ impl PyBalancer {
 }
 
 type PickTuple = (u64, String, &'static str, u32);
+/// `(prepared_id, keys, args, RESP command)`.
+type PreparedTuple = (u64, Vec<String>, Vec<String>, Cow<'static, [u8]>);
 
 #[pymethods]
 impl PyBalancer {
@@ -123,6 +173,7 @@ impl PyBalancer {
         };
         Ok(Self {
             inner: Mutex::new(Balancer::new(config)),
+            shared: Mutex::new(None),
             started: Instant::now(),
         })
     }
@@ -152,13 +203,151 @@ impl PyBalancer {
             Some(Err(_)) => None,
         };
         let now = self.now_ms();
-        match self.lock().pick(hashes, now) {
-            Ok(p) => Ok((p.ticket, p.endpoint.to_string(), p.reason.as_str(), p.prefix_depth)),
-            Err(PickError::NoEndpoints) => Err(NoEndpointsError::new_err("no endpoints in the pool")),
-            Err(PickError::OverLimit { endpoint, inflight }) => Err(OverLimitError::new_err(format!(
-                "every endpoint is at maxRequestCount; least loaded {endpoint} has {inflight} in flight"
-            ))),
+        pick_result(self.lock().pick(hashes, now))
+    }
+
+    /// Turns on shared-state picks for `pool` as replica `replica`.
+    fn enable_shared(
+        &self,
+        pool: &str,
+        replica: &str,
+        lease_ms: u64,
+        keep_ms: u64,
+        pick_sha: &str,
+    ) {
+        let balancer = self.lock();
+        let config = balancer.config();
+        let settings = PickSettings {
+            replica: replica.to_owned(),
+            lease_ms,
+            keep_ms,
+            max_request_count: config.max_request_count,
+            prefix_ttl_ms: config.prefix_ttl_s.saturating_mul(1000),
+            load_factor: config.load_factor,
+            load_floor: config.load_floor,
+        };
+        drop(balancer);
+        *self.shared_lock() = Some(SharedSetup {
+            keys: Keys::new(pool, replica),
+            pick_sha: pick_sha.to_owned(),
+            settings,
+            prepared: HashMap::new(),
+            next_id: 1,
+        });
+    }
+
+    /// Parses `body` and encodes the shared pick script call: `(prepared_id, keys, args,
+    /// command)`, where `command` is the same call as a ready-to-send RESP `EVALSHA`.
+    /// Raises `NoEndpointsError` on an empty pool. Every prepared id must be committed, fall
+    /// back or be discarded.
+    #[pyo3(signature = (body, request_id, seed))]
+    fn prepare_shared(
+        &self,
+        py: Python<'_>,
+        body: Option<PyBackedBytes>,
+        request_id: &str,
+        seed: u32,
+    ) -> PyResult<PreparedTuple> {
+        let parsed = body.map(|b| parse(py, &b));
+        let (model, hashes) = match parsed {
+            None => (String::new(), Some(Vec::new())),
+            Some(Ok(p)) => (p.model, Some(p.prefix_hashes)),
+            Some(Err(_)) => (String::new(), None),
+        };
+        let (candidates, no_healthy) = self.lock().candidates();
+        if candidates.is_empty() {
+            return Err(NoEndpointsError::new_err("no endpoints in the pool"));
         }
+        let uses_prefix = self.lock().config().policy.uses_prefix();
+        let mut guard = self.shared_lock();
+        let setup = guard
+            .as_mut()
+            .ok_or_else(|| PyRuntimeError::new_err("shared state is not enabled"))?;
+        let levels: &[u64] = if uses_prefix {
+            hashes.as_deref().unwrap_or(&[])
+        } else {
+            &[]
+        };
+        let names: Vec<&str> = candidates.iter().map(|c| &**c).collect();
+        let (keys, args) = pick_call(
+            &setup.keys,
+            &setup.settings,
+            request_id,
+            seed,
+            &names,
+            &model,
+            levels,
+        );
+        let command = resp_evalsha(&setup.pick_sha, &keys, &args);
+        let id = setup.next_id;
+        setup.next_id += 1;
+        setup.prepared.insert(id, Prepared { hashes, no_healthy });
+        Ok((id, keys, args, Cow::Owned(command)))
+    }
+
+    /// Counts a shared pick locally: `(ticket, reason)`.
+    fn commit_shared(
+        &self,
+        prepared_id: u64,
+        endpoint: &str,
+        depth: u32,
+    ) -> PyResult<(u64, &'static str)> {
+        let prepared = self.take_prepared(prepared_id)?;
+        let reason = match (&prepared.hashes, prepared.no_healthy, depth) {
+            (None, _, _) => "bad_body",
+            (_, true, _) => "no_healthy",
+            (_, _, 0) => "least_request",
+            _ => "prefix_hit",
+        };
+        let now = self.now_ms();
+        let ticket = self
+            .lock()
+            .assign(endpoint, prepared.hashes.as_deref().unwrap_or(&[]), now);
+        Ok((ticket, reason))
+    }
+
+    /// Picks from local state instead (shared state unavailable): like `pick`.
+    fn fallback_shared(&self, prepared_id: u64) -> PyResult<PickTuple> {
+        let prepared = self.take_prepared(prepared_id)?;
+        let now = self.now_ms();
+        pick_result(self.lock().pick(prepared.hashes.as_deref(), now))
+    }
+
+    /// Forgets a prepared pick that will not be used.
+    fn discard_shared(&self, prepared_id: u64) {
+        if let Some(setup) = self.shared_lock().as_mut() {
+            setup.prepared.remove(&prepared_id);
+        }
+    }
+
+    #[getter]
+    fn pending_shared(&self) -> usize {
+        self.shared_lock().as_ref().map_or(0, |s| s.prepared.len())
+    }
+
+    /// Key names: `{"inflight", "leases", "replica_counts", "replica_requests"}`.
+    fn shared_keys(&self) -> PyResult<HashMap<&'static str, String>> {
+        let guard = self.shared_lock();
+        let keys = &guard
+            .as_ref()
+            .ok_or_else(|| PyRuntimeError::new_err("shared state is not enabled"))?
+            .keys;
+        Ok(HashMap::from([
+            ("inflight", keys.inflight.clone()),
+            ("leases", keys.leases.clone()),
+            ("replica_counts", keys.replica_counts.clone()),
+            ("replica_requests", keys.replica_requests.clone()),
+        ]))
+    }
+
+    /// `(counts, requests)` key names of another replica, for reaping it.
+    fn replica_keys(&self, replica: &str) -> PyResult<(String, String)> {
+        let guard = self.shared_lock();
+        let keys = &guard
+            .as_ref()
+            .ok_or_else(|| PyRuntimeError::new_err("shared state is not enabled"))?
+            .keys;
+        Ok((keys.counts_of(replica), keys.requests_of(replica)))
     }
 
     /// Ends a pick's request; `False` if the ticket was unknown or already released.
@@ -187,6 +376,12 @@ impl PyBalancer {
     }
 }
 
+/// The Redis Lua scripts by name (`pick`, `release`, `heartbeat`, `reap`).
+#[pyfunction]
+fn shared_scripts() -> HashMap<&'static str, &'static str> {
+    scripts::ALL.into_iter().collect()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -194,6 +389,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBalancer>()?;
     m.add_class::<PyParsedRequest>()?;
     m.add_function(wrap_pyfunction!(py_parse_request, m)?)?;
+    m.add_function(wrap_pyfunction!(shared_scripts, m)?)?;
     let py = m.py();
     m.add("RequestParseError", py.get_type::<RequestParseError>())?;
     m.add("NoEndpointsError", py.get_type::<NoEndpointsError>())?;

@@ -7,6 +7,7 @@ pub mod prefix_hash;
 pub mod prefix_table;
 pub mod request;
 pub mod scheduling;
+pub mod shared;
 
 #[cfg(feature = "python")]
 mod bindings;

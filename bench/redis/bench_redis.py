@@ -1,0 +1,231 @@
+"""What shared state in Redis costs per pick, through a real Envoy at a fixed request rate.
+
+Runs the same open-loop load (default 500 requests/s of multi-turn chat bodies, ~2 KB) through
+Envoy (buffered mode) + `llmlb serve --policy prefix_cache` against three fake backends, once
+with embedded state and once with Redis on loopback, alternating rounds so machine noise
+cancels. Reports, per configuration: client latency p50/p99, the daemon's pick time p50/p99
+(`llmlb_pick_duration_seconds`, which includes the Redis round trip), and Redis round trips per
+request (`INFO commandstats`: EVALSHA calls, everything else). Prints a markdown table.
+
+    python bench/redis/bench_redis.py [--rate 500] [--seconds 10] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.procs import (  # noqa: E402
+    parse_metrics,
+    start_backends,
+    start_daemon,
+    start_envoy,
+    stop_all,
+)
+from tests.support.redis_servers import RedisServer, redis_server_binary  # noqa: E402
+
+
+def conversation_bodies(count: int, seed: int = 7) -> list[bytes]:
+    """Multi-turn chat bodies of about 2 KB: sessions that resend their history."""
+    rng = random.Random(seed)
+    words = [
+        "the",
+        "a",
+        "model",
+        "cache",
+        "prefix",
+        "server",
+        "request",
+        "token",
+        "answer",
+        "question",
+        "load",
+    ]
+    bodies = []
+    sessions: list[list[dict[str, str]]] = []
+    while len(bodies) < count:
+        if not sessions or rng.random() < 0.3:
+            system = " ".join(rng.choice(words) for _ in range(120))
+            sessions.append([{"role": "system", "content": f"Session {len(sessions)}. {system}"}])
+        history = rng.choice(sessions)
+        history.append({"role": "user", "content": " ".join(rng.choice(words) for _ in range(40))})
+        bodies.append(json.dumps({"model": "bench", "messages": history[-8:]}).encode())
+        history.append({"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(30))})
+    return bodies
+
+
+async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float) -> tuple[list[float], int]:
+    """Sends at a fixed rate regardless of responses; returns latencies (s) and failures."""
+    latencies: list[float] = []
+    failures = 0
+    connector = aiohttp.TCPConnector(limit=512)
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(body: bytes) -> None:
+            nonlocal failures
+            started = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+                    await r.read()
+                    if r.status != 200:
+                        failures += 1
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                failures += 1
+                return
+            latencies.append(time.perf_counter() - started)
+
+        tasks = []
+        start = time.perf_counter()
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(bodies[i % len(bodies)])))
+        await asyncio.gather(*tasks)
+    return latencies, failures
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def pick_buckets(admin_url: str) -> dict[float, float]:
+    """Cumulative counts of ``llmlb_pick_duration_seconds`` by upper bound."""
+    text = urllib.request.urlopen(f"{admin_url}/metrics").read().decode()
+    return {
+        float(s.labels["le"]): s.value
+        for s in parse_metrics(text)
+        if s.name == "llmlb_pick_duration_seconds_bucket"
+    }
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float:
+    """Upper bound of the bucket holding quantile q (Prometheus style, no interpolation)."""
+    ordered = sorted(buckets.items())
+    total = ordered[-1][1] if ordered else 0.0
+    for bound, cumulative in ordered:
+        if total and cumulative >= q * total:
+            return bound
+    return float("nan")
+
+
+def evalsha_calls(server: RedisServer) -> int:
+    """EVALSHA calls so far: the daemon's only per-request Redis command (commands run inside
+    scripts are counted separately by Redis, so they do not inflate this)."""
+    stats = server.client().info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=500.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    binary = redis_server_binary()
+    if binary is None:
+        print("redis-server not found: bash scripts/install-test-deps.sh", file=sys.stderr)
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="llmlb-bench-redis-"))
+    bodies = conversation_bodies(4000)
+    redis = RedisServer(binary, work / "redis").start()
+    backends = start_backends(3, work, prefix="rb")
+    addresses = [b.address for b in backends]
+    cfg_embedded = work / "embedded.yaml"
+    cfg_embedded.write_text("health_check_interval: 0\nlog_level: warning\n")
+    cfg_redis = work / "redis.yaml"
+    cfg_redis.write_text(
+        "health_check_interval: 0\nlog_level: warning\npool: bench\n"
+        f"lb_config: {{serviceFQDN: 127.0.0.1, servicePort: {redis.port}}}\n"
+    )
+    setups = {}
+    procs = [b.proc for b in backends]
+    try:
+        for name, cfg in (("embedded", cfg_embedded), ("redis", cfg_redis)):
+            daemon = start_daemon(
+                addresses, "prefix_cache", work, extra_args=["--config", str(cfg)], name=name
+            )
+            envoy = start_envoy(addresses, daemon.grpc_port, "buffered", work, name=f"envoy-{name}")
+            procs += [daemon.proc, envoy.proc]
+            setups[name] = (daemon, envoy)
+        latencies: dict[str, list[float]] = {n: [] for n in setups}
+        counts: dict[str, dict[str, int]] = {n: dict.fromkeys(("fail", "req", "evalsha"), 0) for n in setups}
+        cpu = dict.fromkeys(setups, 0.0)
+        buckets: dict[str, dict[float, float]] = {n: {} for n in setups}
+        for _, envoy in setups.values():  # warm-up: caches, connections
+            asyncio.run(open_loop(f"{envoy.url}/v1/chat/completions", bodies, args.rate, 1.0))
+        for _ in range(args.rounds):
+            for name, (daemon, envoy) in setups.items():
+                before_buckets = pick_buckets(daemon.admin_url)
+                before_calls = evalsha_calls(redis)
+                before_cpu = cpu_seconds(daemon.proc.pid)
+                lat, fail = asyncio.run(
+                    open_loop(f"{envoy.url}/v1/chat/completions", bodies, args.rate, args.seconds)
+                )
+                time.sleep(0.3)  # let the last releases land
+                after_calls = evalsha_calls(redis)
+                cpu[name] += cpu_seconds(daemon.proc.pid) - before_cpu
+                for bound, cumulative in pick_buckets(daemon.admin_url).items():
+                    delta = cumulative - before_buckets.get(bound, 0.0)
+                    buckets[name][bound] = buckets[name].get(bound, 0.0) + delta
+                latencies[name] += lat
+                c = counts[name]
+                c["fail"] += fail
+                c["req"] += int(args.rate * args.seconds)
+                c["evalsha"] += after_calls - before_calls
+        for name, (daemon, _) in setups.items():
+            text = urllib.request.urlopen(f"{daemon.admin_url}/metrics").read().decode()
+            fallbacks = [line for line in text.splitlines() if line.startswith("llmlb_fallbacks_total{")]
+            print(f"{name}: {fallbacks or 'no fallbacks'}", file=sys.stderr)
+    finally:
+        stop_all(procs)
+        redis.stop()
+
+    print(f"\n{args.rounds} rounds x {args.seconds:.0f} s at {args.rate:.0f} requests/s, alternating\n")
+    print("| state | requests | failed | client p50 ms | client p99 ms | pick p50 ms (<=) | pick p99 ms (<=) "
+          "| EVALSHA per request | picker CPU µs per request |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    summary = {}
+    for name in setups:
+        lat, c = latencies[name], counts[name]
+        p50 = bucket_quantile(buckets[name], 0.5) * 1000
+        p99 = bucket_quantile(buckets[name], 0.99) * 1000
+        summary[name] = (statistics.median(lat) * 1000, pct(lat, 0.99) * 1000)
+        print(
+            f"| {name} | {c['req']} | {c['fail']} | {summary[name][0]:.2f} | {summary[name][1]:.2f} | "
+            f"{p50:.3g} | {p99:.3g} | {c['evalsha'] / c['req']:.3f} | {cpu[name] / c['req'] * 1e6:.0f} |"
+        )
+    e, s = summary["embedded"], summary["redis"]
+    print(
+        f"\nRedis adds {s[0] - e[0]:+.2f} ms at the client p50 and {s[1] - e[1]:+.2f} ms at p99 "
+        f"(budget: <= 0.5 ms p50, <= 2 ms p99)."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

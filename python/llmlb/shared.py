@@ -134,8 +134,12 @@ class SharedState:
             client = RedisCluster(max_connections=MAX_CONNECTIONS, **kwargs)
             await client.initialize()
         else:
+            # A pool takes the connection class instead of Redis()'s `ssl` switch.
+            pool_kwargs = {k: v for k, v in kwargs.items() if k != "ssl"}
+            if self.lb.tls:
+                pool_kwargs["connection_class"] = aioredis.SSLConnection
             pool = aioredis.BlockingConnectionPool(
-                max_connections=MAX_CONNECTIONS, timeout=None, db=self.lb.database, **kwargs
+                max_connections=MAX_CONNECTIONS, timeout=None, db=self.lb.database, **pool_kwargs
             )
             client = aioredis.Redis(connection_pool=pool)
         scripts = {name: client.register_script(text) for name, text in shared_scripts().items()}

@@ -7,8 +7,6 @@ what each processing mode answers and when, chunking, immediate responses and ti
 from __future__ import annotations
 
 import json
-import queue
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,14 +16,13 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support.extproc_client import DEST, ExtProcCall, picked_header
 from tests.support.procs import Daemon, start_daemon, wait_until
 
 Mode = processing_mode_pb2.ProcessingMode
 ENDPOINTS = ["10.11.0.1:8000", "10.11.0.2:8000", "10.11.0.3:8000"]
-DEST = "x-gateway-destination-endpoint"
 CHAT = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]})
 TIMEOUT = 10.0
 
@@ -76,57 +73,12 @@ def body(data: bytes, end_of_stream: bool = True) -> pb.ProcessingRequest:
     return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=end_of_stream))
 
 
-def picked_header(mutation: pb.HeaderMutation) -> str:
-    values = [h.header.raw_value.decode() for h in mutation.set_headers if h.header.key == DEST]
-    assert len(values) == 1, mutation
-    return values[0]
-
-
 def metadata_pick(response: pb.ProcessingResponse) -> str:
     return response.dynamic_metadata.fields["envoy.lb"].struct_value.fields[DEST].string_value
 
 
-class Call:
-    """A bidirectional Process stream fed message by message."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        self._outbox: queue.Queue[pb.ProcessingRequest | None] = queue.Queue()
-        stub = pb_grpc.ExternalProcessorStub(channel)
-        self.call = stub.Process(iter(self._outbox.get, None), timeout=TIMEOUT)
-        self._inbox: queue.Queue[pb.ProcessingResponse | BaseException] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        try:
-            for response in self.call:
-                self._inbox.put(response)
-        except grpc.RpcError as e:
-            self._inbox.put(e)
-
-    def send(self, request: pb.ProcessingRequest) -> None:
-        self._outbox.put(request)
-
-    def recv(self, timeout: float = TIMEOUT) -> pb.ProcessingResponse:
-        item = self._inbox.get(timeout=timeout)
-        assert isinstance(item, pb.ProcessingResponse), item
-        return item
-
-    def nothing_within(self, seconds: float) -> bool:
-        try:
-            self._inbox.get(timeout=seconds)
-        except queue.Empty:
-            return True
-        return False
-
-    def close(self) -> None:
-        self._outbox.put(None)
-
-    def cancel(self) -> None:
-        self.call.cancel()
-
-
 def test_buffered_strips_client_header_then_picks_in_the_body_answer(channel):
-    call = Call(channel)
+    call = ExtProcCall(channel, TIMEOUT)
     call.send(headers(Mode.BUFFERED, extra={DEST: "6.6.6.6:1"}))
     first = call.recv()
     assert list(first.request_headers.response.header_mutation.remove_headers) == [DEST]
@@ -140,7 +92,7 @@ def test_buffered_strips_client_header_then_picks_in_the_body_answer(channel):
 
 def test_full_duplex_holds_headers_until_the_body_ends_and_streams_it_back(channel):
     payload = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 150_000}]})
-    call = Call(channel)
+    call = ExtProcCall(channel, TIMEOUT)
     call.send(headers(Mode.FULL_DUPLEX_STREAMED, Mode.FULL_DUPLEX_STREAMED))
     call.send(body(payload[:70_000], end_of_stream=False))
     assert call.nothing_within(0.3), "the headers answer must wait for the whole body"
@@ -168,7 +120,7 @@ def test_full_duplex_holds_headers_until_the_body_ends_and_streams_it_back(chann
 
 def test_headers_only_modes_pick_on_the_headers(channel):
     for request in (headers(Mode.NONE), headers(Mode.BUFFERED, end_of_stream=True)):
-        call = Call(channel)
+        call = ExtProcCall(channel, TIMEOUT)
         call.send(request)
         answer = call.recv()
         assert picked_header(answer.request_headers.response.header_mutation) in ENDPOINTS
@@ -177,7 +129,7 @@ def test_headers_only_modes_pick_on_the_headers(channel):
 
 def test_large_buffered_body_is_accepted(channel):
     big = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "y" * (9 * 1024 * 1024)}]})
-    call = Call(channel)
+    call = ExtProcCall(channel, TIMEOUT)
     call.send(headers(Mode.BUFFERED))
     call.recv()
     call.send(body(big))
@@ -186,7 +138,7 @@ def test_large_buffered_body_is_accepted(channel):
 
 
 def test_a_cancelled_stream_releases_its_pick(channel, daemon):
-    call = Call(channel)
+    call = ExtProcCall(channel, TIMEOUT)
     call.send(headers(Mode.BUFFERED))
     call.recv()
     call.send(body(CHAT))
@@ -197,7 +149,7 @@ def test_a_cancelled_stream_releases_its_pick(channel, daemon):
 
 
 def test_a_finished_stream_releases_its_pick(channel, daemon):
-    call = Call(channel)
+    call = ExtProcCall(channel, TIMEOUT)
     call.send(headers(Mode.NONE))
     endpoint = picked_header(call.recv().request_headers.response.header_mutation)
     call.send(pb.ProcessingRequest(response_headers=pb.HttpHeaders(end_of_stream=True)))
@@ -215,7 +167,7 @@ def test_grpc_health_is_serving(channel):
 
 def _immediate(daemon: Daemon) -> pb.ImmediateResponse:
     with grpc.insecure_channel(daemon.grpc_address) as ch:
-        call = Call(ch)
+        call = ExtProcCall(ch, TIMEOUT)
         call.send(headers(Mode.BUFFERED))
         call.recv()
         call.send(body(CHAT))
@@ -250,7 +202,7 @@ def test_max_request_count_answers_429_with_retry_after(tmp_path):
     )
     try:
         with grpc.insecure_channel(d.grpc_address) as ch:
-            holder = Call(ch)
+            holder = ExtProcCall(ch, TIMEOUT)
             holder.send(headers(Mode.NONE))
             holder.recv()  # one request in flight on the only endpoint
             reply = _immediate(d)

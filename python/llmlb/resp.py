@@ -76,11 +76,14 @@ class RespConnection:
     def call(self, command: bytes) -> asyncio.Future[Any]:
         """Sends ``command``; the future resolves to its reply (an error reply is returned as a
         ``hiredis.ReplyError`` value, not raised). Cancelling the future drops its reply."""
-        if self._closed:
+        if self._closed or self._writer.is_closing():
             raise LaneClosedError("Redis lane is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        try:
+            self._writer.write(command)
+        except (RuntimeError, OSError) as e:  # the transport closed under us (uvloop raises RuntimeError)
+            raise LaneClosedError(f"Redis lane is closed: {e}") from None
         self._pending.append(future)
-        self._writer.write(command)
         return future
 
     async def _read_loop(self) -> None:

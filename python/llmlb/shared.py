@@ -89,6 +89,7 @@ class SharedState:
         self.client: Client | None = None
         # The hot-path connection (picks, releases); redis-py does everything else.
         self.lane: RespConnection | None = None
+        self._reopening = False  # one reconnect at a time, however many requests notice
         self.scripts: dict[str, Any] = {}
         self.cluster = False
         self.up = False
@@ -177,13 +178,17 @@ class SharedState:
         """The open hot-path connection, reopened in the background when it was lost."""
         if self.lane is not None and not self.lane.closed:
             return self.lane
-        if self.client is not None:
+        if self.client is not None and not self._reopening:
+            self._reopening = True
             self._spawn(self._reopen_lane())
         return None
 
     async def _reopen_lane(self) -> None:
-        with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
-            await asyncio.wait_for(self._open_lane(), self.timeout)
+        try:
+            with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._open_lane(), self.timeout)
+        finally:
+            self._reopening = False
 
     async def start(self) -> None:
         try:
@@ -334,7 +339,8 @@ class SharedState:
         """An error reply on the hot-path connection: scripts flushed (restart, failover) or the
         slot moved (cluster resharding). redis-py handles both; the lane follows."""
         text = str(error)
-        if text.startswith(("MOVED", "ASK")):
+        if text.startswith(("MOVED", "ASK")) and not self._reopening:
+            self._reopening = True
             self._spawn(self._reopen_lane())
         elif not text.startswith("NOSCRIPT"):
             raise RedisError(text)

@@ -92,8 +92,6 @@ class Balancer:
         """Picks from local state instead (like ``pick``)."""
     def discard_shared(self, prepared_id: int) -> None:
         """Forgets a prepared pick (no-op if already used)."""
-    @property
-    def pending_shared(self) -> int: ...
     def shared_keys(self) -> dict[str, str]:
         """``inflight``, ``leases``, ``replica_counts``, ``replica_requests`` key names."""
     def replica_keys(self, replica: str) -> tuple[str, str]:

@@ -320,11 +320,6 @@ impl PyBalancer {
         }
     }
 
-    #[getter]
-    fn pending_shared(&self) -> usize {
-        self.shared_lock().as_ref().map_or(0, |s| s.prepared.len())
-    }
-
     /// Key names: `{"inflight", "leases", "replica_counts", "replica_requests"}`.
     fn shared_keys(&self) -> PyResult<HashMap<&'static str, String>> {
         let guard = self.shared_lock();

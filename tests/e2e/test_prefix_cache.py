@@ -6,20 +6,13 @@ import uuid
 
 import pytest
 
+from tests.support.conversations import opening
 from tests.support.procs import Gateway
 
 pytestmark = pytest.mark.e2e
 
 CONVERSATIONS = 8
 TURNS = 4
-
-
-def opening(conv: int, nonce: str) -> list[dict[str, str]]:
-    persona = f"You are assistant number {conv} of run {nonce}. " + f"Rule {conv}: answer briefly. " * 12
-    return [
-        {"role": "system", "content": persona},
-        {"role": "user", "content": f"Conversation {conv} ({nonce}): tell me about topic {conv * 7919}."},
-    ]
 
 
 def test_conversations_stick_to_their_first_backend(pc_gateway: Gateway) -> None:

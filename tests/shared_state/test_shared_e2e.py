@@ -43,6 +43,7 @@ from tests.shared_state.shared_helpers import (
     warm_up,
     write_config,
 )
+from tests.support.conversations import opening
 from tests.support.procs import Backend, wait_until
 from tests.support.redis_servers import RedisTarget
 
@@ -206,20 +207,12 @@ CONVERSATIONS = 8
 TURNS = 4
 
 
-def _opening(conv: int, nonce: str) -> list[dict[str, str]]:
-    persona = f"You are assistant number {conv} of run {nonce}. " + f"Rule {conv}: answer briefly. " * 12
-    return [
-        {"role": "system", "content": persona},
-        {"role": "user", "content": f"Conversation {conv} ({nonce}): tell me about topic {conv * 7919}."},
-    ]
-
-
 def test_a_conversation_started_on_one_replica_continues_on_the_same_backend_through_the_other(
     pairs: Pairs, backends: list[Backend]
 ) -> None:
     a, b = pairs.get(PC)
     nonce = uuid.uuid4().hex
-    conversations = [_opening(c, nonce) for c in range(CONVERSATIONS)]
+    conversations = [opening(c, nonce) for c in range(CONVERSATIONS)]
     hits_before = {r.name: r.metric("llmlb_picks_total", reason="prefix_hit") for r in (a, b)}
     continued = {a.name: 0, b.name: 0}
     home: dict[int, str] = {}

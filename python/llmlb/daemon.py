@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 
 import grpc
 from aiohttp import web
@@ -33,6 +34,24 @@ class StartupError(Exception):
 
 class ConfigRefused(Exception):
     """The config is valid but this build cannot serve it (exit 2)."""
+
+
+def check_bindable(listen: str, field: str) -> None:
+    """Fails with a clear message if ``listen`` cannot be bound (gRPC's own failure is a log line
+    from its C core plus a vague error)."""
+    host, port = parse_listen(listen, field)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise StartupError(f"{field}: cannot resolve {host!r}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise StartupError(f"{field}: cannot listen on {listen}: {e.strerror}") from None
 
 
 def build_balancer(config: Config) -> Balancer:
@@ -101,6 +120,7 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ]
         )
+        check_bindable(self.config.grpc_listen, "grpc_listen")
         pb_grpc.add_ExternalProcessorServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,6 +103,28 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float) 
     return latencies, failures
 
 
+def run_hey(url: str, body: bytes, rate: float, seconds: float, work: Path) -> tuple[list[float], int]:
+    """Runs ``hey`` (Go, so the client costs little CPU) and returns per-request latencies."""
+    body_file = work / "hey-body.json"
+    body_file.write_bytes(body)
+    csv_file = work / "hey.csv"
+    connections = 10
+    with csv_file.open("w") as out:
+        subprocess.run(
+            ["hey", "-z", f"{seconds}s", "-q", str(rate / connections), "-c", str(connections), "-m", "POST",
+             "-T", "application/json", "-D", str(body_file), "-o", "csv", url],
+            stdout=out, check=True, timeout=seconds + 60,
+        )  # fmt: skip
+    latencies, failures = [], 0
+    for line in csv_file.read_text().splitlines()[1:]:
+        fields = line.split(",")
+        if len(fields) > 6 and fields[6] == "200":
+            latencies.append(float(fields[0]))
+        else:
+            failures += 1
+    return latencies, failures
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -145,6 +168,13 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--client",
+        choices=("python", "hey"),
+        default="python",
+        help="python: open-loop asyncio client, varied bodies; hey: Go load generator (apt install hey), "
+        "10 connections at rate/10 each, one body",
+    )
     args = parser.parse_args()
     binary = redis_server_binary()
     if binary is None:
@@ -183,9 +213,11 @@ def main() -> int:
                 before_buckets = pick_buckets(daemon.admin_url)
                 before_calls = evalsha_calls(redis)
                 before_cpu = cpu_seconds(daemon.proc.pid)
-                lat, fail = asyncio.run(
-                    open_loop(f"{envoy.url}/v1/chat/completions", bodies, args.rate, args.seconds)
-                )
+                url = f"{envoy.url}/v1/chat/completions"
+                if args.client == "hey":
+                    lat, fail = run_hey(url, bodies[0], args.rate, args.seconds, work)
+                else:
+                    lat, fail = asyncio.run(open_loop(url, bodies, args.rate, args.seconds))
                 time.sleep(0.3)  # let the last releases land
                 after_calls = evalsha_calls(redis)
                 cpu[name] += cpu_seconds(daemon.proc.pid) - before_cpu

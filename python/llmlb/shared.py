@@ -22,7 +22,9 @@ import os
 import random
 import socket
 import ssl
+import sys
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import hiredis
@@ -36,7 +38,7 @@ from llmlb._core import Balancer, NoEndpointsError, OverLimitError, shared_scrip
 from llmlb.config import Config, LbConfig
 from llmlb.metrics import Metrics
 from llmlb.picking import OVER_LIMIT_RETRY_AFTER, Picker, Refusal
-from llmlb.resp import RespConnection
+from llmlb.resp import RespConnection, encode
 
 log = logging.getLogger("llmlb.shared")
 
@@ -53,6 +55,18 @@ MAX_CONNECTIONS = 64
 MAX_PENDING_RELEASES = 100_000
 
 Client = Any  # redis.asyncio.Redis | RedisCluster: redis-py's typing does not unify them
+
+
+if sys.version_info >= (3, 11):
+
+    async def within(awaitable: Awaitable[Any], seconds: float) -> Any:
+        """``asyncio.wait_for`` without its extra hop through the event loop: under load each
+        hop is a full pass over the ready callbacks, which is what a pick waits on."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+
+else:  # pragma: no cover - Python 3.10
+    within = asyncio.wait_for
 
 
 def replica_id() -> str:
@@ -174,7 +188,7 @@ class SharedState:
         if old is not None:
             await old.close()
 
-    async def _lane(self) -> RespConnection | None:
+    def _lane(self) -> RespConnection | None:
         """The open hot-path connection, reopened in the background when it was lost."""
         if self.lane is not None and not self.lane.closed:
             return self.lane
@@ -315,9 +329,9 @@ class SharedState:
         _, keys, args, command = prepared
         started = time.perf_counter()
         try:
-            lane = await self._lane()
+            lane = self._lane()
             if lane is not None:
-                reply = await asyncio.wait_for(lane.call(command), self.budget)
+                reply = await within(lane.call(command), self.budget)
                 if isinstance(reply, hiredis.ReplyError):
                     reply = await asyncio.wait_for(self._recover("pick", reply, keys, args), self.budget)
             else:
@@ -379,9 +393,16 @@ class SharedState:
 
     async def _send_releases(self, batch: list[str]) -> None:
         k = self.keys
-        await self.scripts["release"](
-            keys=[k["inflight"], k["replica_counts"], k["replica_requests"]], args=batch
-        )
+        keys = [k["inflight"], k["replica_counts"], k["replica_requests"]]
+        lane = self._lane()
+        if lane is None:
+            await self.scripts["release"](keys=keys, args=batch)
+            return
+        # On the picks' connection, so a release always runs after its pick, even one whose
+        # reply came too late (Redis serves one connection in order).
+        reply = await lane.call(encode("EVALSHA", self.shas["release"], "3", *keys, *batch))
+        if isinstance(reply, hiredis.ReplyError):
+            await self._recover("release", reply, keys, batch)
 
     async def pool_inflight(self, endpoints: list[str]) -> dict[str, int] | None:
         """Pool-wide counts for /debug, or None when Redis does not answer in time."""

@@ -50,8 +50,7 @@ class Picker:
         except NoEndpointsError:
             return self._refuse_no_endpoints()
         except OverLimitError as e:
-            self.metrics.immediate.inc(("429",))
-            return Refusal(429, "rate_limit_exceeded", f"llmlb: {e}", OVER_LIMIT_RETRY_AFTER)
+            return self._refuse_over_limit(str(e))
         self._record(endpoint, reason, depth, ticket, time.perf_counter() - started)
         return ticket, endpoint
 
@@ -61,6 +60,10 @@ class Picker:
     def _refuse_no_endpoints(self) -> Refusal:
         self.metrics.immediate.inc(("503",))
         return Refusal(503, "service_unavailable", "llmlb: no model-server endpoints are available")
+
+    def _refuse_over_limit(self, message: str) -> Refusal:
+        self.metrics.immediate.inc(("429",))
+        return Refusal(429, "rate_limit_exceeded", f"llmlb: {message}", OVER_LIMIT_RETRY_AFTER)
 
     def _record(self, endpoint: str, reason: str, depth: int, ticket: int, seconds: float) -> None:
         self.metrics.pick_duration.observe(seconds)

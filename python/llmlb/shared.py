@@ -37,7 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from llmlb._core import Balancer, NoEndpointsError, OverLimitError, shared_scripts
 from llmlb.config import Config, LbConfig
 from llmlb.metrics import Metrics
-from llmlb.picking import OVER_LIMIT_RETRY_AFTER, Picker, Refusal
+from llmlb.picking import Picker, Refusal
 from llmlb.resp import RespConnection, encode
 
 log = logging.getLogger("llmlb.shared")
@@ -333,9 +333,9 @@ class SharedState:
             if lane is not None:
                 reply = await within(lane.call(command), self.budget)
                 if isinstance(reply, hiredis.ReplyError):
-                    reply = await asyncio.wait_for(self._recover("pick", reply, keys, args), self.budget)
+                    reply = await within(self._recover("pick", reply, keys, args), self.budget)
             else:
-                reply = await asyncio.wait_for(self.scripts["pick"](keys=keys, args=args), self.budget)
+                reply = await within(self.scripts["pick"](keys=keys, args=args), self.budget)
         except asyncio.TimeoutError as e:
             # The script may still have run: release the request id (a no-op if it did not).
             self.release(request_id)
@@ -439,16 +439,18 @@ class SharedPicker(Picker):
                 ticket, endpoint, reason, depth = self.balancer.fallback_shared(prepared[0])
             else:
                 endpoint = _text(reply[0])
-                if not endpoint:
-                    self.balancer.discard_shared(prepared[0])
-                    return self._refuse_over_limit(int(reply[1]))
+                if not endpoint:  # prepared pick discarded in `finally`
+                    least = int(reply[1])
+                    return self._refuse_over_limit(
+                        f"every endpoint is at maxRequestCount ({least} in flight on the least loaded)"
+                    )
                 depth = int(reply[2])
                 ticket, reason = self.balancer.commit_shared(prepared[0], endpoint, depth)
                 self._request_ids[ticket] = request_id
         except NoEndpointsError:
             return self._refuse_no_endpoints()
         except OverLimitError as e:
-            return self._refuse_over_limit(None, str(e))
+            return self._refuse_over_limit(str(e))
         finally:
             self.balancer.discard_shared(prepared[0])
         self._record(endpoint, reason, depth, ticket, time.perf_counter() - started)
@@ -459,11 +461,6 @@ class SharedPicker(Picker):
         request_id = self._request_ids.pop(ticket, None)
         if request_id is not None:
             self.shared.release(request_id)
-
-    def _refuse_over_limit(self, inflight: int | None, message: str | None = None) -> Refusal:
-        self.metrics.immediate.inc(("429",))
-        text = message or f"every endpoint is at maxRequestCount ({inflight} in flight on the least loaded)"
-        return Refusal(429, "rate_limit_exceeded", f"llmlb: {text}", OVER_LIMIT_RETRY_AFTER)
 
 
 def _text(value: Any) -> str:

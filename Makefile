@@ -69,6 +69,10 @@ bench: ## Criterion (Rust) and pytest-benchmark (Python) benchmarks
 bench-check: ## Run the benchmarks and print each figure against its budget
 	$(PYTHON) bench/check.py
 
+.PHONY: bench-e2e
+bench-e2e: ## Requests/s, latency and picker CPU through a real Envoy (wrk; apt-get install wrk)
+	$(PYTHON) bench/e2e/bench_e2e.py --rounds 3
+
 .PHONY: bench-redis
 bench-redis: ## What shared state in Redis adds per pick, through Envoy at a fixed rate
 	$(PYTHON) bench/redis/bench_redis.py

@@ -16,6 +16,9 @@ the calls looped in a round).
 Budgets:
 - parse+hash of a request body >= 1 GB/s on one core (1 GB = 10^9 bytes), for each body size;
 - a pick among 1,000 endpoints <= 20 us;
+- through Envoy (from `make bench-e2e`'s bench/e2e/results.json, not re-run here), BUFFERED
+  mode, 8 connections: llmlb prefix_cache (embedded) >= 0.9x the no-op ext_proc's requests/s
+  and <= +0.3 ms p50 with 2 KB bodies, >= 0.8x with 64 KB bodies;
 - Python call overhead <= 2 us per call: Python-side time minus the Rust-side time of the same
   work (from criterion), divided by the Python->Rust calls involved. Only cases whose Rust-side
   time is at most 10 us are held to it; above that the difference of two medians is within run
@@ -37,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+E2E_RESULTS = ROOT / "bench" / "e2e" / "results.json"
+# (body, connections, minimum requests/s as a share of the no-op's, maximum added p50 in ms)
+E2E_BUDGETS = [("2k", 8, 0.9, 0.3), ("64k", 8, 0.8, None)]
 
 PARSE_BUDGET_MBPS = 1000.0  # 1 GB/s
 PICK_BUDGET_US = 20.0
@@ -352,6 +358,36 @@ def bodies_row(rust_bodies: dict[str, Any], r: Results) -> Row:
     return Row("Consistency", figure, "same", "same", "PASS", "bytes, levels and last prefix hash")
 
 
+def e2e_rows(path: Path = E2E_RESULTS) -> list[Row]:
+    """The end-to-end budgets, read from the last `make bench-e2e` run."""
+    section = "Through Envoy (bench/e2e/results.json)"
+    if not path.exists():
+        return [Row(section, "prefix_cache vs no-op ext_proc", "not run", "make bench-e2e", "INFO")]
+    sys.path.insert(0, str(ROOT / "bench" / "e2e"))
+    from bench_e2e import aggregate
+
+    data = json.loads(path.read_text())
+    figures = aggregate(data["results"])
+    rows = []
+    runs = f"{data['rounds']} round(s) x {data['seconds']:g} s"
+    for body, conns, min_ratio, max_added_ms in E2E_BUDGETS:
+        llmlb, noop = figures.get((body, conns, "prefix_cache")), figures.get((body, conns, "noop"))
+        name = f"{body} bodies, {conns} connections"
+        if llmlb is None or noop is None:
+            rows.append(Row(section, f"{name}: req/s vs no-op", "no figure", f">= {min_ratio}x", "MISSING"))
+            continue
+        ratio = llmlb["rps"] / noop["rps"]
+        note = f"{llmlb['rps']:.0f} vs {noop['rps']:.0f} req/s; {runs}"
+        rows.append(Row(section, f"{name}: req/s vs no-op", f"{ratio:.2f}x", f">= {min_ratio}x",
+                        status(ratio >= min_ratio), note))  # fmt: skip
+        if max_added_ms is not None:
+            added = llmlb["p50_ms"] - noop["p50_ms"]
+            note = f"p50 {llmlb['p50_ms']:.2f} vs {noop['p50_ms']:.2f} ms"
+            rows.append(Row(section, f"{name}: p50 added over no-op", f"{added:+.2f} ms",
+                            f"<= +{max_added_ms} ms", status(added <= max_added_ms), note))  # fmt: skip
+    return rows
+
+
 def render(rows: list[Row]) -> str:
     lines = []
     section = None
@@ -408,6 +444,7 @@ def main() -> int:
     results = Results(criterion, python)
     rows = rust_rows(results) + python_rows(results) + overhead_rows(results)
     rows.append(bodies_row(rust_bodies, results))
+    rows += e2e_rows()
     table = render(rows)
     cpu = machine.get("cpu", {})
     header = (

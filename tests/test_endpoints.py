@@ -27,7 +27,7 @@ def manager(balancer: Balancer, *, static=(), endpoints_file=None) -> EndpointMa
 
 
 def pool(balancer: Balancer) -> list[str]:
-    return [address for address, _, _, in_pool in balancer.endpoints() if in_pool]
+    return [address for address, _, _, _, in_pool in balancer.endpoints() if in_pool]
 
 
 def bump_mtime(path: Path) -> None:
@@ -79,9 +79,9 @@ def test_requests_in_flight_survive_removal(tmp_path):
     eps.write_text("- 10.0.0.2:80\n")
     bump_mtime(eps)
     m.reload_if_changed()
-    assert ("10.0.0.1:80", 1, True, False) in b.endpoints()
+    assert ("10.0.0.1:80", 1, 1, True, False) in b.endpoints()
     assert b.release(ticket)
-    assert ("10.0.0.1:80", 1, True, False) not in b.endpoints()
+    assert ("10.0.0.1:80", 1, 1, True, False) not in b.endpoints()
     assert endpoint == "10.0.0.1:80"
 
 
@@ -102,11 +102,11 @@ def test_health_probes_mark_down_after_two_failures_and_up_after_one_success():
         assert m.healthy[live], "one failure is not enough"
         await m.check_health_once()
         assert not m.healthy[live]
-        assert b.endpoints()[0][2] is False
+        assert b.endpoints()[0][3] is False
         server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
         await m.check_health_once()
         assert m.healthy[live]
-        assert b.endpoints()[0][2] is True
+        assert b.endpoints()[0][3] is True
         assert m.metrics.endpoint_health_changes.get(("unhealthy",)) == 1
         assert m.metrics.endpoint_health_changes.get(("healthy",)) == 1
         server.close()

@@ -271,7 +271,9 @@ def test_picker_cluster_speaks_http2_with_grpc_health_check() -> None:
     options = picker["typed_extension_protocol_options"][
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     ]
-    assert options["explicit_http_config"] == {"http2_protocol_options": {}}
+    # Several connections, renewed now and then, so `--workers N` processes all get streams.
+    assert options["explicit_http_config"] == {"http2_protocol_options": {"max_concurrent_streams": 4}}
+    assert options["common_http_protocol_options"] == {"max_requests_per_connection": 500}
     sock = picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
         "socket_address"
     ]

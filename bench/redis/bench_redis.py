@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -32,9 +31,11 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.procs import (  # noqa: E402
     parse_metrics,
+    process_tree_cpu,
     start_backends,
     start_daemon,
     start_envoy,
+    start_envoy_backends,
     stop_all,
 )
 from tests.support.redis_servers import RedisServer, redis_server_binary  # noqa: E402
@@ -157,17 +158,19 @@ def evalsha_calls(server: RedisServer) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="llmlb serve --workers N for both daemons")
+    parser.add_argument(
+        "--backends",
+        choices=("envoy", "python"),
+        default="envoy",
+        help="envoy: one Envoy answering a fixed completion (costs almost no CPU, so the picker is what "
+        "is measured); python: the tests' fake OpenAI servers",
+    )
     parser.add_argument(
         "--client",
         choices=("python", "hey"),
@@ -183,8 +186,13 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="llmlb-bench-redis-"))
     bodies = conversation_bodies(4000)
     redis = RedisServer(binary, work / "redis").start()
-    backends = start_backends(3, work, prefix="rb")
-    addresses = [b.address for b in backends]
+    if args.backends == "envoy":
+        backend_envoy, addresses = start_envoy_backends(3, work)
+        backend_procs = [backend_envoy.proc]
+    else:
+        backends = start_backends(3, work, prefix="rb")
+        addresses = [b.address for b in backends]
+        backend_procs = [b.proc for b in backends]
     cfg_embedded = work / "embedded.yaml"
     cfg_embedded.write_text("health_check_interval: 0\nlog_level: warning\n")
     cfg_redis = work / "redis.yaml"
@@ -193,12 +201,11 @@ def main() -> int:
         f"lb_config: {{serviceFQDN: 127.0.0.1, servicePort: {redis.port}}}\n"
     )
     setups = {}
-    procs = [b.proc for b in backends]
+    procs = list(backend_procs)
     try:
         for name, cfg in (("embedded", cfg_embedded), ("redis", cfg_redis)):
-            daemon = start_daemon(
-                addresses, "prefix_cache", work, extra_args=["--config", str(cfg)], name=name
-            )
+            extra = ["--config", str(cfg), "--workers", str(args.workers)]
+            daemon = start_daemon(addresses, "prefix_cache", work, extra_args=extra, name=name)
             envoy = start_envoy(addresses, daemon.grpc_port, "buffered", work, name=f"envoy-{name}")
             procs += [daemon.proc, envoy.proc]
             setups[name] = (daemon, envoy)
@@ -212,7 +219,7 @@ def main() -> int:
             for name, (daemon, envoy) in setups.items():
                 before_buckets = pick_buckets(daemon.admin_url)
                 before_calls = evalsha_calls(redis)
-                before_cpu = cpu_seconds(daemon.proc.pid)
+                before_cpu = process_tree_cpu(daemon.proc.pid)
                 url = f"{envoy.url}/v1/chat/completions"
                 if args.client == "hey":
                     lat, fail = run_hey(url, bodies[0], args.rate, args.seconds, work)
@@ -220,7 +227,7 @@ def main() -> int:
                     lat, fail = asyncio.run(open_loop(url, bodies, args.rate, args.seconds))
                 time.sleep(0.3)  # let the last releases land
                 after_calls = evalsha_calls(redis)
-                cpu[name] += cpu_seconds(daemon.proc.pid) - before_cpu
+                cpu[name] += process_tree_cpu(daemon.proc.pid) - before_cpu
                 for bound, cumulative in pick_buckets(daemon.admin_url).items():
                     delta = cumulative - before_buckets.get(bound, 0.0)
                     buckets[name][bound] = buckets[name].get(bound, 0.0) + delta

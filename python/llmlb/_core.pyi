@@ -3,6 +3,7 @@
 Calls hold the GIL except where noted; bodies of 64 KiB or more are parsed with it released.
 """
 
+import os
 from typing import Final
 
 __version__: Final[str]
@@ -98,5 +99,13 @@ class Balancer:
         """``(counts, requests)`` key names of another replica (to reap it)."""
     def release(self, ticket: int) -> bool:
         """Ends a pick's request; ``False`` if the ticket is unknown or already released."""
-    def endpoints(self) -> list[tuple[str, int, bool, bool]]:
-        """``[(address, inflight, healthy, in_pool)]``."""
+    def endpoints(self) -> list[tuple[str, int, int, bool, bool]]:
+        """``[(address, inflight, own_inflight, healthy, in_pool)]``: ``inflight`` across every
+        worker attached to the same state, ``own_inflight`` this process's."""
+    def attach_workers(self, path: str | os.PathLike[str], worker: int) -> None:
+        """Shares counts and prefix entries with the other workers through ``path``."""
+
+def create_worker_state(
+    path: str | os.PathLike[str], workers: int, slots: int, prefix_capacity: int, prefix_ttl_s: int
+) -> int:
+    """Creates the state file shared by ``llmlb serve --workers N``; returns its size in bytes."""

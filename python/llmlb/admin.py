@@ -23,12 +23,12 @@ async def endpoint_views(
     # there is (and `shared_view` says so).
     pool = await shared.pool_inflight([v[0] for v in local]) if shared is not None else None
     views = []
-    for address, inflight, healthy, in_pool in local:
+    for address, inflight, own_inflight, healthy, in_pool in local:
         views.append(
             {
                 "address": address,
                 "inflight": pool.get(address, 0) if pool is not None else inflight,
-                "local_inflight": inflight,
+                "local_inflight": own_inflight,
                 "shared_view": pool is not None,
                 "healthy": healthy,
                 "in_pool": in_pool,

@@ -40,6 +40,17 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-listen", metavar="H:P", help="ext_proc listen address (default 0.0.0.0:9002)")
     serve.add_argument("--admin-listen", metavar="H:P", help="admin HTTP address (default 127.0.0.1:9090)")
     serve.add_argument("--log-level", metavar="L", help="debug | info | warning | error")
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        type=_positive_int,
+        default=1,
+        help="picker processes sharing the ext_proc port and one state (default 1; see docs/design.md)",
+    )
+    # Set by the supervisor of --workers N for each worker process; not for people.
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-state", help=argparse.SUPPRESS)
+    serve.add_argument("--worker-announce", help=argparse.SUPPRESS)
 
     check = sub.add_parser("check-config", help="validate a config and print the effective config")
     check.add_argument("file", metavar="FILE")
@@ -59,6 +70,26 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1..64")
+    return value
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """The serve flags a worker process gets: everything but --workers."""
+    argv = []
+    for flag in ("config", "endpoints", "policy", "grpc_listen", "admin_listen", "log_level"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", value]
+    return argv
+
+
 def _serve_config(args: argparse.Namespace) -> Config:
     config = load_config(args.config) if args.config else Config()
     return with_overrides(
@@ -72,10 +103,15 @@ def _serve_config(args: argparse.Namespace) -> Config:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from llmlb.daemon import ConfigRefused, StartupError, serve
+    from llmlb.daemon import ConfigRefused, StartupError, WorkerRole, serve, serve_workers
 
     config = _serve_config(args)
     try:
+        if args.worker_index is not None:
+            role = WorkerRole(args.worker_index, args.worker_state, args.worker_announce)
+            return serve(config, role)
+        if args.workers > 1:
+            return serve_workers(config, _worker_argv(args), args.workers)
         return serve(config)
     except ConfigRefused as e:
         return _fail(EXIT_USAGE, str(e))

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -54,6 +58,16 @@ def check_bindable(listen: str, field: str) -> None:
             raise StartupError(f"{field}: cannot listen on {listen}: {e.strerror}") from None
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process is worker ``index`` of ``llmlb serve --workers N`` (see ``llmlb.workers``)."""
+
+    index: int
+    state: str
+    # Where to write the worker's internal admin port once it serves.
+    announce: str
+
+
 def build_balancer(config: Config) -> Balancer:
     if config.lb_policy == "least_busy":
         raise ConfigRefused(
@@ -72,9 +86,12 @@ def build_balancer(config: Config) -> Balancer:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, role: WorkerRole | None = None) -> None:
         self.config = config
+        self.role = role
         self.balancer = build_balancer(config)
+        if role is not None:
+            self.balancer.attach_workers(role.state, role.index)
         self.metrics = Metrics(self._inflight_samples)
         self.endpoints = EndpointManager(
             self.balancer,
@@ -99,10 +116,11 @@ class Daemon:
         self.service = ExtProcService(picker, self.metrics)
         self.health = health.aio.HealthServicer()
         self.ready = False
+        self.admin_port = 0
         self._stop = asyncio.Event()
 
     def _inflight_samples(self) -> list[tuple[tuple[str, ...], float]]:
-        return [((address,), float(n)) for address, n, _, _ in self.balancer.endpoints()]
+        return [((address,), float(n)) for address, _, n, _, _ in self.balancer.endpoints()]
 
     def _warn_about_config(self) -> None:
         for name in self.config.ignored_fields:
@@ -116,11 +134,13 @@ class Daemon:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                # A second daemon on the same port must fail, not silently share the traffic.
-                ("grpc.so_reuseport", 0),
+                # A second daemon on the same port must fail, not silently share the traffic;
+                # the workers of one `--workers N` share it on purpose.
+                ("grpc.so_reuseport", 1 if self.role else 0),
             ]
         )
-        check_bindable(self.config.grpc_listen, "grpc_listen")
+        if self.role is None:
+            check_bindable(self.config.grpc_listen, "grpc_listen")
         pb_grpc.add_ExternalProcessorServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
@@ -146,6 +166,13 @@ class Daemon:
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
+        if self.role is not None:
+            # A worker's admin is internal: the supervisor serves admin_listen and asks each worker.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            self.admin_port = sock.getsockname()[1]
+            await web.SockSite(runner, sock).start()
+            return runner
         try:
             await web.TCPSite(runner, host, port).start()
         except OSError as e:
@@ -173,13 +200,21 @@ class Daemon:
         self.endpoints.start()
         if self.shared is not None:
             await self.shared.start()
+        # Everything allocated so far lives as long as the process: keep it out of the cyclic
+        # collector's full passes, which would otherwise walk it (milliseconds) mid-request.
+        gc.freeze()
         self.ready = True
+        if self.role is not None:
+            announce = Path(self.role.announce)
+            announce.with_suffix(".tmp").write_text(str(self.admin_port))
+            announce.with_suffix(".tmp").replace(announce)
+        admin_address = self.config.admin_listen if self.role is None else f"127.0.0.1:{self.admin_port} (internal)"
         log.info(
             "serving ext_proc on %s (policy %s, %d endpoints), admin on %s",
             self.config.grpc_listen,
             self.config.lb_policy,
             len(self.endpoints.pool),
-            self.config.admin_listen,
+            admin_address,
         )
         await self._stop.wait()
         await self._drain(server)
@@ -200,18 +235,45 @@ class Daemon:
         log.info("stopped")
 
 
-def serve(config: Config) -> int:
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-    async def main() -> int:
-        return await Daemon(config).run()
-
+def _run(main: Callable[[], Coroutine[None, None, int]]) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.run(main())
     code: int = uvloop.run(main())
     return code
+
+
+def _configure_logging(config: Config, role: WorkerRole | None = None) -> None:
+    name = "%(name)s" if role is None else f"%(name)s[worker {role.index}]"
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {name}: %(message)s",
+    )
+
+
+def serve(config: Config, role: WorkerRole | None = None) -> int:
+    _configure_logging(config, role)
+
+    async def main() -> int:
+        return await Daemon(config, role).run()
+
+    return _run(main)
+
+
+def serve_workers(config: Config, worker_argv: list[str], workers: int) -> int:
+    """Supervises ``workers`` daemon processes sharing the gRPC port and one picking state."""
+    from llmlb.workers import Supervisor, WorkerFailed
+
+    _configure_logging(config)
+    build_balancer(config)  # a config this build refuses stops here, once, not in every worker
+    check_bindable(config.grpc_listen, "grpc_listen")
+    check_bindable(config.admin_listen, "admin_listen")
+
+    async def main() -> int:
+        try:
+            return await Supervisor(config, worker_argv, workers).run()
+        except WorkerFailed as e:
+            raise StartupError(str(e)) from None
+
+    return _run(main)

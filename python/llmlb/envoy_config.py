@@ -584,6 +584,12 @@ def _fallback_policy(name: str) -> Json:
     }
 
 
+# Open streams per picker connection before Envoy opens another, and streams over a
+# connection's life before it is replaced (see _picker_cluster).
+PICKER_CONCURRENT_STREAMS = 4
+PICKER_STREAMS_PER_CONNECTION = 500
+
+
 def _picker_cluster(opts: EnvoyOptions) -> Json:
     addresses = [opts.picker]
     return {
@@ -591,11 +597,17 @@ def _picker_cluster(opts: EnvoyOptions) -> Json:
         **_discovery(addresses, "--picker"),
         # The picker is local or near: fail fast so fail-open (or the 500) happens quickly.
         "connect_timeout": "1s",
-        # gRPC needs HTTP/2 (plaintext h2c) to the picker.
+        # gRPC needs HTTP/2 (plaintext h2c) to the picker. Capping streams per connection and
+        # recycling connections makes Envoy hold several, renewed now and then, so the kernel
+        # spreads them over the processes of `llmlb serve --workers N` (SO_REUSEPORT places
+        # connections, not streams).
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                explicit_http_config={"http2_protocol_options": {}},
+                common_http_protocol_options={"max_requests_per_connection": PICKER_STREAMS_PER_CONNECTION},
+                explicit_http_config={
+                    "http2_protocol_options": {"max_concurrent_streams": PICKER_CONCURRENT_STREAMS}
+                },
             )
         },
         "load_assignment": _load_assignment(PICKER_CLUSTER, addresses, "--picker"),

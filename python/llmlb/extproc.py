@@ -207,8 +207,8 @@ class _Stream:
         self.ticket, self.endpoint = outcome
         return self.endpoint
 
-    async def handle(self, request: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
-        kind = request.WhichOneof("request")
+    async def handle(self, request: pb.ProcessingRequest, kind: str | None) -> list[pb.ProcessingResponse]:
+        """``kind`` is ``request.WhichOneof("request")``."""
         if request.HasField("protocol_config"):
             self.body_mode = request.protocol_config.request_body_mode
             self.response_mode = request.protocol_config.response_body_mode
@@ -220,7 +220,7 @@ class _Stream:
             return await self._request_trailers()
         if kind == "response_headers":
             if self.endpoint:
-                self._check_for_connect_failure(request.response_headers)
+                self.check_for_connect_failure(request.response_headers)
             return [_RESPONSE_HEADERS_CONTINUE]
         if kind == "response_body":
             if self.response_mode == FULL_DUPLEX:
@@ -266,7 +266,7 @@ class _Stream:
             return [endpoint]
         return [self.responses.in_headers(endpoint), *_streamed_request_body(body, end_of_stream)]
 
-    def _check_for_connect_failure(self, headers: pb.HttpHeaders) -> None:
+    def check_for_connect_failure(self, headers: pb.HttpHeaders) -> None:
         status = b""
         upstream_answered = False
         for header in headers.headers.headers:
@@ -304,7 +304,15 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         stream = _Stream(self.picker, self.responses)
         try:
             async for request in request_iterator:
-                for response in await stream.handle(request):
+                # The two messages of every request that need no pick are answered here, without
+                # the coroutine hop through `handle` (a few µs each at thousands per second).
+                kind = request.WhichOneof("request")
+                if kind == "response_headers" and not request.HasField("protocol_config"):
+                    if stream.endpoint:
+                        stream.check_for_connect_failure(request.response_headers)
+                    yield _RESPONSE_HEADERS_CONTINUE
+                    continue
+                for response in await stream.handle(request, kind):
                     yield response
         except Exception:
             self.metrics.stream_errors.inc(("internal",))

@@ -15,6 +15,7 @@ use rand::SeedableRng;
 use crate::prefix_table::PrefixTable;
 use crate::scheduling::policies::{self, Policy};
 use crate::scheduling::{Candidate, Profile, RequestInfo, Scratch};
+use crate::worker_state::WorkerState;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BalancerConfig {
@@ -89,12 +90,35 @@ pub enum PickError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointView {
     pub address: Arc<str>,
+    /// Across every worker process sharing state (equals `own_inflight` without workers).
     pub inflight: u32,
+    /// This process's own requests in flight.
+    pub own_inflight: u32,
     pub healthy: bool,
     pub in_pool: bool,
 }
 
 const NOT_IN_POOL: u32 = u32::MAX;
+const NO_SLOT: u32 = u32::MAX;
+
+/// The state this process shares with its sibling workers, and how local ids map onto it.
+struct Workers {
+    state: Arc<WorkerState>,
+    /// Local id -> directory slot (`NO_SLOT` when the directory could not take the address;
+    /// that endpoint then counts and matches prefixes from this process's state alone).
+    slot_of: Vec<u32>,
+    local_of: HashMap<u32, u32>,
+    slot_depths: Vec<(u32, u32)>,
+}
+
+impl Workers {
+    fn slot(&self, id: u32) -> Option<u32> {
+        self.slot_of
+            .get(id as usize)
+            .copied()
+            .filter(|&s| s != NO_SLOT)
+    }
+}
 
 pub struct Balancer {
     config: BalancerConfig,
@@ -114,6 +138,7 @@ pub struct Balancer {
     candidates: Vec<Candidate>,
     depths: Vec<(u32, u32)>,
     scratch: Scratch,
+    workers: Option<Workers>,
 }
 
 impl Balancer {
@@ -147,6 +172,90 @@ impl Balancer {
             candidates: Vec::new(),
             depths: Vec::new(),
             scratch: Scratch::default(),
+            workers: None,
+        }
+    }
+
+    /// From now on, in-flight counts and prefix entries live in `state`, shared with the other
+    /// worker processes (each worker attaches its own `WorkerState` of the same file).
+    pub fn attach_workers(&mut self, state: Arc<WorkerState>) {
+        let mut workers = Workers {
+            state,
+            slot_of: Vec::with_capacity(self.addresses.len()),
+            local_of: HashMap::new(),
+            slot_depths: Vec::new(),
+        };
+        for (id, address) in self.addresses.iter().enumerate() {
+            let slot = workers.state.intern(address).unwrap_or(NO_SLOT);
+            workers.slot_of.push(slot);
+            if slot != NO_SLOT {
+                workers.local_of.insert(slot, id as u32);
+                for _ in 0..self.inflight[id] {
+                    workers.state.increment(slot);
+                }
+            }
+        }
+        self.workers = Some(workers);
+    }
+
+    /// Pool-wide in-flight count of `id` (all workers when attached).
+    fn inflight_of(&self, id: u32) -> u32 {
+        match self
+            .workers
+            .as_ref()
+            .and_then(|w| w.slot(id).map(|s| (w, s)))
+        {
+            Some((w, slot)) => w.state.inflight(slot),
+            None => self.inflight[id as usize],
+        }
+    }
+
+    fn count_in(&mut self, id: u32) {
+        self.inflight[id as usize] += 1;
+        if let Some((w, slot)) = self
+            .workers
+            .as_ref()
+            .and_then(|w| w.slot(id).map(|s| (w, s)))
+        {
+            w.state.increment(slot);
+        }
+    }
+
+    fn count_out(&mut self, id: u32) {
+        let count = &mut self.inflight[id as usize];
+        *count = count.saturating_sub(1);
+        if let Some((w, slot)) = self
+            .workers
+            .as_ref()
+            .and_then(|w| w.slot(id).map(|s| (w, s)))
+        {
+            w.state.decrement(slot);
+        }
+    }
+
+    fn match_depths(&mut self, hashes: &[u64], now_ms: u64) {
+        match self.workers.as_mut() {
+            Some(w) => {
+                w.state.match_depths(hashes, now_ms, &mut w.slot_depths);
+                self.depths.clear();
+                for &(slot, depth) in &w.slot_depths {
+                    if let Some(&id) = w.local_of.get(&slot) {
+                        self.depths.push((id, depth));
+                    }
+                }
+            }
+            None => self.prefix.match_depths(hashes, now_ms, &mut self.depths),
+        }
+    }
+
+    fn record(&mut self, hashes: &[u64], id: u32, now_ms: u64) {
+        match self
+            .workers
+            .as_ref()
+            .and_then(|w| w.slot(id).map(|s| (w, s)))
+        {
+            Some((w, slot)) => w.state.record(hashes, slot, now_ms),
+            None => self.prefix.record(hashes, id, now_ms),
         }
     }
 
@@ -165,6 +274,16 @@ impl Balancer {
         self.inflight.push(0);
         self.healthy.push(true);
         self.pool_position.push(NOT_IN_POOL);
+        if let Some(w) = self.workers.as_mut() {
+            let slot = w
+                .state
+                .intern(&self.addresses[id as usize])
+                .unwrap_or(NO_SLOT);
+            w.slot_of.push(slot);
+            if slot != NO_SLOT {
+                w.local_of.insert(slot, id);
+            }
+        }
         id
     }
 
@@ -195,19 +314,21 @@ impl Balancer {
         if self.pool.is_empty() {
             return Err(PickError::NoEndpoints);
         }
-        self.candidates.clear();
+        let mut candidates = std::mem::take(&mut self.candidates);
+        candidates.clear();
         for &id in &self.pool {
-            self.candidates.push(Candidate {
+            candidates.push(Candidate {
                 id,
-                inflight: self.inflight[id as usize],
+                inflight: self.inflight_of(id),
                 healthy: self.healthy[id as usize],
                 prefix_depth: 0,
             });
         }
+        self.candidates = candidates;
         let hashes = prefix_hashes.unwrap_or(&[]);
         let use_prefix = self.config.policy.uses_prefix() && !hashes.is_empty();
         if use_prefix {
-            self.prefix.match_depths(hashes, now_ms, &mut self.depths);
+            self.match_depths(hashes, now_ms);
             for &(id, depth) in &self.depths {
                 if let Some(&pos) = self
                     .pool_position
@@ -253,9 +374,9 @@ impl Balancer {
             PickReason::LeastRequest
         };
         if use_prefix {
-            self.prefix.record(hashes, chosen.id, now_ms);
+            self.record(hashes, chosen.id, now_ms);
         }
-        self.inflight[idx] += 1;
+        self.count_in(chosen.id);
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         self.tickets.insert(ticket, chosen.id);
@@ -264,7 +385,7 @@ impl Balancer {
             endpoint: self.addresses[idx].clone(),
             reason,
             prefix_depth: chosen.prefix_depth,
-            inflight: self.inflight[idx],
+            inflight: chosen.inflight + 1,
         })
     }
 
@@ -295,9 +416,9 @@ impl Balancer {
     pub fn assign(&mut self, endpoint: &str, prefix_hashes: &[u64], now_ms: u64) -> u64 {
         let id = self.intern(endpoint);
         if self.config.policy.uses_prefix() && !prefix_hashes.is_empty() {
-            self.prefix.record(prefix_hashes, id, now_ms);
+            self.record(prefix_hashes, id, now_ms);
         }
-        self.inflight[id as usize] += 1;
+        self.count_in(id);
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         self.tickets.insert(ticket, id);
@@ -308,8 +429,7 @@ impl Balancer {
     pub fn release(&mut self, ticket: u64) -> bool {
         match self.tickets.remove(&ticket) {
             Some(id) => {
-                let count = &mut self.inflight[id as usize];
-                *count = count.saturating_sub(1);
+                self.count_out(id);
                 true
             }
             None => false,
@@ -328,7 +448,7 @@ impl Balancer {
     pub fn endpoints(&self) -> Vec<EndpointView> {
         let mut out: Vec<EndpointView> = self.pool.iter().map(|&id| self.view(id, true)).collect();
         for id in 0..self.addresses.len() as u32 {
-            if self.inflight[id as usize] > 0 && self.pool_position[id as usize] == NOT_IN_POOL {
+            if self.pool_position[id as usize] == NOT_IN_POOL && self.inflight_of(id) > 0 {
                 out.push(self.view(id, false));
             }
         }
@@ -339,7 +459,8 @@ impl Balancer {
         let i = id as usize;
         EndpointView {
             address: self.addresses[i].clone(),
-            inflight: self.inflight[i],
+            inflight: self.inflight_of(id),
+            own_inflight: self.inflight[i],
             healthy: self.healthy[i],
             in_pool,
         }
@@ -497,5 +618,54 @@ mod tests {
             b.pick(Some(&[]), 0),
             Err(PickError::OverLimit { inflight: 1, .. })
         ));
+    }
+
+    fn worker_balancers(policy: Policy, name: &str) -> (Vec<Balancer>, std::path::PathBuf) {
+        use crate::worker_state::{Layout, WorkerState};
+        let path =
+            std::env::temp_dir().join(format!("llmlb-balancer-{}-{name}", std::process::id()));
+        WorkerState::create(&path, Layout::new(2, 64, 1024), 60).unwrap();
+        let workers = (0..2)
+            .map(|w| {
+                let mut b = balancer(policy);
+                b.attach_workers(Arc::new(WorkerState::open(&path, w).unwrap()));
+                b
+            })
+            .collect();
+        (workers, path)
+    }
+
+    #[test]
+    fn workers_balance_as_one() {
+        let (mut w, path) = worker_balancers(Policy::GlobalLeastRequest, "spread");
+        let mut picks = Vec::new();
+        for i in 0..30 {
+            let b = &mut w[i % 2];
+            picks.push((i % 2, b.pick(Some(&[]), 0).unwrap()));
+        }
+        for view in w[0].endpoints() {
+            assert_eq!(view.inflight, 10, "pool-wide: {view:?}");
+        }
+        let own: u32 = w[1].endpoints().iter().map(|v| v.own_inflight).sum();
+        assert_eq!(own, 15);
+        for (worker, p) in &picks {
+            assert!(w[*worker].release(p.ticket));
+        }
+        assert!(w[1].endpoints().iter().all(|v| v.inflight == 0));
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn workers_share_prefix_affinity() {
+        let (mut w, path) = worker_balancers(Policy::PrefixCache, "prefix");
+        let first = w[0].pick(Some(&[1, 2, 3]), 0).unwrap();
+        w[0].release(first.ticket);
+        let next = w[1].pick(Some(&[1, 2, 3, 4]), 0).unwrap();
+        assert_eq!(
+            next.endpoint, first.endpoint,
+            "the next turn follows the prefix across workers"
+        );
+        assert_eq!((next.reason, next.prefix_depth), (PickReason::PrefixHit, 3));
+        let _ = std::fs::remove_file(path);
     }
 }

@@ -10,7 +10,8 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use pyo3::create_exception;
@@ -23,6 +24,7 @@ use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
 use crate::request::{parse_request, ParseError, ParsedRequest};
 use crate::scheduling::policies::Policy;
 use crate::shared::{pick_call, resp_evalsha, scripts, Keys, PickSettings};
+use crate::worker_state::{Layout, WorkerState};
 
 create_exception!(
     _core,
@@ -350,14 +352,32 @@ impl PyBalancer {
         self.lock().release(ticket)
     }
 
-    /// `[(address, inflight, healthy, in_pool)]`: the pool, then endpoints that left it with
-    /// requests still in flight.
-    fn endpoints(&self) -> Vec<(String, u32, bool, bool)> {
+    /// `[(address, inflight, own_inflight, healthy, in_pool)]`: the pool, then endpoints that
+    /// left it with requests still in flight. `inflight` counts every worker process attached to
+    /// the same state; `own_inflight` this process alone.
+    fn endpoints(&self) -> Vec<(String, u32, u32, bool, bool)> {
         self.lock()
             .endpoints()
             .into_iter()
-            .map(|v| (v.address.to_string(), v.inflight, v.healthy, v.in_pool))
+            .map(|v| {
+                (
+                    v.address.to_string(),
+                    v.inflight,
+                    v.own_inflight,
+                    v.healthy,
+                    v.in_pool,
+                )
+            })
             .collect()
+    }
+
+    /// Shares in-flight counts and prefix entries with the other workers of
+    /// `llmlb serve --workers N` through the state file made by `create_worker_state`.
+    fn attach_workers(&self, path: PathBuf, worker: usize) -> PyResult<()> {
+        let state = WorkerState::open(&path, worker)
+            .map_err(|e| PyRuntimeError::new_err(format!("worker state: {e}")))?;
+        self.lock().attach_workers(Arc::new(state));
+        Ok(())
     }
 
     #[getter]
@@ -369,6 +389,22 @@ impl PyBalancer {
     fn prefix_entries(&self) -> usize {
         self.lock().prefix_entries()
     }
+}
+
+/// Creates the state file the workers of `llmlb serve --workers N` share; returns its size in
+/// bytes. `slots` bounds the distinct endpoint addresses over the file's life.
+#[pyfunction]
+fn create_worker_state(
+    path: PathBuf,
+    workers: usize,
+    slots: usize,
+    prefix_capacity: usize,
+    prefix_ttl_s: u64,
+) -> PyResult<usize> {
+    let layout = Layout::new(workers, slots, prefix_capacity);
+    WorkerState::create(&path, layout, prefix_ttl_s)
+        .map_err(|e| PyRuntimeError::new_err(format!("worker state {}: {e}", path.display())))?;
+    Ok(layout.bytes())
 }
 
 /// The Redis Lua scripts by name (`pick`, `release`, `heartbeat`, `reap`).
@@ -385,6 +421,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyParsedRequest>()?;
     m.add_function(wrap_pyfunction!(py_parse_request, m)?)?;
     m.add_function(wrap_pyfunction!(shared_scripts, m)?)?;
+    m.add_function(wrap_pyfunction!(create_worker_state, m)?)?;
     let py = m.py();
     m.add("RequestParseError", py.get_type::<RequestParseError>())?;
     m.add("NoEndpointsError", py.get_type::<NoEndpointsError>())?;

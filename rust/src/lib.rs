@@ -8,6 +8,7 @@ pub mod prefix_table;
 pub mod request;
 pub mod scheduling;
 pub mod shared;
+pub mod worker_state;
 
 #[cfg(feature = "python")]
 mod bindings;

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import yaml
+
 HOST = "127.0.0.1"
 MODES = ("buffered", "full-duplex")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -424,6 +426,24 @@ def stop_all(procs: Iterable[ManagedProcess | None], timeout: float = 5.0) -> No
             proc.stop(timeout)
 
 
+def process_tree_cpu(pid: int) -> float:
+    """utime+stime (s) of `pid` and its live children (the workers of `llmlb serve --workers`)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        # fields[1] is ppid, fields[11]/[12] are utime/stime (stat fields 4, 14, 15).
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 # --------------------------------------------------------------------------------------------------
 # llmlb daemon and CLI
 
@@ -681,6 +701,94 @@ def start_envoy(
         max_body_bytes=max_body_bytes,
     )
     return launch_envoy(config, listen_port, admin_port, mode, workdir, name=name)
+
+
+CHAT_ANSWER = (
+    '{"id":"cmpl-bench","object":"chat.completion","model":"bench","choices":[{"index":0,'
+    '"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
+    '"usage":{"prompt_tokens":500,"completion_tokens":1,"total_tokens":501}}'
+)
+
+
+def backend_envoy_yaml(ports: list[int], admin_port: int) -> str:
+    """One Envoy answering a fixed chat completion on each port (the cheapest possible backend)."""
+    listeners = []
+    for i, port in enumerate(ports, start=1):
+        listeners.append(
+            {
+                "name": f"backend{i}",
+                "address": {"socket_address": {"address": HOST, "port_value": port}},
+                "filter_chains": [
+                    {
+                        "filters": [
+                            {
+                                "name": "envoy.filters.network.http_connection_manager",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                    "http_connection_manager.v3.HttpConnectionManager",
+                                    "stat_prefix": f"backend{i}",
+                                    "route_config": {
+                                        "virtual_hosts": [
+                                            {
+                                                "name": "all",
+                                                "domains": ["*"],
+                                                "routes": [
+                                                    {
+                                                        "match": {"prefix": "/"},
+                                                        "direct_response": {
+                                                            "status": 200,
+                                                            "body": {"inline_string": CHAT_ANSWER},
+                                                        },
+                                                        "response_headers_to_add": [
+                                                            {
+                                                                "header": {
+                                                                    "key": "x-served-by",
+                                                                    "value": f"b{i}",
+                                                                }
+                                                            },
+                                                            {
+                                                                "header": {
+                                                                    "key": "content-type",
+                                                                    "value": "application/json",
+                                                                }
+                                                            },
+                                                        ],
+                                                    }
+                                                ],
+                                            }
+                                        ]
+                                    },
+                                    "http_filters": [
+                                        {
+                                            "name": "envoy.filters.http.router",
+                                            "typed_config": {
+                                                "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                                                "router.v3.Router"
+                                            },
+                                        }
+                                    ],
+                                },
+                            }
+                        ]
+                    }
+                ],
+            }
+        )
+    config = {
+        "admin": {"address": {"socket_address": {"address": HOST, "port_value": admin_port}}},
+        "static_resources": {"listeners": listeners},
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def start_envoy_backends(n: int, workdir: Path) -> tuple[Envoy, list[str]]:
+    """One Envoy answering a fixed chat completion on `n` ports: backends that cost almost no
+    CPU, for benchmarks that measure the picker. Returns the Envoy and the `ip:port` list."""
+    ports = free_ports(n)
+    admin_port = free_port()
+    envoy = launch_envoy(backend_envoy_yaml(ports, admin_port), ports[0], admin_port, "backend", workdir,
+                         name="envoy-backends")  # fmt: skip
+    return envoy, [f"{HOST}:{p}" for p in ports]
 
 
 @dataclass(repr=False)

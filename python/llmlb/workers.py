@@ -1,0 +1,316 @@
+"""``llmlb serve --workers N``: N picker processes on one ext_proc port, one admin server.
+
+One Python process saturates one core at a few thousand ext_proc messages per second (the gRPC
+stack, not the pick). To use more cores the supervisor starts N worker processes that all bind
+the gRPC port with SO_REUSEPORT; the kernel spreads Envoy's connections across them.
+
+Shared state: the workers must pick as one replica, so in-flight counts and the prefix table
+live in a file mapped by every worker (``/dev/shm``, built by the Rust core's
+``create_worker_state``): picks read and update it with atomics, with no round trip. Redis
+was the other option, but it would add a network round trip to every pick of a setup that has
+no Redis. With Redis configured, each worker is also one Redis replica, and the mapped file
+holds the local fallback state.
+
+The supervisor owns the public admin address: ``/metrics`` sums the workers' series (except
+``llmlb_redis_up``, the minimum), ``/readyz`` is ready when every worker is, and
+``/debug/endpoints`` adds the workers' own counts. A worker that dies is started again with the
+same index; the new process zeroes that index's counts, so a crash leaves no phantom load.
+SIGTERM drains every worker, then the supervisor exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from llmlb._core import create_worker_state
+from llmlb.config import Config, parse_listen
+
+log = logging.getLogger("llmlb.workers")
+
+# Distinct endpoint addresses the shared directory can hold over the supervisor's life.
+ENDPOINT_SLOTS = 16_384
+# A worker that keeps dying is not restarted forever: this many exits within the window stop
+# the whole service (exit 1) so the operator sees it.
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 60.0
+WORKER_START_TIMEOUT_S = 30.0
+FETCH_TIMEOUT_S = 2.0
+# Series whose value is the same fact in every worker: their minimum, not their sum.
+MIN_ACROSS_WORKERS = frozenset({"llmlb_redis_up"})
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$")
+_STREAMS = re.compile(r"^llmlb_extproc_streams_total (\S+)$", re.MULTILINE)
+
+
+@dataclass
+class Worker:
+    index: int
+    announce: Path
+    process: asyncio.subprocess.Process | None = None
+    admin_port: int | None = None
+    exits: list[float] = field(default_factory=list)
+
+    @property
+    def admin_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.admin_port}" if self.admin_port else None
+
+
+def merge_metrics(texts: list[str]) -> str:
+    """Sums the workers' Prometheus text series by series (HELP/TYPE from the first)."""
+    order: list[str] = []
+    values: dict[str, float] = {}
+    for text in texts:
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                if line and line not in values and line not in order:
+                    order.append(line)
+                continue
+            match = _SAMPLE.match(line)
+            if match is None:
+                continue
+            name, labels, raw = match.groups()
+            key = f"{name}{labels or ''}"
+            try:
+                value = float(raw)
+            except ValueError:
+                continue
+            if key not in values:
+                order.append(key)
+                values[key] = value
+            elif name in MIN_ACROSS_WORKERS:
+                values[key] = min(values[key], value)
+            else:
+                values[key] += value
+    lines = []
+    for key in order:
+        if key in values:
+            value = values[key]
+            lines.append(f"{key} {int(value) if value.is_integer() else repr(value)}")
+        else:
+            lines.append(key)
+    return "\n".join(lines) + "\n"
+
+
+def merge_endpoint_views(views: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The first worker's view (pool-wide counts are the same in all) with ``local_inflight``
+    summed over the workers: this replica's own requests."""
+    if not views:
+        return []
+    own: dict[str, int] = {}
+    for view in views:
+        for entry in view:
+            own[entry["address"]] = own.get(entry["address"], 0) + int(entry.get("local_inflight", 0))
+    merged = []
+    for entry in views[0]:
+        merged.append({**entry, "local_inflight": own.get(entry["address"], 0)})
+    return merged
+
+
+def _state_directory() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+class Supervisor:
+    def __init__(self, config: Config, serve_argv: list[str], workers: int) -> None:
+        self.config = config
+        self.serve_argv = serve_argv
+        self.count = workers
+        self.workdir = Path(tempfile.mkdtemp(prefix="llmlb-workers-", dir=_state_directory()))
+        self.state_path = self.workdir / "state"
+        self.workers = [Worker(i, self.workdir / f"worker-{i}.admin") for i in range(workers)]
+        self.stopping = False
+        self.failed = False
+        self._stop = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+
+    def _argv(self, worker: Worker) -> list[str]:
+        return [
+            sys.executable, "-m", "llmlb", "serve", *self.serve_argv,
+            "--worker-index", str(worker.index),
+            "--worker-state", str(self.state_path),
+            "--worker-announce", str(worker.announce),
+        ]  # fmt: skip
+
+    async def _spawn(self, worker: Worker) -> None:
+        worker.announce.unlink(missing_ok=True)
+        worker.admin_port = None
+        worker.process = await asyncio.create_subprocess_exec(
+            *self._argv(worker), stdin=asyncio.subprocess.DEVNULL
+        )
+
+    async def _wait_announced(self, worker: Worker, deadline: float) -> None:
+        """Until the worker has written its internal admin port (it does once it serves)."""
+        assert worker.process is not None
+        while time.monotonic() < deadline:
+            if worker.process.returncode is not None:
+                raise WorkerFailed(worker.index, worker.process.returncode)
+            with contextlib.suppress(OSError, ValueError):
+                worker.admin_port = int(worker.announce.read_text())
+                return
+            await asyncio.sleep(0.05)
+        raise WorkerFailed(worker.index, None)
+
+    async def _watch(self, worker: Worker) -> None:
+        """Restarts the worker whenever it exits, unless stopping or it keeps failing."""
+        while not self.stopping:
+            assert worker.process is not None
+            code = await worker.process.wait()
+            if self.stopping:
+                return
+            now = time.monotonic()
+            worker.exits = [t for t in worker.exits if now - t < RESTART_WINDOW_S] + [now]
+            if len(worker.exits) > RESTART_LIMIT:
+                exits = len(worker.exits)
+                log.error(
+                    "worker %d exited %d times within %.0f s; stopping", worker.index, exits, RESTART_WINDOW_S
+                )
+                self.failed = True
+                self._stop.set()
+                return
+            log.warning("worker %d exited with %s; starting it again", worker.index, code)
+            await asyncio.sleep(min(1.0, 0.1 * len(worker.exits)))
+            await self._spawn(worker)
+            with contextlib.suppress(WorkerFailed):
+                await self._wait_announced(worker, time.monotonic() + WORKER_START_TIMEOUT_S)
+
+    async def _fetch(self, worker: Worker, path: str) -> tuple[int, bytes] | None:
+        if worker.admin_url is None or self._session is None:
+            return None
+        try:
+            async with self._session.get(worker.admin_url + path) as reply:
+                return reply.status, await reply.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    async def _fetch_all(self, path: str) -> list[tuple[int, bytes] | None]:
+        return list(await asyncio.gather(*(self._fetch(w, path) for w in self.workers)))
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        replies = await self._fetch_all("/readyz")
+        ready = sum(1 for r in replies if r is not None and r[0] == 200)
+        status = 200 if ready == self.count and not self.stopping else 503
+        return web.Response(status=status, text=f"{ready}/{self.count} workers ready\n")
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        replies = await self._fetch_all("/metrics")
+        texts = {w.index: r[1].decode() for w, r in zip(self.workers, replies, strict=True) if r and r[0] == 200}
+        lines = [
+            merge_metrics(list(texts.values())).rstrip("\n"),
+            "# HELP llmlb_workers Worker processes answering the supervisor.",
+            "# TYPE llmlb_workers gauge",
+            f"llmlb_workers {len(texts)}",
+            # How evenly the kernel spreads Envoy's connections (and so the streams) over workers.
+            "# HELP llmlb_worker_streams_total ext_proc streams opened, by worker.",
+            "# TYPE llmlb_worker_streams_total counter",
+        ]
+        for index, text in texts.items():
+            streams = _STREAMS.search(text)
+            lines.append(f'llmlb_worker_streams_total{{worker="{index}"}} {streams.group(1) if streams else 0}')
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+    async def _debug_endpoints(self, _: web.Request) -> web.Response:
+        replies = await self._fetch_all("/debug/endpoints")
+        views = [orjson.loads(r[1]) for r in replies if r is not None and r[0] == 200]
+        if not views:
+            return web.json_response({"error": "no worker answered"}, status=503)
+        return web.Response(body=orjson.dumps(merge_endpoint_views(views)), content_type="application/json")
+
+    async def _debug_config(self, _: web.Request) -> web.Response:
+        for reply in await self._fetch_all("/debug/config"):
+            if reply is not None and reply[0] == 200:
+                return web.Response(body=reply[1], content_type="application/json")
+        return web.json_response({"error": "no worker answered"}, status=503)
+
+    async def _start_admin(self) -> web.AppRunner:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/debug/endpoints", self._debug_endpoints)
+        app.router.add_get("/debug/config", self._debug_config)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, port = parse_listen(self.config.admin_listen, "admin_listen")
+        await web.TCPSite(runner, host, port).start()
+        return runner
+
+    async def _stop_workers(self) -> None:
+        self.stopping = True
+        running = [w.process for w in self.workers if w.process is not None and w.process.returncode is None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        grace = self.config.drain_timeout + 5.0
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in running)), grace)
+        except TimeoutError:
+            for process in running:
+                if process.returncode is None:
+                    log.warning("worker pid %d did not stop within %.0f s; killing it", process.pid, grace)
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+            await asyncio.gather(*(p.wait() for p in running))
+
+    async def run(self) -> int:
+        lb = self.config.lb_config
+        create_worker_state(self.state_path, self.count, ENDPOINT_SLOTS, lb.prefixTableSize, lb.redisKeyTTL)
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S))
+        admin: web.AppRunner | None = None
+        watchers: list[asyncio.Task[None]] = []
+        try:
+            admin = await self._start_admin()
+            for worker in self.workers:
+                await self._spawn(worker)
+            deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+            for worker in self.workers:
+                await self._wait_announced(worker, deadline)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            watchers = [asyncio.create_task(self._watch(w)) for w in self.workers]
+            log.info("%d workers serving ext_proc on %s, admin on %s", self.count, self.config.grpc_listen,
+                     self.config.admin_listen)  # fmt: skip
+            await self._stop.wait()
+        finally:
+            await self._stop_workers()
+            for task in watchers:
+                task.cancel()
+            if admin is not None:
+                await admin.cleanup()
+            await self._session.close()
+            for path in (*(w.announce for w in self.workers), self.state_path):
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.workdir.rmdir()
+        return 1 if self.failed else 0
+
+
+class WorkerFailed(Exception):
+    def __init__(self, index: int, code: int | None) -> None:
+        self.index = index
+        self.code = code
+        what = (
+            f"exited with {code}"
+            if code is not None
+            else f"was not serving within {WORKER_START_TIMEOUT_S:.0f} s"
+        )
+        super().__init__(f"worker {index} {what} while starting")

@@ -1,0 +1,706 @@
+//! Picking state shared by the worker processes of one `llmlb serve --workers N`.
+//!
+//! The workers accept ext_proc streams on one port (SO_REUSEPORT), so the turns of one
+//! conversation and the requests to one endpoint land on different processes. To pick as one
+//! replica they share, through a file mapped by every worker (in `/dev/shm`):
+//!
+//! - an **endpoint directory**: address -> slot, append-only, so every worker names an endpoint
+//!   by the same slot;
+//! - **in-flight counts** per worker and slot: each worker writes only its own row, and a pick
+//!   reads the sum over rows. A worker that dies leaves its row behind; its replacement (same
+//!   index) zeroes the row when it opens the state, so no phantom load survives a restart;
+//! - a **prefix table**: set-associative (8 ways per set), each entry a prefix hash and up to
+//!   four `(slot, expiry)` holders like the embedded table, least recently used way replaced.
+//!
+//! Every word is an `AtomicU64`. Directory and prefix sets are guarded by spinlocks whose word
+//! holds the owner's PID: a lock held by a process that no longer exists is taken over, and a
+//! lock that stays busy past a bound is given up on (the pick proceeds without prefix
+//! information), so a crashed or stuck worker can never stall the others.
+
+#![allow(unsafe_code)] // One mapping turned into a slice of atomics; see `WorkerState::open`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::prefix_table::HOLDERS;
+
+const MAGIC: u64 = 0x6c6c_6d6c_625f_7773; // "llmlb_ws"
+const VERSION: u64 = 1;
+
+const HEADER_WORDS: usize = 8;
+const H_MAGIC: usize = 0;
+const H_VERSION: usize = 1;
+const H_WORKERS: usize = 2;
+const H_SLOTS: usize = 3;
+const H_SETS: usize = 4;
+const H_TTL_S: usize = 5;
+const H_DIRECTORY_LOCK: usize = 6;
+/// The directory starts right after the header.
+const DIRECTORY: usize = HEADER_WORDS;
+
+/// Directory entry: the address length, then up to `MAX_ADDRESS` bytes.
+const DIR_WORDS: usize = 16;
+pub const MAX_ADDRESS: usize = (DIR_WORDS - 1) * 8;
+
+pub const WAYS: usize = 8;
+/// Prefix entry: key, `last_used_s | len << 32`, then one `slot | expires_s << 32` per holder.
+const ENTRY_WORDS: usize = 2 + HOLDERS;
+/// Prefix set: its lock word, then the ways.
+const SET_WORDS: usize = 1 + WAYS * ENTRY_WORDS;
+
+pub const MAX_WORKERS: usize = 256;
+
+/// Spins before a busy lock is checked for a dead owner, and before it is given up on.
+const STEAL_CHECK_SPINS: u32 = 2_000;
+const GIVE_UP_SPINS: u32 = 20_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub workers: usize,
+    pub slots: usize,
+    pub sets: usize,
+}
+
+impl Layout {
+    /// `prefix_capacity` entries rounded up to whole sets.
+    pub fn new(workers: usize, slots: usize, prefix_capacity: usize) -> Self {
+        Self {
+            workers: workers.clamp(1, MAX_WORKERS),
+            slots: slots.max(1),
+            sets: prefix_capacity.div_ceil(WAYS).max(1),
+        }
+    }
+
+    fn counts(&self) -> usize {
+        DIRECTORY + self.slots * DIR_WORDS
+    }
+
+    fn prefix(&self) -> usize {
+        self.counts() + self.workers * self.slots
+    }
+
+    fn words(&self) -> usize {
+        self.prefix() + self.sets * SET_WORDS
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.words() * 8
+    }
+}
+
+pub struct WorkerState {
+    map: *mut AtomicU64,
+    words: usize,
+    layout: Layout,
+    worker: usize,
+    ttl_s: u32,
+    /// This process's lock-owner mark.
+    pid: u64,
+}
+
+// SAFETY: the mapping is only ever accessed through atomics, which are Sync; the pointer stays
+// valid until `Drop` unmaps it.
+unsafe impl Send for WorkerState {}
+unsafe impl Sync for WorkerState {}
+
+fn seconds(now_ms: u64) -> u32 {
+    u32::try_from(now_ms / 1000).unwrap_or(u32::MAX)
+}
+
+fn process_exists(pid: u64) -> bool {
+    // Without /proc we cannot tell, so never take a lock over.
+    !Path::new("/proc/self").exists() || Path::new(&format!("/proc/{pid}")).exists()
+}
+
+impl WorkerState {
+    /// Creates (or truncates) the state file at `path` for `layout`; workers then `open` it.
+    pub fn create(path: &Path, layout: Layout, ttl_s: u64) -> io::Result<()> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        file.set_len(layout.bytes() as u64)?;
+        let state = Self::map(&file, layout, 0)?;
+        let header = state.all();
+        header[H_WORKERS].store(layout.workers as u64, Ordering::Relaxed);
+        header[H_SLOTS].store(layout.slots as u64, Ordering::Relaxed);
+        header[H_SETS].store(layout.sets as u64, Ordering::Relaxed);
+        header[H_TTL_S].store(ttl_s.min(u64::from(u32::MAX)), Ordering::Relaxed);
+        header[H_VERSION].store(VERSION, Ordering::Relaxed);
+        header[H_MAGIC].store(MAGIC, Ordering::Release);
+        Ok(())
+    }
+
+    /// Maps the state as worker `worker` and zeroes that worker's in-flight row (whatever a
+    /// previous process with this index left there is not in flight any more).
+    pub fn open(path: &Path, worker: usize) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = file.metadata()?.len() as usize;
+        let bad = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {what}", path.display()),
+            )
+        };
+        if len < HEADER_WORDS * 8 {
+            return Err(bad("too short to be a worker state file"));
+        }
+        let probe = Self::map(
+            &file,
+            Layout {
+                workers: 0,
+                slots: 0,
+                sets: 0,
+            },
+            0,
+        )?;
+        let header = probe.all();
+        if header[H_MAGIC].load(Ordering::Acquire) != MAGIC
+            || header[H_VERSION].load(Ordering::Relaxed) != VERSION
+        {
+            return Err(bad("not an llmlb worker state file (or another version)"));
+        }
+        let layout = Layout {
+            workers: header[H_WORKERS].load(Ordering::Relaxed) as usize,
+            slots: header[H_SLOTS].load(Ordering::Relaxed) as usize,
+            sets: header[H_SETS].load(Ordering::Relaxed) as usize,
+        };
+        let ttl_s = header[H_TTL_S].load(Ordering::Relaxed) as u32;
+        drop(probe);
+        if layout.bytes() != len {
+            return Err(bad("size does not match its header"));
+        }
+        if worker >= layout.workers {
+            return Err(bad(&format!(
+                "worker {worker} out of range (0..{})",
+                layout.workers
+            )));
+        }
+        let mut state = Self::map(&file, layout, worker)?;
+        state.ttl_s = ttl_s;
+        for slot in 0..layout.slots {
+            state.count(worker, slot).store(0, Ordering::Relaxed);
+        }
+        Ok(state)
+    }
+
+    fn map(file: &File, layout: Layout, worker: usize) -> io::Result<Self> {
+        let len = file.metadata()?.len() as usize;
+        // SAFETY: a shared read-write mapping of the whole file; the kernel returns page-aligned
+        // memory, which satisfies AtomicU64's alignment, and `words` never exceeds the file.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            map: ptr.cast::<AtomicU64>(),
+            words: len / 8,
+            layout,
+            worker,
+            ttl_s: 0,
+            pid: u64::from(std::process::id()),
+        })
+    }
+
+    fn all(&self) -> &[AtomicU64] {
+        // SAFETY: `map` points at `words` initialised (file-backed, zero-filled) u64 words that
+        // live until `Drop`; AtomicU64 has the layout of u64 and every access is atomic.
+        unsafe { std::slice::from_raw_parts(self.map, self.words) }
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    fn count(&self, worker: usize, slot: usize) -> &AtomicU64 {
+        &self.all()[self.layout.counts() + worker * self.layout.slots + slot]
+    }
+
+    fn lock<'a>(&self, word: &'a AtomicU64) -> Option<LockGuard<'a>> {
+        let mut spins = 0u32;
+        loop {
+            match word.compare_exchange_weak(0, self.pid, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => return Some(LockGuard(word)),
+                Err(owner) => {
+                    spins += 1;
+                    if spins == STEAL_CHECK_SPINS
+                        && owner != 0
+                        && !process_exists(owner)
+                        && word
+                            .compare_exchange(owner, self.pid, Ordering::Acquire, Ordering::Relaxed)
+                            .is_ok()
+                    {
+                        return Some(LockGuard(word));
+                    }
+                    if spins >= GIVE_UP_SPINS {
+                        return None;
+                    }
+                    if spins > 64 {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The slot of `address`, adding it to the directory if new. `None` when the address is
+    /// longer than `MAX_ADDRESS` bytes, the directory is full, or its lock stayed busy.
+    pub fn intern(&self, address: &str) -> Option<u32> {
+        let bytes = address.as_bytes();
+        if bytes.is_empty() || bytes.len() > MAX_ADDRESS {
+            return None;
+        }
+        if let Some(slot) = self.find(bytes) {
+            return Some(slot);
+        }
+        let all = self.all();
+        let _guard = self.lock(&all[H_DIRECTORY_LOCK])?;
+        if let Some(slot) = self.find(bytes) {
+            return Some(slot);
+        }
+        let slot = (0..self.layout.slots).find(|&s| self.entry_len(s) == 0)?;
+        let base = DIRECTORY + slot * DIR_WORDS;
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            all[base + 1 + i].store(u64::from_le_bytes(word), Ordering::Relaxed);
+        }
+        all[base].store(bytes.len() as u64, Ordering::Release);
+        Some(slot as u32)
+    }
+
+    fn entry_len(&self, slot: usize) -> usize {
+        self.all()[DIRECTORY + slot * DIR_WORDS].load(Ordering::Acquire) as usize
+    }
+
+    /// The address in `slot`, if taken.
+    pub fn address(&self, slot: u32) -> Option<String> {
+        let slot = slot as usize;
+        if slot >= self.layout.slots {
+            return None;
+        }
+        let len = self.entry_len(slot);
+        if len == 0 || len > MAX_ADDRESS {
+            return None;
+        }
+        let base = DIRECTORY + slot * DIR_WORDS;
+        let mut bytes = Vec::with_capacity(len + 8);
+        for i in 0..len.div_ceil(8) {
+            bytes.extend_from_slice(
+                &self.all()[base + 1 + i]
+                    .load(Ordering::Relaxed)
+                    .to_le_bytes(),
+            );
+        }
+        bytes.truncate(len);
+        String::from_utf8(bytes).ok()
+    }
+
+    fn find(&self, bytes: &[u8]) -> Option<u32> {
+        let all = self.all();
+        'slots: for slot in 0..self.layout.slots {
+            let len = self.entry_len(slot);
+            if len == 0 {
+                return None; // slots are taken in order: the first free one ends the list
+            }
+            if len != bytes.len() {
+                continue;
+            }
+            let base = DIRECTORY + slot * DIR_WORDS;
+            for (i, chunk) in bytes.chunks(8).enumerate() {
+                let word = all[base + 1 + i].load(Ordering::Relaxed).to_le_bytes();
+                if word[..chunk.len()] != *chunk {
+                    continue 'slots;
+                }
+            }
+            return Some(slot as u32);
+        }
+        None
+    }
+
+    /// Requests in flight to `slot` across every worker.
+    pub fn inflight(&self, slot: u32) -> u32 {
+        let slot = slot as usize;
+        if slot >= self.layout.slots {
+            return 0;
+        }
+        let total: u64 = (0..self.layout.workers)
+            .map(|w| self.count(w, slot).load(Ordering::Relaxed))
+            .sum();
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+
+    /// This worker's own requests in flight to `slot`.
+    pub fn own_inflight(&self, slot: u32) -> u32 {
+        let slot = slot as usize;
+        if slot >= self.layout.slots {
+            return 0;
+        }
+        u32::try_from(self.count(self.worker, slot).load(Ordering::Relaxed)).unwrap_or(u32::MAX)
+    }
+
+    /// Adds one in-flight request of this worker to `slot`.
+    pub fn increment(&self, slot: u32) {
+        if (slot as usize) < self.layout.slots {
+            self.count(self.worker, slot as usize)
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Removes one; never below zero. Only this worker writes its row, so load-then-store is exact.
+    pub fn decrement(&self, slot: u32) {
+        if (slot as usize) < self.layout.slots {
+            let count = self.count(self.worker, slot as usize);
+            let value = count.load(Ordering::Relaxed);
+            count.store(value.saturating_sub(1), Ordering::Relaxed);
+        }
+    }
+
+    fn set_of(&self, hash: u64) -> usize {
+        self.layout.prefix() + (hash % self.layout.sets as u64) as usize * SET_WORDS
+    }
+
+    /// Runs `f` on the ways of `hash`'s set under its lock; `None` if the lock stayed busy.
+    fn with_set<R>(&self, hash: u64, f: impl FnOnce(&[AtomicU64]) -> R) -> Option<R> {
+        let base = self.set_of(hash);
+        let set = &self.all()[base..base + SET_WORDS];
+        let _guard = self.lock(&set[0])?;
+        Some(f(&set[1..]))
+    }
+
+    fn holds(&self, hash: u64, slot: u32, now_s: u32) -> bool {
+        self.with_set(hash, |ways| {
+            find_way(ways, hash).is_some_and(|way| live_holders(way, now_s).any(|s| s == slot))
+        })
+        .unwrap_or(false)
+    }
+
+    /// For each endpoint slot holding the first block, how many leading blocks it holds (the
+    /// same binary search as the embedded table).
+    pub fn match_depths(&self, hashes: &[u64], now_ms: u64, out: &mut Vec<(u32, u32)>) {
+        out.clear();
+        let now_s = seconds(now_ms);
+        let Some(&first) = hashes.first() else { return };
+        let mut holders = [0u32; HOLDERS];
+        let mut count = 0;
+        let _ = self.with_set(first, |ways| {
+            if let Some(way) = find_way(ways, first) {
+                let used = &way[1];
+                let meta = used.load(Ordering::Relaxed);
+                used.store((meta & !0xffff_ffff) | u64::from(now_s), Ordering::Relaxed);
+                for slot in live_holders(way, now_s) {
+                    holders[count] = slot;
+                    count += 1;
+                }
+            }
+        });
+        for &slot in &holders[..count] {
+            let (mut lo, mut hi) = (1usize, hashes.len());
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if self.holds(hashes[mid - 1], slot, now_s) {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            out.push((slot, lo as u32));
+        }
+    }
+
+    /// Records that `slot` now holds every level of `hashes`.
+    pub fn record(&self, hashes: &[u64], slot: u32, now_ms: u64) {
+        let now_s = seconds(now_ms);
+        let expires_s = now_s.saturating_add(self.ttl_s);
+        for &hash in hashes {
+            let _ = self.with_set(hash, |ways| touch(ways, hash, slot, now_s, expires_s));
+        }
+    }
+}
+
+struct LockGuard<'a>(&'a AtomicU64);
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+impl Drop for WorkerState {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped; no reference into it outlives `self`.
+        unsafe {
+            libc::munmap(self.map.cast(), self.words * 8);
+        }
+    }
+}
+
+fn way(ways: &[AtomicU64], i: usize) -> &[AtomicU64] {
+    &ways[i * ENTRY_WORDS..(i + 1) * ENTRY_WORDS]
+}
+
+/// Key 0 marks a free way, so a (vanishingly unlikely) zero hash is stored as 1.
+fn key_of(hash: u64) -> u64 {
+    hash.max(1)
+}
+
+fn find_way(ways: &[AtomicU64], hash: u64) -> Option<&[AtomicU64]> {
+    let key = key_of(hash);
+    (0..WAYS)
+        .map(|i| way(ways, i))
+        .find(|w| w[0].load(Ordering::Relaxed) == key)
+}
+
+fn holder_count(way: &[AtomicU64]) -> usize {
+    ((way[1].load(Ordering::Relaxed) >> 32) as usize).min(HOLDERS)
+}
+
+fn live_holders(way: &[AtomicU64], now_s: u32) -> impl Iterator<Item = u32> + '_ {
+    way[2..2 + holder_count(way)].iter().filter_map(move |h| {
+        let value = h.load(Ordering::Relaxed);
+        ((value >> 32) as u32 > now_s).then_some(value as u32)
+    })
+}
+
+/// Moves (or inserts) `slot` to the front of `hash`'s holders, claiming a way if needed: a free
+/// one, else the least recently used.
+fn touch(ways: &[AtomicU64], hash: u64, slot: u32, now_s: u32, expires_s: u32) {
+    let key = key_of(hash);
+    let target = find_way(ways, hash).unwrap_or_else(|| {
+        let victim = (0..WAYS)
+            .map(|i| way(ways, i))
+            .min_by_key(|w| {
+                if w[0].load(Ordering::Relaxed) == 0 {
+                    0
+                } else {
+                    1 + (w[1].load(Ordering::Relaxed) & 0xffff_ffff)
+                }
+            })
+            .expect("WAYS > 0");
+        victim[0].store(key, Ordering::Relaxed);
+        victim[1].store(0, Ordering::Relaxed);
+        victim
+    });
+    let len = holder_count(target);
+    let mut holders = [0u64; HOLDERS];
+    for (i, h) in target[2..2 + len].iter().enumerate() {
+        holders[i] = h.load(Ordering::Relaxed);
+    }
+    let at = holders[..len]
+        .iter()
+        .position(|&h| h as u32 == slot)
+        .unwrap_or(if len < HOLDERS { len } else { HOLDERS - 1 });
+    let new_len = len.max(at + 1);
+    holders.copy_within(0..at, 1);
+    holders[0] = u64::from(slot) | (u64::from(expires_s) << 32);
+    for (i, &h) in holders[..new_len].iter().enumerate() {
+        target[2 + i].store(h, Ordering::Relaxed);
+    }
+    target[1].store(
+        u64::from(now_s) | ((new_len as u64) << 32),
+        Ordering::Relaxed,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TempFile(std::path::PathBuf);
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn temp(name: &str) -> TempFile {
+        let dir = std::env::temp_dir();
+        TempFile(dir.join(format!("llmlb-ws-test-{}-{name}", std::process::id())))
+    }
+
+    fn create(name: &str, layout: Layout) -> TempFile {
+        let file = temp(name);
+        WorkerState::create(&file.0, layout, 60).unwrap();
+        file
+    }
+
+    fn depths(state: &WorkerState, hashes: &[u64], now_ms: u64) -> Vec<(u32, u32)> {
+        let mut out = Vec::new();
+        state.match_depths(hashes, now_ms, &mut out);
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn workers_share_the_directory_and_sum_their_counts() {
+        let file = create("counts", Layout::new(2, 8, 64));
+        let a = WorkerState::open(&file.0, 0).unwrap();
+        let b = WorkerState::open(&file.0, 1).unwrap();
+        let s = a.intern("10.0.0.1:8000").unwrap();
+        assert_eq!(
+            b.intern("10.0.0.1:8000"),
+            Some(s),
+            "same address, same slot"
+        );
+        assert_ne!(b.intern("10.0.0.2:8000"), Some(s));
+        assert_eq!(a.address(s).as_deref(), Some("10.0.0.1:8000"));
+        a.increment(s);
+        a.increment(s);
+        b.increment(s);
+        assert_eq!((a.inflight(s), b.inflight(s)), (3, 3));
+        assert_eq!((a.own_inflight(s), b.own_inflight(s)), (2, 1));
+        b.decrement(s);
+        b.decrement(s); // never below zero, and never into another worker's share
+        assert_eq!(a.inflight(s), 2);
+    }
+
+    #[test]
+    fn a_restarted_worker_drops_its_predecessors_counts() {
+        let file = create("restart", Layout::new(2, 8, 64));
+        let a = WorkerState::open(&file.0, 0).unwrap();
+        let b = WorkerState::open(&file.0, 1).unwrap();
+        let s = a.intern("e:1").unwrap();
+        a.increment(s);
+        b.increment(s);
+        drop(b); // worker 1 dies with one request in flight...
+        let b2 = WorkerState::open(&file.0, 1).unwrap(); // ...and its replacement starts clean
+        assert_eq!(b2.inflight(s), 1);
+        assert_eq!(b2.own_inflight(s), 0);
+    }
+
+    #[test]
+    fn directory_limits() {
+        let file = create("dir", Layout::new(1, 2, 64));
+        let a = WorkerState::open(&file.0, 0).unwrap();
+        assert!(a.intern("a:1").is_some());
+        assert!(a.intern("b:1").is_some());
+        assert_eq!(a.intern("c:1"), None, "full");
+        assert_eq!(a.intern(&"x".repeat(MAX_ADDRESS + 1)), None, "too long");
+        assert_eq!(a.intern(""), None);
+        let long = "y".repeat(MAX_ADDRESS);
+        let file2 = create("dir2", Layout::new(1, 2, 64));
+        let b = WorkerState::open(&file2.0, 0).unwrap();
+        let slot = b.intern(&long).unwrap();
+        assert_eq!(b.address(slot).as_deref(), Some(long.as_str()));
+    }
+
+    #[test]
+    fn open_rejects_foreign_files_and_bad_indexes() {
+        let file = temp("foreign");
+        std::fs::write(&file.0, vec![7u8; 4096]).unwrap();
+        assert!(WorkerState::open(&file.0, 0).is_err());
+        let good = create("index", Layout::new(2, 4, 8));
+        assert!(WorkerState::open(&good.0, 2).is_err());
+        assert!(WorkerState::open(Path::new("/nonexistent/llmlb"), 0).is_err());
+    }
+
+    #[test]
+    fn prefix_depths_are_shared_between_workers() {
+        let file = create("prefix", Layout::new(2, 8, 1024));
+        let a = WorkerState::open(&file.0, 0).unwrap();
+        let b = WorkerState::open(&file.0, 1).unwrap();
+        a.record(&[11, 12, 13], 3, 0);
+        b.record(&[11, 12, 13, 14, 15], 5, 0);
+        assert_eq!(
+            depths(&b, &[11, 12, 13, 14, 15, 16], 1000),
+            vec![(3, 3), (5, 5)]
+        );
+        assert_eq!(depths(&a, &[99, 12], 1000), vec![]);
+        assert_eq!(depths(&a, &[], 1000), vec![]);
+    }
+
+    #[test]
+    fn prefix_entries_expire_and_keep_four_holders() {
+        let file = create("expire", Layout::new(1, 8, 1024));
+        let a = WorkerState::open(&file.0, 0).unwrap(); // ttl 60 s
+        a.record(&[1, 2], 7, 0);
+        assert_eq!(depths(&a, &[1, 2], 59_999), vec![(7, 2)]);
+        assert_eq!(depths(&a, &[1, 2], 60_000), vec![]);
+        for slot in 0..6 {
+            a.record(&[9], slot, 0);
+        }
+        assert_eq!(depths(&a, &[9], 0), vec![(2, 1), (3, 1), (4, 1), (5, 1)]);
+    }
+
+    #[test]
+    fn a_full_set_replaces_its_least_recently_used_way() {
+        let file = create("lru", Layout::new(1, 8, WAYS)); // one set
+        let a = WorkerState::open(&file.0, 0).unwrap();
+        for key in 1..=WAYS as u64 {
+            a.record(&[key], 1, key * 1000);
+        }
+        // Key 1 is used again, so key 2 is now the oldest and goes first.
+        assert_eq!(depths(&a, &[1], 20_000), vec![(1, 1)]);
+        a.record(&[100], 1, 21_000);
+        assert_eq!(depths(&a, &[2], 21_000), vec![]);
+        assert_eq!(depths(&a, &[1], 21_000), vec![(1, 1)]);
+        assert_eq!(depths(&a, &[100], 21_000), vec![(1, 1)]);
+    }
+
+    #[test]
+    fn a_lock_left_by_a_dead_process_is_taken_over() {
+        let file = create("steal", Layout::new(1, 8, 64));
+        let a = WorkerState::open(&file.0, 0).unwrap();
+        // PIDs are below 2^22 on Linux: this owner cannot exist.
+        a.all()[H_DIRECTORY_LOCK].store(u64::from(u32::MAX) + 7, Ordering::Relaxed);
+        assert!(a.intern("e:1").is_some());
+        assert_eq!(a.all()[H_DIRECTORY_LOCK].load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_lock_held_by_a_live_process_is_given_up_on() {
+        let file = create("busy", Layout::new(1, 8, 64));
+        let a = WorkerState::open(&file.0, 0).unwrap();
+        a.all()[H_DIRECTORY_LOCK].store(1, Ordering::Relaxed); // PID 1 always exists
+        assert_eq!(a.intern("e:1"), None);
+        a.all()[H_DIRECTORY_LOCK].store(0, Ordering::Relaxed);
+        assert!(a.intern("e:1").is_some());
+    }
+
+    #[test]
+    fn concurrent_workers_keep_exact_counts() {
+        let file = create("threads", Layout::new(4, 8, 1024));
+        let path = file.0.clone();
+        let handles: Vec<_> = (0..4)
+            .map(|w| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let state = WorkerState::open(&path, w).unwrap();
+                    let slot = state.intern("shared:1").unwrap();
+                    for i in 0..10_000u64 {
+                        state.increment(slot);
+                        state.record(&[i % 97, 1000 + i % 13], slot, 0);
+                        if i % 2 == 0 {
+                            state.decrement(slot);
+                        }
+                    }
+                    state
+                })
+            })
+            .collect();
+        let states: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let slot = states[0].intern("shared:1").unwrap();
+        assert_eq!(states[0].inflight(slot), 4 * 5_000);
+        assert!(!depths(&states[0], &[5], 0).is_empty());
+    }
+}

@@ -227,9 +227,13 @@ def rust_rows(r: Results) -> list[Row]:
         ("pick", "prefix_cache_miss", "pick+release, prefix_cache (new prefix)"),
         ("pick_only", "global_least_request", "pick alone, global_least_request"),
         ("pick_only", "prefix_cache", "pick alone, prefix_cache"),
+        ("pick", "global_least_request_workers", "pick+release, global_least_request, --workers state"),
+        ("pick", "prefix_cache_workers", "pick+release, prefix_cache (prefix hit), --workers state"),
     ]
     for n in (1000, 8):
         for group, policy, label in picks:
+            if n == 8 and policy.endswith("_workers"):
+                continue
             bench_id = f"{group}/{policy}/{n}"
             ns = r.rust_ns(bench_id)
             figure = f"{label}, {n} endpoints"

@@ -209,3 +209,42 @@ def test_workers_behind_envoy_route_every_request(tmp_path: Path) -> None:
         assert metric_sum(samples, "llmlb_workers") == 2
     finally:
         stop_all([envoy.proc, daemon.proc, *(b.proc for b in backends)])
+
+
+def test_merged_metrics_sum_series_and_take_the_minimum_of_redis_up() -> None:
+    from llmlb.workers import merge_metrics
+
+    worker0 = (
+        "# HELP llmlb_picks_total Endpoints picked.\n# TYPE llmlb_picks_total counter\n"
+        'llmlb_picks_total{policy="p",endpoint="a:1",reason="least_request"} 3\n'
+        "# TYPE llmlb_redis_up gauge\nllmlb_redis_up 1\n"
+        'llmlb_pick_duration_seconds_bucket{le="0.001"} 2\nllmlb_pick_duration_seconds_sum 0.25\n'
+    )
+    worker1 = (
+        "# HELP llmlb_picks_total Endpoints picked.\n# TYPE llmlb_picks_total counter\n"
+        'llmlb_picks_total{policy="p",endpoint="a:1",reason="least_request"} 4\n'
+        'llmlb_picks_total{policy="p",endpoint="b:1",reason="prefix_hit"} 1\n'
+        "# TYPE llmlb_redis_up gauge\nllmlb_redis_up 0\n"
+        'llmlb_pick_duration_seconds_bucket{le="0.001"} 5\nllmlb_pick_duration_seconds_sum 0.5\n'
+        "not a sample line\n"
+    )
+    merged = merge_metrics([worker0, worker1])
+    lines = merged.splitlines()
+    assert 'llmlb_picks_total{policy="p",endpoint="a:1",reason="least_request"} 7' in lines
+    assert 'llmlb_picks_total{policy="p",endpoint="b:1",reason="prefix_hit"} 1' in lines
+    assert "llmlb_redis_up 0" in lines, "one worker off Redis means the replica is not fully on it"
+    assert 'llmlb_pick_duration_seconds_bucket{le="0.001"} 7' in lines
+    assert "llmlb_pick_duration_seconds_sum 0.75" in lines
+    assert lines.count("# HELP llmlb_picks_total Endpoints picked.") == 1
+    assert "not a sample line" not in merged
+
+
+def test_merged_endpoint_views_sum_the_workers_own_counts() -> None:
+    from llmlb.workers import merge_endpoint_views
+
+    view0 = [{"address": "a:1", "inflight": 5, "local_inflight": 2, "healthy": True}]
+    view1 = [{"address": "a:1", "inflight": 5, "local_inflight": 3, "healthy": True}]
+    assert merge_endpoint_views([view0, view1]) == [
+        {"address": "a:1", "inflight": 5, "local_inflight": 5, "healthy": True}
+    ]
+    assert merge_endpoint_views([]) == []

@@ -16,6 +16,7 @@
 //! confirm that both sides measured the same bytes.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
@@ -26,6 +27,7 @@ use _core::balancer::{Balancer, BalancerConfig, PickReason};
 use _core::prefix_table::PrefixTable;
 use _core::request::parse_request;
 use _core::scheduling::policies::Policy;
+use _core::worker_state::{Layout, WorkerState};
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic request bodies (keep in sync with bench/python/bench_bodies.py).
@@ -259,11 +261,33 @@ fn random_chain(rng: &mut Mix, levels: usize) -> Vec<u64> {
 /// A balancer over `n` endpoints; for prefix_cache, a prefix table warmed with ~100k entries by
 /// earlier picks, and `chain` recorded on one endpoint so picking it exercises the hit path.
 fn balancer(policy: Policy, n: usize, chain: &[u64]) -> Balancer {
+    balancer_on(policy, n, chain, None)
+}
+
+/// The same, as worker 0 of two sharing state through a mapped file (`serve --workers 2`).
+fn worker_balancer(policy: Policy, n: usize, chain: &[u64]) -> Balancer {
+    let path = std::env::temp_dir().join(format!("llmlb-bench-workers-{}", std::process::id()));
+    let capacity = BalancerConfig::default().prefix_capacity;
+    WorkerState::create(&path, Layout::new(2, 16_384, capacity), 1800).expect("worker state");
+    let state = WorkerState::open(&path, 0).expect("worker state");
+    let _ = std::fs::remove_file(&path); // the mapping outlives the name
+    balancer_on(policy, n, chain, Some(Arc::new(state)))
+}
+
+fn balancer_on(
+    policy: Policy,
+    n: usize,
+    chain: &[u64],
+    workers: Option<Arc<WorkerState>>,
+) -> Balancer {
     let config = BalancerConfig {
         policy,
         ..BalancerConfig::default()
     };
     let mut b = Balancer::with_rng(config, SmallRng::seed_from_u64(7));
+    if let Some(state) = workers {
+        b.attach_workers(state);
+    }
     b.set_endpoints(&endpoints(n));
     if policy.uses_prefix() {
         let mut rng = Mix(99);
@@ -305,6 +329,16 @@ fn bench_pick(c: &mut Criterion) {
             });
             assert_eq!(b.open_tickets(), 0);
         }
+    }
+    for (policy, hashes) in cases {
+        let mut b = worker_balancer(policy, 1000, &chain);
+        let id = BenchmarkId::new(format!("{}_workers", policy.name()), 1000);
+        group.bench_function(id, |bench| {
+            bench.iter(|| {
+                let p = b.pick(Some(black_box(hashes)), NOW_MS).expect("pick");
+                b.release(p.ticket)
+            });
+        });
     }
     // A chain nobody holds: every level misses and is then recorded (evicting old entries).
     for n in [8, 1000] {

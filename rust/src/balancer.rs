@@ -13,8 +13,10 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 use crate::prefix_table::PrefixTable;
+use crate::scheduling::filters::HealthyFilter;
+use crate::scheduling::least_busy::{self, Thresholds};
 use crate::scheduling::policies::{self, Policy};
-use crate::scheduling::{Candidate, Profile, RequestInfo, Scratch};
+use crate::scheduling::{Candidate, Filter, LoraFit, Profile, RequestInfo, Scratch};
 use crate::worker_state::WorkerState;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +31,11 @@ pub struct BalancerConfig {
     pub load_floor: u32,
     /// Refuse a pick when the chosen endpoint already has this many in flight; 0 = off.
     pub max_request_count: u32,
+    /// least_busy: models never shed (`None`: every model is critical).
+    pub critical_models: Option<Vec<String>>,
+    /// least_busy: metrics older than this count as stale.
+    pub stale_after_ms: u64,
+    pub thresholds: Thresholds,
 }
 
 impl Default for BalancerConfig {
@@ -40,6 +47,9 @@ impl Default for BalancerConfig {
             load_factor: 1.25,
             load_floor: 2,
             max_request_count: 0,
+            critical_models: None,
+            stale_after_ms: 2000,
+            thresholds: Thresholds::default(),
         }
     }
 }
@@ -54,6 +64,10 @@ pub enum PickReason {
     BadBody,
     /// No endpoint was healthy; chosen by load among all of them.
     NoHealthy,
+    /// least_busy: chosen from live metrics.
+    LeastBusy,
+    /// least_busy: every endpoint's metrics were stale; chosen by in-flight count.
+    StaleMetrics,
 }
 
 impl PickReason {
@@ -63,6 +77,8 @@ impl PickReason {
             PickReason::LeastRequest => "least_request",
             PickReason::BadBody => "bad_body",
             PickReason::NoHealthy => "no_healthy",
+            PickReason::LeastBusy => "least_busy",
+            PickReason::StaleMetrics => "stale_metrics",
         }
     }
 }
@@ -85,6 +101,46 @@ pub enum PickError {
         endpoint: Arc<str>,
         inflight: u32,
     },
+    /// least_busy: a sheddable request and no endpoint has room for it.
+    Shed,
+}
+
+/// One endpoint's last scraped load (least_busy).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Load {
+    pub waiting: f64,
+    pub running: f64,
+    pub kv_cache: f64,
+    pub running_lora: Vec<String>,
+    pub waiting_lora: Vec<String>,
+    pub max_lora: u32,
+    /// When it was scraped, on the balancer's clock.
+    pub at_ms: u64,
+}
+
+impl Load {
+    fn lora_fit(&self, model: &str) -> LoraFit {
+        if self
+            .running_lora
+            .iter()
+            .chain(&self.waiting_lora)
+            .any(|a| a == model)
+        {
+            LoraFit::Loaded
+        } else if (self.running_lora.len() as u32) < self.max_lora {
+            LoraFit::FreeSlot
+        } else {
+            LoraFit::None
+        }
+    }
+}
+
+/// What `Balancer::endpoint_loads` reports per endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadView {
+    pub address: Arc<str>,
+    pub load: Option<Load>,
+    pub picks_since_scrape: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +195,8 @@ pub struct Balancer {
     depths: Vec<(u32, u32)>,
     scratch: Scratch,
     workers: Option<Workers>,
+    loads: Vec<Option<Load>>,
+    picks_since_scrape: Vec<u32>,
 }
 
 impl Balancer {
@@ -148,7 +206,8 @@ impl Balancer {
 
     pub fn with_rng(config: BalancerConfig, rng: SmallRng) -> Self {
         let profile = match config.policy {
-            Policy::GlobalLeastRequest => policies::least_request(),
+            // least_busy decides in `least_busy`; least-request then makes the final choice.
+            Policy::GlobalLeastRequest | Policy::LeastBusy => policies::least_request(),
             Policy::PrefixCache => policies::prefix_cache(config.load_factor, config.load_floor),
         };
         let prefix = PrefixTable::new(
@@ -173,6 +232,68 @@ impl Balancer {
             depths: Vec::new(),
             scratch: Scratch::default(),
             workers: None,
+            loads: Vec::new(),
+            picks_since_scrape: Vec::new(),
+        }
+    }
+
+    /// Records an endpoint's freshly scraped load; picks since the previous scrape stop counting.
+    pub fn set_load(&mut self, address: &str, load: Load) {
+        let id = self.intern(address) as usize;
+        self.loads[id] = Some(load);
+        self.picks_since_scrape[id] = 0;
+    }
+
+    /// The last load of every endpoint in the pool.
+    pub fn endpoint_loads(&self) -> Vec<LoadView> {
+        self.pool
+            .iter()
+            .map(|&id| LoadView {
+                address: self.addresses[id as usize].clone(),
+                load: self.loads[id as usize].clone(),
+                picks_since_scrape: self.picks_since_scrape[id as usize],
+            })
+            .collect()
+    }
+
+    fn is_critical(&self, model: Option<&str>) -> bool {
+        match (&self.config.critical_models, model) {
+            (Some(critical), Some(model)) => critical.iter().any(|m| m == model),
+            // No list: everything is critical (as in Higress); no model: never shed the unknown.
+            _ => true,
+        }
+    }
+
+    /// Fills the candidates' load fields and decides; `Ok(false)` when every endpoint is stale.
+    fn least_busy(&mut self, model: Option<&str>, now_ms: u64) -> Result<bool, PickError> {
+        let stale_after = self.config.stale_after_ms;
+        let mut lora = false;
+        for c in &mut self.candidates {
+            let id = c.id as usize;
+            match &self.loads[id] {
+                Some(load) if now_ms.saturating_sub(load.at_ms) <= stale_after => {
+                    c.waiting = load.waiting + f64::from(self.picks_since_scrape[id]);
+                    c.kv_cache = load.kv_cache;
+                    c.lora = model.map_or(LoraFit::None, |m| load.lora_fit(m));
+                    lora |= c.lora == LoraFit::Loaded;
+                }
+                _ => c.stale = true,
+            }
+        }
+        if self.candidates.iter().all(|c| c.stale) {
+            return Ok(false);
+        }
+        let request = RequestInfo {
+            prefix_levels: 0,
+            critical: self.is_critical(model),
+            lora,
+            entropy: rand::Rng::random(&mut self.rng),
+        };
+        HealthyFilter.filter(&request, &mut self.candidates);
+        if least_busy::decide(&request, &mut self.candidates, &self.config.thresholds) {
+            Ok(true)
+        } else {
+            Err(PickError::Shed)
         }
     }
 
@@ -274,6 +395,8 @@ impl Balancer {
         self.inflight.push(0);
         self.healthy.push(true);
         self.pool_position.push(NOT_IN_POOL);
+        self.loads.push(None);
+        self.picks_since_scrape.push(0);
         if let Some(w) = self.workers.as_mut() {
             let slot = w
                 .state
@@ -311,6 +434,16 @@ impl Balancer {
 
     /// Picks an endpoint. `prefix_hashes` is `None` when the body could not be parsed.
     pub fn pick(&mut self, prefix_hashes: Option<&[u64]>, now_ms: u64) -> Result<Pick, PickError> {
+        self.pick_for(prefix_hashes, None, now_ms)
+    }
+
+    /// Picks an endpoint for a request of `model` (least_busy: criticality and LoRA adapters).
+    pub fn pick_for(
+        &mut self,
+        prefix_hashes: Option<&[u64]>,
+        model: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Pick, PickError> {
         if self.pool.is_empty() {
             return Err(PickError::NoEndpoints);
         }
@@ -322,9 +455,17 @@ impl Balancer {
                 inflight: self.inflight_of(id),
                 healthy: self.healthy[id as usize],
                 prefix_depth: 0,
+                waiting: 0.0,
+                kv_cache: 0.0,
+                stale: false,
+                lora: LoraFit::None,
             });
         }
         self.candidates = candidates;
+        let mut fresh_metrics = true;
+        if self.config.policy == Policy::LeastBusy && prefix_hashes.is_some() {
+            fresh_metrics = self.least_busy(model, now_ms)?;
+        }
         let hashes = prefix_hashes.unwrap_or(&[]);
         let use_prefix = self.config.policy.uses_prefix() && !hashes.is_empty();
         if use_prefix {
@@ -341,6 +482,7 @@ impl Balancer {
         }
         let request = RequestInfo {
             prefix_levels: hashes.len() as u32,
+            ..RequestInfo::default()
         };
         let profile = if prefix_hashes.is_some() {
             &self.profile
@@ -368,6 +510,10 @@ impl Balancer {
             PickReason::BadBody
         } else if !chosen.healthy {
             PickReason::NoHealthy
+        } else if !fresh_metrics {
+            PickReason::StaleMetrics
+        } else if self.config.policy == Policy::LeastBusy {
+            PickReason::LeastBusy
         } else if chosen.prefix_depth > 0 {
             PickReason::PrefixHit
         } else {
@@ -377,6 +523,7 @@ impl Balancer {
             self.record(hashes, chosen.id, now_ms);
         }
         self.count_in(chosen.id);
+        self.picks_since_scrape[idx] += 1;
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         self.tickets.insert(ticket, chosen.id);
@@ -667,5 +814,119 @@ mod tests {
         );
         assert_eq!((next.reason, next.prefix_depth), (PickReason::PrefixHit, 3));
         let _ = std::fs::remove_file(path);
+    }
+
+    fn busy_balancer(critical: Option<Vec<String>>) -> Balancer {
+        let config = BalancerConfig {
+            policy: Policy::LeastBusy,
+            critical_models: critical,
+            ..BalancerConfig::default()
+        };
+        let mut b = Balancer::with_rng(config, SmallRng::seed_from_u64(5));
+        b.set_endpoints(&["a:1", "b:1", "c:1"]);
+        b
+    }
+
+    fn load(waiting: f64, kv_cache: f64, at_ms: u64) -> Load {
+        Load {
+            waiting,
+            kv_cache,
+            at_ms,
+            ..Load::default()
+        }
+    }
+
+    #[test]
+    fn least_busy_follows_the_idle_server_and_counts_picks_between_scrapes() {
+        let mut b = busy_balancer(None);
+        b.set_load("a:1", load(8.0, 0.5, 0));
+        b.set_load("b:1", load(0.0, 0.1, 0));
+        b.set_load("c:1", load(9.0, 0.9, 0));
+        let first = b.pick_for(Some(&[]), Some("m"), 10).unwrap();
+        assert_eq!(
+            (&*first.endpoint, first.reason),
+            ("b:1", PickReason::LeastBusy)
+        );
+        // A burst before the next scrape: b's picks count as queue, so the burst does not all
+        // land on the server that looked idle.
+        let burst: Vec<_> = (0..12)
+            .map(|_| b.pick_for(Some(&[]), Some("m"), 20).unwrap())
+            .collect();
+        assert!(burst.iter().any(|p| &*p.endpoint != "b:1"), "{burst:?}");
+        // The load flips: traffic follows.
+        b.set_load("a:1", load(0.0, 0.1, 30));
+        b.set_load("b:1", load(20.0, 0.9, 30));
+        b.set_load("c:1", load(20.0, 0.9, 30));
+        assert_eq!(
+            &*b.pick_for(Some(&[]), Some("m"), 40).unwrap().endpoint,
+            "a:1"
+        );
+    }
+
+    #[test]
+    fn least_busy_avoids_stale_metrics_and_falls_back_when_all_are_stale() {
+        let mut b = busy_balancer(None);
+        b.set_load("a:1", load(0.0, 0.0, 0)); // idle, but its metrics will be old
+        b.set_load("b:1", load(3.0, 0.5, 2_500));
+        b.set_load("c:1", load(3.0, 0.5, 2_500));
+        for _ in 0..10 {
+            let p = b.pick_for(Some(&[]), Some("m"), 3_000).unwrap();
+            assert_ne!(
+                &*p.endpoint, "a:1",
+                "a's metrics are 3 s old (stale after 2 s)"
+            );
+            b.release(p.ticket);
+        }
+        let p = b.pick_for(Some(&[]), Some("m"), 60_000).unwrap();
+        assert_eq!(p.reason, PickReason::StaleMetrics);
+    }
+
+    #[test]
+    fn sheddable_models_are_refused_when_saturated_and_critical_ones_are_not() {
+        let mut b = busy_balancer(Some(vec!["gold".to_owned()]));
+        for e in ["a:1", "b:1", "c:1"] {
+            b.set_load(e, load(10.0, 0.95, 0));
+        }
+        assert_eq!(
+            b.pick_for(Some(&[]), Some("bronze"), 10),
+            Err(PickError::Shed)
+        );
+        assert!(b.pick_for(Some(&[]), Some("gold"), 10).is_ok());
+        assert_eq!(b.open_tickets(), 1, "a shed request takes no ticket");
+        b.set_load("c:1", load(1.0, 0.2, 20));
+        assert_eq!(
+            &*b.pick_for(Some(&[]), Some("bronze"), 30).unwrap().endpoint,
+            "c:1"
+        );
+    }
+
+    #[test]
+    fn lora_requests_go_where_the_adapter_is_loaded() {
+        let mut b = busy_balancer(None);
+        for e in ["a:1", "b:1", "c:1"] {
+            b.set_load(
+                e,
+                Load {
+                    max_lora: 2,
+                    ..load(0.0, 0.1, 0)
+                },
+            );
+        }
+        b.set_load(
+            "c:1",
+            Load {
+                running_lora: vec!["sql-lora".to_owned()],
+                max_lora: 2,
+                ..load(2.0, 0.3, 0)
+            },
+        );
+        let hits = (0..20)
+            .filter(|_| {
+                let p = b.pick_for(Some(&[]), Some("sql-lora"), 10).unwrap();
+                b.release(p.ticket);
+                &*p.endpoint == "c:1"
+            })
+            .count();
+        assert!(hits >= 19, "{hits} of 20 on the server with the adapter");
     }
 }

@@ -19,9 +19,10 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 
-use crate::balancer::{Balancer, BalancerConfig, Pick, PickError};
+use crate::balancer::{Balancer, BalancerConfig, Load, Pick, PickError};
 use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
 use crate::request::{parse_request, ParseError, ParsedRequest};
+use crate::scheduling::least_busy::Thresholds;
 use crate::scheduling::policies::Policy;
 use crate::shared::{pick_call, resp_evalsha, scripts, Keys, PickSettings};
 use crate::worker_state::{Layout, WorkerState};
@@ -37,6 +38,12 @@ create_exception!(
     NoEndpointsError,
     PyRuntimeError,
     "The pool has no endpoints."
+);
+create_exception!(
+    _core,
+    ShedError,
+    PyRuntimeError,
+    "least_busy: the request's model is sheddable and no endpoint has room for it."
 );
 create_exception!(
     _core,
@@ -111,6 +118,9 @@ fn pick_result(result: Result<Pick, PickError>) -> PyResult<PickTuple> {
         Err(PickError::OverLimit { endpoint, inflight }) => Err(OverLimitError::new_err(format!(
             "every endpoint is at maxRequestCount; least loaded {endpoint} has {inflight} in flight"
         ))),
+        Err(PickError::Shed) => Err(ShedError::new_err(
+            "every endpoint is saturated and this model is not critical; retry later",
+        )),
     }
 }
 
@@ -150,8 +160,10 @@ impl PyBalancer {
     #[new]
     #[pyo3(signature = (
         policy, *, prefix_ttl_s = 1800, prefix_capacity = 262_144, load_factor = 1.25, load_floor = 2,
-        max_request_count = 0
+        max_request_count = 0, critical_models = None, stale_after_ms = 2000, queue_threshold = 5.0,
+        kv_cache_threshold = 0.8, lora_queue_threshold = 128.0, lora_affinity = 0.999
     ))]
+    #[allow(clippy::too_many_arguments)] // keyword-only settings, mirrored from the config
     fn new(
         policy: &str,
         prefix_ttl_s: u64,
@@ -159,6 +171,12 @@ impl PyBalancer {
         load_factor: f64,
         load_floor: u32,
         max_request_count: u32,
+        critical_models: Option<Vec<String>>,
+        stale_after_ms: u64,
+        queue_threshold: f64,
+        kv_cache_threshold: f64,
+        lora_queue_threshold: f64,
+        lora_affinity: f64,
     ) -> PyResult<Self> {
         let policy = Policy::from_name(policy)
             .ok_or_else(|| PyValueError::new_err(format!("unknown policy {policy:?}")))?;
@@ -172,6 +190,14 @@ impl PyBalancer {
             load_factor,
             load_floor,
             max_request_count,
+            critical_models,
+            stale_after_ms,
+            thresholds: Thresholds {
+                queue: queue_threshold,
+                kv_cache: kv_cache_threshold,
+                lora_queue: lora_queue_threshold,
+                lora_affinity,
+            },
         };
         Ok(Self {
             inner: Mutex::new(Balancer::new(config)),
@@ -199,13 +225,76 @@ impl PyBalancer {
     #[pyo3(signature = (body))]
     fn pick(&self, py: Python<'_>, body: Option<PyBackedBytes>) -> PyResult<PickTuple> {
         let parsed = body.map(|b| parse(py, &b));
-        let hashes = match &parsed {
-            None => Some(&[][..]),
-            Some(Ok(p)) => Some(p.prefix_hashes.as_slice()),
-            Some(Err(_)) => None,
+        let (hashes, model) = match &parsed {
+            None => (Some(&[][..]), None),
+            Some(Ok(p)) => (Some(p.prefix_hashes.as_slice()), Some(p.model.as_str())),
+            Some(Err(_)) => (None, None),
         };
         let now = self.now_ms();
-        pick_result(self.lock().pick(hashes, now))
+        pick_result(self.lock().pick_for(hashes, model, now))
+    }
+
+    /// Records an endpoint's freshly scraped load (least_busy), stamped now.
+    #[pyo3(signature = (address, *, waiting, running, kv_cache, running_lora, waiting_lora, max_lora))]
+    #[allow(clippy::too_many_arguments)] // keyword-only fields of one scrape
+    fn set_load(
+        &self,
+        address: &str,
+        waiting: f64,
+        running: f64,
+        kv_cache: f64,
+        running_lora: Vec<String>,
+        waiting_lora: Vec<String>,
+        max_lora: u32,
+    ) {
+        let load = Load {
+            waiting,
+            running,
+            kv_cache,
+            running_lora,
+            waiting_lora,
+            max_lora,
+            at_ms: self.now_ms(),
+        };
+        self.lock().set_load(address, load);
+    }
+
+    /// `[(address, waiting, running, kv_cache, age_seconds, picks_since_scrape)]` for the pool;
+    /// the metric fields are `None` before the first successful scrape.
+    #[allow(clippy::type_complexity)]
+    fn endpoint_loads(
+        &self,
+    ) -> Vec<(
+        String,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        u32,
+    )> {
+        let now = self.now_ms();
+        self.lock()
+            .endpoint_loads()
+            .into_iter()
+            .map(|v| match v.load {
+                Some(l) => (
+                    v.address.to_string(),
+                    Some(l.waiting),
+                    Some(l.running),
+                    Some(l.kv_cache),
+                    Some(now.saturating_sub(l.at_ms) as f64 / 1000.0),
+                    v.picks_since_scrape,
+                ),
+                None => (
+                    v.address.to_string(),
+                    None,
+                    None,
+                    None,
+                    None,
+                    v.picks_since_scrape,
+                ),
+            })
+            .collect()
     }
 
     /// Turns on shared-state picks for `pool` as replica `replica`.
@@ -426,5 +515,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RequestParseError", py.get_type::<RequestParseError>())?;
     m.add("NoEndpointsError", py.get_type::<NoEndpointsError>())?;
     m.add("OverLimitError", py.get_type::<OverLimitError>())?;
+    m.add("ShedError", py.get_type::<ShedError>())?;
     Ok(())
 }

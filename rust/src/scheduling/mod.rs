@@ -2,6 +2,7 @@
 //! chooses. A policy is a `Profile` composed of these small pieces (see `policies`).
 
 pub mod filters;
+pub mod least_busy;
 pub mod pickers;
 pub mod policies;
 pub mod scorers;
@@ -17,6 +18,25 @@ pub struct Candidate {
     pub healthy: bool,
     /// Leading prefix blocks of this request the endpoint is known to hold.
     pub prefix_depth: u32,
+    /// Live load from the endpoint's metrics (least_busy; zero otherwise): queued requests,
+    /// plus the picks made since the last scrape, and KV-cache usage in [0, 1].
+    pub waiting: f64,
+    pub kv_cache: f64,
+    /// No metrics, or older than `staleAfter`: treated as saturated.
+    pub stale: bool,
+    pub lora: LoraFit,
+}
+
+/// How an endpoint fits the LoRA adapter a request names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraFit {
+    /// No adapter requested, or the endpoint cannot load it now.
+    #[default]
+    None,
+    /// The endpoint has a free adapter slot.
+    FreeSlot,
+    /// The adapter is loaded (running or waiting) on the endpoint.
+    Loaded,
 }
 
 /// What the pipeline knows of the request.
@@ -24,6 +44,12 @@ pub struct Candidate {
 pub struct RequestInfo {
     /// Number of prefix blocks of the request (0 when the body gave none).
     pub prefix_levels: u32,
+    /// The request's model is critical (least_busy never sheds it).
+    pub critical: bool,
+    /// The request's model is a LoRA adapter some endpoint has loaded.
+    pub lora: bool,
+    /// A uniform random draw for filters that decide by chance.
+    pub entropy: u64,
 }
 
 pub trait Filter: Send + Sync {
@@ -98,5 +124,9 @@ pub(crate) fn cand(id: u32, inflight: u32) -> Candidate {
         inflight,
         healthy: true,
         prefix_depth: 0,
+        waiting: 0.0,
+        kv_cache: 0.0,
+        stale: false,
+        lora: LoraFit::None,
     }
 }

@@ -9,6 +9,8 @@ use super::Profile;
 pub enum Policy {
     GlobalLeastRequest,
     PrefixCache,
+    /// Live model-server metrics (see `least_busy`).
+    LeastBusy,
 }
 
 impl Policy {
@@ -16,6 +18,7 @@ impl Policy {
         match name {
             "global_least_request" => Some(Policy::GlobalLeastRequest),
             "prefix_cache" => Some(Policy::PrefixCache),
+            "least_busy" => Some(Policy::LeastBusy),
             _ => None,
         }
     }
@@ -24,6 +27,7 @@ impl Policy {
         match self {
             Policy::GlobalLeastRequest => "global_least_request",
             Policy::PrefixCache => "prefix_cache",
+            Policy::LeastBusy => "least_busy",
         }
     }
 

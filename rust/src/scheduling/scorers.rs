@@ -68,7 +68,14 @@ mod tests {
             cand(2, 0),
         ];
         let mut out = [0.0; 2];
-        PrefixAffinityScorer.score(&RequestInfo { prefix_levels: 4 }, &c, &mut out);
+        PrefixAffinityScorer.score(
+            &RequestInfo {
+                prefix_levels: 4,
+                ..RequestInfo::default()
+            },
+            &c,
+            &mut out,
+        );
         assert_eq!(out, [0.75, 0.0]);
     }
 }

@@ -72,6 +72,7 @@ bench-check: ## Run the benchmarks and print each figure against its budget
 .PHONY: bench-e2e
 bench-e2e: ## Requests/s, latency and picker CPU through a real Envoy (wrk; apt-get install wrk)
 	$(PYTHON) bench/e2e/bench_e2e.py --rounds 3
+	$(PYTHON) bench/e2e/bench_e2e.py --budget
 
 .PHONY: bench-redis
 bench-redis: ## What shared state in Redis adds per pick, through Envoy at a fixed rate

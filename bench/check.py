@@ -16,7 +16,8 @@ the calls looped in a round).
 Budgets:
 - parse+hash of a request body >= 1 GB/s on one core (1 GB = 10^9 bytes), for each body size;
 - a pick among 1,000 endpoints <= 20 us;
-- through Envoy (from `make bench-e2e`'s bench/e2e/results.json, not re-run here), BUFFERED
+- reading a ~100 KB vLLM /metrics page (`engine_metrics/vllm_100kb`) <= 100 us on one core;
+- through Envoy (from `make bench-e2e`'s bench/e2e/results-budget.json, not re-run here), BUFFERED
   mode, 8 connections: llmlb prefix_cache (embedded) >= 0.9x the no-op ext_proc's requests/s
   and <= +0.3 ms p50 with 2 KB bodies, >= 0.8x with 64 KB bodies;
 - Python call overhead <= 2 us per call: Python-side time minus the Rust-side time of the same
@@ -40,12 +41,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-E2E_RESULTS = ROOT / "bench" / "e2e" / "results.json"
+E2E_RESULTS = ROOT / "bench" / "e2e" / "results-budget.json"
 # (body, connections, minimum requests/s as a share of the no-op's, maximum added p50 in ms)
 E2E_BUDGETS = [("2k", 8, 0.9, 0.3), ("64k", 8, 0.8, None)]
 
 PARSE_BUDGET_MBPS = 1000.0  # 1 GB/s
 PICK_BUDGET_US = 20.0
+METRICS_BUDGET_US = 100.0
 OVERHEAD_BUDGET_US = 2.0
 OVERHEAD_CHECKED_UP_TO_US = 10.0
 
@@ -221,6 +223,19 @@ def rust_rows(r: Results) -> list[Row]:
             note += f"; budget {fmt_time(nbytes)}, {fmt_time(ns - nbytes)} ({ns / nbytes - 1:.0%}) over"
         rows.append(Row(section, figure, f"{mbps:,.0f} MB/s", ">= 1000 MB/s", status(mbps >= 1000), note))
 
+    bench_id = "engine_metrics/vllm_100kb"
+    ns, nbytes = r.rust_ns(bench_id), r.rust_bytes(bench_id)
+    figure = "parse_engine_metrics, ~100 KB vLLM /metrics page"
+    budget = f"<= {METRICS_BUDGET_US:.0f} us"
+    if ns is None:
+        rows.append(Row(section, figure, "-", budget, "MISSING", bench_id))
+    else:
+        us = ns / 1e3
+        note = f"{nbytes} B, {nbytes / ns * 1e3:,.0f} MB/s" if nbytes else ""
+        if us > METRICS_BUDGET_US:
+            note += f"; {us / METRICS_BUDGET_US:.2f}x the budget"
+        rows.append(Row(section, figure, fmt_time(ns), budget, status(us <= METRICS_BUDGET_US), note))
+
     picks = [
         ("pick", "global_least_request", "pick+release, global_least_request"),
         ("pick", "prefix_cache", "pick+release, prefix_cache (prefix hit)"),
@@ -364,9 +379,9 @@ def bodies_row(rust_bodies: dict[str, Any], r: Results) -> Row:
 
 def e2e_rows(path: Path = E2E_RESULTS) -> list[Row]:
     """The end-to-end budgets, read from the last `make bench-e2e` run."""
-    section = "Through Envoy (bench/e2e/results.json)"
+    section = "Through Envoy (bench/e2e/results-budget.json)"
     if not path.exists():
-        return [Row(section, "prefix_cache vs no-op ext_proc", "not run", "make bench-e2e", "INFO")]
+        return [Row(section, "prefix_cache vs no-op ext_proc", "not run", "make bench-e2e", "MISSING")]
     sys.path.insert(0, str(ROOT / "bench" / "e2e"))
     from bench_e2e import aggregate
 

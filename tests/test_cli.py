@@ -62,15 +62,18 @@ def test_check_config_prints_every_default(tmp_path):
     assert effective["lb_config"]["leaseTTL"] == 15
 
 
-def test_least_busy_is_valid_config_but_not_served_yet(tmp_path):
+def test_least_busy_thresholds_are_validated(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("lb_policy: least_busy\nlb_config: {criticalModels: [m]}\n")
+    path.write_text("lb_policy: least_busy\nlb_config: {criticalModels: [m], kvCacheThreshold: 0.9}\n")
     assert llmlb("check-config", str(path)).returncode == 0
-    result = llmlb(
-        "serve", "--config", str(path), "--grpc-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"
-    )
+    path.write_text("lb_policy: least_busy\nlb_config: {kvCacheThreshold: 1.5}\n")
+    result = llmlb("check-config", str(path))
     assert result.returncode == 2
-    assert "least_busy" in one_line_error(result)
+    assert "lb_config.kvCacheThreshold" in one_line_error(result)
+    path.write_text("lb_policy: prefix_cache\nlb_config: {scrapeInterval: 100}\n")
+    result = llmlb("check-config", str(path))
+    assert result.returncode == 2
+    assert "only applies to lb_policy: least_busy" in one_line_error(result)
 
 
 def test_version_and_help():

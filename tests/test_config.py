@@ -149,3 +149,13 @@ def test_unreadable_or_invalid_yaml_is_a_config_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("lb_policy: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_policy_flag_keeps_least_busy_fields_from_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lb_policy: least_busy\nlb_config: {criticalModels: [gold], staleAfter: 700}\n")
+    config = with_overrides(load_config(str(path)), policy="least_busy")
+    assert config.lb_config.criticalModels == ("gold",)
+    assert config.lb_config.staleAfter == 700
+    with pytest.raises(ConfigError, match="only applies to lb_policy: least_busy"):
+        with_overrides(load_config(str(path)), policy="prefix_cache")

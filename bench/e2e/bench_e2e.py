@@ -59,6 +59,8 @@ from tests.support.redis_servers import RedisServer, redis_server_binary  # noqa
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
+# The budget check's own run: only the two configurations compared, alternating, more rounds.
+BUDGET_RESULTS = HERE / "results-budget.json"
 BODY_SIZES = {"2k": 2_000, "64k": 64_000}
 BODIES_PER_SIZE = 64
 WRK_SCRIPT = r"""
@@ -249,7 +251,18 @@ def main() -> int:
         "state in Redis, Envoy's full-duplex mode (default buffered)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--budget",
+        action="store_true",
+        help="the budget comparison only: noop vs prefix_cache, 8 connections, 2k and 64k bodies, "
+        f"5 rounds, into {BUDGET_RESULTS.name}",
+    )
     args = parser.parse_args()
+    if args.budget:
+        args.configs, args.conns, args.bodies = "noop,prefix_cache", "8", "2k,64k"
+        args.rounds = max(args.rounds, 5)
+        if args.out == RESULTS:
+            args.out = BUDGET_RESULTS
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 1
@@ -306,6 +319,7 @@ def main() -> int:
         stop_all(reversed(procs))
         if redis is not None:
             redis.stop()
+    shutil.rmtree(work, ignore_errors=True)
     args.out.write_text(
         json.dumps({"seconds": args.seconds, "rounds": args.rounds, "results": results}, indent=1)
     )

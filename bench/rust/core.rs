@@ -10,6 +10,8 @@
 //! - `pick/prefix_cache_miss/<endpoints>`: pick + release of a never-seen 32 KB-sized chain.
 //! - `release/unknown_ticket`: the smallest call there is (baseline of the Python call cost).
 //! - `prefix_table/match_depths/<case>/<levels>` and `prefix_table/record/<case>/64`.
+//! - `engine_metrics/vllm_100kb`: `parse_engine_metrics` of a generated ~100 KB vLLM `/metrics`
+//!   page (engine auto-detected).
 //!
 //! The request bodies come from a small deterministic generator, mirrored byte for byte by
 //! `bench/python/bench_bodies.py`; each run prints a fingerprint line per body so `check.py` can
@@ -24,6 +26,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 use _core::balancer::{Balancer, BalancerConfig, PickReason};
+use _core::engine_metrics::{parse_engine_metrics, Engine};
 use _core::prefix_table::PrefixTable;
 use _core::request::parse_request;
 use _core::scheduling::policies::Policy;
@@ -494,10 +497,335 @@ fn bench_prefix_table(c: &mut Criterion) {
     group.finish();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Engine metrics pages.
+
+const METRICS_PAGE_BYTES: usize = 100 * 1024;
+const METRICS_MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+/// Data-parallel engines on the page; each repeats every vLLM series with its `engine` label.
+const METRICS_ENGINES: u64 = 3;
+
+const LATENCY_BUCKETS: [f64; 21] = [
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+];
+const TTFT_BUCKETS: [f64; 22] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+const TPOT_BUCKETS: [f64; 19] = [
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+const TOKEN_BUCKETS: [f64; 14] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0,
+];
+const ITERATION_BUCKETS: [f64; 13] = [
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+];
+const N_BUCKETS: [f64; 5] = [1.0, 2.0, 5.0, 10.0, 20.0];
+
+/// vLLM's histograms: (name, help, buckets).
+const METRICS_HISTOGRAMS: [(&str, &str, &[f64]); 13] = [
+    (
+        "iteration_tokens_total",
+        "Histogram of number of tokens per engine_step.",
+        &ITERATION_BUCKETS,
+    ),
+    (
+        "time_to_first_token_seconds",
+        "Histogram of time to first token in seconds.",
+        &TTFT_BUCKETS,
+    ),
+    (
+        "time_per_output_token_seconds",
+        "Histogram of time per output token in seconds.",
+        &TPOT_BUCKETS,
+    ),
+    (
+        "inter_token_latency_seconds",
+        "Histogram of inter-token latency in seconds.",
+        &TPOT_BUCKETS,
+    ),
+    (
+        "e2e_request_latency_seconds",
+        "Histogram of e2e request latency in seconds.",
+        &LATENCY_BUCKETS,
+    ),
+    (
+        "request_queue_time_seconds",
+        "Histogram of time spent in WAITING phase for request.",
+        &LATENCY_BUCKETS,
+    ),
+    (
+        "request_inference_time_seconds",
+        "Histogram of time spent in RUNNING phase for request.",
+        &LATENCY_BUCKETS,
+    ),
+    (
+        "request_prefill_time_seconds",
+        "Histogram of time spent in PREFILL phase for request.",
+        &LATENCY_BUCKETS,
+    ),
+    (
+        "request_decode_time_seconds",
+        "Histogram of time spent in DECODE phase for request.",
+        &LATENCY_BUCKETS,
+    ),
+    (
+        "request_prompt_tokens",
+        "Number of prefill tokens processed.",
+        &TOKEN_BUCKETS,
+    ),
+    (
+        "request_generation_tokens",
+        "Number of generation tokens processed.",
+        &TOKEN_BUCKETS,
+    ),
+    (
+        "request_params_max_tokens",
+        "Histogram of the max_tokens request parameter.",
+        &TOKEN_BUCKETS,
+    ),
+    (
+        "request_params_n",
+        "Histogram of the n request parameter.",
+        &N_BUCKETS,
+    ),
+];
+
+/// A float as prometheus_client writes it (`12.0`, `0.3`, `1.7e+09` is not needed here).
+fn prom_float(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.1}")
+    } else {
+        format!("{v}")
+    }
+}
+
+/// Writes a vLLM `/metrics` page the way prometheus_client lays it out.
+struct MetricsPage {
+    out: String,
+    rng: Mix,
+}
+
+impl MetricsPage {
+    fn line(&mut self, args: std::fmt::Arguments<'_>) {
+        use std::fmt::Write as _;
+        let _ = self.out.write_fmt(args);
+        self.out.push('\n');
+    }
+
+    fn family(&mut self, name: &str, help: &str, kind: &str) {
+        self.line(format_args!("# HELP {name} {help}\n# TYPE {name} {kind}"));
+    }
+
+    /// The labels of one data-parallel engine's series.
+    fn labels(engine: u64) -> String {
+        format!("engine=\"{engine}\",model_name=\"{METRICS_MODEL}\"")
+    }
+
+    /// What prometheus_client exposes by itself: GC, platform and process metrics.
+    fn process(&mut self) {
+        self.family(
+            "python_gc_objects_collected_total",
+            "Objects collected during gc",
+            "counter",
+        );
+        for (generation, collected) in [(0, 11_532), (1, 1_843), (2, 907)] {
+            self.line(format_args!(
+                "python_gc_objects_collected_total{{generation=\"{generation}\"}} {collected}.0"
+            ));
+        }
+        self.family("python_info", "Python platform information", "gauge");
+        self.line(format_args!(
+            "python_info{{implementation=\"CPython\",major=\"3\",minor=\"12\",patchlevel=\"8\",version=\"3.12.8\"}} 1.0"
+        ));
+        for (name, value) in [
+            ("process_virtual_memory_bytes", "6.4923648e+010"),
+            ("process_resident_memory_bytes", "3.912953856e+09"),
+            ("process_start_time_seconds", "1.73180042413e+09"),
+            ("process_cpu_seconds_total", "1843.27"),
+            ("process_open_fds", "142.0"),
+            ("process_max_fds", "1.048576e+06"),
+        ] {
+            self.family(name, "Process metric.", "gauge");
+            self.line(format_args!("{name} {value}"));
+        }
+    }
+
+    /// The load gauges (both KV-usage names) and the LoRA info series.
+    fn gauges(&mut self) {
+        for (name, help) in [
+            (
+                "num_requests_running",
+                "Number of requests in model execution batches.",
+            ),
+            (
+                "num_requests_waiting",
+                "Number of requests waiting to be processed.",
+            ),
+            (
+                "kv_cache_usage_perc",
+                "KV-cache usage. 1 means 100 percent usage.",
+            ),
+            (
+                "gpu_cache_usage_perc",
+                "GPU KV-cache usage. 1 means 100 percent usage.",
+            ),
+        ] {
+            self.family(&format!("vllm:{name}"), help, "gauge");
+            for engine in 0..METRICS_ENGINES {
+                let value = if name.ends_with("_perc") {
+                    self.rng.below(1000) as f64 / 1000.0
+                } else {
+                    self.rng.below(64) as f64
+                };
+                let labels = Self::labels(engine);
+                self.line(format_args!(
+                    "vllm:{name}{{{labels}}} {}",
+                    prom_float(value)
+                ));
+            }
+        }
+        self.family(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            "gauge",
+        );
+        self.line(format_args!(
+            "vllm:lora_requests_info{{max_lora=\"4\",running_lora_adapters=\"sql-lora,chat-lora\",waiting_lora_adapters=\"\"}} 1.7318004531e+09"
+        ));
+    }
+
+    /// Counters, each with its `_created` samples.
+    fn counters(&mut self) {
+        for (name, help) in [
+            (
+                "num_preemptions",
+                "Cumulative number of preemption from the engine.",
+            ),
+            ("prompt_tokens", "Number of prefill tokens processed."),
+            (
+                "generation_tokens",
+                "Number of generation tokens processed.",
+            ),
+            (
+                "prefix_cache_queries",
+                "Prefix cache queries, in terms of number of queried tokens.",
+            ),
+            (
+                "prefix_cache_hits",
+                "Prefix cache hits, in terms of number of cached tokens.",
+            ),
+        ] {
+            self.family(&format!("vllm:{name}_total"), help, "counter");
+            for engine in 0..METRICS_ENGINES {
+                let value = prom_float(self.rng.below(10_000_000) as f64);
+                let labels = Self::labels(engine);
+                self.line(format_args!("vllm:{name}_total{{{labels}}} {value}"));
+            }
+            for engine in 0..METRICS_ENGINES {
+                let labels = Self::labels(engine);
+                self.line(format_args!(
+                    "vllm:{name}_created{{{labels}}} 1.7318004236e+09"
+                ));
+            }
+        }
+        self.family(
+            "vllm:request_success_total",
+            "Count of successfully processed requests.",
+            "counter",
+        );
+        for engine in 0..METRICS_ENGINES {
+            for reason in ["stop", "length", "abort"] {
+                let value = prom_float(self.rng.below(100_000) as f64);
+                let labels = Self::labels(engine);
+                self.line(format_args!(
+                    "vllm:request_success_total{{{labels},finished_reason=\"{reason}\"}} {value}"
+                ));
+            }
+        }
+    }
+
+    /// The request histograms, every bucket of every engine.
+    fn histograms(&mut self) {
+        for (name, help, buckets) in METRICS_HISTOGRAMS {
+            self.family(&format!("vllm:{name}"), help, "histogram");
+            for engine in 0..METRICS_ENGINES {
+                let mut count = 0;
+                let bounds = buckets.iter().map(|&b| prom_float(b));
+                for le in bounds.chain(["+Inf".to_owned()]) {
+                    count += self.rng.below(500);
+                    self.line(format_args!(
+                        "vllm:{name}_bucket{{engine=\"{engine}\",le=\"{le}\",model_name=\"{METRICS_MODEL}\"}} {}",
+                        prom_float(count as f64)
+                    ));
+                }
+                let labels = Self::labels(engine);
+                let sum = count as f64 * (self.rng.below(10_000) as f64 / 1000.0);
+                self.line(format_args!(
+                    "vllm:{name}_count{{{labels}}} {}",
+                    prom_float(count as f64)
+                ));
+                self.line(format_args!("vllm:{name}_sum{{{labels}}} {sum}"));
+            }
+            for engine in 0..METRICS_ENGINES {
+                let labels = Self::labels(engine);
+                self.line(format_args!(
+                    "vllm:{name}_created{{{labels}}} 1.7318004236e+09"
+                ));
+            }
+        }
+    }
+}
+
+/// A vLLM `/metrics` page of about 100 KB, as a 3-way data-parallel server exposes it.
+fn vllm_metrics_page(seed: u64) -> Vec<u8> {
+    let mut page = MetricsPage {
+        out: String::with_capacity(METRICS_PAGE_BYTES + 8192),
+        rng: Mix(seed),
+    };
+    page.process();
+    page.gauges();
+    page.counters();
+    page.histograms();
+    page.out.into_bytes()
+}
+
+fn bench_engine_metrics(c: &mut Criterion) {
+    let page = vllm_metrics_page(100);
+    assert!(
+        (METRICS_PAGE_BYTES * 9 / 10..=METRICS_PAGE_BYTES * 11 / 10).contains(&page.len()),
+        "the generated page is {} bytes",
+        page.len()
+    );
+    let (engine, m) = parse_engine_metrics(&page, None).expect("the page parses");
+    assert_eq!(engine, Engine::Vllm);
+    assert_eq!(m.lines_skipped, 0);
+    assert!(m.waiting.is_some() && m.running.is_some() && m.kv_cache_usage.is_some());
+    assert_eq!(m.running_lora_adapters, ["sql-lora", "chat-lora"]);
+    println!(
+        "llmlb-bench-metrics bytes={} lines={} waiting={:?} running={:?} kv={:?}",
+        page.len(),
+        memchr::memchr_iter(b'\n', &page).count(),
+        m.waiting,
+        m.running,
+        m.kv_cache_usage
+    );
+
+    let mut group = c.benchmark_group("engine_metrics");
+    group.throughput(Throughput::Bytes(page.len() as u64));
+    group.bench_function("vllm_100kb", |b| {
+        b.iter(|| parse_engine_metrics(black_box(&page), None).expect("parses"));
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     // Bounded run; `--warm-up-time` / `--measurement-time` on the command line override these.
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = bench_parse, bench_pick, bench_prefix_table
+    targets = bench_parse, bench_pick, bench_prefix_table, bench_engine_metrics
 }
 criterion_main!(benches);

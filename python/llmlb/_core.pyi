@@ -13,11 +13,18 @@ PREFIX_BLOCK_SIZE: Final[int]
 class RequestParseError(ValueError):
     """The body is not a usable OpenAI request (not UTF-8, not JSON, no prompt, wrong types)."""
 
+class MetricsParseError(ValueError):
+    """The page is not a usable metrics page: no sample at all (an HTML error page, say), none of
+    a known engine's metrics (auto-detection), or a sample that matters is not UTF-8."""
+
 class NoEndpointsError(RuntimeError):
     """The pool has no endpoints."""
 
 class OverLimitError(RuntimeError):
     """The best endpoint already has ``maxRequestCount`` requests in flight."""
+
+class ShedError(RuntimeError):
+    """least_busy: the model is sheddable and no endpoint has room for it."""
 
 class ParsedRequest:
     @property
@@ -39,6 +46,47 @@ def parse_request(body: bytes) -> ParsedRequest:
         RequestParseError: the body is not a usable request.
     """
 
+class EngineMetrics:
+    """A model server's load from its ``/metrics`` page. A field whose metric family is absent
+    (or holds only NaN or negative values) is ``None``."""
+
+    @property
+    def engine(self) -> str:
+        """``"vllm"``, ``"sglang"``, ``"trtllm-serve"`` or ``"triton"``."""
+    @property
+    def waiting(self) -> float | None:
+        """Requests queued, summed over the family's series (engines, models)."""
+    @property
+    def running(self) -> float | None:
+        """Requests running, summed over the family's series."""
+    @property
+    def kv_cache_usage(self) -> float | None:
+        """KV-cache usage in ``[0, 1]``, the largest of the family's series. vLLM: from
+        ``kv_cache_usage_perc``, else the older ``gpu_cache_usage_perc``."""
+    @property
+    def running_lora_adapters(self) -> list[str]:
+        """vLLM only: from the newest ``vllm:lora_requests_info`` series."""
+    @property
+    def waiting_lora_adapters(self) -> list[str]: ...
+    @property
+    def max_lora(self) -> int | None: ...
+    @property
+    def lines_skipped(self) -> int:
+        """Malformed lines ignored."""
+
+def parse_engine_metrics(text: bytes, engine: str | None = None) -> tuple[str, EngineMetrics]:
+    """Reads a Prometheus text-format ``/metrics`` page: ``(engine, metrics)``.
+
+    ``engine`` is ``"vllm"``, ``"sglang"``, ``"trtllm-serve"`` (or ``"trtllm"``), ``"triton"`` (or
+    ``"triton-trtllm"``), in any case; ``None`` detects it from the page (the first of vLLM, SGLang,
+    trtllm-serve, Triton whose metrics are present). A missing metric family is never an error.
+    Pages of 16 KiB or more are parsed with the GIL released.
+
+    Raises:
+        MetricsParseError: no samples at all, no known engine's metrics, or not UTF-8.
+        ValueError: ``engine`` is not a known engine name.
+    """
+
 def shared_scripts() -> dict[str, str]:
     """The Redis Lua scripts by name: ``pick``, ``release``, ``heartbeat``, ``reap``."""
 
@@ -54,6 +102,12 @@ class Balancer:
         load_factor: float = 1.25,
         load_floor: int = 2,
         max_request_count: int = 0,
+        critical_models: list[str] | None = None,
+        stale_after_ms: int = 2000,
+        queue_threshold: float = 5.0,
+        kv_cache_threshold: float = 0.8,
+        lora_queue_threshold: float = 128.0,
+        lora_affinity: float = 0.999,
     ) -> None:
         """Raises ValueError for an unknown policy or a load_factor below 1."""
     @property
@@ -73,7 +127,24 @@ class Balancer:
         Raises:
             NoEndpointsError: the pool is empty.
             OverLimitError: ``max_request_count`` is reached on the best endpoint.
+            ShedError: least_busy, a sheddable model, and no endpoint has room.
         """
+    def set_load(
+        self,
+        address: str,
+        *,
+        waiting: float,
+        running: float,
+        kv_cache: float,
+        running_lora: list[str],
+        waiting_lora: list[str],
+        max_lora: int,
+    ) -> None:
+        """Records an endpoint's freshly scraped load (least_busy), stamped now."""
+    def endpoint_loads(
+        self,
+    ) -> list[tuple[str, float | None, float | None, float | None, float | None, int]]:
+        """``(address, waiting, running, kv_cache, age_seconds, picks_since_scrape)`` per pool endpoint."""
     def enable_shared(self, pool: str, replica: str, lease_ms: int, keep_ms: int, pick_sha: str) -> None:
         """Turns on shared-state picks for ``pool`` as replica ``replica``."""
     def prepare_shared(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -14,14 +14,21 @@ from llmlb.endpoints import EndpointManager
 from llmlb.metrics import Metrics
 from llmlb.shared import SharedState
 
+if TYPE_CHECKING:
+    from llmlb.scraper import MetricsScraper
+
 
 async def endpoint_views(
-    balancer: Balancer, endpoints: EndpointManager, shared: SharedState | None = None
+    balancer: Balancer,
+    endpoints: EndpointManager,
+    shared: SharedState | None = None,
+    scraper: MetricsScraper | None = None,
 ) -> list[dict[str, Any]]:
     local = balancer.endpoints()
     # Pool-wide counts come from Redis when it answers; otherwise this replica's view is all
     # there is (and `shared_view` says so).
     pool = await shared.pool_inflight([v[0] for v in local]) if shared is not None else None
+    loads = scraper.views() if scraper is not None else {}
     views = []
     for address, inflight, own_inflight, healthy, in_pool in local:
         views.append(
@@ -33,6 +40,7 @@ async def endpoint_views(
                 "healthy": healthy,
                 "in_pool": in_pool,
                 "labels": dict(endpoints.labels.get(address, {})),
+                **(loads.get(address, {}) if scraper is not None else {}),
             }
         )
     return views
@@ -46,6 +54,7 @@ def build_app(
     metrics: Metrics,
     is_ready: Callable[[], bool],
     shared: SharedState | None = None,
+    scraper: MetricsScraper | None = None,
 ) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -59,7 +68,9 @@ def build_app(
         return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def debug_endpoints(_: web.Request) -> web.Response:
-        body = orjson.dumps(await endpoint_views(balancer, endpoints, shared), option=orjson.OPT_INDENT_2)
+        body = orjson.dumps(
+            await endpoint_views(balancer, endpoints, shared, scraper), option=orjson.OPT_INDENT_2
+        )
         return web.Response(body=body, content_type="application/json")
 
     async def debug_config(_: web.Request) -> web.Response:

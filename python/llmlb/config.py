@@ -25,6 +25,14 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # and decisions are always visible in /metrics and debug logs.
 IGNORED_HIGRESS_FIELDS = ("cleanInterval", "enableDetailLog")
 
+# Model-server engines whose metrics least_busy reads (an endpoint label `engine` picks one).
+ENGINES = ("vllm", "sglang", "trtllm-serve", "triton")
+# lb_config fields that only mean something to least_busy.
+LEAST_BUSY_FIELDS = (
+    "criticalModels", "scrapeInterval", "staleAfter", "scrapeTimeout", "metricsPath", "metricsPort", "engine",
+    "queueThresholdCritical", "kvCacheThreshold", "queueingThresholdLoRA", "loraAffinityThreshold",
+    "shedRetryAfter",
+)  # fmt: skip
 # Higress's later metrics policy; llmlb's least_busy covers it (see docs/configuration.md).
 HIGRESS_METRICS_POLICIES = ("endpoint_metrics", "metrics_based")
 HIGRESS_METRICS_FIELDS = ("metric_policy", "target_metric", "rate_limit")
@@ -62,6 +70,15 @@ class LbConfig:
     criticalModels: tuple[str, ...] | None = None
     scrapeInterval: int = 50
     staleAfter: int = 2000
+    scrapeTimeout: int = 500
+    metricsPath: str = "/metrics"
+    metricsPort: int | None = None
+    engine: str | None = None
+    queueThresholdCritical: float = 5.0
+    kvCacheThreshold: float = 0.8
+    queueingThresholdLoRA: float = 128.0
+    loraAffinityThreshold: float = 0.999
+    shedRetryAfter: int = 1
     leaseTTL: int = 15
     maxRequestCount: int = 0
     affinityLoadFactor: float = 1.25
@@ -249,8 +266,10 @@ def parse_lb_config(raw: Any, policy: str) -> tuple[LbConfig, tuple[str, ...]]:
         values[key] = _lb_value(str(key), value, name)
     if "serviceFQDN" in values and "servicePort" not in raw:
         values.setdefault("servicePort", 6379)
-    if policy != "least_busy" and "criticalModels" in values:
-        raise ConfigError("lb_config.criticalModels", "only applies to lb_policy: least_busy")
+    if policy != "least_busy":
+        for key in LEAST_BUSY_FIELDS:
+            if key in values:
+                raise ConfigError(f"lb_config.{key}", "only applies to lb_policy: least_busy")
     if values.get("maxRequestCount") and policy != "global_least_request":
         raise ConfigError("lb_config.maxRequestCount", "only applies to lb_policy: global_least_request")
     return LbConfig(**values), tuple(ignored)
@@ -259,6 +278,24 @@ def parse_lb_config(raw: Any, policy: str) -> tuple[LbConfig, tuple[str, ...]]:
 def _lb_value(key: str, value: Any, name: str) -> Any:
     if key in ("serviceFQDN", "username", "tlsCAFile"):
         return _str(value, name)
+    if key == "metricsPath":
+        path = _str(value, name)
+        if not path.startswith("/"):
+            raise ConfigError(name, f"must start with '/', got {path!r}")
+        return path
+    if key == "metricsPort":
+        return _int(value, name, 1, 65535)
+    if key == "engine":
+        return _choice(value, name, ENGINES)
+    if key in ("queueThresholdCritical", "queueingThresholdLoRA"):
+        return _float(value, name, 0.0)
+    if key in ("kvCacheThreshold", "loraAffinityThreshold"):
+        number = _float(value, name, 0.0)
+        if number > 1.0:
+            raise ConfigError(name, f"must be <= 1, got {value}")
+        return number
+    if key == "shedRetryAfter":
+        return _int(value, name, 0, 3600)
     if key == "tls":
         if not isinstance(value, bool):
             raise ConfigError(name, f"must be true or false, got {value!r}")
@@ -277,7 +314,7 @@ def _lb_value(key: str, value: Any, name: str) -> Any:
     if key == "redisKeyTTL":
         # Seconds (the Higress code's unit, whatever its README says); 0 means the default.
         return _int(value, name, 0) or 1800
-    if key in ("redisBudget", "scrapeInterval", "staleAfter", "leaseTTL", "prefixTableSize"):
+    if key in ("redisBudget", "scrapeInterval", "staleAfter", "scrapeTimeout", "leaseTTL", "prefixTableSize"):
         return _int(value, name, 1)
     if key in ("maxRequestCount", "affinityLoadFloor"):
         return _int(value, name, 0)
@@ -286,7 +323,7 @@ def _lb_value(key: str, value: Any, name: str) -> Any:
     if key == "criticalModels":
         if value is None:
             return None
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(name, "must be a list of model names")
         return tuple(value)
     raise AssertionError(key)  # pragma: no cover - every field is handled above
@@ -397,6 +434,9 @@ REDACTED = "<redacted>"
 def effective_dict(config: Config) -> dict[str, Any]:
     """The config with every default filled in, secrets redacted: for check-config and /debug."""
     lb = dataclasses.asdict(config.lb_config)
+    if config.lb_policy != "least_busy":  # shown only where they mean something
+        for key in LEAST_BUSY_FIELDS:
+            lb.pop(key, None)
     if lb.get("password") is not None:
         lb["password"] = REDACTED
     if lb.get("criticalModels") is not None:

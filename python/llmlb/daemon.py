@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
@@ -24,6 +25,9 @@ from llmlb.extproc import ExtProcService
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker
 from llmlb.shared import SharedPicker, SharedState
+
+if TYPE_CHECKING:
+    from llmlb.scraper import MetricsScraper
 
 log = logging.getLogger("llmlb")
 
@@ -69,11 +73,6 @@ class WorkerRole:
 
 
 def build_balancer(config: Config) -> Balancer:
-    if config.lb_policy == "least_busy":
-        raise ConfigRefused(
-            "lb_policy: least_busy is not available in this llmlb version; "
-            "use prefix_cache or global_least_request"
-        )
     lb = config.lb_config
     return Balancer(
         config.lb_policy,
@@ -82,6 +81,12 @@ def build_balancer(config: Config) -> Balancer:
         load_factor=lb.affinityLoadFactor,
         load_floor=lb.affinityLoadFloor,
         max_request_count=lb.maxRequestCount,
+        critical_models=list(lb.criticalModels) if lb.criticalModels is not None else None,
+        stale_after_ms=lb.staleAfter,
+        queue_threshold=lb.queueThresholdCritical,
+        kv_cache_threshold=lb.kvCacheThreshold,
+        lora_queue_threshold=lb.queueingThresholdLoRA,
+        lora_affinity=lb.loraAffinityThreshold,
     )
 
 
@@ -102,8 +107,21 @@ class Daemon:
             health_timeout_ms=config.health_check_timeout,
         )
         self.shared: SharedState | None = None
+        self.scraper: MetricsScraper | None = None  # least_busy only
         picker: Picker
-        if config.lb_config.serviceFQDN:
+        if config.lb_policy == "least_busy":
+            from llmlb.scraper import MetricsScraper
+
+            # The servers' own metrics are the shared truth: every replica reads the same.
+            self.scraper = MetricsScraper(config, self.balancer, self.endpoints, self.metrics)
+            self.metrics.metrics_age.collect = self.scraper.age_samples
+            picker = Picker(
+                self.balancer,
+                self.metrics,
+                self.endpoints.report_connect_failure,
+                shed_retry_after=config.lb_config.shedRetryAfter,
+            )
+        elif config.lb_config.serviceFQDN:
             self.shared = SharedState(config, self.balancer, self.metrics)
             picker = SharedPicker(
                 self.balancer,
@@ -125,6 +143,10 @@ class Daemon:
     def _warn_about_config(self) -> None:
         for name in self.config.ignored_fields:
             log.warning("lb_config.%s is accepted for Higress compatibility and ignored", name)
+        if self.scraper is not None and self.config.lb_config.serviceFQDN:
+            log.warning(
+                "least_busy decides from the servers' metrics; lb_config.serviceFQDN (Redis) is not used"
+            )
         if not self.endpoints.pool:
             log.warning("no endpoints configured: requests get 503 until endpoints appear")
 
@@ -163,6 +185,7 @@ class Daemon:
             metrics=self.metrics,
             is_ready=lambda: self.ready,
             shared=self.shared,
+            scraper=self.scraper,
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -200,6 +223,8 @@ class Daemon:
         self.endpoints.start()
         if self.shared is not None:
             await self.shared.start()
+        if self.scraper is not None:
+            self.scraper.start()
         # Everything allocated so far lives as long as the process: keep it out of the cyclic
         # collector's full passes, which would otherwise walk it (milliseconds) mid-request.
         gc.freeze()
@@ -208,7 +233,9 @@ class Daemon:
             announce = Path(self.role.announce)
             announce.with_suffix(".tmp").write_text(str(self.admin_port))
             announce.with_suffix(".tmp").replace(announce)
-        admin_address = self.config.admin_listen if self.role is None else f"127.0.0.1:{self.admin_port} (internal)"
+        admin_address = (
+            self.config.admin_listen if self.role is None else f"127.0.0.1:{self.admin_port} (internal)"
+        )
         log.info(
             "serving ext_proc on %s (policy %s, %d endpoints), admin on %s",
             self.config.grpc_listen,
@@ -220,6 +247,8 @@ class Daemon:
         await self._drain(server)
         if self.shared is not None:
             await self.shared.stop()
+        if self.scraper is not None:
+            await self.scraper.stop()
         await self.endpoints.stop()
         await admin.cleanup()
         return 0

@@ -170,6 +170,24 @@ class Metrics:
         self.endpoints_reloads = Counter(
             "llmlb_endpoints_reloads_total", "endpoints_file reloads, by result.", ("result",)
         )
+        self.scrapes = Counter(
+            "llmlb_metrics_scrapes_total", "least_busy scrapes of endpoint metrics.", ("endpoint",)
+        )
+        self.scrape_errors = Counter(
+            "llmlb_metrics_scrape_errors_total",
+            "least_busy scrapes that gave no usable load, by endpoint and reason.",
+            ("endpoint", "reason"),
+        )
+        self.metrics_age = Gauge(
+            "llmlb_endpoint_metrics_age_seconds",
+            "Age of each endpoint's last usable metrics (least_busy; -1 = none yet).",
+            ("endpoint",),
+            lambda: [],
+        )
+        self.shed = Counter(
+            "llmlb_shed_requests_total",
+            "least_busy: sheddable requests refused with 429 (no endpoint had room).",
+        )
 
     def render(self) -> str:
         lines: list[str] = []
@@ -188,6 +206,10 @@ class Metrics:
             self.stream_errors,
             self.endpoint_health_changes,
             self.endpoints_reloads,
+            self.scrapes,
+            self.scrape_errors,
+            self.metrics_age,
+            self.shed,
         ):
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"

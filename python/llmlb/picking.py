@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmlb._core import Balancer, NoEndpointsError, OverLimitError
+from llmlb._core import Balancer, NoEndpointsError, OverLimitError, ShedError
 from llmlb.metrics import Metrics
 
 log = logging.getLogger("llmlb.pick")
@@ -34,8 +34,11 @@ class Picker:
         balancer: Balancer,
         metrics: Metrics,
         on_connect_failure: Callable[[str], None] = lambda endpoint: None,
+        *,
+        shed_retry_after: int = 1,
     ) -> None:
         self.balancer = balancer
+        self.shed_retry_after = shed_retry_after
         self.metrics = metrics
         self.policy = balancer.policy
         # Called when Envoy could not reach a picked endpoint, so health can re-probe it now.
@@ -51,6 +54,8 @@ class Picker:
             return self._refuse_no_endpoints()
         except OverLimitError as e:
             return self._refuse_over_limit(str(e))
+        except ShedError as e:
+            return self._refuse_shed(str(e))
         self._record(endpoint, reason, depth, ticket, time.perf_counter() - started)
         return ticket, endpoint
 
@@ -65,10 +70,15 @@ class Picker:
         self.metrics.immediate.inc(("429",))
         return Refusal(429, "rate_limit_exceeded", f"llmlb: {message}", OVER_LIMIT_RETRY_AFTER)
 
+    def _refuse_shed(self, message: str) -> Refusal:
+        self.metrics.immediate.inc(("429",))
+        self.metrics.shed.inc()
+        return Refusal(429, "rate_limit_exceeded", f"llmlb: {message}", self.shed_retry_after)
+
     def _record(self, endpoint: str, reason: str, depth: int, ticket: int, seconds: float) -> None:
         self.metrics.pick_duration.observe(seconds)
         self.metrics.picks.inc((self.policy, endpoint, reason))
-        if reason in ("bad_body", "no_healthy"):
+        if reason in ("bad_body", "no_healthy", "stale_metrics"):
             self.metrics.fallbacks.inc((reason,))
         if self._debug:
             log.debug("picked %s reason=%s prefix_depth=%d ticket=%d", endpoint, reason, depth, ticket)

@@ -51,7 +51,7 @@ RESTART_WINDOW_S = 60.0
 WORKER_START_TIMEOUT_S = 30.0
 FETCH_TIMEOUT_S = 2.0
 # Series whose value is the same fact in every worker: their minimum, not their sum.
-MIN_ACROSS_WORKERS = frozenset({"llmlb_redis_up"})
+MIN_ACROSS_WORKERS = frozenset({"llmlb_redis_up", "llmlb_endpoint_metrics_age_seconds"})
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$")
 _STREAMS = re.compile(r"^llmlb_extproc_streams_total (\S+)$", re.MULTILINE)
@@ -212,7 +212,9 @@ class Supervisor:
 
     async def _metrics(self, _: web.Request) -> web.Response:
         replies = await self._fetch_all("/metrics")
-        texts = {w.index: r[1].decode() for w, r in zip(self.workers, replies, strict=True) if r and r[0] == 200}
+        texts = {
+            w.index: r[1].decode() for w, r in zip(self.workers, replies, strict=True) if r and r[0] == 200
+        }
         lines = [
             merge_metrics(list(texts.values())).rstrip("\n"),
             "# HELP llmlb_workers Worker processes answering the supervisor.",
@@ -224,7 +226,9 @@ class Supervisor:
         ]
         for index, text in texts.items():
             streams = _STREAMS.search(text)
-            lines.append(f'llmlb_worker_streams_total{{worker="{index}"}} {streams.group(1) if streams else 0}')
+            lines.append(
+                f'llmlb_worker_streams_total{{worker="{index}"}} {streams.group(1) if streams else 0}'
+            )
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
     async def _debug_endpoints(self, _: web.Request) -> web.Response:

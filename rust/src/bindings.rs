@@ -20,6 +20,7 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 
 use crate::balancer::{Balancer, BalancerConfig, Load, Pick, PickError};
+use crate::engine_metrics::{parse_engine_metrics, Engine, EngineMetrics, MetricsError};
 use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
 use crate::request::{parse_request, ParseError, ParsedRequest};
 use crate::scheduling::least_busy::Thresholds;
@@ -32,6 +33,12 @@ create_exception!(
     RequestParseError,
     PyValueError,
     "The body is not a usable OpenAI request."
+);
+create_exception!(
+    _core,
+    MetricsParseError,
+    PyValueError,
+    "The page is not a usable Prometheus /metrics page of a known engine."
 );
 create_exception!(
     _core,
@@ -63,6 +70,22 @@ fn parse(py: Python<'_>, body: &PyBackedBytes) -> Result<ParsedRequest, ParseErr
     }
 }
 
+/// Metrics pages at least this large are parsed with the GIL released (a vLLM page runs
+/// 50-150 KB and parses at several GB/s; small pages would not repay the release).
+const DETACH_METRICS_BYTES: usize = 16 * 1024;
+
+fn parse_metrics(
+    py: Python<'_>,
+    text: &PyBackedBytes,
+    engine: Option<Engine>,
+) -> Result<(Engine, EngineMetrics), MetricsError> {
+    if text.len() >= DETACH_METRICS_BYTES {
+        py.detach(|| parse_engine_metrics(text, engine))
+    } else {
+        parse_engine_metrics(text, engine)
+    }
+}
+
 #[pyclass(name = "ParsedRequest", module = "llmlb._core", frozen, get_all)]
 struct PyParsedRequest {
     kind: &'static str,
@@ -81,6 +104,53 @@ fn py_parse_request(py: Python<'_>, body: PyBackedBytes) -> PyResult<PyParsedReq
         stream: parsed.stream,
         prefix_hashes: parsed.prefix_hashes,
     })
+}
+
+#[pyclass(name = "EngineMetrics", module = "llmlb._core", frozen, get_all)]
+struct PyEngineMetrics {
+    engine: &'static str,
+    waiting: Option<f64>,
+    running: Option<f64>,
+    kv_cache_usage: Option<f64>,
+    running_lora_adapters: Vec<String>,
+    waiting_lora_adapters: Vec<String>,
+    max_lora: Option<u32>,
+    lines_skipped: u32,
+}
+
+/// Reads a model server's load from its Prometheus `/metrics` page: `(engine, metrics)`.
+/// `engine=None` detects it from the page.
+#[pyfunction(name = "parse_engine_metrics")]
+#[pyo3(signature = (text, engine = None))]
+fn py_parse_engine_metrics(
+    py: Python<'_>,
+    text: PyBackedBytes,
+    engine: Option<&str>,
+) -> PyResult<(&'static str, PyEngineMetrics)> {
+    let engine = engine
+        .map(|name| {
+            Engine::from_name(name).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "unknown engine {name:?}; expected vllm, sglang, trtllm-serve or triton"
+                ))
+            })
+        })
+        .transpose()?;
+    let (engine, m) =
+        parse_metrics(py, &text, engine).map_err(|e| MetricsParseError::new_err(e.to_string()))?;
+    Ok((
+        engine.name(),
+        PyEngineMetrics {
+            engine: engine.name(),
+            waiting: m.waiting,
+            running: m.running,
+            kv_cache_usage: m.kv_cache_usage,
+            running_lora_adapters: m.running_lora_adapters,
+            waiting_lora_adapters: m.waiting_lora_adapters,
+            max_lora: m.max_lora,
+            lines_skipped: m.lines_skipped,
+        },
+    ))
 }
 
 /// A request parsed for a shared-state pick, kept until the pick is committed or falls back.
@@ -508,11 +578,14 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PREFIX_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)?;
     m.add_class::<PyBalancer>()?;
     m.add_class::<PyParsedRequest>()?;
+    m.add_class::<PyEngineMetrics>()?;
     m.add_function(wrap_pyfunction!(py_parse_request, m)?)?;
+    m.add_function(wrap_pyfunction!(py_parse_engine_metrics, m)?)?;
     m.add_function(wrap_pyfunction!(shared_scripts, m)?)?;
     m.add_function(wrap_pyfunction!(create_worker_state, m)?)?;
     let py = m.py();
     m.add("RequestParseError", py.get_type::<RequestParseError>())?;
+    m.add("MetricsParseError", py.get_type::<MetricsParseError>())?;
     m.add("NoEndpointsError", py.get_type::<NoEndpointsError>())?;
     m.add("OverLimitError", py.get_type::<OverLimitError>())?;
     m.add("ShedError", py.get_type::<ShedError>())?;

@@ -2,6 +2,7 @@
 //! the picking pipeline. Plain Rust; the optional `python` feature adds the PyO3 bindings.
 
 pub mod balancer;
+pub mod engine_metrics;
 pub mod json;
 pub mod prefix_hash;
 pub mod prefix_table;

@@ -1,7 +1,9 @@
 """A fake OpenAI-compatible inference server for end-to-end tests.
 
-Run it as ``python tests/support/backend.py --port P --name b1`` (the file is self-contained, so it
-does not depend on how ``tests`` is importable). It binds 127.0.0.1 only.
+Run it as ``python tests/support/backend.py --port P --name b1 [--engine vllm]``. It runs as a script,
+not as part of the ``tests`` package, so it does not depend on how ``tests`` is importable: its only
+local import is the sibling ``metrics_formats.py``, found by putting this file's own directory first on
+``sys.path`` (keep both files standard-library + aiohttp only). It binds 127.0.0.1 only.
 
 Every answer names the server: response header ``x-served-by`` and field ``served_by`` (also in each
 SSE chunk). Per-request knobs, as request headers:
@@ -14,8 +16,29 @@ SSE chunk). Per-request knobs, as request headers:
 Bookkeeping at ``GET /_stats`` (``POST /_reset`` clears it); only inference requests
 (``POST /v1/chat/completions`` and ``POST /v1/completions``) count in ``total``, ``concurrent`` and
 ``max_concurrent``, so health probes and scrapes by the picker do not disturb the tests' counts.
+``metrics_scrapes`` counts ``GET /metrics``.
 Request bodies may be chunked (full-duplex Envoy drops Content-Length); aiohttp sets TCP_NODELAY on
 accepted connections, so there are no delayed-ACK stalls.
+
+Prometheus metrics: ``GET /metrics`` serves the page of the engine chosen with ``--engine`` (``vllm``,
+the default, ``vllm-old``, ``sglang``, ``trtllm-serve``, ``triton``; ``none`` has no /metrics route, so
+scrapes get 404), in that engine's exact text format (see ``metrics_formats.py``). What it reports is a
+``MetricsState``, set at run time with ``POST /_metrics`` and a JSON object holding any subset of its
+fields; the answer is the whole new state (``GET /_metrics`` reads it), or 400 with a message on an
+unknown field or a wrong type, leaving the state unchanged:
+
+- ``waiting`` (0), ``kv`` (0.1, a 0..1 fraction), ``running`` (null = this server's live count of
+  concurrent inference requests);
+- ``running_lora`` / ``waiting_lora`` (adapter names) and ``max_lora`` (0): LoRA info, vLLM only,
+  emitted once ``max_lora > 0`` or adapters are listed;
+- ``omit``: logical metrics (``waiting``, ``running``, ``kv``, ``lora``) left out of the page;
+- ``status`` (200): the scrape's HTTP status; the page is still rendered under another status, so a
+  scraper has to look at the status, not just parse the body;
+- ``delay_ms`` (0): sleep this long before answering a scrape;
+- ``garbage`` (null): when a string, the body verbatim instead of the page (e.g. an HTML error page).
+
+``POST /_reset`` does NOT reset the metrics state (only the counters above): a test that changes the
+metrics puts them back itself, e.g. with ``POST /_metrics`` and the defaults.
 """
 
 from __future__ import annotations
@@ -25,10 +48,22 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+# This file runs as a script: find the sibling metrics_formats.py through our own directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from metrics_formats import (
+    CONTENT_TYPE,
+    ENGINES,
+    MetricsState,
+    MetricsStateError,
+    render_metrics,
+)
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions")
 MAX_BODY = 64 * 1024 * 1024
@@ -54,6 +89,7 @@ class Stats:
         self.last_chunked = False
         self.last_headers: dict[str, str] = {}
         self.tags: list[str] = []
+        self.metrics_scrapes = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +105,7 @@ class Stats:
             "last_chunked": self.last_chunked,
             "last_headers": self.last_headers,
             "tags": self.tags,
+            "metrics_scrapes": self.metrics_scrapes,
         }
 
 
@@ -92,16 +129,22 @@ def _last_text(payload: Any) -> str:
 
 
 class Backend:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, engine: str = "vllm") -> None:
         self.name = name
+        self.engine = engine
         self.stats = Stats(name)
         self.started = time.time()
+        self.metrics_state = MetricsState()  # not reset by POST /_reset
+        self.served = 0  # inference requests finished since start (never reset): grows the counters
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/metrics", self.metrics)
+        if self.engine != "none":
+            app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/_metrics", self.get_metrics_state)
+        app.router.add_post("/_metrics", self.set_metrics_state)
         app.router.add_get("/_stats", self.get_stats)
         app.router.add_post("/_reset", self.reset_stats)
         for path in INFERENCE_PATHS:
@@ -131,16 +174,32 @@ class Backend:
         return web.json_response(body, headers=self._headers())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        """A few vLLM-shaped gauges, so metrics-driven policies have something to scrape."""
+        """The engine's Prometheus page for the current MetricsState (status, delay and garbage too)."""
         self._count_path(request)
-        label = f'{{model_name="{MODEL}"}}'
-        text = (
-            f"vllm:num_requests_running{label} {self.stats.concurrent}\n"
-            f"vllm:num_requests_waiting{label} 0\n"
-            f"vllm:gpu_cache_usage_perc{label} 0.1\n"
-            f"vllm:kv_cache_usage_perc{label} 0.1\n"
-        )
-        return web.Response(text=text, content_type="text/plain", headers=self._headers())
+        self.stats.metrics_scrapes += 1
+        state = self.metrics_state
+        if state.delay_ms > 0:
+            await asyncio.sleep(state.delay_ms / 1000)
+        text = render_metrics(self.engine, state, self.stats.concurrent, served=self.served, model=MODEL)
+        content_type = CONTENT_TYPE
+        if state.garbage is not None and state.garbage.lstrip().startswith("<"):
+            content_type = "text/html; charset=utf-8"
+        body = b"" if state.status in (204, 304) else text.encode()
+        headers = self._headers({"content-type": content_type})
+        return web.Response(body=body, status=state.status, headers=headers)
+
+    async def get_metrics_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.metrics_state.to_json(), headers=self._headers())
+
+    async def set_metrics_state(self, request: web.Request) -> web.Response:
+        """Set any subset of the MetricsState fields from a JSON object; 400 (nothing changed) if bad."""
+        try:
+            changes = json.loads(await request.read())
+            self.metrics_state = self.metrics_state.updated(changes)
+        except ValueError as exc:  # bad JSON, bad UTF-8 or a MetricsStateError
+            message = str(exc) if isinstance(exc, MetricsStateError) else f"body is not JSON: {exc}"
+            return web.json_response({"error": message}, status=400, headers=self._headers())
+        return web.json_response(self.metrics_state.to_json(), headers=self._headers())
 
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats.as_json(), headers=self._headers())
@@ -183,6 +242,7 @@ class Backend:
                 response, finished = self._complete(request, payload), True
             if finished:
                 stats.completed += 1
+                self.served += 1
             else:
                 stats.aborted += 1
             return response
@@ -257,8 +317,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--engine",
+        default="vllm",
+        choices=[*ENGINES, "none"],
+        help="whose /metrics format to serve (none: no /metrics route, 404)",
+    )
     args = parser.parse_args()
-    backend = Backend(args.name)
+    backend = Backend(args.name, args.engine)
     with contextlib.suppress(KeyboardInterrupt):
         web.run_app(
             backend.app(),

@@ -402,13 +402,26 @@ class Backend:
         reply = post(f"{self.url}/_reset", {}, timeout=5.0)
         assert reply.status == 200, reply
 
+    def set_metrics(self, **fields: Any) -> dict[str, Any]:
+        """Set fields of the backend's MetricsState (what /metrics reports); returns the whole new state.
 
-def start_backends(n: int, workdir: Path, prefix: str = "b") -> list[Backend]:
-    """Start `n` fake inference servers named b1..bn (subprocesses); returns once all answer /health."""
+        Fields: waiting, running (None = live in-flight count), kv, running_lora, waiting_lora, max_lora,
+        omit, status, delay_ms, garbage (see tests/support/backend.py). Not undone by `reset()`.
+        """
+        reply = post(f"{self.url}/_metrics", fields, timeout=5.0)
+        assert reply.status == 200, reply
+        return reply.json()  # type: ignore[no-any-return]
+
+
+def start_backends(n: int, workdir: Path, prefix: str = "b", engine: str = "vllm") -> list[Backend]:
+    """Start `n` fake inference servers named b1..bn (subprocesses); returns once all answer /health.
+
+    `engine` picks the /metrics format (vllm, vllm-old, sglang, trtllm-serve, triton; none = no /metrics).
+    """
     backends = []
     for i, port in enumerate(free_ports(n), start=1):
         name = f"{prefix}{i}"
-        argv = [sys.executable, str(BACKEND_SCRIPT), "--port", str(port), "--name", name]
+        argv = [sys.executable, str(BACKEND_SCRIPT), "--port", str(port), "--name", name, "--engine", engine]
         proc = ManagedProcess(f"backend {name}", argv, workdir / f"backend-{name}.log").start()
         backends.append(Backend(name, port, proc))
     try:

@@ -1,0 +1,208 @@
+"""least_busy's eyes: each endpoint's Prometheus metrics, polled every ``scrapeInterval``.
+
+One loop per endpoint: scrape (bounded by ``scrapeTimeout``), hand the parsed load to the Rust
+balancer, sleep out the rest of the interval. A slow endpoint therefore delays only its own next
+scrape (no pile-up of requests to it), and its metrics age until they are stale (``staleAfter``),
+which makes least_busy avoid it. All loops share one HTTP client with a bounded connection
+pool. Parsing and extraction (vLLM, SGLang, trtllm-serve, Triton names) happen in the Rust core.
+
+An endpoint's engine comes from its label ``engine`` (or ``llm-d.ai/engine-type``), else from
+``lb_config.engine``, else it is detected from the first page and remembered. The queue and
+KV-cache gauges are required: a page without either (or a failed scrape) leaves the endpoint's
+last values to go stale. ``running`` and the LoRA families are optional.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from llmlb._core import Balancer, MetricsParseError, parse_engine_metrics
+from llmlb.config import Config, parse_listen
+from llmlb.endpoints import EndpointManager
+from llmlb.metrics import Metrics
+
+log = logging.getLogger("llmlb.scraper")
+
+ENGINE_LABELS = ("engine", "llm-d.ai/engine-type")
+# Connections to all endpoints together; each endpoint has at most one scrape in flight.
+MAX_CONNECTIONS = 256
+# A metrics page larger than this is refused rather than read (vLLM's is ~100 KB).
+MAX_PAGE_BYTES = 8 * 1024 * 1024
+POOL_SYNC_SECONDS = 0.25
+
+
+@dataclass
+class ScrapeState:
+    """What /debug/endpoints shows of an endpoint's scraping."""
+
+    engine: str | None = None
+    last_error: str | None = None
+    last_success: float | None = None  # time.monotonic()
+    scrapes: int = 0
+
+
+class MetricsScraper:
+    def __init__(
+        self, config: Config, balancer: Balancer, endpoints: EndpointManager, metrics: Metrics
+    ) -> None:
+        lb = config.lb_config
+        self.balancer = balancer
+        self.endpoints = endpoints
+        self.metrics = metrics
+        self.interval = lb.scrapeInterval / 1000
+        self.timeout = lb.scrapeTimeout / 1000
+        self.stale_after = lb.staleAfter / 1000
+        self.path = lb.metricsPath
+        self.port = lb.metricsPort
+        self.default_engine = lb.engine
+        self.states: dict[str, ScrapeState] = {}
+        self._loops: dict[str, asyncio.Task[None]] = {}
+        self._sync_task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def url(self, address: str) -> str:
+        host, port = parse_listen(address, "endpoint")
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port or port}{self.path}"
+
+    def engine_for(self, address: str) -> str | None:
+        labels = self.endpoints.labels.get(address, {})
+        for key in ENGINE_LABELS:
+            if labels.get(key):
+                return labels[key]
+        state = self.states.get(address)
+        return self.default_engine or (state.engine if state else None)
+
+    def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=2, force_close=False)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout), auto_decompress=True
+        )
+        self._sync_task = asyncio.create_task(self._sync_loop(), name="scraper-sync")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._sync_task, *self._loops.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._loops.clear()
+        if self._session is not None:
+            await self._session.close()
+
+    def sync(self) -> None:
+        """One loop per endpoint in the pool: start the new, stop the removed."""
+        wanted = {ep.address for ep in self.endpoints.pool}
+        for address in list(self._loops):
+            if address not in wanted:
+                self._loops.pop(address).cancel()
+                self.states.pop(address, None)
+        for address in wanted - self._loops.keys():
+            self.states.setdefault(address, ScrapeState())
+            self._loops[address] = asyncio.create_task(self._endpoint_loop(address), name=f"scrape {address}")
+
+    async def _sync_loop(self) -> None:
+        while True:
+            self.sync()
+            await asyncio.sleep(POOL_SYNC_SECONDS)
+
+    async def _endpoint_loop(self, address: str) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await self.scrape(address)
+            except Exception:  # a bug must not end this endpoint's scraping
+                log.exception("scraping %s failed", address)
+            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
+
+    async def scrape(self, address: str) -> bool:
+        """One scrape of ``address``; ``True`` when it produced a usable load."""
+        state = self.states.setdefault(address, ScrapeState())
+        state.scrapes += 1
+        self.metrics.scrapes.inc((address,))
+        page = await self._fetch(address, state)
+        if page is None:
+            return False
+        engine = self.engine_for(address)
+        try:
+            detected, values = parse_engine_metrics(page, engine)
+        except (MetricsParseError, ValueError) as e:
+            return self._failed(address, state, "parse", str(e))
+        state.engine = state.engine or detected
+        if values.waiting is None or values.kv_cache_usage is None:
+            missing = [
+                n for n, v in (("queue", values.waiting), ("kv_cache", values.kv_cache_usage)) if v is None
+            ]
+            return self._failed(
+                address, state, "missing_metrics", f"no {' or '.join(missing)} gauge ({detected})"
+            )
+        self.balancer.set_load(
+            address,
+            waiting=values.waiting,
+            running=values.running if values.running is not None else 0.0,
+            kv_cache=values.kv_cache_usage,
+            running_lora=list(values.running_lora_adapters),
+            waiting_lora=list(values.waiting_lora_adapters),
+            max_lora=values.max_lora or 0,
+        )
+        state.last_success = time.monotonic()
+        state.last_error = None
+        return True
+
+    async def _fetch(self, address: str, state: ScrapeState) -> bytes | None:
+        assert self._session is not None, "start() first"
+        try:
+            async with self._session.get(self.url(address)) as reply:
+                if reply.status != 200:
+                    self._failed(address, state, "http_status", f"HTTP {reply.status}")
+                    return None
+                page = await reply.content.read(MAX_PAGE_BYTES + 1)
+                if len(page) > MAX_PAGE_BYTES:
+                    self._failed(address, state, "too_large", f"page over {MAX_PAGE_BYTES} bytes")
+                    return None
+                return page
+        except TimeoutError:
+            self._failed(address, state, "timeout", f"no answer within {self.timeout * 1000:.0f} ms")
+        except (aiohttp.ClientError, OSError) as e:
+            self._failed(address, state, "connect", str(e) or type(e).__name__)
+        return None
+
+    def _failed(self, address: str, state: ScrapeState, reason: str, detail: str) -> bool:
+        self.metrics.scrape_errors.inc((address, reason))
+        if state.last_error != detail:
+            log.warning("metrics of %s: %s (%s)", address, detail, reason)
+        state.last_error = detail
+        return False
+
+    def views(self) -> dict[str, dict[str, Any]]:
+        """Per endpoint: last values, their age and the scrape state (for /debug/endpoints)."""
+        out: dict[str, dict[str, Any]] = {}
+        for address, waiting, running, kv_cache, age, picks in self.balancer.endpoint_loads():
+            state = self.states.get(address, ScrapeState())
+            out[address] = {
+                "waiting": waiting,
+                "running": running,
+                "kv_cache_usage": kv_cache,
+                "metrics_age_seconds": age,
+                "metrics_stale": age is None or age > self.stale_after,
+                "picks_since_scrape": picks,
+                "engine": self.engine_for(address) or state.engine,
+                "last_scrape_error": state.last_error,
+            }
+        return out
+
+    def age_samples(self) -> list[tuple[tuple[str, ...], float]]:
+        """``llmlb_endpoint_metrics_age_seconds``: -1 before the first successful scrape."""
+        return [
+            ((address,), -1.0 if age is None else age)
+            for address, *_, age, _ in self.balancer.endpoint_loads()
+        ]

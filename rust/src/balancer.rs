@@ -187,7 +187,8 @@ pub struct Balancer {
     pool: Vec<u32>,
     /// Position of each interned endpoint in `pool` (`NOT_IN_POOL` if absent).
     pool_position: Vec<u32>,
-    tickets: HashMap<u64, u32>,
+    /// Ticket -> (endpoint id, the endpoint's scrape generation when picked).
+    tickets: HashMap<u64, (u32, u32)>,
     next_ticket: u64,
     prefix: PrefixTable,
     rng: SmallRng,
@@ -196,7 +197,10 @@ pub struct Balancer {
     scratch: Scratch,
     workers: Option<Workers>,
     loads: Vec<Option<Load>>,
+    /// least_busy: requests picked since the endpoint's last scrape and still in flight (the
+    /// scrape could not see them yet). Releasing one picked before the scrape changes nothing.
     picks_since_scrape: Vec<u32>,
+    scrape_generation: Vec<u32>,
 }
 
 impl Balancer {
@@ -234,6 +238,7 @@ impl Balancer {
             workers: None,
             loads: Vec::new(),
             picks_since_scrape: Vec::new(),
+            scrape_generation: Vec::new(),
         }
     }
 
@@ -242,6 +247,7 @@ impl Balancer {
         let id = self.intern(address) as usize;
         self.loads[id] = Some(load);
         self.picks_since_scrape[id] = 0;
+        self.scrape_generation[id] = self.scrape_generation[id].wrapping_add(1);
     }
 
     /// The last load of every endpoint in the pool.
@@ -397,6 +403,7 @@ impl Balancer {
         self.pool_position.push(NOT_IN_POOL);
         self.loads.push(None);
         self.picks_since_scrape.push(0);
+        self.scrape_generation.push(0);
         if let Some(w) = self.workers.as_mut() {
             let slot = w
                 .state
@@ -526,7 +533,8 @@ impl Balancer {
         self.picks_since_scrape[idx] += 1;
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.tickets.insert(ticket, chosen.id);
+        self.tickets
+            .insert(ticket, (chosen.id, self.scrape_generation[idx]));
         Ok(Pick {
             ticket,
             endpoint: self.addresses[idx].clone(),
@@ -568,15 +576,20 @@ impl Balancer {
         self.count_in(id);
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.tickets.insert(ticket, id);
+        self.tickets
+            .insert(ticket, (id, self.scrape_generation[id as usize]));
         ticket
     }
 
     /// Ends a pick's request. Returns `false` for an unknown or already released ticket.
     pub fn release(&mut self, ticket: u64) -> bool {
         match self.tickets.remove(&ticket) {
-            Some(id) => {
+            Some((id, generation)) => {
                 self.count_out(id);
+                let i = id as usize;
+                if self.scrape_generation[i] == generation {
+                    self.picks_since_scrape[i] = self.picks_since_scrape[i].saturating_sub(1);
+                }
                 true
             }
             None => false,
@@ -928,5 +941,26 @@ mod tests {
             })
             .count();
         assert!(hits >= 19, "{hits} of 20 on the server with the adapter");
+    }
+
+    #[test]
+    fn finished_requests_stop_counting_as_queue_before_the_next_scrape() {
+        let mut b = busy_balancer(None);
+        b.set_load("a:1", load(9.0, 0.7, 0));
+        b.set_load("b:1", load(8.0, 0.6, 0));
+        b.set_load("c:1", load(0.0, 0.05, 0));
+        // One request at a time, each finished before the next: c stays the idle one.
+        for _ in 0..20 {
+            let p = b.pick_for(Some(&[]), Some("m"), 10).unwrap();
+            assert_eq!(&*p.endpoint, "c:1");
+            b.release(p.ticket);
+        }
+        // A request picked before a scrape and released after it changes nothing.
+        let held = b.pick_for(Some(&[]), Some("m"), 10).unwrap();
+        b.set_load("c:1", load(1.0, 0.05, 20)); // the scrape saw it
+        b.release(held.ticket);
+        let views = b.endpoint_loads();
+        let c = views.iter().find(|v| &*v.address == "c:1").unwrap();
+        assert_eq!(c.picks_since_scrape, 0);
     }
 }

@@ -13,7 +13,7 @@ import asyncio
 import collections
 import contextlib
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 
@@ -44,8 +44,8 @@ class _RespProtocol(asyncio.Protocol):
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's does not subclass asyncio.Transport, so no isinstance).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -492,9 +492,11 @@ impl<'a> Tally<'a> {
             ),
             None => (Vec::new(), Vec::new(), None),
         };
+        // Finite series can still sum past f64::MAX: such a total is as unusable as one NaN.
+        let finite = |total: Option<f64>| total.filter(|t| t.is_finite());
         EngineMetrics {
-            waiting: self.waiting,
-            running: self.running,
+            waiting: finite(self.waiting),
+            running: finite(self.running),
             kv_cache_usage: self.kv.or(self.kv_old),
             running_lora_adapters,
             waiting_lora_adapters,
@@ -805,6 +807,13 @@ nv_inference_count{model="tensorrt_llm",version="1"} 100
             (m.waiting, m.running, m.kv_cache_usage),
             (Some(3.0), Some(5.0), Some(0.3))
         );
+    }
+
+    #[test]
+    fn a_sum_past_f64_max_is_absent() {
+        let page = b"vllm:num_requests_waiting{engine=\"0\"} 1e308\nvllm:num_requests_waiting{engine=\"1\"} 1e308\n";
+        let (_, m) = parse_engine_metrics(page, Some(Engine::Vllm)).unwrap();
+        assert_eq!(m.waiting, None);
     }
 
     #[test]

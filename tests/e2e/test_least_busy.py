@@ -263,3 +263,24 @@ def test_a_slow_metrics_endpoint_delays_only_its_own_scrapes(tmp_path: Path) -> 
         assert views[fast.address]["metrics_stale"] is False
     finally:
         stop_all([daemon.proc, *(b.proc for b in backends)])
+
+
+def test_workers_scrape_and_route_by_load_too(tmp_path: Path) -> None:
+    backends = start_backends(3, tmp_path, prefix="w-")
+    config = _config(tmp_path, "workers")
+    addresses = [b.address for b in backends]
+    daemon = start_daemon(addresses, "least_busy", tmp_path, name="workers",
+                          extra_args=["--config", str(config), "--workers", "2"])  # fmt: skip
+    envoy = start_envoy(addresses, daemon.grpc_port, "buffered", tmp_path, name="envoy-workers")
+    fleet = Fleet(backends, daemon, envoy)
+    try:
+        a, b, c = _names(fleet)
+        fleet.set_load(
+            {a: {"waiting": 20, "kv": 0.9}, b: {"waiting": 0, "kv": 0.1}, c: {"waiting": 20, "kv": 0.9}}
+        )
+        counts = fleet.served()
+        assert counts[b] >= REQUESTS - 1, counts
+        # Both workers scrape: the supervisor's merged view keeps the freshest age.
+        assert metric_sum(daemon.metrics(), "llmlb_workers") == 2
+    finally:
+        fleet.stop()

@@ -248,3 +248,20 @@ def test_merged_endpoint_views_sum_the_workers_own_counts() -> None:
         {"address": "a:1", "inflight": 5, "local_inflight": 5, "healthy": True}
     ]
     assert merge_endpoint_views([]) == []
+
+
+def test_workers_of_a_killed_supervisor_drain_exit_and_remove_the_state(tmp_path: Path) -> None:
+    daemon = _start(tmp_path, "llmlb-orphans")
+    workers = _children(daemon.proc.pid)
+    state_files = {
+        arg
+        for pid in workers
+        for arg in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        if "llmlb-workers-" in arg and arg.endswith("state")
+    }
+    assert len(workers) == 2, workers
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(timeout=10)
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=15,
+               message="orphaned workers exit")  # fmt: skip
+    assert not any(Path(p).exists() for p in state_files), state_files

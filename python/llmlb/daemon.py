@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Coroutine
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmlb")
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# How often a worker checks that its supervisor still lives.
+ORPHAN_CHECK_SECONDS = 1.0
 # Room for the gRPC framing and headers around the largest body Envoy may forward.
 MESSAGE_OVERHEAD = 1024 * 1024
 
@@ -135,6 +139,7 @@ class Daemon:
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.admin_port = 0
+        self._remove_state_on_exit = False
         self._stop = asyncio.Event()
 
     def _inflight_samples(self) -> list[tuple[tuple[str, ...], float]]:
@@ -208,6 +213,20 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    async def _stop_if_orphaned(self) -> None:
+        """A worker whose supervisor died (kill -9) drains and exits instead of serving on
+        unmanaged; the last one out (worker 0) removes the shared state file."""
+        parent = os.getppid()
+        while True:  # polled: a parent's death has no event to wait on
+            await asyncio.sleep(ORPHAN_CHECK_SECONDS)
+            if os.getppid() != parent:
+                break
+        log.warning("the supervisor (pid %d) is gone; draining and exiting", parent)
+        assert self.role is not None
+        if self.role.index == 0:
+            self._remove_state_on_exit = True
+        self.request_stop()
+
     async def run(self) -> int:
         self.endpoints.load_initial()
         self._warn_about_config()
@@ -220,6 +239,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        orphan_watch = asyncio.create_task(self._stop_if_orphaned()) if self.role is not None else None
         self.endpoints.start()
         if self.shared is not None:
             await self.shared.start()
@@ -244,6 +264,8 @@ class Daemon:
             admin_address,
         )
         await self._stop.wait()
+        if orphan_watch is not None:
+            orphan_watch.cancel()
         await self._drain(server)
         if self.shared is not None:
             await self.shared.stop()
@@ -251,6 +273,12 @@ class Daemon:
             await self.scraper.stop()
         await self.endpoints.stop()
         await admin.cleanup()
+        if self._remove_state_on_exit and self.role is not None:
+            state = Path(self.role.state)
+            for path in (state, *state.parent.glob("worker-*.admin")):
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                state.parent.rmdir()
         return 0
 
     async def _drain(self, server: grpc.aio.Server) -> None:

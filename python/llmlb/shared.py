@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -38,7 +39,7 @@ from llmlb._core import Balancer, NoEndpointsError, OverLimitError, shared_scrip
 from llmlb.config import Config, LbConfig
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker, Refusal
-from llmlb.resp import RespConnection, encode
+from llmlb.resp import LaneClosedError, RespConnection, encode
 
 log = logging.getLogger("llmlb.shared")
 
@@ -110,6 +111,7 @@ class SharedState:
         self._failures = 0
         self._releases: list[str] = []
         self._flush_scheduled = False
+        self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._probe: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -220,6 +222,7 @@ class SharedState:
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="redis-heartbeat")
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in (self._heartbeat, self._probe, *self._tasks):
             if task is not None:
                 task.cancel()
@@ -373,9 +376,60 @@ class SharedState:
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
-        if self.up and not self._flush_scheduled and self._releases:
+        if self.up and not self._stopping and not self._flush_scheduled and self._releases:
+            self._flush_scheduled = True
+            # A plain callback at the end of this loop turn, not a task: releases are as frequent
+            # as picks, and every task and extra loop pass here delays the picks waiting on Redis.
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        """Writes this turn's releases as script calls on the picks' connection; their replies are
+        checked in a callback. Without that connection, the task path (redis-py) sends them."""
+        self._flush_scheduled = False
+        if not self.up or not self._releases:
+            return
+        lane = self._lane()
+        if lane is None:
             self._flush_scheduled = True
             self._spawn(self._flush())
+            return
+        k = self.keys
+        keys = [k["inflight"], k["replica_counts"], k["replica_requests"]]
+        while self._releases:
+            batch = self._releases[:RELEASE_BATCH]
+            try:
+                future = lane.call(encode("EVALSHA", self.shas["release"], "3", *keys, *batch))
+            except LaneClosedError as e:
+                self._failure(e)
+                self._schedule_flush()  # the lane is reopening: retried next turn, or on recovery
+                return
+            del self._releases[: len(batch)]
+            future.add_done_callback(functools.partial(self._released, batch))
+
+    def _released(self, batch: list[str], future: asyncio.Future[Any]) -> None:
+        """A release call's reply: on a lost connection or an error reply the batch is queued
+        again (releases are idempotent); NOSCRIPT and MOVED go through redis-py's recovery."""
+        if future.cancelled():
+            error: BaseException | None = LaneClosedError("release cancelled")
+        else:
+            error = future.exception()
+        if error is not None:
+            self._releases[:0] = batch
+            self._failure(error)
+            self._schedule_flush()
+            return
+        reply = future.result()
+        if isinstance(reply, hiredis.ReplyError):
+            self._spawn(self._recover_releases(batch, reply))
+
+    async def _recover_releases(self, batch: list[str], error: hiredis.ReplyError) -> None:
+        k = self.keys
+        keys = [k["inflight"], k["replica_counts"], k["replica_requests"]]
+        try:
+            await asyncio.wait_for(self._recover("release", error, keys, list(batch)), self.timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            self._releases[:0] = batch
+            self._failure(e)
 
     async def _flush(self) -> None:
         try:

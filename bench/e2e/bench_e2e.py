@@ -246,7 +246,8 @@ def main() -> int:
     parser.add_argument("--bodies", default="2k,64k")
     parser.add_argument(
         "--configs",
-        default="envoy,noop,global_least_request,prefix_cache,global_least_request+redis,prefix_cache+redis",
+        default="envoy,noop,global_least_request,prefix_cache,least_busy,global_least_request+redis,"
+        "prefix_cache+redis,prefix_cache/w2,prefix_cache@full-duplex",
         help="comma-separated; llmlb ones are <policy>[/wN][+redis][@full-duplex]: N worker processes, "
         "state in Redis, Envoy's full-duplex mode (default buffered)",
     )

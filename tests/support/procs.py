@@ -724,7 +724,18 @@ CHAT_ANSWER = (
 
 
 def backend_envoy_yaml(ports: list[int], admin_port: int) -> str:
-    """One Envoy answering a fixed chat completion on each port (the cheapest possible backend)."""
+    """One Envoy answering a fixed chat completion on each port (the cheapest possible backend),
+    and a fixed, idle vLLM /metrics page (so least_busy can be measured too)."""
+    from tests.support.metrics_formats import MetricsState, render_metrics
+
+    metrics_page = render_metrics("vllm", MetricsState(waiting=0, running=0, kv=0.1), 0, now=1_700_000_000.0)
+    metrics_route = {
+        "match": {"path": "/metrics"},
+        "direct_response": {"status": 200, "body": {"inline_string": metrics_page}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "text/plain; version=0.0.4"}}
+        ],
+    }
     listeners = []
     for i, port in enumerate(ports, start=1):
         listeners.append(
@@ -741,11 +752,13 @@ def backend_envoy_yaml(ports: list[int], admin_port: int) -> str:
                                     "http_connection_manager.v3.HttpConnectionManager",
                                     "stat_prefix": f"backend{i}",
                                     "route_config": {
+                                        "max_direct_response_body_size_bytes": 1024 * 1024,
                                         "virtual_hosts": [
                                             {
                                                 "name": "all",
                                                 "domains": ["*"],
                                                 "routes": [
+                                                    metrics_route,
                                                     {
                                                         "match": {"prefix": "/"},
                                                         "direct_response": {
@@ -766,10 +779,10 @@ def backend_envoy_yaml(ports: list[int], admin_port: int) -> str:
                                                                 }
                                                             },
                                                         ],
-                                                    }
+                                                    },
                                                 ],
                                             }
-                                        ]
+                                        ],
                                     },
                                     "http_filters": [
                                         {

@@ -148,10 +148,11 @@ class Balancer:
     def enable_shared(self, pool: str, replica: str, lease_ms: int, keep_ms: int, pick_sha: str) -> None:
         """Turns on shared-state picks for ``pool`` as replica ``replica``."""
     def prepare_shared(
-        self, body: bytes | None, request_id: str, seed: int
+        self, body: bytes | None, request_id: str, seed: int, releases: list[str] = ...
     ) -> tuple[int, list[str], list[str], bytes]:
         """Parses ``body`` and encodes the pick script call: ``(prepared_id, keys, args,
         command)``, ``command`` being the same call as a RESP ``EVALSHA`` (``pick_sha``).
+        ``releases`` are request ids of finished requests the call releases first.
 
         Every prepared id must be committed, fall back or be discarded.
 

@@ -48,6 +48,8 @@ log = logging.getLogger("llmlb.shared")
 FAILURES_TO_OPEN = 2
 PROBE_INTERVAL = 0.5
 RELEASE_BATCH = 512
+# Seconds a finished request waits for a pick to carry its release before it is sent alone.
+RELEASE_LINGER_S = 0.002
 # Connections to Redis per replica: concurrent picks wait for a free one (within the budget)
 # rather than opening connections without bound.
 MAX_CONNECTIONS = 64
@@ -378,9 +380,25 @@ class SharedState:
     def _schedule_flush(self) -> None:
         if self.up and not self._stopping and not self._flush_scheduled and self._releases:
             self._flush_scheduled = True
-            # A plain callback at the end of this loop turn, not a task: releases are as frequent
-            # as picks, and every task and extra loop pass here delays the picks waiting on Redis.
-            asyncio.get_running_loop().call_soon(self._flush_soon)
+            # A plain callback, not a task: releases are as frequent as picks, and every task and
+            # extra loop pass here delays the picks waiting on Redis. It lingers briefly so that
+            # the next pick usually carries the releases in its own script call (`take_releases`).
+            asyncio.get_running_loop().call_later(RELEASE_LINGER_S, self._flush_soon)
+
+    def take_releases(self) -> list[str]:
+        """Finished requests for the next pick's script call to release, while the hot-path
+        connection is open (the pick then travels behind the picks it releases)."""
+        if not self._releases or not self.up or self.lane is None or self.lane.closed:
+            return []
+        batch = self._releases[:RELEASE_BATCH]
+        del self._releases[: len(batch)]
+        return batch
+
+    def requeue(self, batch: list[str]) -> None:
+        """Releases whose pick call failed or may not have run (releasing twice is harmless)."""
+        if batch:
+            self._releases[:0] = batch
+            self._schedule_flush()
 
     def _flush_soon(self) -> None:
         """Writes this turn's releases as script calls on the picks' connection; their replies are
@@ -482,13 +500,16 @@ class SharedPicker(Picker):
         started = time.perf_counter()
         self._next_request += 1
         request_id = str(self._next_request)
+        releases = self.shared.take_releases()
         try:
-            prepared = self.balancer.prepare_shared(body, request_id, random.getrandbits(31))
+            prepared = self.balancer.prepare_shared(body, request_id, random.getrandbits(31), releases)
         except NoEndpointsError:
+            self.shared.requeue(releases)
             return self._refuse_no_endpoints()
         try:
             reply = await self.shared.pick_shared(prepared, request_id)
             if isinstance(reply, str):
+                self.shared.requeue(releases)
                 self.metrics.fallbacks.inc((reply,))
                 ticket, endpoint, reason, depth = self.balancer.fallback_shared(prepared[0])
             else:

@@ -401,13 +401,15 @@ impl PyBalancer {
     /// command)`, where `command` is the same call as a ready-to-send RESP `EVALSHA`.
     /// Raises `NoEndpointsError` on an empty pool. Every prepared id must be committed, fall
     /// back or be discarded.
-    #[pyo3(signature = (body, request_id, seed))]
+    /// `releases`: request ids of finished requests that the same script call releases first.
+    #[pyo3(signature = (body, request_id, seed, releases = Vec::new()))]
     fn prepare_shared(
         &self,
         py: Python<'_>,
         body: Option<PyBackedBytes>,
         request_id: &str,
         seed: u32,
+        releases: Vec<String>,
     ) -> PyResult<PreparedTuple> {
         let parsed = body.map(|b| parse(py, &b));
         let (model, hashes) = match parsed {
@@ -438,6 +440,7 @@ impl PyBalancer {
             &names,
             &model,
             levels,
+            &releases,
         );
         let command = resp_evalsha(&setup.pick_sha, &keys, &args);
         let id = setup.next_id;

@@ -38,11 +38,13 @@ class Replica:
         self.scripts = {n: client.register_script(t) for n, t in shared_scripts().items()}
         self.next_id = 0
 
-    def pick(self, body: bytes | None = None, seed: int = 0) -> tuple[str, str, int, int]:
-        """``(request_id, endpoint, count_before, depth)``."""
+    def pick(
+        self, body: bytes | None = None, seed: int = 0, releases: tuple[str, ...] = ()
+    ) -> tuple[str, str, int, int]:
+        """``(request_id, endpoint, count_before, depth)``; ``releases`` ride on the same call."""
         self.next_id += 1
         rid = f"{self.next_id}"
-        prepared, keys, args, command = self.balancer.prepare_shared(body, rid, seed)
+        prepared, keys, args, command = self.balancer.prepare_shared(body, rid, seed, list(releases))
         assert command.startswith(b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args)))
         self.balancer.discard_shared(prepared)
         endpoint, before, depth = self.scripts["pick"](keys=keys, args=args)
@@ -90,6 +92,20 @@ def test_least_request_spreads_and_release_is_idempotent(any_redis, pool):
     assert r.release("never-picked") == 0
     assert r.totals() == {}
     assert r.own() == {}
+
+
+def test_a_pick_releases_finished_requests_before_it_counts(any_redis, pool):
+    r = Replica(any_redis.client(), pool, "r1", policy="global_least_request")
+    first = [r.pick(seed=i) for i in range(3)]
+    assert sorted(r.totals().values()) == [1, 1, 1]
+    # The next pick carries two completions (and an unknown id, and one released twice).
+    done = (first[0][0], first[1][0], "never-picked", first[0][0])
+    _, endpoint, before, _ = r.pick(seed=0, releases=done)
+    assert before == 0, "the released requests were uncounted before the choice"
+    assert endpoint in (first[0][1], first[1][1])
+    assert sum(r.totals().values()) == 2
+    assert r.own() == r.totals()
+    assert r.release(first[0][0], first[1][0]) == 0, "already released by the pick"
 
 
 def test_prefix_affinity_and_bounded_load(any_redis, pool):

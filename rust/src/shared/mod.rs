@@ -66,7 +66,8 @@ pub struct PickSettings {
     pub load_floor: u32,
 }
 
-/// `(KEYS, ARGV)` for `scripts::PICK`.
+/// `(KEYS, ARGV)` for `scripts::PICK`; `releases` are request ids the same call releases first.
+#[allow(clippy::too_many_arguments)] // one flat encoding of the script's documented arguments
 pub fn pick_call(
     keys: &Keys,
     settings: &PickSettings,
@@ -75,6 +76,7 @@ pub fn pick_call(
     candidates: &[&str],
     model: &str,
     prefix_hashes: &[u64],
+    releases: &[String],
 ) -> (Vec<String>, Vec<String>) {
     let levels = &prefix_hashes[..prefix_hashes.len().min(MAX_SHARED_LEVELS)];
     let tag = model_tag(model);
@@ -100,6 +102,8 @@ pub fn pick_call(
         candidates.len().to_string(),
     ]);
     a.extend(candidates.iter().map(|&c| c.to_owned()));
+    a.push(releases.len().to_string());
+    a.extend(releases.iter().cloned());
     (k, a)
 }
 
@@ -188,6 +192,7 @@ mod tests {
             &["10.0.0.1:80"],
             "m",
             &[1, 2, 3],
+            &[],
         );
         let slot = cluster_slot(&k[0]);
         assert_eq!(k.len(), 7);
@@ -211,6 +216,7 @@ mod tests {
             &["a:1", "b:2"],
             "model-x",
             &[0xabc],
+            &["5".to_owned(), "6".to_owned()],
         );
         assert_eq!(
             &k[..4],
@@ -230,7 +236,10 @@ mod tests {
         );
         assert_eq!(
             a,
-            ["r1", "42", "9", "10000", "150000", "0", "1800000", "1.25", "2", "2", "a:1", "b:2"]
+            [
+                "r1", "42", "9", "10000", "150000", "0", "1800000", "1.25", "2", "2", "a:1", "b:2",
+                "2", "5", "6"
+            ]
         );
     }
 
@@ -238,7 +247,7 @@ mod tests {
     fn models_and_levels_are_bounded_and_namespaced() {
         let keys = Keys::new("p", "r");
         let many: Vec<u64> = (0..1000).collect();
-        let (k, _) = pick_call(&keys, &settings(), "1", 0, &["a:1"], "m", &many);
+        let (k, _) = pick_call(&keys, &settings(), "1", 0, &["a:1"], "m", &many, &[]);
         assert_eq!(k.len(), 4 + MAX_SHARED_LEVELS);
         assert_ne!(
             keys.prefix_level(model_tag("a"), 1),

@@ -20,7 +20,9 @@
 /// request's chained prefix keys, shortest first; none for least-request).
 /// `ARGV`: 1 replica, 2 request id, 3 random seed, 4 lease ms, 5 keep ms (safety TTL of the
 /// hashes), 6 max requests per endpoint (0 = off), 7 prefix TTL ms, 8 load factor, 9 load floor,
-/// 10 candidate count n, 11..10+n candidate endpoints.
+/// 10 candidate count n, 11..10+n candidate endpoints, 11+n release count r, then r request ids
+/// of this replica's finished requests, released first exactly as `RELEASE` does (so a
+/// completion rides on the next pick instead of costing a call of its own).
 ///
 /// Returns `{endpoint, in-flight before, prefix depth}`; endpoint `""` when the least-loaded
 /// candidate is at the max.
@@ -33,6 +35,15 @@ local factor, floor_ = tonumber(ARGV[8]), tonumber(ARGV[9])
 local n = tonumber(ARGV[10])
 local cands, index = {}, {}
 for i = 1, n do cands[i] = ARGV[10 + i]; index[cands[i]] = i end
+for j = 1, tonumber(ARGV[11 + n] or '0') do
+  local done = ARGV[11 + n + j]
+  local ended = redis.call('HGET', KEYS[3], done)
+  if ended then
+    redis.call('HDEL', KEYS[3], done)
+    if redis.call('HINCRBY', KEYS[2], ended, -1) <= 0 then redis.call('HDEL', KEYS[2], ended) end
+    if redis.call('HINCRBY', KEYS[1], ended, -1) <= 0 then redis.call('HDEL', KEYS[1], ended) end
+  end
+end
 local raw = redis.call('HMGET', KEYS[1], unpack(cands))
 local counts, total, min = {}, 0, nil
 for i = 1, n do

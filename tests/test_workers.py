@@ -176,15 +176,20 @@ def test_a_killed_worker_is_replaced_and_leaves_no_phantom_load(tmp_path: Path) 
     assert code == 0
 
 
-def test_sigterm_stops_every_worker_and_removes_the_state(tmp_path: Path) -> None:
-    daemon = _start(tmp_path, "llmlb-stop")
-    workers = _children(daemon.proc.pid)
-    state_files = {
+def _state_files(workers: list[int]) -> set[str]:
+    """The shared state file named on the workers' command lines."""
+    return {
         arg
         for pid in workers
         for arg in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         if "llmlb-workers-" in arg and arg.endswith("state")
     }
+
+
+def test_sigterm_stops_every_worker_and_removes_the_state(tmp_path: Path) -> None:
+    daemon = _start(tmp_path, "llmlb-stop")
+    workers = _children(daemon.proc.pid)
+    state_files = _state_files(workers)
     assert len(workers) == 2, workers
     assert len(state_files) == 1, state_files
     daemon.proc.send_signal(signal.SIGTERM)
@@ -253,13 +258,9 @@ def test_merged_endpoint_views_sum_the_workers_own_counts() -> None:
 def test_workers_of_a_killed_supervisor_drain_exit_and_remove_the_state(tmp_path: Path) -> None:
     daemon = _start(tmp_path, "llmlb-orphans")
     workers = _children(daemon.proc.pid)
-    state_files = {
-        arg
-        for pid in workers
-        for arg in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        if "llmlb-workers-" in arg and arg.endswith("state")
-    }
+    state_files = _state_files(workers)
     assert len(workers) == 2, workers
+    assert len(state_files) == 1, state_files
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait(timeout=10)
     wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=15,

@@ -411,12 +411,10 @@ class SharedState:
             self._flush_scheduled = True
             self._spawn(self._flush())
             return
-        k = self.keys
-        keys = [k["inflight"], k["replica_counts"], k["replica_requests"]]
         while self._releases:
             batch = self._releases[:RELEASE_BATCH]
             try:
-                future = lane.call(encode("EVALSHA", self.shas["release"], "3", *keys, *batch))
+                future = lane.call(self._release_command(batch))
             except LaneClosedError as e:
                 self._failure(e)
                 self._schedule_flush()  # the lane is reopening: retried next turn, or on recovery
@@ -441,10 +439,10 @@ class SharedState:
             self._spawn(self._recover_releases(batch, reply))
 
     async def _recover_releases(self, batch: list[str], error: hiredis.ReplyError) -> None:
-        k = self.keys
-        keys = [k["inflight"], k["replica_counts"], k["replica_requests"]]
         try:
-            await asyncio.wait_for(self._recover("release", error, keys, list(batch)), self.timeout)
+            await asyncio.wait_for(
+                self._recover("release", error, self._release_keys(), list(batch)), self.timeout
+            )
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self._releases[:0] = batch
             self._failure(e)
@@ -463,16 +461,23 @@ class SharedState:
         finally:
             self._flush_scheduled = False
 
-    async def _send_releases(self, batch: list[str]) -> None:
+    def _release_keys(self) -> list[str]:
+        """KEYS of the release script (see rust/src/shared/scripts.rs)."""
         k = self.keys
-        keys = [k["inflight"], k["replica_counts"], k["replica_requests"]]
+        return [k["inflight"], k["replica_counts"], k["replica_requests"]]
+
+    def _release_command(self, batch: list[str]) -> bytes:
+        return encode("EVALSHA", self.shas["release"], "3", *self._release_keys(), *batch)
+
+    async def _send_releases(self, batch: list[str]) -> None:
+        keys = self._release_keys()
         lane = self._lane()
         if lane is None:
             await self.scripts["release"](keys=keys, args=batch)
             return
         # On the picks' connection, so a release always runs after its pick, even one whose
         # reply came too late (Redis serves one connection in order).
-        reply = await lane.call(encode("EVALSHA", self.shas["release"], "3", *keys, *batch))
+        reply = await lane.call(self._release_command(batch))
         if isinstance(reply, hiredis.ReplyError):
             await self._recover("release", reply, keys, batch)
 

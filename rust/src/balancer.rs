@@ -325,13 +325,16 @@ impl Balancer {
         self.workers = Some(workers);
     }
 
-    /// Pool-wide in-flight count of `id` (all workers when attached).
-    fn inflight_of(&self, id: u32) -> u32 {
-        match self
-            .workers
+    /// The worker-shared state and `id`'s slot in it, when attached and the slot exists.
+    fn shared_slot(&self, id: u32) -> Option<(&Workers, u32)> {
+        self.workers
             .as_ref()
             .and_then(|w| w.slot(id).map(|s| (w, s)))
-        {
+    }
+
+    /// Pool-wide in-flight count of `id` (all workers when attached).
+    fn inflight_of(&self, id: u32) -> u32 {
+        match self.shared_slot(id) {
             Some((w, slot)) => w.state.inflight(slot),
             None => self.inflight[id as usize],
         }
@@ -339,11 +342,7 @@ impl Balancer {
 
     fn count_in(&mut self, id: u32) {
         self.inflight[id as usize] += 1;
-        if let Some((w, slot)) = self
-            .workers
-            .as_ref()
-            .and_then(|w| w.slot(id).map(|s| (w, s)))
-        {
+        if let Some((w, slot)) = self.shared_slot(id) {
             w.state.increment(slot);
         }
     }
@@ -351,11 +350,7 @@ impl Balancer {
     fn count_out(&mut self, id: u32) {
         let count = &mut self.inflight[id as usize];
         *count = count.saturating_sub(1);
-        if let Some((w, slot)) = self
-            .workers
-            .as_ref()
-            .and_then(|w| w.slot(id).map(|s| (w, s)))
-        {
+        if let Some((w, slot)) = self.shared_slot(id) {
             w.state.decrement(slot);
         }
     }
@@ -376,11 +371,7 @@ impl Balancer {
     }
 
     fn record(&mut self, hashes: &[u64], id: u32, now_ms: u64) {
-        match self
-            .workers
-            .as_ref()
-            .and_then(|w| w.slot(id).map(|s| (w, s)))
-        {
+        match self.shared_slot(id) {
             Some((w, slot)) => w.state.record(hashes, slot, now_ms),
             None => self.prefix.record(hashes, id, now_ms),
         }

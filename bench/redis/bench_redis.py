@@ -142,12 +142,21 @@ def pick_buckets(admin_url: str) -> dict[float, float]:
 
 
 def bucket_quantile(buckets: dict[float, float], q: float) -> float:
-    """Upper bound of the bucket holding quantile q (Prometheus style, no interpolation)."""
+    """Quantile q by linear interpolation inside its bucket, as Prometheus's histogram_quantile
+    does (the lowest bucket starts at 0)."""
     ordered = sorted(buckets.items())
     total = ordered[-1][1] if ordered else 0.0
+    if not total:
+        return float("nan")
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
     for bound, cumulative in ordered:
-        if total and cumulative >= q * total:
-            return bound
+        if cumulative >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            share = (rank - lower_count) / (cumulative - lower_count) if cumulative > lower_count else 1.0
+            return lower_bound + (bound - lower_bound) * share
+        lower_bound, lower_count = bound, cumulative
     return float("nan")
 
 
@@ -186,6 +195,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="llmlb-bench-redis-"))
     bodies = conversation_bodies(4000)
     redis = RedisServer(binary, work / "redis").start()
+    redis_pid = redis.pid
+    assert redis_pid is not None
     if args.backends == "envoy":
         backend_envoy, addresses = start_envoy_backends(3, work)
         backend_procs = [backend_envoy.proc]
@@ -212,6 +223,7 @@ def main() -> int:
         latencies: dict[str, list[float]] = {n: [] for n in setups}
         counts: dict[str, dict[str, int]] = {n: dict.fromkeys(("fail", "req", "evalsha"), 0) for n in setups}
         cpu = dict.fromkeys(setups, 0.0)
+        redis_cpu = dict.fromkeys(setups, 0.0)
         buckets: dict[str, dict[float, float]] = {n: {} for n in setups}
         for _, envoy in setups.values():  # warm-up: caches, connections
             asyncio.run(open_loop(f"{envoy.url}/v1/chat/completions", bodies, args.rate, 1.0))
@@ -220,6 +232,7 @@ def main() -> int:
                 before_buckets = pick_buckets(daemon.admin_url)
                 before_calls = evalsha_calls(redis)
                 before_cpu = process_tree_cpu(daemon.proc.pid)
+                before_redis_cpu = process_tree_cpu(redis_pid)
                 url = f"{envoy.url}/v1/chat/completions"
                 if args.client == "hey":
                     lat, fail = run_hey(url, bodies[0], args.rate, args.seconds, work)
@@ -228,6 +241,7 @@ def main() -> int:
                 time.sleep(0.3)  # let the last releases land
                 after_calls = evalsha_calls(redis)
                 cpu[name] += process_tree_cpu(daemon.proc.pid) - before_cpu
+                redis_cpu[name] += process_tree_cpu(redis_pid) - before_redis_cpu
                 for bound, cumulative in pick_buckets(daemon.admin_url).items():
                     delta = cumulative - before_buckets.get(bound, 0.0)
                     buckets[name][bound] = buckets[name].get(bound, 0.0) + delta
@@ -240,14 +254,17 @@ def main() -> int:
             text = urllib.request.urlopen(f"{daemon.admin_url}/metrics").read().decode()
             fallbacks = [line for line in text.splitlines() if line.startswith("llmlb_fallbacks_total{")]
             print(f"{name}: {fallbacks or 'no fallbacks'}", file=sys.stderr)
+        evalsha = redis.client().info("commandstats").get("cmdstat_evalsha", {})
+        inside = evalsha.get("usec_per_call", 0)
+        print(f"Redis time inside EVALSHA: {inside:.1f} µs per call", file=sys.stderr)
     finally:
         stop_all(procs)
         redis.stop()
 
     print(f"\n{args.rounds} rounds x {args.seconds:.0f} s at {args.rate:.0f} requests/s, alternating\n")
-    print("| state | requests | failed | client p50 ms | client p99 ms | pick p50 ms (<=) | pick p99 ms (<=) "
-          "| EVALSHA per request | picker CPU µs per request |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| state | requests | failed | client p50 ms | client p99 ms | pick p50 ms | pick p99 ms "
+          "| EVALSHA per request | picker CPU µs per request | Redis CPU µs per request |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     summary = {}
     for name in setups:
         lat, c = latencies[name], counts[name]
@@ -256,7 +273,8 @@ def main() -> int:
         summary[name] = (statistics.median(lat) * 1000, pct(lat, 0.99) * 1000)
         print(
             f"| {name} | {c['req']} | {c['fail']} | {summary[name][0]:.2f} | {summary[name][1]:.2f} | "
-            f"{p50:.3g} | {p99:.3g} | {c['evalsha'] / c['req']:.3f} | {cpu[name] / c['req'] * 1e6:.0f} |"
+            f"{p50:.3g} | {p99:.3g} | {c['evalsha'] / c['req']:.3f} | {cpu[name] / c['req'] * 1e6:.0f} | "
+            f"{redis_cpu[name] / c['req'] * 1e6:.0f} |"
         )
     e, s = summary["embedded"], summary["redis"]
     print(

@@ -87,6 +87,10 @@ def parse_engine_metrics(text: bytes, engine: str | None = None) -> tuple[str, E
         ValueError: ``engine`` is not a known engine name.
     """
 
+def wait_readable(fd: int, timeout_us: int) -> bool:
+    """Waits (GIL released) up to ``timeout_us`` µs for ``fd`` to be readable; ``OSError`` on a
+    bad descriptor."""
+
 def shared_scripts() -> dict[str, str]:
     """The Redis Lua scripts by name: ``pick``, ``release``, ``heartbeat``, ``reap``."""
 

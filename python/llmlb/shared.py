@@ -53,6 +53,9 @@ RELEASE_LINGER_S = 0.002
 # Connections to Redis per replica: concurrent picks wait for a free one (within the budget)
 # rather than opening connections without bound.
 MAX_CONNECTIONS = 64
+# How long a pick reads its reply off the socket before leaving it to the event loop: a loopback
+# Redis answers well within it; a remote or slow one costs the loop at most this per pick.
+EAGER_READ_S = 0.0003
 # Releases kept while Redis is unreachable; past this the oldest are dropped (and counted): their
 # replica's lease keeps them counted until the replica ends, so a bound is needed.
 MAX_PENDING_RELEASES = 100_000
@@ -336,7 +339,9 @@ class SharedState:
         try:
             lane = self._lane()
             if lane is not None:
-                reply = await within(lane.call(command), self.budget)
+                reply = lane.call_eagerly(command, min(EAGER_READ_S, self.budget))
+                if isinstance(reply, asyncio.Future):
+                    reply = await within(reply, self.budget)
                 if isinstance(reply, hiredis.ReplyError):
                     reply = await within(self._recover("pick", reply, keys, args), self.budget)
             else:

@@ -12,15 +12,16 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 
 use crate::balancer::{Balancer, BalancerConfig, Load, Pick, PickError};
 use crate::engine_metrics::{parse_engine_metrics, Engine, EngineMetrics, MetricsError};
+use crate::fd_wait;
 use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
 use crate::request::{parse_request, ParseError, ParsedRequest};
 use crate::scheduling::least_busy::Thresholds;
@@ -569,6 +570,14 @@ fn create_worker_state(
     Ok(layout.bytes())
 }
 
+/// Waits up to `timeout_us` microseconds for `fd` to become readable, with the GIL released;
+/// returns whether it is (see `fd_wait`).
+#[pyfunction]
+fn wait_readable(py: Python<'_>, fd: i32, timeout_us: u64) -> PyResult<bool> {
+    py.detach(|| fd_wait::wait_readable(fd, Duration::from_micros(timeout_us)))
+        .map_err(|e| PyOSError::new_err(format!("waiting on descriptor {fd}: {e}")))
+}
+
 /// The Redis Lua scripts by name (`pick`, `release`, `heartbeat`, `reap`).
 #[pyfunction]
 fn shared_scripts() -> HashMap<&'static str, &'static str> {
@@ -586,6 +595,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_parse_engine_metrics, m)?)?;
     m.add_function(wrap_pyfunction!(shared_scripts, m)?)?;
     m.add_function(wrap_pyfunction!(create_worker_state, m)?)?;
+    m.add_function(wrap_pyfunction!(wait_readable, m)?)?;
     let py = m.py();
     m.add("RequestParseError", py.get_type::<RequestParseError>())?;
     m.add("MetricsParseError", py.get_type::<MetricsParseError>())?;

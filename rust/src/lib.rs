@@ -3,6 +3,7 @@
 
 pub mod balancer;
 pub mod engine_metrics;
+pub mod fd_wait;
 pub mod json;
 pub mod prefix_hash;
 pub mod prefix_table;

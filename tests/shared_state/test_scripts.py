@@ -139,6 +139,22 @@ def test_prefix_keys_are_namespaced_and_expire(any_redis, pool):
     assert len(tags) == 2, "each model has its own key namespace"
 
 
+def test_state_keys_get_their_keep_alive_ttl_from_the_pick_that_makes_them(any_redis, pool):
+    """No heartbeat has run: the pick itself must leave no key that would never expire, including
+    after the keys vanished (a Redis restart) while the replica kept going."""
+    client = any_redis.client()
+    r = Replica(client, pool, "r1", policy="global_least_request")
+    k = r.keys
+    state = [k["inflight"], k["replica_counts"], k["replica_requests"], k["leases"]]
+    for _ in range(2):
+        first, _, _, _ = r.pick()
+        r.pick()  # a second request on some endpoint: no TTL refresh needed, none lost
+        for key in state:
+            assert 0 < client.pttl(key) <= KEEP_MS, key
+        client.delete(*state)  # as after a restart: the next pick recreates them with TTLs
+        r.release(first)
+
+
 def test_a_lapsed_replica_is_reaped_and_live_counts_stay_exact(any_redis, pool):
     client = any_redis.client()
     dead, live = Replica(client, pool, "dead"), Replica(client, pool, "live")

@@ -111,10 +111,13 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HINCRBY', KEYS[1], endpoint, 1)
-redis.call('HINCRBY', KEYS[2], endpoint, 1)
 redis.call('HSET', KEYS[3], rid, endpoint)
-redis.call('ZADD', KEYS[4], now + lease_ms, replica)
-for k = 1, 4 do redis.call('PEXPIRE', KEYS[k], keep_ms) end
+-- Keep-alive TTLs are set when a key may have just been made (the first request of this replica
+-- on this endpoint, or a new lease) and renewed by the heartbeat: not four writes per pick.
+if redis.call('HINCRBY', KEYS[2], endpoint, 1) == 1 then
+  for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], keep_ms) end
+end
+if redis.call('ZADD', KEYS[4], now + lease_ms, replica) == 1 then redis.call('PEXPIRE', KEYS[4], keep_ms) end
 return {endpoint, counts[chosen], depth}
 ";
 

@@ -1,4 +1,4 @@
-"""The ``llmlb`` command line: serve, check-config, envoy-config.
+"""The ``llmlb`` command line: serve, check-config, envoy-config, sim.
 
 Exit codes: 0 clean shutdown, 2 bad config or arguments (one line naming the field), 1 anything
 else. User mistakes never print a traceback.
@@ -7,7 +7,9 @@ else. User mistakes never print a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from llmlb.config import Config, ConfigError, effective_yaml, load_config, load_endpoints_file, with_overrides
@@ -67,7 +69,154 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     envoy.add_argument("--mode", choices=("buffered", "full-duplex"), default="buffered")
     envoy.add_argument("--fallback", choices=("round_robin", "least_request", "random", "ring_hash"))
+    _add_sim_parser(sub)
     return parser
+
+
+def _add_sim_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    sim = sub.add_parser(
+        "sim",
+        help="run a simulated vLLM model server (see docs/sim.md)",
+        description="A vLLM-compatible model-server simulator: paged KV cache with prefix caching, "
+        "continuous batching with chunked prefill, vLLM's /metrics, failure injection. See docs/sim.md.",
+    )
+    add = sim.add_argument
+    add("--port", type=_int_in(1, 65535), required=True, help="TCP port to listen on")
+    add("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    add("--name", help="name in the x-sim-name header and /_sim/stats (default sim-PORT)")
+    add(
+        "--model",
+        default="sim-model",
+        help="served model name (requests naming another model get 404) (default %(default)s)",
+    )
+    add(
+        "--block-size",
+        type=_int_in(1, 4096),
+        default=16,
+        help="tokens per KV-cache block (default %(default)s)",
+    )
+    add(
+        "--kv-blocks",
+        type=_int_in(1, 10_000_000),
+        default=2048,
+        help="KV-cache capacity in blocks (default %(default)s)",
+    )
+    add(
+        "--max-running",
+        type=_int_in(1, 100_000),
+        default=16,
+        help="most requests in the running batch (default %(default)s)",
+    )
+    add(
+        "--max-batched-tokens",
+        type=_int_in(1, 10_000_000),
+        default=2048,
+        help="prefill tokens per engine step (chunked prefill budget) (default %(default)s)",
+    )
+    add(
+        "--step-base-ms",
+        type=_float_in(0, 60_000),
+        default=2.0,
+        help="fixed cost of one engine step (default %(default)s)",
+    )
+    add(
+        "--prefill-ms-per-token",
+        type=_float_in(0, 1000),
+        default=0.02,
+        help="step cost per prefilled (uncached) prompt token (default %(default)s)",
+    )
+    add(
+        "--decode-ms-per-seq",
+        type=_float_in(0, 1000),
+        default=0.1,
+        help="step cost per sequence decoding a token (default %(default)s)",
+    )
+    add(
+        "--output-tokens",
+        type=_int_in(1, 1_000_000),
+        default=16,
+        help="tokens generated when a request sets no max_tokens (default %(default)s)",
+    )
+    add(
+        "--chars-per-token",
+        type=_int_in(1, 1024),
+        default=4,
+        help="prompt bytes per token (default %(default)s)",
+    )
+    add("--lora", metavar="ADAPTER,...", type=_adapters, default=(), help="LoRA adapter names to serve")
+    add(
+        "--max-loras",
+        type=_int_in(1, 10_000),
+        default=2,
+        help="most distinct adapters in the running batch (default %(default)s)",
+    )
+    add(
+        "--fail-rate",
+        type=_float_in(0, 1),
+        default=0.0,
+        help="fraction of requests answered 500 at once (default %(default)s)",
+    )
+    add(
+        "--slow-rate",
+        type=_float_in(0, 1),
+        default=0.0,
+        help="fraction of requests held --slow-ms first (default %(default)s)",
+    )
+    add(
+        "--slow-ms",
+        type=_float_in(0, 3_600_000),
+        default=1000.0,
+        help="delay of a slow request (default %(default)s)",
+    )
+    add(
+        "--drop-rate",
+        type=_float_in(0, 1),
+        default=0.0,
+        help="fraction of requests whose connection is closed without an answer (default %(default)s)",
+    )
+    add("--seed", type=int, default=0, help="seed of the failure-injection draws (default %(default)s)")
+    add("--access-log", action="store_true", help="log every HTTP request to stderr")
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            try:  # integral spellings such as 2048.0 or 1e+06 (what Python's f"{x:g}" writes)
+                number = float(text)
+            except ValueError:
+                number = math.nan
+            if not number.is_integer():
+                raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+            value = int(number)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{value:g} is outside {low:g}..{high:g}")
+        return value
+
+    return parse
+
+
+def _adapters(text: str) -> tuple[str, ...]:
+    names = tuple(text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: adapter names must be non-empty")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: an adapter is named twice")
+    return names
 
 
 def _positive_int(text: str) -> int:
@@ -173,6 +322,46 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from llmlb.sim.engine import EngineConfig
+    from llmlb.sim.server import SimOptions, StartupError, run
+
+    if args.model in args.lora:
+        raise ConfigError("--lora", f"an adapter cannot be named like the model ({args.model})")
+    engine = EngineConfig(
+        model=args.model,
+        block_size=args.block_size,
+        kv_blocks=args.kv_blocks,
+        max_running=args.max_running,
+        max_batched_tokens=args.max_batched_tokens,
+        step_base_ms=args.step_base_ms,
+        prefill_ms_per_token=args.prefill_ms_per_token,
+        decode_ms_per_seq=args.decode_ms_per_seq,
+        chars_per_token=args.chars_per_token,
+        max_loras=args.max_loras,
+    )
+    options = SimOptions(
+        port=args.port,
+        host=args.host,
+        name=args.name or "",
+        engine=engine,
+        output_tokens=args.output_tokens,
+        loras=args.lora,
+        fail_rate=args.fail_rate,
+        slow_rate=args.slow_rate,
+        slow_ms=args.slow_ms,
+        drop_rate=args.drop_rate,
+        seed=args.seed,
+        access_log=args.access_log,
+    )
+    try:
+        return run(options)
+    except StartupError as e:
+        return _fail(EXIT_FAILURE, str(e))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -181,7 +370,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"llmlb {__version__}")
         return EXIT_OK
-    commands = {"serve": _cmd_serve, "check-config": _cmd_check_config, "envoy-config": _cmd_envoy_config}
+    commands = {
+        "serve": _cmd_serve,
+        "check-config": _cmd_check_config,
+        "envoy-config": _cmd_envoy_config,
+        "sim": _cmd_sim,
+    }
     if args.command not in commands:
         parser.print_help()
         return EXIT_USAGE

@@ -81,8 +81,8 @@ class LbConfig:
     shedRetryAfter: int = 1
     leaseTTL: int = 15
     maxRequestCount: int = 0
-    affinityLoadFactor: float = 1.25
-    affinityLoadFloor: int = 2
+    affinityLoadFactor: float = 1.5
+    affinityLoadFloor: int = 8
     prefixTableSize: int = 262_144
 
 

@@ -230,7 +230,7 @@ type PreparedTuple = (u64, Vec<String>, Vec<String>, Cow<'static, [u8]>);
 impl PyBalancer {
     #[new]
     #[pyo3(signature = (
-        policy, *, prefix_ttl_s = 1800, prefix_capacity = 262_144, load_factor = 1.25, load_floor = 2,
+        policy, *, prefix_ttl_s = 1800, prefix_capacity = 262_144, load_factor = 1.5, load_floor = 8,
         max_request_count = 0, critical_models = None, stale_after_ms = 2000, queue_threshold = 5.0,
         kv_cache_threshold = 0.8, lora_queue_threshold = 128.0, lora_affinity = 0.999
     ))]

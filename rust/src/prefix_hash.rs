@@ -1,9 +1,10 @@
 //! Chained prefix hashes of a prompt.
 //!
 //! The prompt is a sequence of segments (one per chat message, or per completions prompt). Each
-//! segment is serialised canonically as `tag, u32 little-endian length, bytes` per field (role
+//! segment is serialised canonically as `tag, bytes, u32 little-endian length` per field (role
 //! first, then content, then the rest), so `[A, B]` and `[B, A]` differ and no field can run
-//! into the next. The serialisation is cut into blocks of at most `block_size` bytes; a segment's
+//! into the next (a segment decodes uniquely from its end, which the end flag marks), while
+//! prompts that share the start of a long field share its leading blocks. The serialisation is cut into blocks of at most `block_size` bytes; a segment's
 //! last block is closed at the segment's end and flagged as such, so a long message splits into
 //! several blocks and a long shared system prompt still matches partially.
 //!
@@ -18,8 +19,9 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 /// Bytes of canonical prompt per prefix block (about 128 tokens of English text).
 pub const DEFAULT_BLOCK_SIZE: usize = 512;
 
-/// Domain separation for the model seed ("llmlb/v1").
-const MODEL_SEED: u64 = 0x6c6c_6d6c_622f_7631;
+/// Domain separation for the model seed ("llmlb/v2": lengths after the bytes since v2, so
+/// prefix keys written by v1 never match).
+const MODEL_SEED: u64 = 0x6c6c_6d6c_622f_7632;
 
 const FLAG_CONTINUES: u8 = 0;
 const FLAG_SEGMENT_END: u8 = 1;
@@ -114,11 +116,14 @@ impl PrefixHasher {
 
     pub fn segment(&mut self, fields: &[Field<'_>]) {
         for (tag, bytes) in fields {
+            // The length goes after the bytes: before them, a long message's first block would
+            // depend on its total length, and two prompts sharing 6 KB of a message (a long
+            // document, then different questions) would share no block at all.
             // Fields over 4 GiB cannot occur: bodies are far smaller.
             let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
             self.feed(&[*tag]);
-            self.feed(&len.to_le_bytes());
             self.feed(bytes);
+            self.feed(&len.to_le_bytes());
         }
         self.close(FLAG_SEGMENT_END);
     }
@@ -215,10 +220,30 @@ mod tests {
         let long_b = "x".repeat(100) + "B";
         let a = chain("m", 16, &[&[(b'r', "system"), (b'c', &long_a)]]);
         let b = chain("m", 16, &[&[(b'r', "system"), (b'c', &long_b)]]);
-        // 1 + 4 + 6 + 1 + 4 + 101 = 117 bytes -> 8 blocks of 16.
+        // 1 + 6 + 4 + 1 + 101 + 4 = 117 bytes -> 8 blocks of 16.
         assert_eq!(a.len(), 8);
         assert_eq!(a[..7], b[..7]);
         assert_ne!(a[7], b[7]);
+    }
+
+    #[test]
+    fn a_shared_start_matches_whatever_the_field_s_total_length() {
+        // A long shared document, then questions of different lengths (the shared_prefix shape).
+        let doc = "d".repeat(200);
+        let a = chain(
+            "m",
+            16,
+            &[&[(b'r', "user"), (b'c', &(doc.clone() + "why?"))]],
+        );
+        let b = chain(
+            "m",
+            16,
+            &[&[(b'r', "user"), (b'c', &(doc + "and how, exactly?"))]],
+        );
+        // The role field (1 + 4 + 4) and the content tag come first: 210 shared bytes, so the
+        // first 13 whole blocks agree.
+        assert_eq!(a[..13], b[..13]);
+        assert_ne!(a[13], b[13]);
     }
 
     #[test]

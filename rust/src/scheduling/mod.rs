@@ -25,6 +25,9 @@ pub struct Candidate {
     /// No metrics, or older than `staleAfter`: treated as saturated.
     pub stale: bool,
     pub lora: LoraFit,
+    /// When this process last picked the endpoint (a pick sequence number; 0 = never): among
+    /// equal candidates the one picked longest ago goes first, so ties rotate like round robin.
+    pub last_picked: u64,
 }
 
 /// How an endpoint fits the LoRA adapter a request names.
@@ -128,5 +131,6 @@ pub(crate) fn cand(id: u32, inflight: u32) -> Candidate {
         kv_cache: 0.0,
         stale: false,
         lora: LoraFit::None,
+        last_picked: 0,
     }
 }

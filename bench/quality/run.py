@@ -486,7 +486,7 @@ def parse_list(value: str, allowed: tuple[str, ...] | list[str], what: str) -> l
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sims", type=int, default=4, help="simulated servers (default 4)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="load per cell (default 15)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="load per cell (default 20)")
     parser.add_argument("--max-requests", type=int, default=1000, help="cap per cell (default 1000)")
     parser.add_argument("--load", type=float, default=1.0, help="scale every workload's arrival rate")
     parser.add_argument(

@@ -37,17 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.procs import (  # noqa: E402
     HOST,
     ManagedProcess,
-    envoy_config_yaml,
     free_port,
-    free_ports,
+    front_envoy_yaml,
     launch_envoy,
     process_tree_cpu,
     start_daemon,
@@ -131,46 +128,6 @@ def chat_bodies(size: int, count: int, seed: int = 11) -> list[bytes]:
         messages.append({"role": "user", "content": text(max(16, size - used - 60))})
         bodies.append(json.dumps({"model": "bench", "messages": messages}).encode())
     return bodies
-
-
-def front_envoy_yaml(endpoints: list[str], picker_port: int | None, mode: str) -> tuple[str, int, int]:
-    """`llmlb envoy-config` in `mode` without the access log; without a picker, the ext_proc
-    filter is dropped and the pool becomes a plain round-robin cluster."""
-    listen_port, admin_port = free_ports(2)
-    config = yaml.safe_load(
-        envoy_config_yaml(endpoints, listen_port, admin_port, f"{HOST}:{picker_port or 1}", mode)
-    )
-    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    manager.pop("access_log", None)  # a log line per request would be part of every figure
-    if picker_port is None:
-        manager["http_filters"] = [
-            f for f in manager["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"
-        ]
-        clusters = config["static_resources"]["clusters"]
-        clusters[:] = [c for c in clusters if c["name"] != "llmlb_picker"]
-        pool = clusters[0]
-        for key in ("original_dst_lb_config",):
-            pool.pop(key, None)
-        pool.update(
-            type="STATIC",
-            lb_policy="ROUND_ROBIN",
-            load_assignment={
-                "cluster_name": "pool",
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {
-                                "endpoint": {
-                                    "address": {"socket_address": {"address": h, "port_value": int(p)}}
-                                }
-                            }
-                            for h, p in (e.rsplit(":", 1) for e in endpoints)
-                        ]
-                    }
-                ],
-            },
-        )
-    return yaml.safe_dump(config, sort_keys=False), listen_port, admin_port
 
 
 @dataclass

@@ -51,9 +51,9 @@ import yaml  # noqa: E402
 from tests.support.procs import (  # noqa: E402
     HOST,
     ManagedProcess,
-    envoy_config_yaml,
     find_envoy_binary,
     free_ports,
+    front_envoy_yaml,
     get,
     launch_envoy,
     llmlb_argv,
@@ -166,35 +166,6 @@ class Front:
     note: str = ""
 
 
-def _envoy_yaml(endpoints: list[str], picker_port: int | None) -> tuple[str, int, int]:
-    """`llmlb envoy-config` without the access log; without a picker, a plain round-robin cluster."""
-    listen_port, admin_port = free_ports(2)
-    config = yaml.safe_load(
-        envoy_config_yaml(endpoints, listen_port, admin_port, f"{HOST}:{picker_port or 1}", "buffered")
-    )
-    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    manager.pop("access_log", None)
-    if picker_port is None:
-        manager["http_filters"] = [
-            f for f in manager["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"
-        ]
-        clusters = config["static_resources"]["clusters"]
-        clusters[:] = [c for c in clusters if c["name"] != "llmlb_picker"]
-        pool = clusters[0]
-        pool.pop("original_dst_lb_config", None)
-        hosts = [e.rsplit(":", 1) for e in endpoints]
-        lb_endpoints = [
-            {"endpoint": {"address": {"socket_address": {"address": h, "port_value": int(p)}}}}
-            for h, p in hosts
-        ]
-        pool.update(
-            type="STATIC",
-            lb_policy="ROUND_ROBIN",
-            load_assignment={"cluster_name": "pool", "endpoints": [{"lb_endpoints": lb_endpoints}]},
-        )
-    return yaml.safe_dump(config, sort_keys=False), listen_port, admin_port
-
-
 def start_envoy_front(config: str, sims: list[Sim], work: Path, lb_config: dict[str, Any]) -> Front:
     endpoints = [s.address for s in sims]
     front = Front(config, "")
@@ -208,7 +179,7 @@ def start_envoy_front(config: str, sims: list[Sim], work: Path, lb_config: dict[
             )
             front.procs.append(daemon.proc)
             picker_port = daemon.grpc_port
-        text, listen_port, admin_port = _envoy_yaml(endpoints, picker_port)
+        text, listen_port, admin_port = front_envoy_yaml(endpoints, picker_port, "buffered")
         envoy = launch_envoy(text, listen_port, admin_port, "buffered", work, name=f"envoy-{config}")
         front.procs.append(envoy.proc)
         front.url = f"{envoy.url}/v1/chat/completions"

@@ -647,6 +647,36 @@ def envoy_config_yaml(
     return result.stdout
 
 
+def front_envoy_yaml(endpoints: list[str], picker_port: int | None, mode: str) -> tuple[str, int, int]:
+    """A front Envoy for benchmarks: `llmlb envoy-config` in `mode` without the access log (a log
+    line per request would be part of every figure); without a picker, the ext_proc filter is
+    dropped and the pool becomes a plain round-robin cluster. Returns (yaml, listen, admin)."""
+    listen_port, admin_port = free_ports(2)
+    config = yaml.safe_load(
+        envoy_config_yaml(endpoints, listen_port, admin_port, f"{HOST}:{picker_port or 1}", mode)
+    )
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    manager.pop("access_log", None)
+    if picker_port is None:
+        manager["http_filters"] = [
+            f for f in manager["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"
+        ]
+        clusters = config["static_resources"]["clusters"]
+        clusters[:] = [c for c in clusters if c["name"] != "llmlb_picker"]
+        pool = clusters[0]
+        pool.pop("original_dst_lb_config", None)
+        lb_endpoints = [
+            {"endpoint": {"address": {"socket_address": {"address": h, "port_value": int(port)}}}}
+            for h, port in (e.rsplit(":", 1) for e in endpoints)
+        ]
+        pool.update(
+            type="STATIC",
+            lb_policy="ROUND_ROBIN",
+            load_assignment={"cluster_name": "pool", "endpoints": [{"lb_endpoints": lb_endpoints}]},
+        )
+    return yaml.safe_dump(config, sort_keys=False), listen_port, admin_port
+
+
 def launch_envoy(
     config_yaml: str,
     listen_port: int,

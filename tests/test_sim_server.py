@@ -9,7 +9,6 @@ import json
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,14 +16,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmlb import _core
 from tests.support.procs import (
     HOST,
-    ManagedProcess,
+    Sim,
     SSEStream,
-    free_port,
     get,
-    llmlb_argv,
     parse_metrics,
     post,
     run_llmlb,
+    start_sims,
     stop_all,
     wait_until,
 )
@@ -32,51 +30,15 @@ from tests.support.procs import (
 CHAT = "/v1/chat/completions"
 
 
-@dataclass
-class Sim:
-    name: str
-    port: int
-    proc: ManagedProcess
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def stats(self) -> dict:
-        reply = get(self.url + "/_sim/stats")
-        assert reply.status == 200, reply
-        return reply.json()
-
-    def reset(self) -> None:
-        wait_until(lambda: self.stats()["running"] == 0, 5.0, message=f"{self.name} idle")
-        reply = post(self.url + "/_sim/reset", {})
-        assert reply.status == 200, reply
-
-    def metrics_text(self) -> str:
-        reply = get(self.url + "/metrics")
-        assert reply.status == 200, reply
-        return reply.text()
-
-
-def start_sims(tmp_path, **variants: list[str]) -> dict[str, Sim]:
-    """Starts one sim per variant (its extra flags) at once; returns when all are ready."""
-    sims = {}
-    for name, flags in variants.items():
-        port = free_port()
-        argv = llmlb_argv("sim", "--port", str(port), "--name", name, "--step-base-ms", "1", *flags)
-        sims[name] = Sim(name, port, ManagedProcess(f"sim {name}", argv, tmp_path / f"{name}.log").start())
-    try:
-        for sim in sims.values():
-            sim.proc.wait_ready(sim.url + "/health", timeout=20)
-    except BaseException:
-        stop_all(s.proc for s in sims.values())
-        raise
-    return sims
+def start_test_sims(tmp_path, **variants: list[str]) -> dict[str, Sim]:
+    """One sim per variant (its extra flags), with short steps; returns when all are ready."""
+    flags = {name: ["--step-base-ms", "1", *extra] for name, extra in variants.items()}
+    return {s.name: s for s in start_sims(flags, tmp_path, ready_timeout=20.0)}
 
 
 @pytest.fixture(scope="module")
 def sims(tmp_path_factory) -> Iterator[dict[str, Sim]]:
-    sims = start_sims(
+    sims = start_test_sims(
         tmp_path_factory.mktemp("sims"),
         main=["--lora", "lora-a,lora-b", "--max-loras", "1", "--kv-blocks", "256"],
         failing=["--fail-rate", "1", "--max-running", "1e+01"],  # integral floats are accepted
@@ -90,7 +52,7 @@ def sims(tmp_path_factory) -> Iterator[dict[str, Sim]]:
 
 @pytest.fixture
 def sim(sims) -> Sim:
-    sims["main"].reset()
+    sims["main"].reset(timeout=5.0)
     return sims["main"]
 
 
@@ -185,7 +147,7 @@ def test_sse_without_include_usage_has_no_usage_chunk(sim):
 
 def test_tokens_stream_as_they_are_generated(sims, tmp_path):
     # 40 ms steps: the first token arrives at TTFT, the rest one step apart.
-    (slow,) = start_sims(tmp_path, steady=["--step-base-ms", "40"]).values()
+    (slow,) = start_test_sims(tmp_path, steady=["--step-base-ms", "40"]).values()
     try:
         body = chat_body([{"role": "user", "content": "x"}], max_tokens=4, stream=True)
         start = time.monotonic()
@@ -389,10 +351,10 @@ def test_failures_follow_the_seed_and_reset_reseeds(sims):
         body = chat_body([{"role": "user", "content": "x"}], max_tokens=1)
         return [post(flaky.url + CHAT, body).status for _ in range(20)]
 
-    flaky.reset()
+    flaky.reset(timeout=5.0)
     first = statuses()
     assert set(first) == {200, 500}
-    flaky.reset()
+    flaky.reset(timeout=5.0)
     assert statuses() == first
 
 
@@ -411,7 +373,7 @@ def test_slow_rate_one_delays_every_request(sims):
 
 
 def test_sigterm_and_sigint_exit_0_even_mid_stream(tmp_path):
-    procs = start_sims(tmp_path, term=[], intr=[])
+    procs = start_test_sims(tmp_path, term=[], intr=[])
     body = chat_body([{"role": "user", "content": "x"}], max_tokens=30000, stream=True)
     for sim, sig in ((procs["term"], signal.SIGTERM), (procs["intr"], signal.SIGINT)):
         stream = SSEStream(sim.url + CHAT, body)

@@ -51,14 +51,14 @@ import yaml  # noqa: E402
 from tests.support.procs import (  # noqa: E402
     HOST,
     ManagedProcess,
+    Sim,
     find_envoy_binary,
     free_ports,
     front_envoy_yaml,
-    get,
     launch_envoy,
-    llmlb_argv,
     post,
     start_daemon,
+    start_sims,
     stop_all,
     wait_until,
 )
@@ -89,69 +89,15 @@ SIM_KNOBS: dict[str, float] = {
 # the simulators
 
 
-@dataclass
-class Sim:
-    name: str
-    port: int
-    proc: ManagedProcess
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def address(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    def stats(self) -> dict[str, Any]:
-        reply = get(f"{self.url}/_sim/stats", timeout=5.0)
-        if reply.status != 200:
-            raise RuntimeError(f"{self.name} /_sim/stats answered {reply.status}: {reply.text()[:200]}")
-        data: dict[str, Any] = reply.json()
-        return data
-
-    def reset(self, timeout: float = 30.0) -> None:
-        """POST /_sim/reset, retried while the simulator is still busy (409)."""
-
-        def attempt() -> bool:
-            reply = post(f"{self.url}/_sim/reset", {}, timeout=5.0)
-            if reply.status == 409:
-                return False
-            if reply.status != 200:
-                raise RuntimeError(f"{self.name} /_sim/reset answered {reply.status}: {reply.text()[:200]}")
-            return True
-
-        wait_until(attempt, timeout, interval=0.1, message=f"{self.name} to accept /_sim/reset")
-
-
-def start_sims(n: int, work: Path, knobs: dict[str, float], seed: int) -> list[Sim]:
-    sims: list[Sim] = []
-    try:
-        for i, port in enumerate(free_ports(n), start=1):
-            name = f"sim{i}"
-            argv = llmlb_argv(
-                "sim",
-                "--host",
-                HOST,
-                "--port",
-                str(port),
-                "--name",
-                name,
-                "--model",
-                workloads.MODEL,
-                "--seed",
-                str(seed + i),
-            )
-            for key, value in knobs.items():
-                argv += [f"--{key}", f"{value:g}"]
-            proc = ManagedProcess(name, argv, work / f"{name}.log").start()
-            sims.append(Sim(name, port, proc))
-        for s in sims:
-            s.proc.wait_ready(f"{s.url}/health", timeout=30.0)
-    except BaseException:
-        stop_all(s.proc for s in sims)
-        raise
-    return sims
+def start_quality_sims(n: int, work: Path, knobs: dict[str, float], seed: int) -> list[Sim]:
+    """sim1..simN serving the workloads' model, each with its own failure-injection seed."""
+    flags = {}
+    for i in range(1, n + 1):
+        extra = ["--model", workloads.MODEL, "--seed", str(seed + i)]
+        for key, value in knobs.items():
+            extra += [f"--{key}", f"{value:g}"]
+        flags[f"sim{i}"] = extra
+    return start_sims(flags, work)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -533,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     index = 0
     sims: list[Sim] = []
     try:
-        sims = start_sims(args.sims, work, knobs, args.seed)
+        sims = start_quality_sims(args.sims, work, knobs, args.seed)
         for config in configs:
             front: Front | None = None
             try:

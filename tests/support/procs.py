@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -431,6 +431,62 @@ def start_backends(n: int, workdir: Path, prefix: str = "b", engine: str = "vllm
         stop_all(b.proc for b in backends)
         raise
     return backends
+
+
+@dataclass
+class Sim:
+    """One `llmlb sim` process on 127.0.0.1 (a simulated vLLM server; see docs/sim.md)."""
+
+    name: str
+    port: int
+    proc: ManagedProcess
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def stats(self) -> dict[str, Any]:
+        reply = get(f"{self.url}/_sim/stats", timeout=5.0)
+        if reply.status != 200:
+            raise AssertionError(f"{self.name} /_sim/stats answered {reply.status}: {reply.text()[:200]}")
+        return reply.json()  # type: ignore[no-any-return]
+
+    def metrics_text(self) -> str:
+        reply = get(f"{self.url}/metrics", timeout=5.0)
+        assert reply.status == 200, reply
+        return reply.text()
+
+    def reset(self, timeout: float = 30.0) -> None:
+        """POST /_sim/reset (cache and counters), retried while the simulator is busy (409)."""
+
+        def attempt() -> bool:
+            reply = post(f"{self.url}/_sim/reset", {}, timeout=5.0)
+            if reply.status == 409:
+                return False
+            if reply.status != 200:
+                raise AssertionError(f"{self.name} /_sim/reset answered {reply.status}: {reply.text()[:200]}")
+            return True
+
+        wait_until(attempt, timeout, interval=0.1, message=f"{self.name} to accept /_sim/reset")
+
+
+def start_sims(flags: Mapping[str, Sequence[str]], workdir: Path, ready_timeout: float = 30.0) -> list[Sim]:
+    """Start one `llmlb sim` per name (with its extra flags) at once; returns once all answer /health."""
+    sims: list[Sim] = []
+    try:
+        for (name, extra), port in zip(flags.items(), free_ports(len(flags)), strict=True):
+            argv = llmlb_argv("sim", "--host", HOST, "--port", str(port), "--name", name, *extra)
+            sims.append(Sim(name, port, ManagedProcess(f"sim {name}", argv, workdir / f"{name}.log").start()))
+        for s in sims:
+            s.proc.wait_ready(f"{s.url}/health", timeout=ready_timeout)
+    except BaseException:
+        stop_all(s.proc for s in sims)
+        raise
+    return sims
 
 
 def stop_all(procs: Iterable[ManagedProcess | None], timeout: float = 5.0) -> None:

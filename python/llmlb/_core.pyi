@@ -9,6 +9,8 @@ from typing import Final
 __version__: Final[str]
 #: Bytes of canonical prompt per prefix block.
 PREFIX_BLOCK_SIZE: Final[int]
+#: KEYS of the Redis pick script before its prefix levels.
+PICK_FIXED_KEYS: Final[int]
 
 class RequestParseError(ValueError):
     """The body is not a usable OpenAI request (not UTF-8, not JSON, no prompt, wrong types)."""
@@ -92,7 +94,7 @@ def wait_readable(fd: int, timeout_us: int) -> bool:
     bad descriptor."""
 
 def shared_scripts() -> dict[str, str]:
-    """The Redis Lua scripts by name: ``pick``, ``release``, ``heartbeat``, ``reap``."""
+    """The Redis Lua scripts by name: ``pick``, ``release``, ``heartbeat``, ``reap``, ``forget``."""
 
 class Balancer:
     """Embedded picking state: pool, in-flight counts, tickets, prefix table, policy."""
@@ -173,8 +175,9 @@ class Balancer:
         """``inflight``, ``leases``, ``replica_counts``, ``replica_requests`` key names."""
     def replica_keys(self, replica: str) -> tuple[str, str]:
         """``(counts, requests)`` key names of another replica (to reap it)."""
-    def release(self, ticket: int) -> bool:
-        """Ends a pick's request; ``False`` if the ticket is unknown or already released."""
+    def release(self, ticket: int, failed: bool = False) -> bool:
+        """Ends a pick's request; ``False`` if the ticket is unknown or already released. A
+        ``failed`` request (an error answer) also takes back the prefix levels its pick claimed."""
     def endpoints(self) -> list[tuple[str, int, int, bool, bool]]:
         """``[(address, inflight, own_inflight, healthy, in_pool)]``: ``inflight`` across every
         worker attached to the same state, ``own_inflight`` this process's."""

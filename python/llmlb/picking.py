@@ -33,7 +33,7 @@ class Picker:
         self,
         balancer: Balancer,
         metrics: Metrics,
-        on_connect_failure: Callable[[str], None] = lambda endpoint: None,
+        on_upstream_failure: Callable[[str], None] = lambda endpoint: None,
         *,
         shed_retry_after: int = 1,
     ) -> None:
@@ -42,7 +42,7 @@ class Picker:
         self.metrics = metrics
         self.policy = balancer.policy
         # Called when Envoy could not reach a picked endpoint, so health can re-probe it now.
-        self.on_connect_failure = on_connect_failure
+        self.on_upstream_failure = on_upstream_failure
         self._debug = log.isEnabledFor(logging.DEBUG)
 
     async def pick(self, body: bytes | None) -> tuple[int, str] | Refusal:
@@ -59,8 +59,10 @@ class Picker:
         self._record(endpoint, reason, depth, ticket, time.perf_counter() - started)
         return ticket, endpoint
 
-    def release(self, ticket: int) -> None:
-        self.balancer.release(ticket)
+    def release(self, ticket: int, failed: bool = False) -> None:
+        """Ends a picked request; a ``failed`` one (an error answer) also takes back the prefix
+        entries its pick claimed."""
+        self.balancer.release(ticket, failed)
 
     def _refuse_no_endpoints(self) -> Refusal:
         self.metrics.immediate.inc(("503",))

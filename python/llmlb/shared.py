@@ -35,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from llmlb._core import Balancer, NoEndpointsError, OverLimitError, shared_scripts
+from llmlb._core import PICK_FIXED_KEYS, Balancer, NoEndpointsError, OverLimitError, shared_scripts
 from llmlb.config import Config, LbConfig
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker, Refusal
@@ -382,6 +382,17 @@ class SharedState:
         self._releases.append(request_id)
         self._schedule_flush()
 
+    def forget(self, endpoint: str, keys: list[str]) -> None:
+        """Takes back the prefix levels a failed request claimed (rare: off the hot path)."""
+        if self.up and self.client is not None:
+            self._spawn(self._forget(endpoint, keys))
+
+    async def _forget(self, endpoint: str, keys: list[str]) -> None:
+        try:
+            await asyncio.wait_for(self.scripts["forget"](keys=keys, args=[endpoint]), self.timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            self._failure(e)
+
     def _schedule_flush(self) -> None:
         if self.up and not self._stopping and not self._flush_scheduled and self._releases:
             self._flush_scheduled = True
@@ -504,6 +515,8 @@ class SharedPicker(Picker):
         super().__init__(balancer, metrics, **kwargs)
         self.shared = shared
         self._request_ids: dict[int, str] = {}
+        # Ticket -> (endpoint, keys of the prefix levels its pick claimed in Redis).
+        self._claimed: dict[int, tuple[str, list[str]]] = {}
         self._next_request = 0
 
     async def pick(self, body: bytes | None) -> tuple[int, str] | Refusal:
@@ -532,6 +545,9 @@ class SharedPicker(Picker):
                 depth = int(reply[2])
                 ticket, reason = self.balancer.commit_shared(prepared[0], endpoint, depth)
                 self._request_ids[ticket] = request_id
+                claimed = prepared[1][PICK_FIXED_KEYS + depth :]
+                if claimed:
+                    self._claimed[ticket] = (endpoint, claimed)
         except NoEndpointsError:
             return self._refuse_no_endpoints()
         except OverLimitError as e:
@@ -541,11 +557,14 @@ class SharedPicker(Picker):
         self._record(endpoint, reason, depth, ticket, time.perf_counter() - started)
         return ticket, endpoint
 
-    def release(self, ticket: int) -> None:
-        self.balancer.release(ticket)
+    def release(self, ticket: int, failed: bool = False) -> None:
+        self.balancer.release(ticket, failed)
         request_id = self._request_ids.pop(ticket, None)
         if request_id is not None:
             self.shared.release(request_id)
+        claimed = self._claimed.pop(ticket, None)
+        if failed and claimed is not None:
+            self.shared.forget(*claimed)
 
 
 def _text(value: Any) -> str:

@@ -6,7 +6,7 @@
 //! address for the life of the process: an endpoint removed from the pool keeps its in-flight
 //! count until its requests finish, and re-adding it restores its prefix entries and counts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, TryReserveError};
 use std::sync::Arc;
 
 use rand::rngs::SmallRng;
@@ -154,7 +154,23 @@ pub struct EndpointView {
     pub in_pool: bool,
 }
 
+/// One request in flight.
+struct Ticket {
+    endpoint: u32,
+    /// The endpoint's scrape generation when picked (least_busy).
+    generation: u32,
+    /// Prefix levels this pick recorded that the endpoint did not hold before: taken back if
+    /// the request fails, since the server then never cached them.
+    claimed: Option<Box<[u64]>>,
+}
+
 const NOT_IN_POOL: u32 = u32::MAX;
+
+/// The levels past those the endpoint already held, if any.
+fn claimed_levels(hashes: &[u64], depth: u32) -> Option<Box<[u64]>> {
+    let new = hashes.get(depth as usize..).unwrap_or(&[]);
+    (!new.is_empty()).then(|| new.into())
+}
 const NO_SLOT: u32 = u32::MAX;
 
 /// The state this process shares with its sibling workers, and how local ids map onto it.
@@ -189,8 +205,7 @@ pub struct Balancer {
     pool: Vec<u32>,
     /// Position of each interned endpoint in `pool` (`NOT_IN_POOL` if absent).
     pool_position: Vec<u32>,
-    /// Ticket -> (endpoint id, the endpoint's scrape generation when picked).
-    tickets: HashMap<u64, (u32, u32)>,
+    tickets: HashMap<u64, Ticket>,
     next_ticket: u64,
     prefix: PrefixTable,
     rng: SmallRng,
@@ -210,17 +225,29 @@ impl Balancer {
         Self::with_rng(config, SmallRng::from_os_rng())
     }
 
+    /// Like `new`, but a prefix table whose memory cannot be reserved is an error.
+    pub fn try_new(config: BalancerConfig) -> Result<Self, TryReserveError> {
+        Self::try_with_rng(config, SmallRng::from_os_rng())
+    }
+
     pub fn with_rng(config: BalancerConfig, rng: SmallRng) -> Self {
+        Self::try_with_rng(config, rng).expect("memory for the prefix table")
+    }
+
+    pub fn try_with_rng(config: BalancerConfig, rng: SmallRng) -> Result<Self, TryReserveError> {
         let profile = match config.policy {
             // least_busy decides in `least_busy`; least-request then makes the final choice.
             Policy::GlobalLeastRequest | Policy::LeastBusy => policies::least_request(),
             Policy::PrefixCache => policies::prefix_cache(config.load_factor, config.load_floor),
         };
-        let prefix = PrefixTable::new(
-            config.prefix_capacity,
-            config.prefix_ttl_s.saturating_mul(1000),
-        );
-        Self {
+        // Only prefix_cache uses the table: the other policies need no memory for it.
+        let capacity = if config.policy.uses_prefix() {
+            config.prefix_capacity
+        } else {
+            1
+        };
+        let prefix = PrefixTable::try_new(capacity, config.prefix_ttl_s.saturating_mul(1000))?;
+        Ok(Self {
             config,
             profile,
             fallback: policies::least_request(),
@@ -242,7 +269,7 @@ impl Balancer {
             loads: Vec::new(),
             picks_since_scrape: Vec::new(),
             scrape_generation: Vec::new(),
-        }
+        })
     }
 
     /// Records an endpoint's freshly scraped load; picks since the previous scrape stop counting.
@@ -523,15 +550,16 @@ impl Balancer {
         } else {
             PickReason::LeastRequest
         };
-        if use_prefix {
+        let depth = chosen.prefix_depth;
+        let claimed = if use_prefix {
             self.record(hashes, chosen.id, now_ms);
-        }
+            claimed_levels(hashes, depth)
+        } else {
+            None
+        };
         self.count_in(chosen.id);
         self.picks_since_scrape[idx] += 1;
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        self.tickets
-            .insert(ticket, (chosen.id, self.scrape_generation[idx]));
+        let ticket = self.new_ticket(chosen.id, claimed);
         Ok(Pick {
             ticket,
             endpoint: self.addresses[idx].clone(),
@@ -564,33 +592,67 @@ impl Balancer {
     }
 
     /// Counts a pick made elsewhere (shared state) in this replica's state, and records its
-    /// prefix levels locally so a later local fallback keeps the affinity.
-    pub fn assign(&mut self, endpoint: &str, prefix_hashes: &[u64], now_ms: u64) -> u64 {
+    /// prefix levels locally so a later local fallback keeps the affinity. `depth`: the levels
+    /// the endpoint already held.
+    pub fn assign(
+        &mut self,
+        endpoint: &str,
+        prefix_hashes: &[u64],
+        depth: u32,
+        now_ms: u64,
+    ) -> u64 {
         let id = self.intern(endpoint);
+        let mut claimed = None;
         if self.config.policy.uses_prefix() && !prefix_hashes.is_empty() {
             self.record(prefix_hashes, id, now_ms);
+            claimed = claimed_levels(prefix_hashes, depth);
         }
         self.count_in(id);
+        self.new_ticket(id, claimed)
+    }
+
+    fn new_ticket(&mut self, endpoint: u32, claimed: Option<Box<[u64]>>) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.tickets
-            .insert(ticket, (id, self.scrape_generation[id as usize]));
+        let generation = self.scrape_generation[endpoint as usize];
+        self.tickets.insert(
+            ticket,
+            Ticket {
+                endpoint,
+                generation,
+                claimed,
+            },
+        );
         ticket
     }
 
     /// Ends a pick's request. Returns `false` for an unknown or already released ticket.
     pub fn release(&mut self, ticket: u64) -> bool {
-        match self.tickets.remove(&ticket) {
-            Some((id, generation)) => {
-                self.count_out(id);
-                let i = id as usize;
-                if self.scrape_generation[i] == generation {
-                    self.picks_since_scrape[i] = self.picks_since_scrape[i].saturating_sub(1);
-                }
-                true
-            }
-            None => false,
+        self.end(ticket, false)
+    }
+
+    /// Ends a request that failed (an error answer): it also takes back the prefix levels it
+    /// claimed, which the server never cached.
+    pub fn release_failed(&mut self, ticket: u64) -> bool {
+        self.end(ticket, true)
+    }
+
+    fn end(&mut self, ticket: u64, failed: bool) -> bool {
+        let Some(t) = self.tickets.remove(&ticket) else {
+            return false;
+        };
+        self.count_out(t.endpoint);
+        let i = t.endpoint as usize;
+        if self.scrape_generation[i] == t.generation {
+            self.picks_since_scrape[i] = self.picks_since_scrape[i].saturating_sub(1);
         }
+        if let (true, Some(levels)) = (failed, t.claimed) {
+            match self.shared_slot(t.endpoint) {
+                Some((w, slot)) => w.state.forget(&levels, slot),
+                None => self.prefix.forget(&levels, t.endpoint),
+            }
+        }
+        true
     }
 
     pub fn open_tickets(&self) -> usize {
@@ -663,6 +725,31 @@ mod tests {
             b.release(p.ticket);
         }
         assert_eq!(firsts.len(), 3);
+    }
+
+    #[test]
+    fn a_failed_request_takes_back_only_the_levels_it_claimed() {
+        let mut b = balancer(Policy::PrefixCache);
+        let first = b.pick(Some(&[11, 12]), 0).unwrap();
+        b.release(first.ticket);
+        // The next turn reaches the same server, claims two more levels, and fails there.
+        let failed = b.pick(Some(&[11, 12, 13, 14]), 10).unwrap();
+        assert_eq!(failed.endpoint, first.endpoint);
+        assert!(b.release_failed(failed.ticket));
+        assert!(!b.release_failed(failed.ticket), "release is idempotent");
+        // What the server held before stays; what it never cached is gone.
+        let again = b.pick(Some(&[11, 12, 13, 14]), 20).unwrap();
+        assert_eq!(again.endpoint, first.endpoint);
+        assert_eq!(again.prefix_depth, 2);
+        b.release(again.ticket);
+        // A brand-new prompt that fails leaves nothing behind.
+        let new = b.pick(Some(&[91, 92, 93]), 30).unwrap();
+        b.release_failed(new.ticket);
+        let entries = b.prefix_entries();
+        let probe = b.pick(Some(&[91]), 40).unwrap();
+        assert_eq!(probe.prefix_depth, 0);
+        assert_eq!(probe.reason, PickReason::LeastRequest);
+        assert!(b.prefix_entries() <= entries + 1);
     }
 
     #[test]
@@ -740,7 +827,7 @@ mod tests {
     #[test]
     fn assigned_picks_count_locally_and_keep_affinity() {
         let mut b = balancer(Policy::PrefixCache);
-        let ticket = b.assign("b:1", &[5, 6], 0);
+        let ticket = b.assign("b:1", &[5, 6], 0, 0);
         assert_eq!(
             b.endpoints()
                 .iter()
@@ -810,6 +897,23 @@ mod tests {
             assert!(w[*worker].release(p.ticket));
         }
         assert!(w[1].endpoints().iter().all(|v| v.inflight == 0));
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn workers_take_back_a_failed_request_s_levels() {
+        let (mut w, path) = worker_balancers(Policy::PrefixCache, "forget");
+        let first = w[0].pick(Some(&[1, 2]), 0).unwrap();
+        w[0].release(first.ticket);
+        let failed = w[1].pick(Some(&[1, 2, 3]), 0).unwrap();
+        assert_eq!(failed.endpoint, first.endpoint);
+        w[1].release_failed(failed.ticket);
+        let next = w[0].pick(Some(&[1, 2, 3]), 0).unwrap();
+        assert_eq!(
+            (next.endpoint.clone(), next.prefix_depth),
+            (first.endpoint.clone(), 2),
+            "level 3 was never cached"
+        );
         let _ = std::fs::remove_file(path);
     }
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 
@@ -26,7 +26,7 @@ use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
 use crate::request::{parse_request, ParseError, ParsedRequest};
 use crate::scheduling::least_busy::Thresholds;
 use crate::scheduling::policies::Policy;
-use crate::shared::{pick_call, resp_evalsha, scripts, Keys, PickSettings};
+use crate::shared::{pick_call, resp_evalsha, scripts, Keys, PickSettings, PICK_FIXED_KEYS};
 use crate::worker_state::{Layout, WorkerState};
 
 create_exception!(
@@ -270,8 +270,13 @@ impl PyBalancer {
                 lora_affinity,
             },
         };
+        let balancer = Balancer::try_new(config).map_err(|e| {
+            PyMemoryError::new_err(format!(
+                "cannot reserve a prefix table of {prefix_capacity} entries: {e}"
+            ))
+        })?;
         Ok(Self {
-            inner: Mutex::new(Balancer::new(config)),
+            inner: Mutex::new(balancer),
             shared: Mutex::new(None),
             started: Instant::now(),
         })
@@ -465,9 +470,12 @@ impl PyBalancer {
             _ => "prefix_hit",
         };
         let now = self.now_ms();
-        let ticket = self
-            .lock()
-            .assign(endpoint, prepared.hashes.as_deref().unwrap_or(&[]), now);
+        let ticket = self.lock().assign(
+            endpoint,
+            prepared.hashes.as_deref().unwrap_or(&[]),
+            depth,
+            now,
+        );
         Ok((ticket, reason))
     }
 
@@ -510,9 +518,15 @@ impl PyBalancer {
         Ok((keys.counts_of(replica), keys.requests_of(replica)))
     }
 
-    /// Ends a pick's request; `False` if the ticket was unknown or already released.
-    fn release(&self, ticket: u64) -> bool {
-        self.lock().release(ticket)
+    /// Ends a pick's request; `False` if the ticket was unknown or already released. A `failed`
+    /// request (an error answer) also takes back the prefix levels its pick claimed.
+    #[pyo3(signature = (ticket, failed = false))]
+    fn release(&self, ticket: u64, failed: bool) -> bool {
+        if failed {
+            self.lock().release_failed(ticket)
+        } else {
+            self.lock().release(ticket)
+        }
     }
 
     /// `[(address, inflight, own_inflight, healthy, in_pool)]`: the pool, then endpoints that
@@ -578,7 +592,7 @@ fn wait_readable(py: Python<'_>, fd: i32, timeout_us: u64) -> PyResult<bool> {
         .map_err(|e| PyOSError::new_err(format!("waiting on descriptor {fd}: {e}")))
 }
 
-/// The Redis Lua scripts by name (`pick`, `release`, `heartbeat`, `reap`).
+/// The Redis Lua scripts by name (`pick`, `release`, `heartbeat`, `reap`, `forget`).
 #[pyfunction]
 fn shared_scripts() -> HashMap<&'static str, &'static str> {
     scripts::ALL.into_iter().collect()
@@ -588,6 +602,7 @@ fn shared_scripts() -> HashMap<&'static str, &'static str> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PREFIX_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)?;
+    m.add("PICK_FIXED_KEYS", PICK_FIXED_KEYS)?;
     m.add_class::<PyBalancer>()?;
     m.add_class::<PyParsedRequest>()?;
     m.add_class::<PyEngineMetrics>()?;

@@ -10,7 +10,7 @@
 //! and the eviction order is a flat ring of keys, so an insert costs one map probe plus the
 //! evicted key's removal. Memory: about 64 bytes per entry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, TryReserveError};
 use std::hash::{BuildHasherDefault, Hasher};
 
 pub const HOLDERS: usize = 4;
@@ -83,6 +83,18 @@ impl Entry {
         };
         self.referenced = true;
     }
+
+    /// Drops `endpoint` from the holders (the entry stays, possibly empty, in its ring slot).
+    fn remove(&mut self, endpoint: u32) {
+        let len = usize::from(self.len);
+        if let Some(at) = self.holders[..len]
+            .iter()
+            .position(|h| h.endpoint == endpoint)
+        {
+            self.holders.copy_within(at + 1..len, at);
+            self.len -= 1;
+        }
+    }
 }
 
 pub struct PrefixTable {
@@ -99,15 +111,26 @@ fn seconds(now_ms: u64) -> u32 {
 }
 
 impl PrefixTable {
+    /// A table of `capacity` entries; panics if the memory cannot be had (see `try_new`).
     pub fn new(capacity: usize, ttl_s: u64) -> Self {
+        Self::try_new(capacity, ttl_s).expect("memory for the prefix table")
+    }
+
+    /// Like `new`, but a capacity whose memory cannot be reserved is an error, not an abort:
+    /// the size comes from the operator's config.
+    pub fn try_new(capacity: usize, ttl_s: u64) -> Result<Self, TryReserveError> {
         let capacity = capacity.max(1);
-        Self {
-            entries: HashMap::with_capacity_and_hasher(capacity, IdentityBuild::default()),
-            ring: Vec::with_capacity(capacity),
+        let mut entries = HashMap::with_hasher(IdentityBuild::default());
+        entries.try_reserve(capacity)?;
+        let mut ring = Vec::new();
+        ring.try_reserve_exact(capacity)?;
+        Ok(Self {
+            entries,
+            ring,
             hand: 0,
             capacity,
             ttl_s: u32::try_from(ttl_s).unwrap_or(u32::MAX),
-        }
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -174,6 +197,20 @@ impl PrefixTable {
         }
     }
 
+    /// Takes back a record of `endpoint` for these levels (its request failed: the server never
+    /// cached them). Other endpoints holding the same levels keep them; an entry left with no
+    /// holder is removed (its ring slot is reused by the next eviction pass).
+    pub fn forget(&mut self, hashes: &[u64], endpoint: u32) {
+        for hash in hashes {
+            if let Some(entry) = self.entries.get_mut(hash) {
+                entry.remove(endpoint);
+                if entry.len == 0 {
+                    self.entries.remove(hash);
+                }
+            }
+        }
+    }
+
     /// Advances the clock to an entry not used since the last pass, evicts it, and puts `hash`
     /// in its ring slot. Bounded: one full turn clears every bit, so it stops within two turns.
     fn evict_into(&mut self, hash: u64) {
@@ -196,6 +233,28 @@ impl PrefixTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forget_takes_back_one_endpoint_only() {
+        let mut t = PrefixTable::new(100, 1000);
+        t.record(&[1, 2], 7, 0);
+        t.record(&[1, 2, 3], 8, 0);
+        t.forget(&[2, 3], 8);
+        assert_eq!(depths(&mut t, &[1, 2, 3], 0), vec![(7, 2), (8, 1)]);
+        t.forget(&[1, 2], 7);
+        assert_eq!(depths(&mut t, &[1, 2, 3], 0), vec![(8, 1)]);
+        // Entries nobody holds any more are gone; forgetting what is not held changes nothing.
+        assert_eq!(t.len(), 1);
+        t.forget(&[9], 8);
+        assert_eq!(t.len(), 1);
+        // The table keeps working at capacity after removals (their ring slots are reused).
+        let mut small = PrefixTable::new(4, 1000);
+        small.record(&[1, 2, 3, 4], 1, 0);
+        small.forget(&[2, 3], 1);
+        small.record(&[5, 6, 7, 8, 9], 2, 0);
+        assert!(small.len() <= 4);
+        assert_eq!(depths(&mut small, &[9], 0), vec![(2, 1)]);
+    }
 
     fn depths(t: &mut PrefixTable, hashes: &[u64], now: u64) -> Vec<(u32, u32)> {
         let mut out = Vec::new();

@@ -21,6 +21,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -105,6 +106,22 @@ pub struct WorkerState {
 unsafe impl Send for WorkerState {}
 unsafe impl Sync for WorkerState {}
 
+/// Sizes the file and reserves its blocks now. A mapping over a sparse file on a full tmpfs
+/// (Docker's /dev/shm is 64 MiB by default) would kill the process with SIGBUS at the first
+/// touch of a page that cannot be had; reserving turns that into an error at start.
+fn reserve(file: &File, bytes: usize) -> io::Result<()> {
+    let len = libc::off_t::try_from(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "state file too large"))?;
+    // SAFETY: a plain system call on a file descriptor we own.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    match rc {
+        0 => Ok(()),
+        // A file system without fallocate: size it sparse, as before.
+        libc::EOPNOTSUPP | libc::EINVAL => file.set_len(bytes as u64),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
 fn seconds(now_ms: u64) -> u32 {
     u32::try_from(now_ms / 1000).unwrap_or(u32::MAX)
 }
@@ -123,7 +140,7 @@ impl WorkerState {
             .create(true)
             .truncate(true)
             .open(path)?;
-        file.set_len(layout.bytes() as u64)?;
+        reserve(&file, layout.bytes())?;
         let state = Self::map(&file, layout, 0)?;
         let header = state.all();
         header[H_WORKERS].store(layout.workers as u64, Ordering::Relaxed);
@@ -427,6 +444,17 @@ impl WorkerState {
         }
     }
 
+    /// Takes back a record of `slot` for these levels (see `PrefixTable::forget`).
+    pub fn forget(&self, hashes: &[u64], slot: u32) {
+        for &hash in hashes {
+            let _ = self.with_set(hash, |ways| {
+                if let Some(way) = find_way(ways, hash) {
+                    remove_holder(way, slot);
+                }
+            });
+        }
+    }
+
     /// Records that `slot` now holds every level of `hashes`.
     pub fn record(&self, hashes: &[u64], slot: u32, now_ms: u64) {
         let now_s = seconds(now_ms);
@@ -479,6 +507,25 @@ fn live_holders(way: &[AtomicU64], now_s: u32) -> impl Iterator<Item = u32> + '_
         let value = h.load(Ordering::Relaxed);
         ((value >> 32) as u32 > now_s).then_some(value as u32)
     })
+}
+
+fn remove_holder(way: &[AtomicU64], slot: u32) {
+    let len = holder_count(way);
+    let mut kept = 0;
+    for i in 0..len {
+        let holder = way[2 + i].load(Ordering::Relaxed);
+        if holder as u32 != slot {
+            way[2 + kept].store(holder, Ordering::Relaxed);
+            kept += 1;
+        }
+    }
+    if kept < len {
+        let meta = way[1].load(Ordering::Relaxed);
+        way[1].store(
+            (meta & 0xffff_ffff) | ((kept as u64) << 32),
+            Ordering::Relaxed,
+        );
+    }
 }
 
 /// Moves (or inserts) `slot` to the front of `hash`'s holders, claiming a way if needed: a free

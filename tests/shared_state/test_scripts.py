@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from llmlb import Balancer, shared_scripts
+from llmlb._core import PICK_FIXED_KEYS
 
 pytestmark = pytest.mark.redis
 
@@ -123,6 +124,26 @@ def test_prefix_affinity_and_bounded_load(any_redis, pool):
     assert other != home
     assert (before, depth) == (0, 0)
     assert r.release(*(p[0] for p in held)) == 2
+
+
+def test_forget_takes_back_only_what_still_names_the_endpoint(any_redis, pool):
+    client = any_redis.client()
+    r = Replica(client, pool, "r1")
+    rid, home, _, _ = r.pick(chat("a"))
+    r.release(rid)
+    # The next turn claims two more levels on the same endpoint, then fails there.
+    prepared, keys, args, _ = r.balancer.prepare_shared(chat("a", "b", "c"), "x", 0, [])
+    r.balancer.discard_shared(prepared)
+    endpoint, _, depth = r.scripts["pick"](keys=keys, args=args)
+    assert (endpoint.decode(), int(depth)) == (home, 1)
+    claimed = keys[PICK_FIXED_KEYS + int(depth) :]
+    assert len(claimed) == 2
+    # Meanwhile another endpoint claimed the last level: that claim is not ours to take back.
+    client.set(claimed[-1], "10.9.9.9:80")
+    assert r.scripts["forget"](keys=claimed, args=[home]) == 1
+    assert client.get(claimed[0]) is None
+    assert client.get(claimed[-1]) == b"10.9.9.9:80"
+    assert client.get(keys[PICK_FIXED_KEYS]) == home.encode(), "the level held before stays"
 
 
 def test_prefix_keys_are_namespaced_and_expire(any_redis, pool):

@@ -248,6 +248,24 @@ def test_a_conversation_started_on_one_replica_continues_on_the_same_backend_thr
     )
 
 
+def test_a_refused_request_takes_back_its_prefix_keys(pairs: Pairs) -> None:
+    a, _ = pairs.get(PC)
+    nonce = uuid.uuid4().hex
+
+    def prefix_keys() -> set[str]:
+        return {k for k in pool_keys(pairs.target, pairs.pools[PC]) if k.split(":", 3)[2] == "p"}
+
+    before = prefix_keys()
+    refused = [{"role": "user", "content": f"{nonce} refused: " + "long document " * 400}]
+    reply = a.chat(refused, headers={"x-test-status": "400"})
+    assert reply.status == 400, reply
+    # The claim is taken back in Redis too, so replica B does not follow it.
+    wait_until(lambda: prefix_keys() == before, 5.0, message="the refused request's prefix keys to go")
+    served = a.chat([{"role": "user", "content": f"{nonce} accepted"}])
+    assert served.status == 200
+    assert prefix_keys() != before, "a successful request keeps its keys"
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. a replica killed with requests in flight: its share is reaped within leaseTTL
 

@@ -179,10 +179,26 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return reaped
 ";
 
+/// Take back prefix levels that a failed request claimed: each key that still names the
+/// endpoint is deleted (another endpoint's later claim is left alone).
+///
+/// `KEYS`: the levels. `ARGV`: 1 endpoint. Returns how many were deleted.
+pub const FORGET: &str = r"
+local forgotten = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('DEL', key)
+    forgotten = forgotten + 1
+  end
+end
+return forgotten
+";
+
 /// Every script with its name, for loading and for tests.
-pub const ALL: [(&str, &str); 4] = [
+pub const ALL: [(&str, &str); 5] = [
     ("pick", PICK),
     ("release", RELEASE),
     ("heartbeat", HEARTBEAT),
     ("reap", REAP),
+    ("forget", FORGET),
 ];

@@ -38,6 +38,49 @@ HIGRESS_METRICS_POLICIES = ("endpoint_metrics", "metrics_based")
 HIGRESS_METRICS_FIELDS = ("metric_policy", "target_metric", "rate_limit")
 
 
+# The longest request the generated Envoy route allows (its `timeout`), in seconds. A drain must
+# not cut a request Envoy would still let finish, so it is also drain_timeout's default.
+DEFAULT_REQUEST_TIMEOUT_S = 300
+
+# Inclusive bounds of every numeric field, in the field's own unit: one place, so check-config,
+# serve and docs/configuration.md agree, and no value can make the process abort (an allocation
+# of a huge table, a sleep longer than the event loop accepts, a Redis TTL that overflows).
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "max_body_bytes": (1024, 2**30),
+    "health_check_interval": (0, 3_600_000),
+    "health_check_timeout": (1, 60_000),
+    "passive_probe_after": (0, 3_600_000),
+    "drain_grace": (0, 3600),
+    "drain_timeout": (0, 86_400),
+    "lb_config.servicePort": (1, 65535),
+    "lb_config.timeout": (0, 600_000),
+    "lb_config.redisBudget": (1, 60_000),
+    "lb_config.database": (0, 65535),
+    "lb_config.redisKeyTTL": (0, 31_536_000),
+    "lb_config.leaseTTL": (1, 86_400),
+    "lb_config.scrapeInterval": (1, 3_600_000),
+    "lb_config.staleAfter": (1, 86_400_000),
+    "lb_config.scrapeTimeout": (1, 600_000),
+    "lb_config.metricsPort": (1, 65535),
+    "lb_config.shedRetryAfter": (0, 3600),
+    "lb_config.maxRequestCount": (0, 1_000_000),
+    "lb_config.affinityLoadFloor": (0, 1_000_000),
+    # About 64 bytes an entry: 2^24 entries is 1 GiB.
+    "lb_config.prefixTableSize": (1, 2**24),
+    # Blocks of 512 bytes of prompt: 65,536 is 32 MiB of prompt.
+    "lb_config.maxPrefixBlocks": (1, 65_536),
+}
+FLOAT_BOUNDS: dict[str, tuple[float, float]] = {
+    "lb_config.queueThresholdCritical": (0.0, 1e9),
+    "lb_config.queueingThresholdLoRA": (0.0, 1e9),
+    "lb_config.kvCacheThreshold": (0.0, 1.0),
+    "lb_config.loraAffinityThreshold": (0.0, 1.0),
+    "lb_config.affinityLoadFactor": (1.0, 1000.0),
+}
+# Longest accepted string value (model names, paths, hosts): far beyond any real one.
+MAX_STRING = 4096
+
+
 class ConfigError(ValueError):
     """A configuration problem, always naming the field."""
 
@@ -84,6 +127,7 @@ class LbConfig:
     affinityLoadFactor: float = 1.5
     affinityLoadFloor: int = 8
     prefixTableSize: int = 262_144
+    maxPrefixBlocks: int = 1024
 
 
 @dataclass(frozen=True)
@@ -100,7 +144,10 @@ class Config:
     max_body_bytes: int = 64 * 1024 * 1024
     health_check_interval: int = 5000
     health_check_timeout: int = 1000
-    drain_timeout: int = 30
+    health_check_path: str = "/health"
+    passive_probe_after: int = 10_000
+    drain_grace: int = 5
+    drain_timeout: int = DEFAULT_REQUEST_TIMEOUT_S
     # Set while loading: Higress fields that were accepted and ignored (warned once at start).
     ignored_fields: tuple[str, ...] = ()
 
@@ -118,17 +165,28 @@ def _int(value: Any, name: str, minimum: int = 0, maximum: int | None = None) ->
     return value
 
 
-def _float(value: Any, name: str, minimum: float) -> float:
+def _bounded_int(value: Any, name: str, key: str | None = None) -> int:
+    """An integer within ``INT_BOUNDS[key]`` (``key`` defaults to ``name``)."""
+    low, high = INT_BOUNDS[key or name]
+    return _int(value, name, low, high)
+
+
+def _bounded_float(value: Any, name: str, key: str | None = None) -> float:
+    low, high = FLOAT_BOUNDS[key or name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(name, f"must be a number, got {value!r}")
-    if not value >= minimum:
-        raise ConfigError(name, f"must be >= {minimum}, got {value}")
+    if not value >= low:  # also refuses nan
+        raise ConfigError(name, f"must be >= {low}, got {value}")
+    if not value <= high:  # also refuses inf
+        raise ConfigError(name, f"must be <= {high:g}, got {value}")
     return float(value)
 
 
 def _str(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(name, f"must be a non-empty string, got {value!r}")
+    if len(value) > MAX_STRING:
+        raise ConfigError(name, f"must be at most {MAX_STRING} characters, got {len(value)}")
     return value
 
 
@@ -209,12 +267,52 @@ def parse_endpoints(value: Any, name: str) -> tuple[Endpoint, ...]:
     return tuple(out)
 
 
+def load_yaml(text: str, field_name: str, path: str) -> Any:
+    """Parses YAML, refusing a key given twice in one mapping (PyYAML would silently keep the
+    last, so ``endpoints:`` twice would drop the first list)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(field_name, f"{path} is not valid YAML: {_one_line(e)}") from None
+    if node is None:
+        return None
+    _refuse_duplicate_keys(node, "")
+    try:
+        return yaml.SafeLoader(text).get_single_data()
+    except yaml.YAMLError as e:  # pragma: no cover - compose already parsed it
+        raise ConfigError(field_name, f"{path} is not valid YAML: {_one_line(e)}") from None
+
+
+def _refuse_duplicate_keys(node: yaml.Node, where: str) -> None:
+    # Iterative: a deeply nested document must not exhaust the stack.
+    stack = [(node, where)]
+    seen_nodes: set[int] = set()
+    while stack:
+        current, at = stack.pop()
+        if id(current) in seen_nodes:  # an alias: already checked where it was defined
+            continue
+        seen_nodes.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key_node, value_node in current.value:
+                key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                name = f"{at}.{key}" if at else key
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise ConfigError(name, f"duplicate key (lines {lines[key]} and {line})")
+                lines[key] = line
+                stack.append((value_node, name))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend((item, f"{at}[{i}]") for i, item in enumerate(current.value))
+
+
 def load_endpoints_file(path: str) -> tuple[Endpoint, ...]:
     """An endpoints file holds the same list as ``endpoints``, bare or under an ``endpoints`` key."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("endpoints_file", f"cannot read {path}: {_one_line(e)}") from None
+    data = load_yaml(text, "endpoints_file", path)
     if isinstance(data, Mapping):
         unknown = set(data) - {"endpoints"}
         if unknown:
@@ -276,26 +374,22 @@ def parse_lb_config(raw: Any, policy: str) -> tuple[LbConfig, tuple[str, ...]]:
 
 
 def _lb_value(key: str, value: Any, name: str) -> Any:
+    if name in INT_BOUNDS:
+        number = _bounded_int(value, name)
+        # Higress treats 0 as "use the default" for these two.
+        if key == "timeout":
+            return number or LbConfig.timeout
+        if key == "redisKeyTTL":  # seconds (the Higress code's unit, whatever its README says)
+            return number or LbConfig.redisKeyTTL
+        return number
+    if name in FLOAT_BOUNDS:
+        return _bounded_float(value, name)
     if key in ("serviceFQDN", "username", "tlsCAFile"):
         return _str(value, name)
     if key == "metricsPath":
-        path = _str(value, name)
-        if not path.startswith("/"):
-            raise ConfigError(name, f"must start with '/', got {path!r}")
-        return path
-    if key == "metricsPort":
-        return _int(value, name, 1, 65535)
+        return _url_path(value, name)
     if key == "engine":
         return _choice(value, name, ENGINES)
-    if key in ("queueThresholdCritical", "queueingThresholdLoRA"):
-        return _float(value, name, 0.0)
-    if key in ("kvCacheThreshold", "loraAffinityThreshold"):
-        number = _float(value, name, 0.0)
-        if number > 1.0:
-            raise ConfigError(name, f"must be <= 1, got {value}")
-        return number
-    if key == "shedRetryAfter":
-        return _int(value, name, 0, 3600)
     if key == "tls":
         if not isinstance(value, bool):
             raise ConfigError(name, f"must be true or false, got {value!r}")
@@ -304,34 +398,30 @@ def _lb_value(key: str, value: Any, name: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
         return _env_expand(_str(value, name), name)
-    if key == "servicePort":
-        return _int(value, name, 1, 65535)
-    if key == "database":
-        return _int(value, name, 0)
-    if key == "timeout":
-        # Higress treats 0 as "use the default".
-        return _int(value, name, 0) or 3000
-    if key == "redisKeyTTL":
-        # Seconds (the Higress code's unit, whatever its README says); 0 means the default.
-        return _int(value, name, 0) or 1800
-    if key in ("redisBudget", "scrapeInterval", "staleAfter", "scrapeTimeout", "leaseTTL", "prefixTableSize"):
-        return _int(value, name, 1)
-    if key in ("maxRequestCount", "affinityLoadFloor"):
-        return _int(value, name, 0)
-    if key == "affinityLoadFactor":
-        return _float(value, name, 1.0)
     if key == "criticalModels":
-        if value is None:
-            return None
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(name, "must be a list of model names")
-        return tuple(value)
+        return tuple(_str(v, f"{name}[{i}]") for i, v in enumerate(value))
     raise AssertionError(key)  # pragma: no cover - every field is handled above
+
+
+_URL_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+
+
+def _url_path(value: Any, name: str) -> str:
+    """An absolute URL path of printable ASCII (what goes into an HTTP request line)."""
+    path = _str(value, name)
+    if not _URL_PATH.match(path):
+        raise ConfigError(
+            name, f"must be a URL path starting with '/' (printable ASCII, no spaces), got {path!r}"
+        )
+    return path
 
 
 # --- the whole file ---------------------------------------------------------------------------
 
 _TOP_FIELDS = {f.name for f in dataclasses.fields(Config)} - {"ignored_fields"}
+_TOP_INTS = tuple(k for k in INT_BOUNDS if "." not in k)
 
 
 def parse_config(raw: Any) -> Config:
@@ -370,14 +460,13 @@ def parse_config(raw: Any) -> Config:
         values["endpoints_file"] = _str(raw["endpoints_file"], "endpoints_file")
     if "log_level" in raw:
         values["log_level"] = _choice(str(raw["log_level"]).lower(), "log_level", LOG_LEVELS)
-    if "max_body_bytes" in raw:
-        values["max_body_bytes"] = _int(raw["max_body_bytes"], "max_body_bytes", 1024, 2**30)
-    if "health_check_interval" in raw:
-        values["health_check_interval"] = _int(raw["health_check_interval"], "health_check_interval", 0)
-    if "health_check_timeout" in raw:
-        values["health_check_timeout"] = _int(raw["health_check_timeout"], "health_check_timeout", 1)
-    if "drain_timeout" in raw:
-        values["drain_timeout"] = _int(raw["drain_timeout"], "drain_timeout", 0)
+    for key in _TOP_INTS:
+        if key in raw:
+            values[key] = _bounded_int(raw[key], key)
+    if "health_check_path" in raw:
+        # An empty path (or null) means TCP connect probes only.
+        path = raw["health_check_path"]
+        values["health_check_path"] = "" if path in (None, "") else _url_path(path, "health_check_path")
     return Config(**values)
 
 
@@ -386,11 +475,7 @@ def load_config(path: str) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("--config", f"cannot read {path}: {_one_line(e)}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError("--config", f"{path} is not valid YAML: {_one_line(e)}") from None
-    config = parse_config(raw)
+    config = parse_config(load_yaml(text, "--config", path))
     if config.endpoints_file:
         # Relative endpoint files are relative to the config file, not the working directory.
         resolved = Path(path).parent / config.endpoints_file
@@ -457,6 +542,9 @@ def effective_dict(config: Config) -> dict[str, Any]:
         "max_body_bytes": config.max_body_bytes,
         "health_check_interval": config.health_check_interval,
         "health_check_timeout": config.health_check_timeout,
+        "health_check_path": config.health_check_path,
+        "passive_probe_after": config.passive_probe_after,
+        "drain_grace": config.drain_grace,
         "drain_timeout": config.drain_timeout,
     }
 

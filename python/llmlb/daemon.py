@@ -38,6 +38,8 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 ORPHAN_CHECK_SECONDS = 1.0
 # Room for the gRPC framing and headers around the largest body Envoy may forward.
 MESSAGE_OVERHEAD = 1024 * 1024
+# The drain decides when to cut open streams; gRPC's own stop grace only backs it up.
+STOP_BACKSTOP_SECONDS = 5
 
 
 class StartupError(Exception):
@@ -50,7 +52,11 @@ class ConfigRefused(Exception):
 
 def check_bindable(listen: str, field: str) -> None:
     """Fails with a clear message if ``listen`` cannot be bound (gRPC's own failure is a log line
-    from its C core plus a vague error)."""
+    from its C core plus a vague error).
+
+    The probe sets SO_REUSEADDR, as gRPC's and aiohttp's own listeners do: connections of a
+    previous process (killed, or a drain that cut streams) linger in TIME_WAIT for a minute and
+    must not stop a restart, while a port another process listens on still fails here."""
     host, port = parse_listen(listen, field)
     if port == 0:
         return
@@ -60,6 +66,7 @@ def check_bindable(listen: str, field: str) -> None:
         raise StartupError(f"{field}: cannot resolve {host!r}: {e.strerror}") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as e:
@@ -77,6 +84,15 @@ class WorkerRole:
 
 
 def build_balancer(config: Config) -> Balancer:
+    """The Rust picking state for ``config``; a table too big for this machine is refused (exit 2)."""
+    lb = config.lb_config
+    try:
+        return _new_balancer(config)
+    except MemoryError as e:
+        raise ConfigRefused(f"lb_config.prefixTableSize: {lb.prefixTableSize} entries: {e}") from None
+
+
+def _new_balancer(config: Config) -> Balancer:
     lb = config.lb_config
     return Balancer(
         config.lb_policy,
@@ -102,6 +118,7 @@ class Daemon:
         if role is not None:
             self.balancer.attach_workers(role.state, role.index)
         self.metrics = Metrics(self._inflight_samples)
+        self.metrics.prefix_entries.collect = lambda: [((), float(self.balancer.prefix_entries))]
         self.endpoints = EndpointManager(
             self.balancer,
             self.metrics,
@@ -109,6 +126,7 @@ class Daemon:
             endpoints_file=config.endpoints_file,
             health_interval_ms=config.health_check_interval,
             health_timeout_ms=config.health_check_timeout,
+            health_path=config.health_check_path,
         )
         self.shared: SharedState | None = None
         self.scraper: MetricsScraper | None = None  # least_busy only
@@ -122,7 +140,7 @@ class Daemon:
             picker = Picker(
                 self.balancer,
                 self.metrics,
-                self.endpoints.report_connect_failure,
+                self.endpoints.report_upstream_failure,
                 shed_retry_after=config.lb_config.shedRetryAfter,
             )
         elif config.lb_config.serviceFQDN:
@@ -131,16 +149,18 @@ class Daemon:
                 self.balancer,
                 self.metrics,
                 self.shared,
-                on_connect_failure=self.endpoints.report_connect_failure,
+                on_upstream_failure=self.endpoints.report_upstream_failure,
             )
         else:
-            picker = Picker(self.balancer, self.metrics, self.endpoints.report_connect_failure)
+            picker = Picker(self.balancer, self.metrics, self.endpoints.report_upstream_failure)
         self.service = ExtProcService(picker, self.metrics)
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.admin_port = 0
         self._remove_state_on_exit = False
         self._stop = asyncio.Event()
+        # A second SIGTERM/SIGINT during a drain: stop waiting and exit now.
+        self._cut = asyncio.Event()
 
     def _inflight_samples(self) -> list[tuple[tuple[str, ...], float]]:
         return [((address,), float(n)) for address, _, n, _, _ in self.balancer.endpoints()]
@@ -211,7 +231,22 @@ class Daemon:
         return runner
 
     def request_stop(self) -> None:
+        if self._stop.is_set():
+            log.warning("second stop signal: cutting the drain short")
+            self._cut.set()
         self._stop.set()
+
+    async def _probe_overdue_endpoints(self) -> None:
+        """Passive health: an endpoint whose request has waited ``passive_probe_after`` for its
+        response headers is probed at once (a hung server is out within one probe timeout)."""
+        after = self.config.passive_probe_after / 1000
+        while True:
+            await asyncio.sleep(min(1.0, after / 4))
+            for endpoint in set(self.service.watch.overdue(after)):
+                log.info(
+                    "a request to %s has had no response headers for %.1f s: probing it", endpoint, after
+                )
+                self.endpoints.report_upstream_failure(endpoint)
 
     async def _stop_if_orphaned(self) -> None:
         """A worker whose supervisor died (kill -9) drains and exits instead of serving on
@@ -240,6 +275,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         orphan_watch = asyncio.create_task(self._stop_if_orphaned()) if self.role is not None else None
+        header_watch = (
+            asyncio.create_task(self._probe_overdue_endpoints()) if self.config.passive_probe_after else None
+        )
         self.endpoints.start()
         if self.shared is not None:
             await self.shared.start()
@@ -264,8 +302,9 @@ class Daemon:
             admin_address,
         )
         await self._stop.wait()
-        if orphan_watch is not None:
-            orphan_watch.cancel()
+        for watch in (orphan_watch, header_watch):
+            if watch is not None:
+                watch.cancel()
         await self._drain(server)
         if self.shared is not None:
             await self.shared.stop()
@@ -282,13 +321,35 @@ class Daemon:
         return 0
 
     async def _drain(self, server: grpc.aio.Server) -> None:
-        """Stops taking new streams and lets open ones (requests in flight) finish, bounded."""
+        """SIGTERM: not ready at once, new streams still served for ``drain_grace`` (so health
+        checkers move traffic away first), then no new streams and up to ``drain_timeout`` for
+        the open ones. Streams that need nothing more from the picker end at once (see
+        ``ExtProcService.start_draining``); a second signal cuts the wait short."""
         self.ready = False
         await self.health.enter_graceful_shutdown()
+        config = self.config
         log.info(
-            "draining: %d open streams, up to %d s", self.service.open_streams, self.config.drain_timeout
+            "draining: health NOT_SERVING; new streams served for %d s more, then up to %d s for open ones",
+            config.drain_grace,
+            config.drain_timeout,
         )
-        await server.stop(self.config.drain_timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._cut.wait(), config.drain_grace)
+        service = self.service
+        service.start_draining()
+        # No new streams from here on. The stop's own grace is a backstop: the wait below
+        # decides when to cut, so it can count what it cut.
+        stopping = asyncio.create_task(server.stop(config.drain_timeout + STOP_BACKSTOP_SECONDS))
+        log.info("no new streams; waiting for %d open ones", service.open_streams)
+        waits = {asyncio.create_task(service.wait_closed()), asyncio.create_task(self._cut.wait())}
+        await asyncio.wait(waits, timeout=config.drain_timeout, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        cut = service.open_streams
+        if cut:
+            log.warning("cutting %d open streams (drain_timeout %d s)", cut, config.drain_timeout)
+            await server.stop(None)
+        await stopping
         log.info("stopped")
 
 
@@ -320,7 +381,7 @@ def serve(config: Config, role: WorkerRole | None = None) -> int:
 
 def serve_workers(config: Config, worker_argv: list[str], workers: int) -> int:
     """Supervises ``workers`` daemon processes sharing the gRPC port and one picking state."""
-    from llmlb.workers import Supervisor, WorkerFailed
+    from llmlb.workers import SharedStateFailed, Supervisor, WorkerFailed
 
     _configure_logging(config)
     build_balancer(config)  # a config this build refuses stops here, once, not in every worker
@@ -330,7 +391,7 @@ def serve_workers(config: Config, worker_argv: list[str], workers: int) -> int:
     async def main() -> int:
         try:
             return await Supervisor(config, worker_argv, workers).run()
-        except WorkerFailed as e:
+        except (WorkerFailed, SharedStateFailed) as e:
             raise StartupError(str(e)) from None
 
     return _run(main)

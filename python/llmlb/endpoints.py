@@ -1,13 +1,21 @@
 """Endpoint discovery and health.
 
 The pool is the static ``endpoints`` list plus the ``endpoints_file`` list (re-read when the file
-changes; a broken file keeps the last good pool and is counted). Health is a TCP connect probe
-every ``health_check_interval`` ms: two failures in a row mark an endpoint unhealthy, one success
-marks it healthy again. Unhealthy endpoints are avoided while any endpoint is healthy.
+changes; a broken file keeps the last good pool and is counted).
 
-Passive detection: when Envoy reports that it could not connect to a picked endpoint, that counts
-as one failure and the endpoint is probed at once, so a dead server is out of rotation after one
-failed request and one confirming probe, not after two probe intervals.
+Health (active): every ``health_check_interval`` ms each endpoint gets ``GET health_check_path``
+(vLLM, SGLang and trtllm-serve all answer ``/health``); a 2xx/3xx answer within
+``health_check_timeout`` is a success. A server that accepts connections but never answers
+(hung, or stopped with SIGSTOP: the kernel still completes the TCP handshake) therefore fails,
+which a bare TCP connect probe (``health_check_path: ""``) would not notice. Two failures in a
+row mark an endpoint unhealthy, one success healthy again; unhealthy endpoints are avoided
+(affinity included) while any endpoint is healthy, and keep being probed.
+
+Health (passive): Envoy's own replies about an upstream (502/503/504 without
+``x-envoy-upstream-service-time``: connect failure, reset before the response, route timeout)
+count as one failure and trigger a probe at once; a request still without response headers
+``passive_probe_after`` ms after its pick triggers a probe at once. So a dead or hung server is
+out of rotation after one bad request and one confirming probe, not after two probe intervals.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
+
+import aiohttp
 
 from llmlb._core import Balancer
 from llmlb.config import ConfigError, Endpoint, load_endpoints_file
@@ -40,6 +50,7 @@ class EndpointManager:
         endpoints_file: str | None,
         health_interval_ms: int,
         health_timeout_ms: int,
+        health_path: str = "",
     ) -> None:
         self.balancer = balancer
         self.metrics = metrics
@@ -47,6 +58,9 @@ class EndpointManager:
         self.endpoints_file = endpoints_file
         self.health_interval = health_interval_ms / 1000
         self.health_timeout = health_timeout_ms / 1000
+        # Empty: a TCP connect is the probe.
+        self.health_path = health_path
+        self._session: aiohttp.ClientSession | None = None
         self.from_file: tuple[Endpoint, ...] = ()
         self.labels: dict[str, Mapping[str, str]] = {}
         self.healthy: dict[str, bool] = {}
@@ -97,6 +111,9 @@ class EndpointManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     # --- endpoints_file --------------------------------------------------------------------
 
@@ -135,19 +152,37 @@ class EndpointManager:
     # --- health ----------------------------------------------------------------------------
 
     async def _probe(self, address: str, limit: asyncio.Semaphore) -> bool:
+        async with limit:
+            if self.health_path:
+                return await self._probe_http(address)
+            return await self._probe_tcp(address)
+
+    async def _probe_http(self, address: str) -> bool:
+        if self._session is None:
+            # Probes of one endpoint reuse a kept-alive connection; a hung server then fails on
+            # the request's timeout whether or not it still accepts connections.
+            connector = aiohttp.TCPConnector(limit=MAX_CONCURRENT_PROBES, limit_per_host=2)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self.health_timeout)
+            )
+        try:
+            async with self._session.get(f"http://{address}{self.health_path}") as reply:
+                await reply.read()
+                return 200 <= reply.status < 400
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return False
+
+    async def _probe_tcp(self, address: str) -> bool:
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
-        async with limit:
-            try:
-                _, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, int(port)), self.health_timeout
-                )
-            except (OSError, asyncio.TimeoutError):
-                return False
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return True
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), self.health_timeout)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
 
     def _record(self, address: str, ok: bool) -> None:
         if address not in self.healthy:
@@ -168,8 +203,10 @@ class EndpointManager:
         for address, ok in zip(addresses, results, strict=True):
             self._record(address, ok)
 
-    def report_connect_failure(self, address: str) -> None:
-        """Envoy could not reach ``address``: count a failure and confirm with a probe now."""
+    def report_upstream_failure(self, address: str) -> None:
+        """Envoy could not get an answer from ``address`` (connect failure, reset, timeout), or a
+        request there waits too long for its response headers: count a failure and confirm with
+        a probe now (a probe that succeeds clears it)."""
         if address not in self.healthy or address in self._suspects or not self.healthy[address]:
             return
         self._suspects.add(address)

@@ -17,8 +17,11 @@ error, Envoy reset), the ``finally`` releases the pick's ticket exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import orjson
@@ -35,9 +38,11 @@ from llmlb.picking import Picker, Refusal
 log = logging.getLogger("llmlb.extproc")
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
-# Envoy's router adds this to every response that came from an upstream; a 503 without it is
-# Envoy's own local reply, i.e. the picked endpoint could not be reached.
+# Envoy's router adds this to every response that came from an upstream; a 502/503/504 without
+# it is Envoy's own local reply about the picked endpoint: it could not be reached (503), reset
+# the request before answering (503), or did not answer within the route timeout (504).
 UPSTREAM_TIME_HEADER = "x-envoy-upstream-service-time"
+ENVOY_UPSTREAM_FAILURES = frozenset({502, 503, 504})
 METADATA_NAMESPACE = "envoy.lb"
 # Envoy takes body chunks up to 64 KiB per message; stay under it like the inference extension.
 STREAM_CHUNK = 62_000
@@ -139,6 +144,41 @@ def immediate_response(refusal: Refusal) -> pb.ProcessingResponse:
     )
 
 
+def _status(raw: bytes) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        return 0
+
+
+class HeaderWatch:
+    """Picked requests still waiting for their response headers, oldest first: a request that
+    waits too long hints at a hung endpoint, which health then probes at once (see endpoints)."""
+
+    def __init__(self) -> None:
+        # Insertion order is pick order (dicts keep it), so the oldest come first.
+        self._since: dict[_Stream, float] = {}
+
+    def picked(self, stream: _Stream) -> None:
+        self._since[stream] = time.monotonic()
+
+    def answered(self, stream: _Stream) -> None:
+        self._since.pop(stream, None)
+
+    def overdue(self, after: float) -> list[str]:
+        """Endpoints of requests picked more than ``after`` seconds ago and still without
+        response headers; each request is reported once."""
+        deadline = time.monotonic() - after
+        late: list[_Stream] = []
+        for stream, since in self._since.items():
+            if since > deadline:
+                break
+            late.append(stream)
+        for stream in late:
+            del self._since[stream]
+        return [stream.endpoint for stream in late]
+
+
 def _streamed_request_body(body: bytes, end_of_stream: bool) -> list[pb.ProcessingResponse]:
     """The whole request body sent back to Envoy in chunks (FULL_DUPLEX_STREAMED)."""
     view = memoryview(body)
@@ -180,23 +220,40 @@ class _Stream:
     __slots__ = (
         "body_mode",
         "chunks",
+        "closed_for_drain",
         "endpoint",
+        "failed",
         "picked",
         "picker",
         "response_mode",
         "responses",
+        "task",
         "ticket",
+        "watch",
     )
 
-    def __init__(self, picker: Picker, responses: _PickResponses) -> None:
+    def __init__(self, picker: Picker, responses: _PickResponses, watch: HeaderWatch) -> None:
         self.picker = picker
         self.responses = responses
+        self.watch = watch
+        # The response status was an error (4xx/5xx).
+        self.failed = False
         self.body_mode = BUFFERED
         self.response_mode = NONE
         self.ticket = 0
         self.endpoint = ""
         self.picked = False
         self.chunks: list[bytes] = []
+        # Set while the stream only waits for its end (see ExtProcService.start_draining).
+        self.task: asyncio.Task[Any] | None = None
+        self.closed_for_drain = False
+
+    @property
+    def done_with_picker(self) -> bool:
+        """After the response headers, nothing more needs the picker: the response body does not
+        pass through it (response body mode NONE), and the request is picked. Ending the gRPC
+        stream with OK now lets Envoy finish the HTTP request without it."""
+        return bool(self.response_mode == NONE and self.body_mode != FULL_DUPLEX)
 
     async def _pick(self, body: bytes | None) -> str | pb.ProcessingResponse:
         """The endpoint, or the immediate response that ends the request."""
@@ -205,6 +262,7 @@ class _Stream:
         if isinstance(outcome, Refusal):
             return immediate_response(outcome)
         self.ticket, self.endpoint = outcome
+        self.watch.picked(self)
         return self.endpoint
 
     async def handle(self, request: pb.ProcessingRequest, kind: str | None) -> list[pb.ProcessingResponse]:
@@ -219,8 +277,7 @@ class _Stream:
         if kind == "request_trailers":
             return await self._request_trailers()
         if kind == "response_headers":
-            if self.endpoint:
-                self.check_for_connect_failure(request.response_headers)
+            self.on_response_headers(request.response_headers)
             return [_RESPONSE_HEADERS_CONTINUE]
         if kind == "response_body":
             if self.response_mode == FULL_DUPLEX:
@@ -266,18 +323,24 @@ class _Stream:
             return [endpoint]
         return [self.responses.in_headers(endpoint), *_streamed_request_body(body, end_of_stream)]
 
-    def check_for_connect_failure(self, headers: pb.HttpHeaders) -> None:
-        status = b""
+    def on_response_headers(self, headers: pb.HttpHeaders) -> None:
+        """Notes whether the request failed (it then claims no prefix entries, see `release`)
+        and whether Envoy itself answered for an endpoint it could not get a response from."""
+        if not self.endpoint:
+            return
+        self.watch.answered(self)
+        status = 0
         upstream_answered = False
         for header in headers.headers.headers:
             if header.key == ":status":
-                status = header.raw_value
-                if status != b"503":
-                    return
+                status = _status(header.raw_value)
+                if status < 400:
+                    return  # the common case: the status comes first
             elif header.key == UPSTREAM_TIME_HEADER:
                 upstream_answered = True
-        if status == b"503" and not upstream_answered:
-            self.picker.on_connect_failure(self.endpoint)
+        self.failed = status >= 400
+        if status in ENVOY_UPSTREAM_FAILURES and not upstream_answered:
+            self.picker.on_upstream_failure(self.endpoint)
 
     async def _request_trailers(self) -> list[pb.ProcessingResponse]:
         if self.body_mode == FULL_DUPLEX and not self.picked:
@@ -294,31 +357,65 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.picker = picker
         self.metrics = metrics
         self.responses = _PickResponses()
+        self.watch = HeaderWatch()
         self.open_streams = 0
+        self.draining = False
+        # Streams past their response headers that only wait for the request to end.
+        self._waiting_for_end: set[_Stream] = set()
+        self._all_closed = asyncio.Event()
+
+    def start_draining(self) -> None:
+        """The picker is going away: streams that need nothing more from it end now with OK (the
+        HTTP requests go on, Envoy no longer waits for the picker), the others as soon as their
+        response headers pass. Their requests are released from the in-flight counts, which leave
+        with this replica anyway."""
+        self.draining = True
+        for stream in list(self._waiting_for_end):
+            if stream.task is not None:
+                stream.closed_for_drain = True
+                stream.task.cancel()
+        if self.open_streams == 0:
+            self._all_closed.set()
+
+    async def wait_closed(self) -> None:
+        """Until no stream is open (meaningful once draining)."""
+        await self._all_closed.wait()
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         self.metrics.streams.inc()
         self.open_streams += 1
-        stream = _Stream(self.picker, self.responses)
+        stream = _Stream(self.picker, self.responses, self.watch)
         try:
             async for request in request_iterator:
                 # The two messages of every request that need no pick are answered here, without
                 # the coroutine hop through `handle` (a few µs each at thousands per second).
                 kind = request.WhichOneof("request")
                 if kind == "response_headers" and not request.HasField("protocol_config"):
-                    if stream.endpoint:
-                        stream.check_for_connect_failure(request.response_headers)
+                    stream.on_response_headers(request.response_headers)
                     yield _RESPONSE_HEADERS_CONTINUE
+                    if stream.done_with_picker:
+                        if self.draining:
+                            return
+                        stream.task = asyncio.current_task()
+                        self._waiting_for_end.add(stream)
                     continue
                 for response in await stream.handle(request, kind):
                     yield response
+        except asyncio.CancelledError:
+            if stream.closed_for_drain:
+                return  # ends the RPC with OK: see start_draining
+            raise
         except Exception:
             self.metrics.stream_errors.inc(("internal",))
             log.exception("ext_proc stream failed")
             raise
         finally:
+            self._waiting_for_end.discard(stream)
+            self.watch.answered(stream)
             self.open_streams -= 1
             if stream.ticket:
-                self.picker.release(stream.ticket)
+                self.picker.release(stream.ticket, failed=stream.failed)
+            if self.draining and self.open_streams == 0:
+                self._all_closed.set()

@@ -188,6 +188,12 @@ class Metrics:
             "llmlb_shed_requests_total",
             "least_busy: sheddable requests refused with 429 (no endpoint had room).",
         )
+        self.prefix_entries = Gauge(
+            "llmlb_prefix_table_entries",
+            "Entries in this process's embedded prefix table (prefix_cache).",
+            (),
+            lambda: [],
+        )
 
     def render(self) -> str:
         lines: list[str] = []
@@ -210,6 +216,7 @@ class Metrics:
             self.scrape_errors,
             self.metrics_age,
             self.shed,
+            self.prefix_entries,
         ):
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"

@@ -257,13 +257,23 @@ class Supervisor:
         await web.TCPSite(runner, host, port).start()
         return runner
 
+    def _on_signal(self) -> None:
+        if self._stop.is_set():
+            # A second signal: the workers cut their drains short.
+            for worker in self.workers:
+                if worker.process is not None and worker.process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        worker.process.send_signal(signal.SIGTERM)
+        self._stop.set()
+
     async def _stop_workers(self) -> None:
         self.stopping = True
         running = [w.process for w in self.workers if w.process is not None and w.process.returncode is None]
         for process in running:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
-        grace = self.config.drain_timeout + 5.0
+        # Each worker drains on its own (drain_grace, then up to drain_timeout); this is a backstop.
+        grace = self.config.drain_grace + self.config.drain_timeout + 5.0
         try:
             await asyncio.wait_for(asyncio.gather(*(p.wait() for p in running)), grace)
         except TimeoutError:
@@ -276,7 +286,18 @@ class Supervisor:
 
     async def run(self) -> int:
         lb = self.config.lb_config
-        create_worker_state(self.state_path, self.count, ENDPOINT_SLOTS, lb.prefixTableSize, lb.redisKeyTTL)
+        try:
+            create_worker_state(
+                self.state_path, self.count, ENDPOINT_SLOTS, lb.prefixTableSize, lb.redisKeyTTL
+            )
+        except RuntimeError as e:
+            with contextlib.suppress(OSError):
+                self.state_path.unlink(missing_ok=True)
+                self.workdir.rmdir()
+            raise SharedStateFailed(
+                f"cannot make the workers' shared state: {e} "
+                f"(lb_config.prefixTableSize sizes it; is {self.workdir.parent} big enough?)"
+            ) from None
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S))
         admin: web.AppRunner | None = None
         watchers: list[asyncio.Task[None]] = []
@@ -289,7 +310,7 @@ class Supervisor:
                 await self._wait_announced(worker, deadline)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stop.set)
+                loop.add_signal_handler(sig, self._on_signal)
             watchers = [asyncio.create_task(self._watch(w)) for w in self.workers]
             log.info("%d workers serving ext_proc on %s, admin on %s", self.count, self.config.grpc_listen,
                      self.config.admin_listen)  # fmt: skip
@@ -306,6 +327,10 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 self.workdir.rmdir()
         return 1 if self.failed else 0
+
+
+class SharedStateFailed(Exception):
+    """The workers' shared state file could not be made (e.g. /dev/shm is too small)."""
 
 
 class WorkerFailed(Exception):

@@ -8,8 +8,10 @@ Per test:
 - ``mode``: parametrised over ``buffered`` and ``full-duplex``.
 - ``lr_gateway`` / ``pc_gateway``: a :class:`Gateway` for global_least_request / prefix_cache in
   ``mode``, with backend counters reset and nothing in flight at the start.
-- ``make_gateway(policy, mode, fallback=None, daemon=True)``: a private daemon + Envoy for tests
-  that stop or never start the daemon; stopped at the end of the test.
+- ``make_gateway(policy, mode, fallback=None, daemon=True, daemon_config=None)``: a private daemon
+  + Envoy for tests that stop or never start the daemon (``daemon_config``: settings written to a
+  config file for it; flags still give its endpoints, policy and ports); stopped at the end of the
+  test.
 
 On failure, the tails of the logs of the processes behind the test's gateways are attached to the
 report.
@@ -20,8 +22,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:
@@ -149,11 +153,23 @@ def make_gateway(
     """Factory for a private gateway: `make_gateway(policy, mode, fallback=None, daemon=True)`."""
     owned: list[ManagedProcess] = []
 
-    def make(policy: str, mode: str, fallback: str | None = None, daemon: bool = True) -> Gateway:
+    def make(
+        policy: str,
+        mode: str,
+        fallback: str | None = None,
+        daemon: bool = True,
+        daemon_config: dict[str, Any] | None = None,
+    ) -> Gateway:
         endpoints = [b.address for b in backends]
         picker: Daemon | None = None
         if daemon:
-            picker = start_daemon(endpoints, policy, tmp_path, name=f"llmlb-{policy}-{len(owned)}")
+            extra: list[str] = []
+            if daemon_config is not None:
+                path = tmp_path / f"llmlb-{len(owned)}.yaml"
+                path.write_text(yaml.safe_dump(daemon_config))
+                extra = ["--config", str(path)]
+            name = f"llmlb-{policy}-{len(owned)}"
+            picker = start_daemon(endpoints, policy, tmp_path, name=name, extra_args=extra)
             owned.append(picker.proc)
         picker_port = picker.grpc_port if picker else free_port()
         envoy = start_envoy(

@@ -8,12 +8,16 @@ import pytest
 import yaml
 
 from llmlb.config import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    FLOAT_BOUNDS,
+    INT_BOUNDS,
     REDACTED,
     Config,
     ConfigError,
     effective_dict,
     effective_yaml,
     load_config,
+    load_endpoints_file,
     parse_config,
     with_overrides,
 )
@@ -159,3 +163,82 @@ def test_policy_flag_keeps_least_busy_fields_from_the_file(tmp_path):
     assert config.lb_config.staleAfter == 700
     with pytest.raises(ConfigError, match="only applies to lb_policy: least_busy"):
         with_overrides(load_config(str(path)), policy="prefix_cache")
+
+
+def _raw(name: str, value: object) -> dict[str, object]:
+    section, _, key = name.rpartition(".")
+    raw: dict[str, object] = {section: {key: value}} if section else {name: value}
+    if section and key in ("criticalModels", "scrapeInterval", "staleAfter", "scrapeTimeout", "metricsPort",
+                           "shedRetryAfter", "queueThresholdCritical", "kvCacheThreshold",
+                           "queueingThresholdLoRA", "loraAffinityThreshold"):  # fmt: skip
+        raw["lb_policy"] = "least_busy"
+    if key == "maxRequestCount":
+        raw["lb_policy"] = "global_least_request"
+    return raw
+
+
+@pytest.mark.parametrize("name", sorted(INT_BOUNDS))
+def test_every_integer_field_is_bounded(name):
+    low, high = INT_BOUNDS[name]
+    parse_config(_raw(name, low))
+    parse_config(_raw(name, high))
+    for bad in (high + 1, low - 1, 10**20):
+        with pytest.raises(ConfigError) as err:
+            parse_config(_raw(name, bad))
+        assert err.value.field == name
+
+
+@pytest.mark.parametrize("name", sorted(FLOAT_BOUNDS))
+def test_every_number_field_is_bounded(name):
+    low, high = FLOAT_BOUNDS[name]
+    parse_config(_raw(name, low))
+    parse_config(_raw(name, high))
+    for bad in (high * 2 + 1, low - 1, float("inf"), float("nan")):
+        with pytest.raises(ConfigError) as err:
+            parse_config(_raw(name, bad))
+        assert err.value.field == name
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("endpoints: [10.0.0.1:1]\nendpoints: [10.0.0.2:1]\n", "endpoints"),
+        ("lb_config:\n  timeout: 1\n  redisKeyTTL: 2\n  timeout: 3\n", "lb_config.timeout"),
+        ("endpoints:\n  - {address: 10.0.0.1:1, labels: {a: x, a: y}}\n", "endpoints[0].labels.a"),
+    ],
+)
+def test_duplicate_keys_are_refused(tmp_path, text, field):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="duplicate key") as err:
+        load_config(str(path))
+    assert err.value.field == field
+
+
+def test_duplicate_keys_in_the_endpoints_file_are_refused(tmp_path):
+    (tmp_path / "eps.yaml").write_text("endpoints: [10.0.0.1:1]\nendpoints: [10.0.0.2:1]\n")
+    (tmp_path / "c.yaml").write_text("endpoints_file: eps.yaml\n")
+    config = load_config(str(tmp_path / "c.yaml"))
+    assert config.endpoints_file is not None
+    with pytest.raises(ConfigError, match="duplicate key"):
+        load_endpoints_file(config.endpoints_file)
+
+
+def test_new_day2_defaults():
+    c = parse_config({})
+    assert (c.drain_grace, c.drain_timeout) == (5, DEFAULT_REQUEST_TIMEOUT_S)
+    assert (c.health_check_path, c.passive_probe_after) == ("/health", 10_000)
+    assert c.lb_config.maxPrefixBlocks == 1024
+    assert parse_config({"health_check_path": ""}).health_check_path == ""
+    with pytest.raises(ConfigError, match="health_check_path"):
+        parse_config({"health_check_path": "health"})
+
+
+def test_the_docs_give_every_bound():
+    """docs/configuration.md states each range exactly as config.py enforces it."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    for name, (low, high) in {**INT_BOUNDS, **FLOAT_BOUNDS}.items():
+        if not name.startswith("lb_config."):
+            continue
+        shown = (f"{low:g}", f"{high:g}") if isinstance(low, float) else (f"{low:,}", f"{high:,}")
+        assert f"`{name.removeprefix('lb_config.')}` {shown[0]} … {shown[1]}" in docs, name

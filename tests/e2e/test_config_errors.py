@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from tests.support.procs import HOST, free_ports, run_llmlb, start_daemon
+from llmlb.config import FLOAT_BOUNDS, INT_BOUNDS, LEAST_BUSY_FIELDS
+from tests.support.procs import HOST, free_ports, get, run_llmlb, start_daemon, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -17,6 +20,13 @@ BAD_CONFIGS = {
     "unknown_policy": ("lb_policy: nope\n", "lb_policy"),
     "negative_ttl": ("lb_policy: prefix_cache\nlb_config:\n  redisKeyTTL: -1\n", "redisKeyTTL"),
     "bad_endpoint": ("lb_policy: global_least_request\nendpoints:\n  - not-an-address\n", "endpoints"),
+    # Used to pass check-config and then abort `serve` with a Rust allocation backtrace.
+    "huge_table": ("lb_config:\n  prefixTableSize: 99999999999\n", "lb_config.prefixTableSize"),
+    # Used to pass silently, keeping only the second list.
+    "duplicate_key": ("endpoints: [127.0.0.1:1]\nendpoints: [127.0.0.1:2]\n", "endpoints: duplicate key"),
+    "duplicate_nested": ("lb_config:\n  redisKeyTTL: 5\n  redisKeyTTL: 6\n", "lb_config.redisKeyTTL"),
+    "infinite_factor": ("lb_config:\n  affinityLoadFactor: .inf\n", "lb_config.affinityLoadFactor"),
+    "huge_drain": ("drain_timeout: 99999999999\n", "drain_timeout"),
 }
 
 HIGRESS = """\
@@ -84,3 +94,48 @@ def test_daemon_starts_with_higress_config(tmp_path: Path, backends: list) -> No
         assert sorted(e["address"] for e in daemon.debug_endpoints()) == sorted(endpoints)
     finally:
         assert daemon.stop() == 0, daemon.proc.describe()
+
+
+def _extremes(pick: int) -> dict[str, Any]:
+    """A config with every bounded field at its lowest (pick 0) or highest (pick 1) value."""
+    config: dict[str, Any] = {"lb_config": {}}
+    for name, bounds in {**INT_BOUNDS, **FLOAT_BOUNDS}.items():
+        if name in ("max_body_bytes",) and pick == 1:
+            continue  # a 1 GiB gRPC receive limit is legal but says nothing more here
+        section, _, key = name.rpartition(".")
+        (config["lb_config"] if section else config)[key or name] = bounds[pick]
+    config["lb_config"] = {
+        k: v for k, v in config["lb_config"].items() if k not in LEAST_BUSY_FIELDS and k != "maxRequestCount"
+    }
+    return config
+
+
+@pytest.mark.parametrize("pick", [0, 1], ids=["lowest", "highest"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_value_in_bounds_serves_and_stops_cleanly(
+    tmp_path: Path, backends: list, pick: int, workers: int
+) -> None:
+    """No accepted value can abort the process: all fields at their bounds at once, prefix table
+    and --workers shared state included."""
+    path = tmp_path / "extremes.yaml"
+    path.write_text(yaml.safe_dump(_extremes(pick)))
+    assert run_llmlb("check-config", str(path), timeout=20).returncode == 0
+    daemon = start_daemon(
+        [b.address for b in backends],
+        "prefix_cache",
+        tmp_path,
+        extra_args=["--config", str(path), "--workers", str(workers)],
+        ready_timeout=60.0,
+    )
+    # drain_grace may be an hour here: the second signal cuts the drain short.
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: get(f"{daemon.admin_url}/readyz").status == 503, 10.0, message="draining")
+    daemon.proc.send_signal(signal.SIGTERM)
+    try:
+        code = daemon.proc.wait(30.0)
+    finally:
+        daemon.proc.stop()
+    log = daemon.proc.log_path.read_text()
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert "panicked" not in log, log[-3000:]

@@ -255,6 +255,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from llmlb.daemon import ConfigRefused, StartupError, WorkerRole, serve, serve_workers
 
     config = _serve_config(args)
+    _check_tls_files(config)
     try:
         if args.worker_index is not None:
             role = WorkerRole(args.worker_index, args.worker_state, args.worker_announce)
@@ -270,10 +271,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+def _check_tls_files(config: Config) -> None:
+    """grpc_tls files that are missing or not PEM stop here: exit 2, one line naming the field."""
+    if config.grpc_tls is not None:
+        from llmlb.tls import check_files
+
+        check_files(config.grpc_tls)
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     if config.endpoints_file:
         load_endpoints_file(config.endpoints_file)
+    _check_tls_files(config)
     sys.stdout.write(effective_yaml(config))
     return EXIT_OK
 

@@ -290,16 +290,25 @@ class _Stream:
 
 
 class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, picker: Picker, metrics: Metrics) -> None:
+    def __init__(self, picker: Picker, metrics: Metrics, max_streams: int = 10_000) -> None:
         self.picker = picker
         self.metrics = metrics
         self.responses = _PickResponses()
         self.open_streams = 0
+        # Open streams across all connections beyond which a new one is refused (grpc_max_streams).
+        self.max_streams = max_streams
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         self.metrics.streams.inc()
+        if self.open_streams >= self.max_streams:
+            # Refused before reading a message: nothing picked, no in-flight count touched.
+            self.metrics.stream_errors.inc(("over_capacity",))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"llmlb: {self.open_streams} ext_proc streams open (grpc_max_streams)",
+            )
         self.open_streams += 1
         stream = _Stream(self.picker, self.responses)
         try:

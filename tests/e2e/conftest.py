@@ -18,7 +18,7 @@ report.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -146,14 +146,27 @@ GATEWAYS = pytest.StashKey[list[Gateway]]()
 def make_gateway(
     envoy_binary: str, backends: list[Backend], tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[MakeGateway]:
-    """Factory for a private gateway: `make_gateway(policy, mode, fallback=None, daemon=True)`."""
+    """Factory for a private gateway: `make_gateway(policy, mode, fallback=None, daemon=True, *,
+    daemon_args=(), envoy_args=(), max_body_bytes=16 MiB)`; the args go to `llmlb serve` and
+    `llmlb envoy-config` as they are."""
     owned: list[ManagedProcess] = []
 
-    def make(policy: str, mode: str, fallback: str | None = None, daemon: bool = True) -> Gateway:
+    def make(
+        policy: str,
+        mode: str,
+        fallback: str | None = None,
+        daemon: bool = True,
+        *,
+        daemon_args: Sequence[str] = (),
+        envoy_args: Sequence[str] = (),
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> Gateway:
         endpoints = [b.address for b in backends]
         picker: Daemon | None = None
         if daemon:
-            picker = start_daemon(endpoints, policy, tmp_path, name=f"llmlb-{policy}-{len(owned)}")
+            picker = start_daemon(
+                endpoints, policy, tmp_path, name=f"llmlb-{policy}-{len(owned)}", extra_args=daemon_args
+            )
             owned.append(picker.proc)
         picker_port = picker.grpc_port if picker else free_port()
         envoy = start_envoy(
@@ -162,8 +175,9 @@ def make_gateway(
             mode,
             tmp_path,
             fallback=fallback,
-            max_body_bytes=MAX_BODY_BYTES,
+            max_body_bytes=max_body_bytes,
             name=f"envoy-{mode}-{fallback or 'strict'}-{len(owned)}",
+            extra_args=envoy_args,
         )
         owned.append(envoy.proc)
         gw = Gateway(policy, mode, envoy, picker, backends, fallback)

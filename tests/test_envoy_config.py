@@ -615,6 +615,8 @@ def test_picker_streams_are_retried_on_another_picker_only_before_any_answer() -
     assert "5xx" not in conditions
     (predicate,) = policy["retry_host_predicate"]
     assert predicate["name"] == "envoy.retry_host_predicates.previous_hosts"
+    # Short back-off: all attempts fit well inside message_timeout (the default would be 1 s).
+    assert policy["retry_back_off"] == {"base_interval": "0.025s", "max_interval": "0.25s"}
 
 
 def test_mtls_transport_socket_to_ip_pickers(tls_files: dict[str, str]) -> None:

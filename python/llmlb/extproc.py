@@ -303,7 +303,10 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     ) -> AsyncIterator[pb.ProcessingResponse]:
         self.metrics.streams.inc()
         if self.open_streams >= self.max_streams:
-            # Refused before reading a message: nothing picked, no in-flight count touched.
+            # Refused before reading a message: nothing picked, no in-flight count touched. Checked
+            # here rather than with grpc.aio's maximum_concurrent_rpcs, which counts every RPC
+            # (gRPC health checks and watches too, so a full picker would fail Envoy's health
+            # checks for the wrong reason) and refuses before llmlb could count the refusal.
             self.metrics.stream_errors.inc(("over_capacity",))
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -11,6 +11,7 @@ import importlib.util
 import itertools
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from llmlb import envoy_config
+from llmlb.config import Config
 from llmlb.envoy_config import (
     DEFAULT_MAX_BODY_BYTES,
     DESTINATION_HEADER,
@@ -93,11 +95,17 @@ def cluster(cfg: dict[str, Any], name: str) -> Any:
     return matches[0]
 
 
-def route(cfg: dict[str, Any]) -> Any:
+def routes(cfg: dict[str, Any]) -> list[Any]:
     (vhost,) = hcm(cfg)["route_config"]["virtual_hosts"]
-    (only,) = vhost["routes"]
-    assert only["match"] == {"prefix": "/"}
-    return only["route"]
+    assert vhost["domains"] == ["*"]
+    return list(vhost["routes"])
+
+
+def route(cfg: dict[str, Any]) -> Any:
+    """The (first) route to the pool."""
+    first = routes(cfg)[0]
+    assert first["match"] == {"prefix": "/v1/"}
+    return first["route"]
 
 
 def override_host(cfg: dict[str, Any]) -> Any:
@@ -124,15 +132,15 @@ def test_envoy_validates_every_mode_and_fallback(
     [
         # hostnames -> STRICT_DNS clusters
         EnvoyOptions(
-            endpoints=("vllm-0.vllm:8000", "10.0.0.2:8000"), picker="llmlb.svc:9002", fallback="random"
+            endpoints=("vllm-0.vllm:8000", "10.0.0.2:8000"), pickers=("llmlb.svc:9002",), fallback="random"
         ),
-        EnvoyOptions(endpoints=(), picker="localhost:9002", mode="full-duplex"),
+        EnvoyOptions(endpoints=(), pickers=("localhost:9002",), mode="full-duplex"),
         # IPv6 everywhere, non-default limits
         EnvoyOptions(
             endpoints=("[fd00::1]:8000", "[fd00::2]:8000"),
             listen="[::]:18080",
             admin="[::1]:19901",
-            picker="[::1]:19002",
+            pickers=("[::1]:19002",),
             max_body_bytes=1024,
             fallback="least_request",
         ),
@@ -215,7 +223,7 @@ def test_hostname_endpoints_use_strict_dns() -> None:
     cfg = render(endpoints=("vllm-0.vllm.default.svc:8000", "10.0.0.2:8000"), fallback="round_robin")
     assert cluster(cfg, "pool")["type"] == "STRICT_DNS"
     assert cluster(cfg, "llmlb_picker")["type"] == "STATIC"
-    cfg = render(picker="llmlb:9002")
+    cfg = render(pickers=("llmlb:9002",))
     picker = cluster(cfg, "llmlb_picker")
     assert picker["type"] == "STRICT_DNS"
     sock = picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
@@ -265,7 +273,7 @@ def test_ext_proc_wiring(mode: str) -> None:
 
 
 def test_picker_cluster_speaks_http2_with_grpc_health_check() -> None:
-    picker = cluster(render(picker="127.0.0.1:19002"), "llmlb_picker")
+    picker = cluster(render(pickers=("127.0.0.1:19002",)), "llmlb_picker")
     assert picker["type"] == "STATIC"
     assert picker["connect_timeout"] == "1s"
     options = picker["typed_extension_protocol_options"][
@@ -290,9 +298,11 @@ def test_buffer_limit_equals_max_body_bytes(max_body: int) -> None:
     assert ext_proc(cfg)["grpc_service"]["envoy_grpc"]["max_receive_message_length"] > max_body
 
 
-def test_default_max_body_is_16_mib() -> None:
-    assert EnvoyOptions(endpoints=()).max_body_bytes == 16 * 1024 * 1024
-    assert listener(render())["per_connection_buffer_limit_bytes"] == 16 * 1024 * 1024
+def test_default_max_body_is_the_daemons_default() -> None:
+    # One owner: the daemon's max_body_bytes default (config.py), so both sides agree by default.
+    assert DEFAULT_MAX_BODY_BYTES == Config().max_body_bytes == 64 * 1024 * 1024
+    assert EnvoyOptions(endpoints=()).max_body_bytes == DEFAULT_MAX_BODY_BYTES
+    assert listener(render())["per_connection_buffer_limit_bytes"] == DEFAULT_MAX_BODY_BYTES
 
 
 @pytest.mark.parametrize("fallback", [None, "round_robin"])
@@ -320,7 +330,7 @@ def test_listener_admin_route_and_access_log() -> None:
 
 
 def test_ipv6_addresses_are_unbracketed_in_config() -> None:
-    cfg = render(listen="[::]:18080", picker="[::1]:19002")
+    cfg = render(listen="[::]:18080", pickers=("[::1]:19002",))
     assert listener(cfg)["address"]["socket_address"] == {"address": "::", "port_value": 18080}
     picker = cluster(cfg, "llmlb_picker")
     sock = picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
@@ -346,9 +356,9 @@ def test_full_duplex_fallback_output_warns_about_fail_open() -> None:
 
 
 def test_options_strip_whitespace_and_accept_lists() -> None:
-    opts = EnvoyOptions(endpoints=[" 10.0.0.1:8000", "10.0.0.2:8000 "], picker=" 127.0.0.1:9002")  # type: ignore[arg-type]
+    opts = EnvoyOptions(endpoints=[" 10.0.0.1:8000", "10.0.0.2:8000 "], pickers=[" 127.0.0.1:9002"])  # type: ignore[arg-type]
     assert opts.endpoints == ("10.0.0.1:8000", "10.0.0.2:8000")
-    assert opts.picker == "127.0.0.1:9002"
+    assert opts.pickers == ("127.0.0.1:9002",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,8 +418,8 @@ def test_parse_host_port_rejects(value: str, problem: str) -> None:
         ({"listen": "0.0.0.0:70000"}, "--listen", "out of range"),
         ({"admin": "127.0.0.1"}, "--admin", "port is required"),
         ({"admin": "envoy-admin:9901"}, "--admin", "must be an IP address"),
-        ({"picker": "127.0.0.1:abc"}, "--picker", "not a number"),
-        ({"picker": "::1:9002"}, "--picker", "brackets"),
+        ({"pickers": ("127.0.0.1:abc",)}, "--picker", "not a number"),
+        ({"pickers": ("::1:9002",)}, "--picker", "brackets"),
         ({"endpoints": ("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3")}, "endpoints[2]", "port is required"),
         ({"endpoints": ("10.0.0.1:8000", "bad host:1")}, "endpoints[1]", "hostname"),
         ({"endpoints": ("10.0.0.1:8000", "10.0.0.1:8000")}, "endpoints[1]", "duplicates endpoints[0]"),
@@ -423,6 +433,25 @@ def test_parse_host_port_rejects(value: str, problem: str) -> None:
         ({"max_body_bytes": "16M"}, "--max-body-bytes", "integer"),
         ({"mode": "streamed"}, "--mode", "not one of: buffered, full-duplex"),
         ({"fallback": "maglev"}, "--fallback", "not one of: round_robin"),
+        ({"pickers": ()}, "--picker", "at least one"),
+        ({"pickers": "127.0.0.1:9002"}, "pickers", "one string"),
+        ({"pickers": ("127.0.0.1:9002", "127.0.0.1:9002")}, "--picker", "given twice"),
+        ({"pickers": ("[::1]:9002", "[0::1]:9002")}, "--picker", "given twice"),
+        ({"pickers": ("llmlb:9002", "LLMLB.:9002")}, "--picker", "given twice"),
+        ({"route_prefixes": ()}, "--route-prefix", "at least one"),
+        ({"route_prefixes": ("v1/",)}, "--route-prefix", "must start with '/'"),
+        ({"route_prefixes": ("/v1 /",)}, "--route-prefix", "not a URL path"),
+        ({"route_prefixes": ("/v1/%2F",)}, "--route-prefix", "not a URL path"),
+        ({"route_prefixes": ("/v1?x",)}, "--route-prefix", "not a URL path"),
+        ({"route_prefixes": ("/v1/", "/v1/")}, "--route-prefix", "given twice"),
+        ({"picker_cert": "c.pem"}, "--picker-key", "required with --picker-cert"),
+        ({"picker_key": "k.pem"}, "--picker-cert", "required with --picker-key"),
+        ({"picker_cert": "c.pem", "picker_key": "k.pem"}, "--picker-ca", "required with --picker-cert"),
+        ({"picker_sni": "llmlb"}, "--picker-ca", "required with --picker-sni"),
+        ({"picker_ca": ""}, "--picker-ca", "file path"),
+        ({"picker_ca": "ca.pem", "picker_sni": "10.0.0.1"}, "--picker-sni", "DNS name"),
+        ({"picker_ca": "ca.pem", "picker_sni": "bad_name"}, "--picker-sni", "hostname"),
+        ({"picker_ca": "ca.pem", "pickers": ("10.0.0.1:9002", "llmlb:9002")}, "--picker-sni", "mixes"),
     ],
 )
 def test_bad_options_name_the_field(kwargs: dict[str, Any], field: str, problem: str) -> None:
@@ -438,3 +467,382 @@ def test_bad_options_name_the_field(kwargs: dict[str, Any], field: str, problem:
 def test_strict_mode_needs_no_endpoints() -> None:
     cfg = yaml.safe_load(render_envoy_config(EnvoyOptions(endpoints=())))
     assert cluster(cfg, "pool")["type"] == "ORIGINAL_DST"
+
+
+# --------------------------------------------------------------------------------------------
+# several pickers, routes, TLS to the picker, local replies
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Real PEM files: Envoy's validate mode reads the `filename` data sources."""
+    from tests.support.certs import CA
+
+    directory = tmp_path_factory.mktemp("tls")
+    ca = CA()
+    client_cert, client_key = ca.client().write(directory, "envoy")
+    return {"ca": str(ca.write(directory)), "cert": str(client_cert), "key": str(client_key)}
+
+
+def tls_options(files: dict[str, str], mtls: bool = True, **kwargs: Any) -> EnvoyOptions:
+    kwargs.setdefault("endpoints", ENDPOINTS)
+    if mtls:
+        kwargs.update(picker_cert=files["cert"], picker_key=files["key"])
+    return EnvoyOptions(picker_ca=files["ca"], **kwargs)
+
+
+def transport_tls(cfg: dict[str, Any]) -> Any:
+    socket = cluster(cfg, "llmlb_picker")["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    tls = socket["typed_config"]
+    assert tls["@type"].endswith("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext")
+    return tls
+
+
+PICKER_VARIANTS = {
+    "one": ("127.0.0.1:9002",),
+    "two-ips": ("127.0.0.1:9002", "127.0.0.2:9002"),
+    "three-names": ("llmlb-0.llmlb:9002", "llmlb-1.llmlb:9002", "llmlb-2.llmlb:9002"),
+    "ipv6": ("[::1]:9002", "[::1]:9003"),
+}
+
+
+@pytest.mark.parametrize("pickers", PICKER_VARIANTS.values(), ids=PICKER_VARIANTS.keys())
+@pytest.mark.parametrize(("mode", "fallback"), [("buffered", None), ("full-duplex", "round_robin")])
+@pytest.mark.parametrize("tls", ["plaintext", "tls", "mtls"])
+def test_envoy_validates_pickers_and_tls(  # noqa: PLR0917 - pytest parameters
+    envoy_binary: str,
+    tmp_path: Path,
+    tls_files: dict[str, str],
+    pickers: tuple[str, ...],
+    mode: str,
+    fallback: str | None,
+    tls: str,
+) -> None:
+    kwargs: dict[str, Any] = {"pickers": pickers, "mode": mode, "fallback": fallback}
+    opts = (
+        EnvoyOptions(endpoints=ENDPOINTS, **kwargs)
+        if tls == "plaintext"
+        else tls_options(tls_files, mtls=tls == "mtls", **kwargs)
+    )
+    envoy_validate(envoy_binary, render_envoy_config(opts), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "prefixes", [("/v1/",), ("/",), ("/v1/", "/v2/", "/openai/deployments/"), ("/v1/", "/")]
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_envoy_validates_route_prefixes(
+    envoy_binary: str, tmp_path: Path, prefixes: tuple[str, ...], mode: str
+) -> None:
+    opts = EnvoyOptions(endpoints=ENDPOINTS, route_prefixes=prefixes, mode=mode)  # type: ignore[arg-type]
+    envoy_validate(envoy_binary, render_envoy_config(opts), tmp_path)
+
+
+def test_envoy_validates_picker_sni(envoy_binary: str, tmp_path: Path, tls_files: dict[str, str]) -> None:
+    opts = tls_options(
+        tls_files, pickers=("10.0.0.5:9002", "llmlb.models:9002"), picker_sni="llmlb.models.svc"
+    )
+    envoy_validate(envoy_binary, render_envoy_config(opts), tmp_path)
+
+
+def test_default_routes_only_the_inference_api() -> None:
+    cfg = render()
+    first, rest = routes(cfg)
+    assert first["match"] == {"prefix": "/v1/"}
+    assert first["route"]["cluster"] == "pool"
+    # Everything else: 404 from Envoy itself, without the picker (no pick, no in-flight count).
+    assert rest["match"] == {"prefix": "/"}
+    assert rest["direct_response"] == {"status": 404}
+    assert "route" not in rest
+    per_filter = rest["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
+    assert per_filter["@type"].endswith("envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute")
+    assert per_filter["disabled"] is True
+    # /v1/../metrics cannot reach around the prefix.
+    assert hcm(cfg)["normalize_path"] is True
+    assert hcm(cfg)["merge_slashes"] is True
+
+
+def test_route_prefixes_replace_the_default() -> None:
+    cfg = render(route_prefixes=("/v1/", "/v2/"))
+    assert [r["match"]["prefix"] for r in routes(cfg)] == ["/v1/", "/v2/", "/"]
+    assert [("route" in r) for r in routes(cfg)] == [True, True, False]
+    (only,) = routes(render(route_prefixes=("/",)))
+    assert only["match"] == {"prefix": "/"}
+    assert only["route"]["cluster"] == "pool"
+    assert "typed_per_filter_config" not in only
+
+
+@pytest.mark.parametrize("fallback", [None, "ring_hash"])
+def test_every_routed_prefix_has_the_same_route(fallback: str | None) -> None:
+    cfg = render(route_prefixes=("/v1/", "/api/"), fallback=fallback)
+    first, second, _ = routes(cfg)
+    assert first["route"] == second["route"]
+
+
+def test_several_pickers_in_one_health_checked_cluster() -> None:
+    cfg = render(pickers=("127.0.0.1:9002", "127.0.0.1:9003", "10.0.0.9:9002"))
+    picker = cluster(cfg, "llmlb_picker")
+    (locality,) = picker["load_assignment"]["endpoints"]
+    addresses = [e["endpoint"]["address"]["socket_address"] for e in locality["lb_endpoints"]]
+    assert addresses == [
+        {"address": "127.0.0.1", "port_value": 9002},
+        {"address": "127.0.0.1", "port_value": 9003},
+        {"address": "10.0.0.9", "port_value": 9002},
+    ]
+    # A draining picker (NOT_SERVING, still serving for drain_grace = 5 s) is out within ~3 s.
+    (check,) = picker["health_checks"]
+    assert (check["interval"], check["timeout"], check["no_traffic_interval"]) == ("1s", "1s", "1s")
+    assert (check["unhealthy_threshold"], check["healthy_threshold"]) == (2, 1)
+    assert check["grpc_health_check"] == {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"}
+    # No panic mode with several: a known-bad picker never gets a stream.
+    assert picker["common_lb_config"] == {"healthy_panic_threshold": {"value": 0}}
+
+
+def test_single_picker_keeps_panic_mode() -> None:
+    # A lone picker that starts after Envoy is used at once (Envoy's panic mode routes to it).
+    picker = cluster(render(), "llmlb_picker")
+    assert "common_lb_config" not in picker
+    (check,) = picker["health_checks"]
+    assert check["interval"] == "1s"
+
+
+def test_picker_streams_are_retried_on_another_picker_only_before_any_answer() -> None:
+    policy = ext_proc(render(pickers=("127.0.0.1:9002", "127.0.0.1:9003")))["grpc_service"]["retry_policy"]
+    conditions = policy["retry_on"].split(",")
+    assert "connect-failure" in conditions
+    assert "reset" not in conditions  # a reset after the picker answered would pick twice
+    assert "5xx" not in conditions
+    (predicate,) = policy["retry_host_predicate"]
+    assert predicate["name"] == "envoy.retry_host_predicates.previous_hosts"
+    # Short back-off: all attempts fit well inside message_timeout (the default would be 1 s).
+    assert policy["retry_back_off"] == {"base_interval": "0.025s", "max_interval": "0.25s"}
+
+
+def test_mtls_transport_socket_to_ip_pickers(tls_files: dict[str, str]) -> None:
+    cfg = yaml.safe_load(
+        render_envoy_config(tls_options(tls_files, pickers=("127.0.0.1:9002", "127.0.0.2:9002")))
+    )
+    tls = transport_tls(cfg)
+    common = tls["common_tls_context"]
+    assert common["alpn_protocols"] == ["h2"]  # gRPC: HTTP/2 over TLS
+    assert common["tls_certificates"] == [
+        {"certificate_chain": {"filename": tls_files["cert"]}, "private_key": {"filename": tls_files["key"]}}
+    ]
+    validation = common["validation_context"]
+    assert validation["trusted_ca"] == {"filename": tls_files["ca"]}
+    # IP pickers: the certificate must carry one of their addresses (IP SAN); no SNI for an IP.
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": "IP_ADDRESS", "matcher": {"exact": "127.0.0.1"}},
+        {"san_type": "IP_ADDRESS", "matcher": {"exact": "127.0.0.2"}},
+    ]
+    assert "sni" not in tls
+    # Still HTTP/2 underneath.
+    options = cluster(cfg, "llmlb_picker")["typed_extension_protocol_options"]
+    assert (
+        "http2_protocol_options"
+        in options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+    )
+
+
+def test_tls_without_client_certificate(tls_files: dict[str, str]) -> None:
+    tls = transport_tls(yaml.safe_load(render_envoy_config(tls_options(tls_files, mtls=False))))
+    assert "tls_certificates" not in tls["common_tls_context"]
+    assert tls["common_tls_context"]["validation_context"]["trusted_ca"] == {"filename": tls_files["ca"]}
+
+
+def test_tls_name_checks(tls_files: dict[str, str]) -> None:
+    # One hostname: sent as SNI and required as a DNS SAN.
+    tls = transport_tls(
+        yaml.safe_load(render_envoy_config(tls_options(tls_files, pickers=("llmlb.models:9002",))))
+    )
+    assert tls["sni"] == "llmlb.models"
+    assert tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "llmlb.models"}}
+    ]
+    # --picker-sni wins.
+    opts = tls_options(tls_files, pickers=("127.0.0.1:9002",), picker_sni="picker.internal")
+    tls = transport_tls(yaml.safe_load(render_envoy_config(opts)))
+    assert tls["sni"] == "picker.internal"
+    assert tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "picker.internal"}}
+    ]
+    # Several names: each picker is asked for, and must present, its own name.
+    cfg = yaml.safe_load(
+        render_envoy_config(tls_options(tls_files, pickers=("llmlb-0.x:9002", "llmlb-1.x:9002")))
+    )
+    tls = transport_tls(cfg)
+    assert tls["auto_host_sni"] is True
+    assert tls["auto_sni_san_validation"] is True
+    assert "sni" not in tls
+    (locality,) = cluster(cfg, "llmlb_picker")["load_assignment"]["endpoints"]
+    assert [e["endpoint"]["hostname"] for e in locality["lb_endpoints"]] == ["llmlb-0.x", "llmlb-1.x"]
+
+
+def test_plaintext_picker_has_no_transport_socket() -> None:
+    assert "transport_socket" not in cluster(render(), "llmlb_picker")
+
+
+def mapper_for(cfg: dict[str, Any], status: int, details: str) -> Any:
+    """The first local-reply mapper that would match (statuses and the CEL prefix tests only)."""
+    for mapper in hcm(cfg)["local_reply_config"]["mappers"]:
+        if _matches(mapper["filter"], status, details):
+            return mapper
+    return None
+
+
+def _matches(f: dict[str, Any], status: int, details: str) -> bool:
+    if "and_filter" in f:
+        return all(_matches(x, status, details) for x in f["and_filter"]["filters"])
+    if "status_code_filter" in f:
+        comparison = f["status_code_filter"]["comparison"]
+        value = comparison["value"]["default_value"]
+        return {"EQ": status == value, "GE": status >= value, "LE": status <= value}[comparison["op"]]
+    expression = f["extension_filter"]["typed_config"]["expression"]
+    prefix = expression.removeprefix("response.code_details.startsWith('").removesuffix("')")
+    assert expression == f"response.code_details.startsWith('{prefix}')", expression
+    return details.startswith(prefix)
+
+
+def test_local_replies_are_openai_errors_but_the_pickers_own_are_kept() -> None:
+    cfg = render(max_body_bytes=4096)
+    config = hcm(cfg)["local_reply_config"]
+    assert "body_format" not in config  # a top-level format would rewrite every local reply
+    # The picker's ImmediateResponses (details llmlb_*) match first and are left as they are.
+    for status in (404, 413, 429, 500, 503):
+        keep = mapper_for(cfg, status, "llmlb_rate_limit_exceeded")
+        assert keep == config["mappers"][0]
+        assert set(keep) == {"filter"}
+    cases = {
+        (404, "direct_response"): ("invalid_request_error", "no route for"),
+        (413, "request_payload_too_large"): ("invalid_request_error", "at most 4096 bytes"),
+        (500, "ext_proc_error_gRPC_error_14{...}"): ("server_error", "picker is unavailable"),
+        (504, "ext_proc_error_per-message_timeout_exceeded"): ("server_error", "did not answer in time"),
+        (503, "no_healthy_upstream"): ("service_unavailable", "%LOCAL_REPLY_BODY%"),
+        (504, "upstream_response_timeout"): ("server_error", "%LOCAL_REPLY_BODY%"),
+        (502, "upstream_reset_after_response_started"): ("server_error", "%LOCAL_REPLY_BODY%"),
+        (400, "http1.codec_error"): ("invalid_request_error", "%LOCAL_REPLY_BODY%"),
+    }
+    for (status, details), (error_type, words) in cases.items():
+        mapper = mapper_for(cfg, status, details)
+        assert mapper is not None, (status, details)
+        body = mapper["body_format_override"]
+        assert body["content_type"] == "application/json"
+        error = body["json_format"]["error"]
+        assert error["type"] == error_type, (status, details)
+        assert words in error["message"], (status, details)
+        assert error["code"] == "%RESPONSE_CODE%"
+    assert mapper_for(cfg, 200, "direct_response") is None
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+
+
+def llmlb_envoy_config(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmlb", "envoy-config", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def cli_config(*args: str) -> dict[str, Any]:
+    result = llmlb_envoy_config(*args)
+    assert result.returncode == 0, result.stderr
+    parsed = yaml.safe_load(result.stdout)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def picker_addresses(cfg: dict[str, Any]) -> list[str]:
+    (locality,) = cluster(cfg, "llmlb_picker")["load_assignment"]["endpoints"]
+    return [
+        "{address}:{port_value}".format(**e["endpoint"]["address"]["socket_address"])
+        for e in locality["lb_endpoints"]
+    ]
+
+
+def test_cli_several_pickers_repeated_or_comma_separated() -> None:
+    cfg = cli_config("--picker", "127.0.0.1:9002", "--picker", "127.0.0.1:9003,127.0.0.1:9004")
+    assert picker_addresses(cfg) == ["127.0.0.1:9002", "127.0.0.1:9003", "127.0.0.1:9004"]
+    assert picker_addresses(cli_config()) == ["127.0.0.1:9002"]
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--picker", "127.0.0.1:9002", "--picker", "127.0.0.1:9002"], "--picker"),
+        (["--picker", "127.0.0.1:9002,127.0.0.1:9002"], "--picker"),
+        (["--picker", ","], "--picker"),
+        (["--route-prefix", "v1"], "--route-prefix"),
+        (["--picker-cert", "c.pem", "--picker-key", "k.pem"], "--picker-ca"),
+        (["--picker-ca", "ca.pem", "--picker-cert", "c.pem"], "--picker-key"),
+    ],
+)
+def test_cli_bad_picker_and_route_flags_exit_2(args: list[str], field: str) -> None:
+    result = llmlb_envoy_config(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith(f"llmlb: error: {field}: "), lines[0]
+
+
+def test_cli_route_prefixes_replace_the_default() -> None:
+    cfg = cli_config("--route-prefix", "/v1/", "--route-prefix", "/v2/")
+    assert [r["match"]["prefix"] for r in routes(cfg)] == ["/v1/", "/v2/", "/"]
+
+
+def test_cli_max_body_bytes_comes_from_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "llmlb.yaml"
+    path.write_text("max_body_bytes: 2097152\nendpoints: [10.0.0.1:8000]\n")
+    assert listener(cli_config("--config", str(path)))["per_connection_buffer_limit_bytes"] == 2097152
+    cfg = cli_config("--config", str(path), "--max-body-bytes", "4096")
+    assert listener(cfg)["per_connection_buffer_limit_bytes"] == 4096
+    assert listener(cli_config())["per_connection_buffer_limit_bytes"] == Config().max_body_bytes
+    result = llmlb_envoy_config("--max-body-bytes", "100")
+    assert result.returncode == 2
+    assert "--max-body-bytes" in result.stderr
+
+
+def test_cli_picker_tls_flags(tmp_path: Path, tls_files: dict[str, str]) -> None:
+    cfg = cli_config(
+        "--picker",
+        "127.0.0.1:9002",
+        "--picker-ca",
+        tls_files["ca"],
+        "--picker-cert",
+        tls_files["cert"],
+        "--picker-key",
+        tls_files["key"],
+    )
+    tls = transport_tls(cfg)
+    assert tls["common_tls_context"]["validation_context"]["trusted_ca"] == {"filename": tls_files["ca"]}
+
+
+def test_cli_a_tls_picker_config_needs_the_tls_flags(tmp_path: Path, tls_files: dict[str, str]) -> None:
+    path = tmp_path / "llmlb.yaml"
+    path.write_text(
+        yaml.safe_dump({"grpc_tls": {"cert": "/x/tls.crt", "key": "/x/tls.key", "client_ca": "/x/ca.crt"}})
+    )
+    result = llmlb_envoy_config("--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("llmlb: error: --picker-ca: ")
+    result = llmlb_envoy_config("--config", str(path), "--picker-ca", tls_files["ca"])
+    assert result.returncode == 2
+    assert result.stderr.startswith("llmlb: error: --picker-cert: ")
+    cfg = cli_config(
+        "--config",
+        str(path),
+        "--picker-ca",
+        tls_files["ca"],
+        "--picker-cert",
+        tls_files["cert"],
+        "--picker-key",
+        tls_files["key"],
+    )
+    assert "tls_certificates" in transport_tls(cfg)["common_tls_context"]

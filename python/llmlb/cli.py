@@ -63,12 +63,36 @@ def _build_parser() -> argparse.ArgumentParser:
     source.add_argument("--endpoints", metavar="A,B,...", help="comma-separated ip:port endpoints")
     envoy.add_argument("--listen", metavar="H:P", default="0.0.0.0:10000", help="Envoy's HTTP listener")
     envoy.add_argument("--admin", metavar="H:P", default="127.0.0.1:9901", help="Envoy's admin listener")
-    envoy.add_argument("--picker", metavar="H:P", help="the picker's ext_proc address (default from config)")
     envoy.add_argument(
-        "--max-body-bytes", metavar="N", type=int, help="largest request body (default 16 MiB)"
+        "--picker",
+        metavar="H:P",
+        action="append",
+        help="a picker's ext_proc address; repeat (or comma-separate) for several replicas "
+        "(default: the config's grpc_listen, else 127.0.0.1:9002)",
+    )
+    envoy.add_argument(
+        "--max-body-bytes",
+        metavar="N",
+        type=int,
+        help="largest request body (default: the config's max_body_bytes, else 64 MiB)",
     )
     envoy.add_argument("--mode", choices=("buffered", "full-duplex"), default="buffered")
     envoy.add_argument("--fallback", choices=("round_robin", "least_request", "random", "ring_hash"))
+    envoy.add_argument(
+        "--route-prefix",
+        metavar="PREFIX",
+        action="append",
+        help="path prefix routed to the model servers; repeat for several (default /v1/; / routes "
+        "everything); any other path gets 404 from Envoy",
+    )
+    envoy.add_argument("--picker-ca", metavar="FILE", help="TLS to the picker: CA of its certificate")
+    envoy.add_argument("--picker-cert", metavar="FILE", help="Envoy's client certificate (mTLS)")
+    envoy.add_argument("--picker-key", metavar="FILE", help="the key of --picker-cert")
+    envoy.add_argument(
+        "--picker-sni",
+        metavar="NAME",
+        help="server name sent to and required of the picker (default: the picker host when a name)",
+    )
     _add_sim_parser(sub)
     return parser
 
@@ -255,6 +279,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from llmlb.daemon import ConfigRefused, StartupError, WorkerRole, serve, serve_workers
 
     config = _serve_config(args)
+    _check_tls_files(config)
     try:
         if args.worker_index is not None:
             role = WorkerRole(args.worker_index, args.worker_state, args.worker_announce)
@@ -270,10 +295,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+def _check_tls_files(config: Config) -> None:
+    """grpc_tls files that are missing or not PEM stop here: exit 2, one line naming the field."""
+    if config.grpc_tls is not None:
+        from llmlb.tls import check_files
+
+        check_files(config.grpc_tls)
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     if config.endpoints_file:
         load_endpoints_file(config.endpoints_file)
+    _check_tls_files(config)
     sys.stdout.write(effective_yaml(config))
     return EXIT_OK
 
@@ -287,7 +321,7 @@ def _picker_address(grpc_listen: str) -> str:
 
 
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
-    from llmlb.envoy_config import DEFAULT_MAX_BODY_BYTES, EnvoyConfigError, EnvoyOptions, render_envoy_config
+    from llmlb.envoy_config import DEFAULT_ROUTE_PREFIXES, EnvoyConfigError, EnvoyOptions, render_envoy_config
 
     config = load_config(args.config) if args.config else with_overrides(Config(), endpoints=args.endpoints)
     endpoints = [ep.address for ep in config.endpoints]
@@ -299,15 +333,25 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--fallback", "needs endpoints (--endpoints or --config) to list in the Envoy cluster"
         )
+    pickers = [p for value in args.picker or () for p in value.split(",") if p.strip()]
+    if args.picker and not pickers:
+        raise ConfigError("--picker", "expected host:port, got an empty value")
+    _check_picker_tls_flags(args, config)
     try:
         options = EnvoyOptions(
             endpoints=tuple(endpoints),
             listen=args.listen,
             admin=args.admin,
-            picker=args.picker or _picker_address(config.grpc_listen),
-            max_body_bytes=args.max_body_bytes if args.max_body_bytes is not None else DEFAULT_MAX_BODY_BYTES,
+            pickers=tuple(pickers or [_picker_address(config.grpc_listen)]),
+            # One owner of the default: the daemon's max_body_bytes (config file or its default).
+            max_body_bytes=args.max_body_bytes if args.max_body_bytes is not None else config.max_body_bytes,
             mode=args.mode,
             fallback=args.fallback,
+            route_prefixes=tuple(args.route_prefix or DEFAULT_ROUTE_PREFIXES),
+            picker_ca=args.picker_ca,
+            picker_cert=args.picker_cert,
+            picker_key=args.picker_key,
+            picker_sni=args.picker_sni,
         )
         rendered = render_envoy_config(options)
     except EnvoyConfigError as e:
@@ -320,6 +364,25 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
         )
     sys.stdout.write(rendered)
     return EXIT_OK
+
+
+def _check_picker_tls_flags(args: argparse.Namespace, config: Config) -> None:
+    """A config whose picker speaks TLS (or demands client certificates) needs the matching flags:
+    otherwise the generated Envoy could never reach it."""
+    tls = config.grpc_tls
+    if tls is None:
+        return
+    if args.picker_ca is None:
+        raise ConfigError(
+            "--picker-ca",
+            "the config sets grpc_tls: give the CA that signed grpc_tls.cert (Envoy must verify it)",
+        )
+    if tls.client_ca is not None and args.picker_cert is None:
+        raise ConfigError(
+            "--picker-cert",
+            "the config sets grpc_tls.client_ca: give Envoy's client certificate and key "
+            "(--picker-cert, --picker-key) signed by that CA",
+        )
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:

@@ -47,6 +47,8 @@ DEFAULT_REQUEST_TIMEOUT_S = 300
 # of a huge table, a sleep longer than the event loop accepts, a Redis TTL that overflows).
 INT_BOUNDS: dict[str, tuple[int, int]] = {
     "max_body_bytes": (1024, 2**30),
+    "grpc_max_streams_per_connection": (1, 1_000_000),
+    "grpc_max_streams": (1, 1_000_000),
     "health_check_interval": (0, 3_600_000),
     "health_check_timeout": (1, 60_000),
     "passive_probe_after": (0, 3_600_000),
@@ -79,6 +81,8 @@ FLOAT_BOUNDS: dict[str, tuple[float, float]] = {
 }
 # Longest accepted string value (model names, paths, hosts): far beyond any real one.
 MAX_STRING = 4096
+#: Default ``max_body_bytes`` (64 MiB); ``llmlb envoy-config`` uses it too (one owner).
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -131,8 +135,22 @@ class LbConfig:
 
 
 @dataclass(frozen=True)
+class GrpcTls:
+    """``grpc_tls``: ext_proc over TLS; with ``client_ca``, clients must present a certificate."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     grpc_listen: str = "0.0.0.0:9002"
+    grpc_tls: GrpcTls | None = None
+    # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS of every gRPC connection, and open ext_proc streams
+    # across all connections (beyond it a new stream gets RESOURCE_EXHAUSTED).
+    grpc_max_streams_per_connection: int = 1000
+    grpc_max_streams: int = 10_000
     admin_listen: str = "127.0.0.1:9090"
     pool: str = "default"
     endpoints: tuple[Endpoint, ...] = ()
@@ -141,7 +159,7 @@ class Config:
     lb_policy: str = "prefix_cache"
     lb_config: LbConfig = field(default_factory=LbConfig)
     log_level: str = "info"
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     health_check_interval: int = 5000
     health_check_timeout: int = 1000
     health_check_path: str = "/health"
@@ -418,6 +436,31 @@ def _url_path(value: Any, name: str) -> str:
     return path
 
 
+# --- grpc_tls ----------------------------------------------------------------------------------
+
+_GRPC_TLS_KEYS = ("cert", "key", "client_ca")
+
+
+def parse_grpc_tls(raw: Any) -> GrpcTls | None:
+    """Paths only: whether the files hold usable PEM is checked when serving (``llmlb.tls``)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("grpc_tls", "must be a mapping with cert, key and optionally client_ca")
+    for key in raw:
+        if key not in _GRPC_TLS_KEYS:
+            raise ConfigError(f"grpc_tls.{key}", f"unknown key (allowed: {', '.join(_GRPC_TLS_KEYS)})")
+    for key in ("cert", "key"):
+        if raw.get(key) is None:
+            raise ConfigError(f"grpc_tls.{key}", "is required (a PEM file path)")
+    client_ca = raw.get("client_ca")
+    return GrpcTls(
+        cert=_str(raw["cert"], "grpc_tls.cert"),
+        key=_str(raw["key"], "grpc_tls.key"),
+        client_ca=None if client_ca is None else _str(client_ca, "grpc_tls.client_ca"),
+    )
+
+
 # --- the whole file ---------------------------------------------------------------------------
 
 _TOP_FIELDS = {f.name for f in dataclasses.fields(Config)} - {"ignored_fields"}
@@ -450,6 +493,7 @@ def parse_config(raw: Any) -> Config:
         if key in raw:
             parse_listen(raw[key], key)
             values[key] = raw[key]
+    values["grpc_tls"] = parse_grpc_tls(raw.get("grpc_tls"))
     if "pool" in raw:
         pool = _str(raw["pool"], "pool")
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", pool):
@@ -480,6 +524,17 @@ def load_config(path: str) -> Config:
         # Relative endpoint files are relative to the config file, not the working directory.
         resolved = Path(path).parent / config.endpoints_file
         config = dataclasses.replace(config, endpoints_file=str(resolved))
+    if config.grpc_tls is not None:
+        tls = config.grpc_tls
+        here = Path(path).parent
+        config = dataclasses.replace(
+            config,
+            grpc_tls=GrpcTls(
+                cert=str(here / tls.cert),
+                key=str(here / tls.key),
+                client_ca=None if tls.client_ca is None else str(here / tls.client_ca),
+            ),
+        )
     return config
 
 
@@ -528,6 +583,9 @@ def effective_dict(config: Config) -> dict[str, Any]:
         lb["criticalModels"] = list(lb["criticalModels"])
     return {
         "grpc_listen": config.grpc_listen,
+        "grpc_tls": None if config.grpc_tls is None else dataclasses.asdict(config.grpc_tls),
+        "grpc_max_streams_per_connection": config.grpc_max_streams_per_connection,
+        "grpc_max_streams": config.grpc_max_streams,
         "admin_listen": config.admin_listen,
         "pool": config.pool,
         "endpoints": [

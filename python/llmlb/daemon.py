@@ -21,12 +21,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmlb._core import Balancer
 from llmlb.admin import build_app
-from llmlb.config import Config, parse_listen
+from llmlb.config import Config, ConfigError, parse_listen
 from llmlb.endpoints import EndpointManager
 from llmlb.extproc import ExtProcService
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker
 from llmlb.shared import SharedPicker, SharedState
+from llmlb.tls import TlsReloader, warn_if_exposed
 
 if TYPE_CHECKING:
     from llmlb.scraper import MetricsScraper
@@ -153,10 +154,11 @@ class Daemon:
             )
         else:
             picker = Picker(self.balancer, self.metrics, self.endpoints.report_upstream_failure)
-        self.service = ExtProcService(picker, self.metrics)
+        self.service = ExtProcService(picker, self.metrics, config.grpc_max_streams)
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.admin_port = 0
+        self._tls_reloader: TlsReloader | None = None
         self._remove_state_on_exit = False
         self._stop = asyncio.Event()
         # A second SIGTERM/SIGINT during a drain: stop waiting and exit now.
@@ -184,19 +186,36 @@ class Daemon:
                 # A second daemon on the same port must fail, not silently share the traffic;
                 # the workers of one `--workers N` share it on purpose.
                 ("grpc.so_reuseport", 1 if self.role else 0),
+                # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a peer holds further streams back.
+                ("grpc.max_concurrent_streams", self.config.grpc_max_streams_per_connection),
             ]
         )
         if self.role is None:
             check_bindable(self.config.grpc_listen, "grpc_listen")
         pb_grpc.add_ExternalProcessorServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        tls = self.config.grpc_tls
+        reloader: TlsReloader | None = None
         try:
-            port = server.add_insecure_port(self.config.grpc_listen)
+            if tls is None:
+                port = server.add_insecure_port(self.config.grpc_listen)
+            else:
+                try:
+                    reloader = TlsReloader(tls, self.metrics)
+                except ConfigError as e:
+                    raise ConfigRefused(str(e)) from None
+                port = server.add_secure_port(self.config.grpc_listen, reloader.credentials())
         except RuntimeError as e:
             raise StartupError(f"grpc_listen: cannot listen on {self.config.grpc_listen}: {e}") from None
         if port == 0:
             raise StartupError(f"grpc_listen: cannot listen on {self.config.grpc_listen}")
+        if self.role is None or self.role.index == 0:
+            warn_if_exposed(self.config)
         await server.start()
+        if reloader is not None:
+            # Runs until the event loop ends (asyncio cancels it then).
+            reloader.start()
+            self._tls_reloader = reloader
         for service in ("", EXT_PROC_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return server

@@ -25,8 +25,12 @@ from typing import Any, Final, Literal, get_args
 
 import yaml
 
+from llmlb.config import DEFAULT_MAX_BODY_BYTES
+
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_PICKER",
+    "DEFAULT_ROUTE_PREFIXES",
     "DESTINATION_HEADER",
     "FALLBACK_POLICIES",
     "MODES",
@@ -44,8 +48,8 @@ Fallback = Literal["round_robin", "least_request", "random", "ring_hash"]
 MODES: Final[tuple[str, ...]] = get_args(Mode)
 FALLBACK_POLICIES: Final[tuple[str, ...]] = get_args(Fallback)
 
-#: Default ``--max-body-bytes``: 16 MiB, twice the 8 MiB bodies the contract promises to handle.
-DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+# Default ``--max-body-bytes``: the daemon's own ``max_body_bytes`` default (one owner, config.py),
+# so a generated Envoy and a default picker agree on the largest body.
 #: Smallest accepted ``--max-body-bytes``; below this ordinary chat requests would get 413.
 MIN_MAX_BODY_BYTES: Final = 1024
 #: Largest accepted ``--max-body-bytes``. A buffered body travels to the picker as ONE gRPC message
@@ -55,6 +59,13 @@ MAX_MAX_BODY_BYTES: Final = 1024 * 1024 * 1024
 DESTINATION_HEADER: Final = "x-gateway-destination-endpoint"
 METADATA_NAMESPACE: Final = "envoy.lb"
 PICKER_CLUSTER: Final = "llmlb_picker"
+#: The route answering 404 for paths outside ``route_prefixes``.
+NOT_FOUND_ROUTE: Final = "llmlb_not_found"
+#: Default ``--picker``: a picker on this host (``grpc_listen`` of ``llmlb serve`` defaults to 0.0.0.0:9002).
+DEFAULT_PICKER: Final = "127.0.0.1:9002"
+#: Default ``--route-prefix``: only the OpenAI-style inference API (every path a model server
+#: serves under /v1/, /v1/models included); anything else gets 404 from Envoy itself.
+DEFAULT_ROUTE_PREFIXES: Final[tuple[str, ...]] = ("/v1/",)
 POOL_CLUSTER: Final = "pool"
 EXT_PROC_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
 #: Header hashed by the ``ring_hash`` fallback (client IP when absent).
@@ -89,7 +100,7 @@ class EnvoyOptions:
     """What ``llmlb envoy-config`` turns into an Envoy bootstrap. Validated on construction.
 
     Addresses are ``host:port``; IPv6 literals go in brackets (``[::1]:9002``). ``listen`` and
-    ``admin`` must be IP literals (Envoy binds them); ``picker`` and ``endpoints`` may be hostnames
+    ``admin`` must be IP literals (Envoy binds them); ``pickers`` and ``endpoints`` may be hostnames
     (Envoy then resolves them with a STRICT_DNS cluster).
     """
 
@@ -100,23 +111,38 @@ class EnvoyOptions:
     listen: str = "0.0.0.0:10000"
     #: Envoy's admin interface (``/ready``, ``/stats``, ``/clusters``); keep it on loopback.
     admin: str = "127.0.0.1:9901"
-    #: llmlb's gRPC ext_proc address (``grpc_listen`` of ``llmlb serve``).
-    picker: str = "127.0.0.1:9002"
+    #: llmlb's gRPC ext_proc addresses (``grpc_listen`` of each ``llmlb serve`` replica), all in
+    #: one gRPC-health-checked cluster.
+    pickers: tuple[str, ...] = (DEFAULT_PICKER,)
     #: Largest request body Envoy accepts; BUFFERED mode answers 413 above it.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: How request bodies reach the picker: ``buffered`` (recommended) or ``full-duplex`` (GIE mode).
     mode: Mode = "buffered"
     #: None = strict routing; otherwise the Envoy policy used when there is no (usable) pick.
     fallback: Fallback | None = None
+    #: Path prefixes routed to the pool (through the picker); any other path gets 404 from Envoy.
+    route_prefixes: tuple[str, ...] = DEFAULT_ROUTE_PREFIXES
+    #: TLS to the picker: the CA that signed the picker's certificate (None = plaintext h2c).
+    picker_ca: str | None = None
+    #: Envoy's client certificate and key for the picker (mTLS, when it sets grpc_tls.client_ca).
+    picker_cert: str | None = None
+    picker_key: str | None = None
+    #: Server name sent (SNI) and required in the picker's certificate; see _picker_tls.
+    picker_sni: str | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence at runtime (e.g. a list from a config file) but store a tuple so the
         # frozen options stay hashable.
-        if isinstance(self.endpoints, str):
-            raise EnvoyConfigError("endpoints", "expected a list of host:port strings, got one string")
-        # Surrounding whitespace (e.g. from splitting "a:1, b:2") is harmless: drop it once here.
-        object.__setattr__(self, "endpoints", tuple(_strip(e) for e in self.endpoints))
-        for name in ("listen", "admin", "picker"):
+        for name, what in (
+            ("endpoints", "host:port strings"),
+            ("pickers", "host:port strings"),
+            ("route_prefixes", "path prefixes"),
+        ):
+            if isinstance(getattr(self, name), str):
+                raise EnvoyConfigError(name, f"expected a list of {what}, got one string")
+            # Surrounding whitespace (e.g. from splitting "a:1, b:2") is harmless: drop it once here.
+            object.__setattr__(self, name, tuple(_strip(e) for e in getattr(self, name)))
+        for name in ("listen", "admin", "picker_ca", "picker_cert", "picker_key", "picker_sni"):
             object.__setattr__(self, name, _strip(getattr(self, name)))
         _validate(self)
 
@@ -195,7 +221,10 @@ def render_envoy_config(opts: EnvoyOptions) -> str:
     routing = "strict (ORIGINAL_DST)" if opts.fallback is None else f"override_host, fallback {opts.fallback}"
     header = [
         "# Envoy 1.40 bootstrap generated by `llmlb envoy-config`.",
-        f"# mode: {opts.mode}; routing: {routing}; picker: {opts.picker}",
+        f"# mode: {opts.mode}; routing: {routing}; picker: {', '.join(opts.pickers)}"
+        + (" (TLS)" if opts.picker_ca else " (plaintext h2c)"),
+        f"# routed paths: {', '.join(opts.route_prefixes)}"
+        + ("" if "/" in opts.route_prefixes else " (any other path: 404 from Envoy)"),
         f"# max body: {opts.max_body_bytes} bytes (413 above it in buffered mode)",
         "# Run: envoy -c envoy.yaml --disable-hot-restart --file-flush-interval-msec 100",
     ]
@@ -230,7 +259,8 @@ def _validate(opts: EnvoyOptions) -> None:
         if not _is_ip(host):
             # Envoy binds listeners and admin to IP literals only; it never resolves these.
             raise EnvoyConfigError(field, f"{value!r}: must be an IP address (e.g. 0.0.0.0 or 127.0.0.1)")
-    parse_host_port(opts.picker, "--picker")
+    _validate_pickers(opts)
+    _validate_route_prefixes(opts.route_prefixes)
     seen: dict[tuple[str, int], int] = {}
     for index, endpoint in enumerate(opts.endpoints):
         field = f"endpoints[{index}]"
@@ -257,6 +287,72 @@ def _validate(opts: EnvoyOptions) -> None:
             raise EnvoyConfigError(
                 "endpoints", "--fallback needs the endpoint list (--endpoints or the config file)"
             )
+
+
+def _validate_pickers(opts: EnvoyOptions) -> None:
+    if not opts.pickers:
+        raise EnvoyConfigError("--picker", "at least one picker address is needed")
+    seen: dict[tuple[str, int], str] = {}
+    for picker in opts.pickers:
+        host, port = parse_host_port(picker, "--picker")
+        key = (_normalise_host(host), port)
+        if key in seen:
+            raise EnvoyConfigError("--picker", f"{picker!r} is given twice (as {seen[key]!r} before)")
+        seen[key] = picker
+    for name in ("picker_ca", "picker_cert", "picker_key"):
+        value = getattr(opts, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise EnvoyConfigError(_flag(name), f"expected a file path, got {value!r}")
+    if (opts.picker_cert is None) != (opts.picker_key is None):
+        given, missing = (
+            ("picker_cert", "picker_key") if opts.picker_key is None else ("picker_key", "picker_cert")
+        )
+        raise EnvoyConfigError(_flag(missing), f"is required with {_flag(given)} (a certificate and its key)")
+    if opts.picker_ca is None:
+        for name in ("picker_cert", "picker_sni"):
+            if getattr(opts, name) is not None:
+                # Without a CA Envoy would accept any certificate: TLS that anyone can impersonate.
+                raise EnvoyConfigError(
+                    "--picker-ca",
+                    f"is required with {_flag(name)} (the CA that signed the picker's certificate)",
+                )
+        return
+    if opts.picker_sni is not None:
+        sni = opts.picker_sni
+        if not isinstance(sni, str) or not sni or _is_ip(sni):
+            raise EnvoyConfigError("--picker-sni", f"expected a DNS name, got {sni!r}")
+        _check_hostname(sni, sni, "--picker-sni")
+        return
+    hosts = [parse_host_port(p, "--picker")[0] for p in opts.pickers]
+    if any(_is_ip(h) for h in hosts) and not all(_is_ip(h) for h in hosts):
+        raise EnvoyConfigError(
+            "--picker-sni",
+            "is required when --picker mixes IP addresses and hostnames with --picker-ca "
+            "(the name the pickers' certificates must carry)",
+        )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_PREFIX_CHARS = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")
+
+
+def _validate_route_prefixes(prefixes: tuple[str, ...]) -> None:
+    if not prefixes:
+        raise EnvoyConfigError("--route-prefix", "at least one path prefix is needed (/ routes every path)")
+    seen = set()
+    for prefix in prefixes:
+        if not isinstance(prefix, str) or not prefix.startswith("/"):
+            raise EnvoyConfigError("--route-prefix", f"{prefix!r}: must start with '/'")
+        if not _PREFIX_CHARS.match(prefix) or "?" in prefix or "#" in prefix:
+            raise EnvoyConfigError(
+                "--route-prefix", f"{prefix!r}: not a URL path prefix (no spaces, '%', '?' or '#')"
+            )
+        if prefix in seen:
+            raise EnvoyConfigError("--route-prefix", f"{prefix!r} is given twice")
+        seen.add(prefix)
 
 
 def _strip(value: Any) -> Any:
@@ -392,17 +488,128 @@ def _route(opts: EnvoyOptions) -> Json:
             {"header": {"header_name": SESSION_HEADER}, "terminal": True},
             {"connection_properties": {"source_ip": True}},
         ]
+    # Every routed prefix goes to `pool`: the route is chosen before ext_proc runs and the pick is
+    # read later, at host selection, so no route-cache clearing is needed.
+    routes: list[Json] = [{"match": {"prefix": prefix}, "route": route} for prefix in opts.route_prefixes]
+    if "/" not in opts.route_prefixes:
+        # Anything else (the model servers' /metrics, admin or debug paths) ends here with 404,
+        # its body written by local_reply_config. A request that matches no route at all would
+        # still go through ext_proc (Envoy 1.40 runs the filter chain for it: a pick and an
+        # in-flight count for a request that never goes anywhere), hence this explicit route with
+        # ext_proc switched off.
+        routes.append(
+            {
+                "name": NOT_FOUND_ROUTE,
+                "match": {"prefix": "/"},
+                "direct_response": {"status": 404},
+                "typed_per_filter_config": {
+                    "envoy.filters.http.ext_proc": _typed(
+                        "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", disabled=True
+                    )
+                },
+            }
+        )
     return {
         "name": "llmlb_routes",
-        "virtual_hosts": [
-            {
-                "name": "all",
-                "domains": ["*"],
-                # One catch-all route: the route (cluster pool) is chosen before ext_proc runs and
-                # the pick is read later, at host selection, so no route-cache clearing is needed.
-                "routes": [{"match": {"prefix": "/"}, "route": route}],
+        "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
+    }
+
+
+def _status_is(op: str, code: int) -> Json:
+    # runtime_key is required by the proto; nothing sets it, so default_value is what counts.
+    return {
+        "status_code_filter": {
+            "comparison": {
+                "op": op,
+                "value": {"default_value": code, "runtime_key": f"llmlb.local_reply.{op.lower()}_{code}"},
             }
-        ],
+        }
+    }
+
+
+def _details_match(expression: str) -> Json:
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": _typed(
+                "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter", expression=expression
+            ),
+        }
+    }
+
+
+def _openai_error(message: str, error_type: str) -> Json:
+    # `code` is a lone command operator, so Envoy's JSON formatter keeps it a number.
+    return {
+        "json_format": {"error": {"message": message, "type": error_type, "code": "%RESPONSE_CODE%"}},
+        "content_type": "application/json",
+    }
+
+
+def _local_reply_config(opts: EnvoyOptions) -> Json:
+    """Envoy's own error replies in the OpenAI error shape; the picker's own replies untouched.
+
+    Mappers are tried in order and the first match wins. Envoy 1.40 runs ext_proc
+    ImmediateResponses (llmlb's 429/503 with their JSON body) through local_reply_config too, with
+    no response flag set, exactly like its own 413 or the 500 of a failed ext_proc stream: only the
+    response code details tell them apart (llmlb's are ``llmlb_<type>``; Envoy's are e.g.
+    ``request_payload_too_large``, ``ext_proc_error_gRPC_error_14{...}``, ``direct_response``). So
+    the first mapper matches the picker's replies and changes nothing.
+    """
+    return {
+        "mappers": [
+            {"filter": _details_match("response.code_details.startsWith('llmlb_')")},
+            {
+                "filter": _status_is("EQ", 404),
+                "body_format_override": _openai_error(
+                    "no route for %REQ(:METHOD)% %REQ(:PATH):200% (this gateway serves "
+                    + ", ".join(opts.route_prefixes)
+                    + ")",
+                    "invalid_request_error",
+                ),
+            },
+            {
+                "filter": _status_is("EQ", 413),
+                "body_format_override": _openai_error(
+                    f"request body too large: this gateway accepts at most {opts.max_body_bytes} bytes",
+                    "invalid_request_error",
+                ),
+            },
+            {
+                # ext_proc failures have an empty body: say what failed, not Envoy's details (the
+                # access log has those).
+                "filter": {
+                    "and_filter": {
+                        "filters": [
+                            _status_is("EQ", 504),
+                            _details_match("response.code_details.startsWith('ext_proc_error')"),
+                        ]
+                    }
+                },
+                "body_format_override": _openai_error(
+                    "llmlb gateway: the endpoint picker did not answer in time", "server_error"
+                ),
+            },
+            {
+                "filter": _details_match("response.code_details.startsWith('ext_proc_error')"),
+                "body_format_override": _openai_error(
+                    "llmlb gateway: the endpoint picker is unavailable", "server_error"
+                ),
+            },
+            {
+                # no healthy upstream, upstream connect error, ...: Envoy's own text says which.
+                "filter": _status_is("EQ", 503),
+                "body_format_override": _openai_error("%LOCAL_REPLY_BODY%", "service_unavailable"),
+            },
+            {
+                "filter": _status_is("GE", 500),
+                "body_format_override": _openai_error("%LOCAL_REPLY_BODY%", "server_error"),
+            },
+            {
+                "filter": _status_is("GE", 400),
+                "body_format_override": _openai_error("%LOCAL_REPLY_BODY%", "invalid_request_error"),
+            },
+        ]
     }
 
 
@@ -433,7 +640,12 @@ def _http_connection_manager(opts: EnvoyOptions) -> Json:
                 ),
             }
         ],
+        # Routing decisions (and the backends) see one canonical path: /v1/../metrics or
+        # /v1//x cannot reach around the route prefixes.
+        normalize_path=True,
+        merge_slashes=True,
         route_config=_route(opts),
+        local_reply_config=_local_reply_config(opts),
         http_filters=[
             {
                 "name": "envoy.filters.http.ext_proc",
@@ -493,6 +705,7 @@ def _ext_proc_filter(opts: EnvoyOptions) -> Json:
             },
             # No grpc_service.timeout: the stream lives as long as the HTTP request; per-message
             # latency is bounded by message_timeout instead.
+            "retry_policy": _picker_retry_policy(),
         },
         # Strict: no pick means no request (500/504 from Envoy). Fallback: continue unpicked, and
         # override_host's fallback policy chooses the endpoint.
@@ -505,6 +718,30 @@ def _ext_proc_filter(opts: EnvoyOptions) -> Json:
         # and metadata-based routing finds no host.
         metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
     )
+
+
+def _picker_retry_policy() -> Json:
+    # A stream that a picker refused before it saw anything (connection refused or reset by a
+    # picker that is stopping, the stream refused, UNAVAILABLE, or RESOURCE_EXHAUSTED from a full
+    # picker) is opened again on another picker. Measured with Envoy 1.40 and two pickers, one
+    # stopped under load: 31 of 235 requests failed with 500 before its health check failed, none
+    # with this. Never on a reset once a picker has answered: that stream's pick is made.
+    return {
+        "retry_on": "connect-failure,refused-stream,unavailable,resource-exhausted",
+        "num_retries": 2,
+        # This RetryPolicy's default back-off starts at 1 s (not the 25 ms of route retries):
+        # measured, a lone dead picker then turned the 500 into a 504 at message_timeout (2 s).
+        "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": _typed(
+                    "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                ),
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+    }
 
 
 def _circuit_breakers(limit: int) -> Json:
@@ -591,13 +828,20 @@ PICKER_STREAMS_PER_CONNECTION = 500
 
 
 def _picker_cluster(opts: EnvoyOptions) -> Json:
-    addresses = [opts.picker]
-    return {
+    addresses = list(opts.pickers)
+    tls = _picker_tls(opts)
+    load_assignment = _load_assignment(PICKER_CLUSTER, addresses, "--picker")
+    if tls is not None and tls.get("auto_host_sni"):
+        # Each picker is asked for (and must present) a certificate for its own name.
+        for lb_endpoint in load_assignment["endpoints"][0]["lb_endpoints"]:
+            endpoint = lb_endpoint["endpoint"]
+            endpoint["hostname"] = endpoint["address"]["socket_address"]["address"]
+    cluster: Json = {
         "name": PICKER_CLUSTER,
         **_discovery(addresses, "--picker"),
         # The picker is local or near: fail fast so fail-open (or the 500) happens quickly.
         "connect_timeout": "1s",
-        # gRPC needs HTTP/2 (plaintext h2c) to the picker. Capping streams per connection and
+        # gRPC needs HTTP/2 to the picker (h2c, or h2 over TLS). Capping streams per connection and
         # recycling connections makes Envoy hold several, renewed now and then, so the kernel
         # spreads them over the processes of `llmlb serve --workers N` (SO_REUSEPORT places
         # connections, not streams).
@@ -610,22 +854,74 @@ def _picker_cluster(opts: EnvoyOptions) -> Json:
                 },
             )
         },
-        "load_assignment": _load_assignment(PICKER_CLUSTER, addresses, "--picker"),
+        "load_assignment": load_assignment,
         # Every in-flight HTTP request holds one ext_proc stream for its whole life.
         "circuit_breakers": _circuit_breakers(100000),
-        # Steers away from dead picker replicas when the name resolves to several. With a single
-        # host, an unhealthy picker still gets traffic (Envoy's panic mode, default threshold 50%),
-        # so a picker that comes up after Envoy is used at once, not only after the next check.
+        # The gRPC health check steers new streams away from a picker that is down or draining.
+        # A draining llmlb turns its health NOT_SERVING at SIGTERM and keeps serving new streams
+        # for drain_grace (5 s by default), so detection must come well inside that: checked every
+        # second, out after 2 failures (within ~2-3 s), back after 1 success.
         "health_checks": [
             {
                 "timeout": "1s",
-                "interval": "5s",
-                # Envoy's default no-traffic interval is 60s, which would delay noticing a
-                # picker that started after Envoy.
-                "no_traffic_interval": "5s",
+                "interval": "1s",
+                # Envoy's default no-traffic interval is 60s, which would delay noticing a picker
+                # that started after Envoy (or came back).
+                "no_traffic_interval": "1s",
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
                 "grpc_health_check": {"service_name": EXT_PROC_SERVICE},
             }
         ],
     }
+    if len(addresses) > 1:
+        # Several pickers: never send a stream to one known to be down or draining (Envoy's panic
+        # mode would, once half of them are unhealthy). With a single picker the default panic
+        # threshold stays: an unhealthy lone picker still gets traffic, so a picker that starts
+        # after Envoy is used at once, not only after its first passed check.
+        cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    if tls is not None:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": _typed("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", **tls),
+        }
+    return cluster
+
+
+def _picker_tls(opts: EnvoyOptions) -> Json | None:
+    """The UpstreamTlsContext fields for the picker cluster, or None for plaintext h2c.
+
+    The picker's certificate must chain to ``picker_ca`` and name what Envoy dialled: the
+    ``picker_sni`` DNS name when given; else each picker's own hostname (sent as SNI); else, for IP
+    pickers, one of their IP addresses (an IP SAN). Files are Envoy ``filename`` data sources, read
+    when Envoy starts.
+    """
+    if opts.picker_ca is None:
+        return None
+    validation: Json = {"trusted_ca": {"filename": opts.picker_ca}}
+    # gRPC is HTTP/2: without ALPN h2 a gRPC server refuses the connection.
+    common: Json = {"alpn_protocols": ["h2"]}
+    if opts.picker_cert is not None and opts.picker_key is not None:
+        common["tls_certificates"] = [
+            {
+                "certificate_chain": {"filename": opts.picker_cert},
+                "private_key": {"filename": opts.picker_key},
+            }
+        ]
+    common["validation_context"] = validation
+    tls: Json = {"common_tls_context": common}
+    hosts = [parse_host_port(p, "--picker")[0] for p in opts.pickers]
+    names = sorted({_normalise_host(h) for h in hosts})
+    if opts.picker_sni is None and all(not _is_ip(h) for h in hosts) and len(names) > 1:
+        tls["auto_host_sni"] = True
+        tls["auto_sni_san_validation"] = True
+        return tls
+    sni = opts.picker_sni or (names[0] if not _is_ip(hosts[0]) else None)
+    if sni is not None:
+        tls["sni"] = sni
+        validation["match_typed_subject_alt_names"] = [{"san_type": "DNS", "matcher": {"exact": sni}}]
+    else:
+        validation["match_typed_subject_alt_names"] = [
+            {"san_type": "IP_ADDRESS", "matcher": {"exact": ip}} for ip in names
+        ]
+    return tls

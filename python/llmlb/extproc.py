@@ -353,12 +353,14 @@ class _Stream:
 
 
 class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, picker: Picker, metrics: Metrics) -> None:
+    def __init__(self, picker: Picker, metrics: Metrics, max_streams: int) -> None:
         self.picker = picker
         self.metrics = metrics
         self.responses = _PickResponses()
         self.watch = HeaderWatch()
         self.open_streams = 0
+        # Open streams across all connections beyond which a new one is refused (grpc_max_streams).
+        self.max_streams = max_streams
         self.draining = False
         # Streams past their response headers that only wait for the request to end.
         self._waiting_for_end: set[_Stream] = set()
@@ -385,6 +387,16 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         self.metrics.streams.inc()
+        if self.open_streams >= self.max_streams:
+            # Refused before reading a message: nothing picked, no in-flight count touched. Checked
+            # here rather than with grpc.aio's maximum_concurrent_rpcs, which counts every RPC
+            # (gRPC health checks and watches too, so a full picker would fail Envoy's health
+            # checks for the wrong reason) and refuses before llmlb could count the refusal.
+            self.metrics.stream_errors.inc(("over_capacity",))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"llmlb: {self.open_streams} ext_proc streams open (grpc_max_streams)",
+            )
         self.open_streams += 1
         stream = _Stream(self.picker, self.responses, self.watch)
         try:

@@ -170,6 +170,11 @@ class Metrics:
         self.endpoints_reloads = Counter(
             "llmlb_endpoints_reloads_total", "endpoints_file reloads, by result.", ("result",)
         )
+        self.tls_reloads = Counter(
+            "llmlb_tls_reloads_total",
+            "grpc_tls certificate reloads after a file change, by result.",
+            ("result",),
+        )
         self.scrapes = Counter(
             "llmlb_metrics_scrapes_total", "least_busy scrapes of endpoint metrics.", ("endpoint",)
         )
@@ -212,6 +217,7 @@ class Metrics:
             self.stream_errors,
             self.endpoint_health_changes,
             self.endpoints_reloads,
+            self.tls_reloads,
             self.scrapes,
             self.scrape_errors,
             self.metrics_age,

@@ -20,7 +20,7 @@ report.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,9 @@ GATEWAYS = pytest.StashKey[list[Gateway]]()
 def make_gateway(
     envoy_binary: str, backends: list[Backend], tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[MakeGateway]:
-    """Factory for a private gateway: `make_gateway(policy, mode, fallback=None, daemon=True)`."""
+    """Factory for a private gateway: `make_gateway(policy, mode, fallback=None, daemon=True, *,
+    daemon_args=(), envoy_args=(), max_body_bytes=16 MiB)`; the args go to `llmlb serve` and
+    `llmlb envoy-config` as they are."""
     owned: list[ManagedProcess] = []
 
     def make(
@@ -159,15 +161,19 @@ def make_gateway(
         fallback: str | None = None,
         daemon: bool = True,
         daemon_config: dict[str, Any] | None = None,
+        *,
+        daemon_args: Sequence[str] = (),
+        envoy_args: Sequence[str] = (),
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> Gateway:
         endpoints = [b.address for b in backends]
         picker: Daemon | None = None
         if daemon:
-            extra: list[str] = []
+            extra = list(daemon_args)
             if daemon_config is not None:
                 path = tmp_path / f"llmlb-{len(owned)}.yaml"
                 path.write_text(yaml.safe_dump(daemon_config))
-                extra = ["--config", str(path)]
+                extra += ["--config", str(path)]
             name = f"llmlb-{policy}-{len(owned)}"
             picker = start_daemon(endpoints, policy, tmp_path, name=name, extra_args=extra)
             owned.append(picker.proc)
@@ -178,8 +184,9 @@ def make_gateway(
             mode,
             tmp_path,
             fallback=fallback,
-            max_body_bytes=MAX_BODY_BYTES,
+            max_body_bytes=max_body_bytes,
             name=f"envoy-{mode}-{fallback or 'strict'}-{len(owned)}",
+            extra_args=envoy_args,
         )
         owned.append(envoy.proc)
         gw = Gateway(policy, mode, envoy, picker, backends, fallback)

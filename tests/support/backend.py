@@ -16,7 +16,8 @@ SSE chunk). Per-request knobs, as request headers:
 Bookkeeping at ``GET /_stats`` (``POST /_reset`` clears it); only inference requests
 (``POST /v1/chat/completions`` and ``POST /v1/completions``) count in ``total``, ``concurrent`` and
 ``max_concurrent``, so health probes and scrapes by the picker do not disturb the tests' counts.
-``metrics_scrapes`` counts ``GET /metrics``.
+``metrics_scrapes`` counts ``GET /metrics``; ``by_path`` counts requests by ``"METHOD /path"``, any
+other path included (answered 404).
 Request bodies may be chunked (full-duplex Envoy drops Content-Length); aiohttp sets TCP_NODELAY on
 accepted connections, so there are no delayed-ACK stalls.
 
@@ -149,6 +150,8 @@ class Backend:
         app.router.add_post("/_reset", self.reset_stats)
         for path in INFERENCE_PATHS:
             app.router.add_post(path, self.inference)
+        # Last: any other path is counted in by_path (so a test can tell it never arrived) and 404s.
+        app.router.add_route("*", "/{tail:.*}", self.unknown)
         return app
 
     def _count_path(self, request: web.Request) -> None:
@@ -172,6 +175,11 @@ class Backend:
             "served_by": self.name,
         }
         return web.json_response(body, headers=self._headers())
+
+    async def unknown(self, request: web.Request) -> web.Response:
+        self._count_path(request)
+        error = {"error": {"message": f"no such path {request.path}", "type": "test", "code": 404}}
+        return web.json_response({**error, "served_by": self.name}, status=404, headers=self._headers())
 
     async def metrics(self, request: web.Request) -> web.Response:
         """The engine's Prometheus page for the current MetricsState (status, delay and garbage too)."""

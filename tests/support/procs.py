@@ -677,8 +677,12 @@ def envoy_config_yaml(
     *,
     fallback: str | None = None,
     max_body_bytes: int | None = None,
+    extra_args: Iterable[str] = (),
 ) -> str:
-    """Generate a bootstrap with `llmlb envoy-config` (fails with its stderr if the CLI does)."""
+    """Generate a bootstrap with `llmlb envoy-config` (fails with its stderr if the CLI does).
+
+    `picker` may list several pickers, comma-separated; `extra_args` go to the CLI as they are
+    (e.g. `--route-prefix /`, `--picker-ca FILE`)."""
     args = [
         "envoy-config",
         "--endpoints",
@@ -696,6 +700,7 @@ def envoy_config_yaml(
         args += ["--fallback", fallback]
     if max_body_bytes is not None:
         args += ["--max-body-bytes", str(max_body_bytes)]
+    args += [str(a) for a in extra_args]
     result = run_llmlb(*args)
     assert result.returncode == 0, (
         f"llmlb {' '.join(args)} exited {result.returncode}\nstderr:\n{result.stderr[-3000:]}"
@@ -786,18 +791,23 @@ def start_envoy(
     fallback: str | None = None,
     max_body_bytes: int | None = None,
     name: str | None = None,
+    extra_args: Iterable[str] = (),
+    picker_ports: Sequence[int] = (),
 ) -> Envoy:
-    """Generate the bootstrap with `llmlb envoy-config`, write it under `workdir`, start Envoy."""
+    """Generate the bootstrap with `llmlb envoy-config`, write it under `workdir`, start Envoy.
+
+    `picker_ports` adds more pickers after `picker_port`; `extra_args` go to `llmlb envoy-config`."""
     listen_port, admin_port = free_ports(2)
     name = name or f"envoy-{mode}" + (f"-{fallback}" if fallback else "")
     config = envoy_config_yaml(
         endpoints,
         listen_port,
         admin_port,
-        f"{HOST}:{picker_port}",
+        ",".join(f"{HOST}:{port}" for port in (picker_port, *picker_ports)),
         mode,
         fallback=fallback,
         max_body_bytes=max_body_bytes,
+        extra_args=extra_args,
     )
     return launch_envoy(config, listen_port, admin_port, mode, workdir, name=name)
 
@@ -988,4 +998,5 @@ class Gateway:
 
 
 MakeGateway = Callable[..., Gateway]
-"""Type of the `make_gateway` fixture: `make_gateway(policy, mode, fallback=None, daemon=True)`."""
+"""Type of the `make_gateway` fixture: `make_gateway(policy, mode, fallback=None, daemon=True, *,
+daemon_args=(), envoy_args=(), max_body_bytes=...)`."""

@@ -1,0 +1,115 @@
+"""The ext_proc stream caps against a real `llmlb serve`: grpc_max_streams (total, refused with
+RESOURCE_EXHAUSTED before any pick) and grpc_max_streams_per_connection (HTTP/2
+SETTINGS_MAX_CONCURRENT_STREAMS: the peer holds further streams back)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from tests.support.extproc_client import ExtProcCall
+from tests.support.procs import Daemon, metric_sum, start_daemon, wait_until
+
+pytestmark = pytest.mark.e2e
+
+ENDPOINTS = ["10.13.0.1:8000", "10.13.0.2:8000", "10.13.0.3:8000"]
+
+
+def get_request() -> pb.ProcessingRequest:
+    """A body-less request's headers: picked at once, the stream then stays open (in flight)."""
+    values = {":method": "GET", ":path": "/v1/models"}
+    return pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
+            ),
+            end_of_stream=True,
+        )
+    )
+
+
+def capped_daemon(tmp_path: Path, **caps: int) -> Iterator[Daemon]:
+    config = tmp_path / "caps.yaml"
+    config.write_text(json.dumps({"health_check_interval": 0, **caps}))
+    daemon = start_daemon(
+        ENDPOINTS, "global_least_request", tmp_path, extra_args=["--config", str(config)], name="llmlb-caps"
+    )
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def total_capped(tmp_path: Path) -> Iterator[Daemon]:
+    yield from capped_daemon(tmp_path, grpc_max_streams=3)
+
+
+@pytest.fixture
+def connection_capped(tmp_path: Path) -> Iterator[Daemon]:
+    yield from capped_daemon(tmp_path, grpc_max_streams_per_connection=2)
+
+
+def counters(daemon: Daemon) -> tuple[float, float, int]:
+    samples = daemon.metrics()
+    return (
+        metric_sum(samples, "llmlb_extproc_streams_total"),
+        metric_sum(samples, "llmlb_extproc_stream_errors_total", kind="over_capacity"),
+        sum(daemon.inflight().values()),
+    )
+
+
+def test_the_stream_beyond_grpc_max_streams_is_refused(total_capped: Daemon) -> None:
+    daemon = total_capped
+    # Two connections: the cap counts streams across connections.
+    with (
+        grpc.insecure_channel(daemon.grpc_address) as one,
+        grpc.insecure_channel(daemon.grpc_address, options=[("grpc.use_local_subchannel_pool", 1)]) as two,
+    ):
+        calls = [ExtProcCall(ch) for ch in (one, one, two)]
+        for call in calls:
+            call.send(get_request())
+            assert call.recv().HasField("request_headers")
+        assert counters(daemon) == (3, 0, 3)
+        for channel in (one, two):
+            extra = ExtProcCall(channel, timeout=5.0)
+            extra.send(get_request())
+            with pytest.raises(AssertionError, match="RESOURCE_EXHAUSTED"):
+                extra.recv()
+        # Refused before a pick: in flight counts only the first three.
+        assert counters(daemon) == (5, 2, 3)
+        calls[0].close()
+        wait_until(lambda: sum(daemon.inflight().values()) == 2, 5.0, message="the first stream to end")
+        again = ExtProcCall(one)
+        again.send(get_request())
+        assert again.recv().HasField("request_headers")  # room again
+        assert counters(daemon) == (6, 2, 3)
+        for call in (*calls[1:], again):
+            call.close()
+        daemon.wait_idle()
+
+
+def test_a_third_stream_on_one_connection_is_held_back_not_failed(connection_capped: Daemon) -> None:
+    daemon = connection_capped
+    with grpc.insecure_channel(daemon.grpc_address) as channel:
+        first, second, third = (ExtProcCall(channel, timeout=10.0) for _ in range(3))
+        for call in (first, second):
+            call.send(get_request())
+            assert call.recv().HasField("request_headers")
+        third.send(get_request())
+        # The client's HTTP/2 stack keeps the third stream waiting: the daemon never sees it.
+        assert third.nothing_within(1.0)
+        assert counters(daemon) == (2, 0, 2)
+        first.close()
+        assert third.recv(timeout=5.0).HasField("request_headers")  # served once a slot frees
+        assert metric_sum(daemon.metrics(), "llmlb_extproc_streams_total") == 3
+        assert metric_sum(daemon.metrics(), "llmlb_extproc_stream_errors_total") == 0
+        second.close()
+        third.close()
+        daemon.wait_idle()

@@ -3,6 +3,7 @@
 //! `python` feature adds the PyO3 bindings.
 
 pub mod balancer;
+pub mod body_decode;
 pub mod engine_metrics;
 pub mod fd_wait;
 pub mod prefix_hash;

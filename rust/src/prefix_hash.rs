@@ -92,10 +92,27 @@ impl PrefixHasher {
 
     /// Appends bytes of the canonical serialisation.
     #[inline]
-    pub fn feed(&mut self, mut bytes: &[u8]) {
+    pub fn feed(&mut self, bytes: &[u8]) {
         if self.is_idle() {
             return;
         }
+        // Fast path: the bytes fit in the open block (a full block is closed lazily, below).
+        let room = self.block_size - (self.block.len() - HEADER);
+        if bytes.len() <= room {
+            if bytes.len() <= 8 {
+                // Tags, lengths and decoded escapes: cheaper than a call to memcpy.
+                for &b in bytes {
+                    self.block.push(b);
+                }
+            } else {
+                self.block.extend_from_slice(bytes);
+            }
+            return;
+        }
+        self.feed_blocks(bytes);
+    }
+
+    fn feed_blocks(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             // A full block is closed only when more bytes follow, so a segment that ends exactly
             // on a block boundary still gets its end flag.

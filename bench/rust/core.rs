@@ -4,6 +4,7 @@
 //!
 //! Benchmark ids (criterion writes `target/criterion/<id>/new/estimates.json`):
 //! - `parse_hash/{1KB,32KB,1MB}`: `parse_request` of a generated OpenAI chat body.
+//! - `parse_hash_chunked/1MB`: the 1 MB body fed to a `RequestParser` in 64 KiB chunks.
 //! - `pick/<policy>/<endpoints>`: one `pick` + one `release` (state stays steady).
 //! - `pick_only/<policy>/<endpoints>`: `pick` alone, in bursts of outstanding picks whose
 //!   releases are not timed.
@@ -28,7 +29,7 @@ use rand::SeedableRng;
 use _core::balancer::{Balancer, BalancerConfig, PickReason};
 use _core::engine_metrics::{parse_engine_metrics, Engine};
 use _core::prefix_table::PrefixTable;
-use _core::request::parse_request;
+use _core::request::{parse_request, Limits, RequestParser};
 use _core::scheduling::policies::Policy;
 use _core::worker_state::{Layout, WorkerState};
 
@@ -239,7 +240,29 @@ fn bench_parse(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // The same 1 MB body as Envoy streams it (FULL_DUPLEX_STREAMED): 64 KiB chunks.
+    let (_, body) = bodies().pop().expect("three bodies");
+    let whole = parse_request(&body).expect("parses");
+    let chunked = |body: &[u8]| {
+        let mut parser = RequestParser::new(Limits::default());
+        for chunk in body.chunks(STREAM_CHUNK) {
+            parser.feed(chunk).expect("no size limit");
+        }
+        parser.finish().expect("parses")
+    };
+    assert_eq!(chunked(&body), whole);
+    let mut group = c.benchmark_group("parse_hash_chunked");
+    group.sample_size(50);
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_with_input(BenchmarkId::from_parameter("1MB"), &body, |b, body| {
+        b.iter(|| chunked(black_box(body)));
+    });
+    group.finish();
 }
+
+/// Bytes per body chunk in `parse_hash_chunked` (Envoy's streamed chunks are at most ~64 KiB).
+const STREAM_CHUNK: usize = 64 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Picks.

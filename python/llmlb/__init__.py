@@ -3,11 +3,14 @@
 from llmlb._core import (
     PREFIX_BLOCK_SIZE,
     Balancer,
+    BodyTooLargeError,
     NoEndpointsError,
     OverLimitError,
     ParsedRequest,
     RequestParseError,
+    RequestStream,
     __version__,
+    parse_body,
     parse_request,
     shared_scripts,
 )
@@ -15,11 +18,14 @@ from llmlb._core import (
 __all__ = [
     "PREFIX_BLOCK_SIZE",
     "Balancer",
+    "BodyTooLargeError",
     "NoEndpointsError",
     "OverLimitError",
     "ParsedRequest",
     "RequestParseError",
+    "RequestStream",
     "__version__",
+    "parse_body",
     "parse_request",
     "shared_scripts",
 ]

@@ -1,6 +1,7 @@
 """Type stubs for the Rust extension ``llmlb._core``.
 
-Calls hold the GIL except where noted; bodies of 64 KiB or more are parsed with it released.
+Calls hold the GIL except where noted; bodies (and ``RequestStream`` chunks) of 64 KiB or more
+are parsed with it released.
 """
 
 import os
@@ -14,6 +15,9 @@ PICK_FIXED_KEYS: Final[int]
 
 class RequestParseError(ValueError):
     """The body is not a usable OpenAI request (not UTF-8, not JSON, no prompt, wrong types)."""
+
+class BodyTooLargeError(ValueError):
+    """The body, raw or decoded, is larger than ``max_bytes``."""
 
 class MetricsParseError(ValueError):
     """The page is not a usable metrics page: no sample at all (an HTML error page, say), none of
@@ -29,24 +33,79 @@ class ShedError(RuntimeError):
     """least_busy: the model is sheddable and no endpoint has room for it."""
 
 class ParsedRequest:
+    """A parsed request body, or why it is unusable (``ok`` is ``False``). Immutable; the
+    levels stay in Rust, so ``Balancer.pick(parsed)`` does not copy them through Python."""
+
     @property
-    def kind(self) -> str:
-        """``"chat"`` or ``"completion"``."""
+    def ok(self) -> bool:
+        """Whether the body is a usable request."""
+    @property
+    def error(self) -> str | None:
+        """Why the body is unusable (the parse error's text); ``None`` when ``ok``."""
+    @property
+    def kind(self) -> str | None:
+        """``"chat"`` or ``"completion"``; ``None`` when not ``ok``."""
     @property
     def model(self) -> str:
-        """The ``model`` field, empty when absent."""
+        """The ``model`` field, empty when absent (or not ``ok``)."""
     @property
-    def stream(self) -> bool: ...
+    def stream(self) -> bool:
+        """The ``stream`` field (``False`` when absent or not ``ok``)."""
     @property
     def prefix_hashes(self) -> list[int]:
-        """``prefix_hashes[i]`` identifies the first ``i + 1`` prompt blocks (xxh3-64, chained)."""
+        """``prefix_hashes[i]`` identifies the model, the tools and the first ``i + 1`` prompt
+        blocks (xxh3-64, chained); empty when not ``ok``. A new list on each access."""
 
 def parse_request(body: bytes) -> ParsedRequest:
-    """Parses a chat-completions or completions body.
+    """Parses a whole chat-completions or completions body (no size limit, no level cap, no
+    decoding).
 
     Raises:
         RequestParseError: the body is not a usable request.
     """
+
+def parse_body(body: bytes, encoding: str | None, max_bytes: int, max_blocks: int) -> ParsedRequest:
+    """Decodes and parses a whole body (Envoy's buffered mode): the same code as a
+    ``RequestStream`` fed the body in one chunk. Never raises for a bad body: the result is then
+    not ``ok`` (too large, unsupported or corrupt encoding, not a usable request).
+
+    ``encoding`` is the ``Content-Encoding`` header value (``None``: identity): ``gzip``,
+    ``x-gzip``, ``deflate`` (zlib or raw), ``zstd``, ``identity``, or a list of up to two of them
+    in the order applied. ``max_bytes`` bounds the raw and the decoded bytes alike;
+    ``max_blocks`` the prefix levels.
+    """
+
+class RequestStream:
+    """A request body fed chunk by chunk (Envoy's FULL_DUPLEX_STREAMED mode), decoded and parsed
+    as it arrives in bounded memory; see ``parse_body`` for the arguments.
+
+    Raises:
+        OverflowError: a negative ``max_bytes`` or ``max_blocks``.
+    """
+
+    def __init__(self, encoding: str | None, max_bytes: int, max_blocks: int) -> None: ...
+    def feed(self, chunk: bytes) -> None:
+        """Decodes and parses the next chunk (GIL released for chunks of 64 KiB or more). A
+        problem in the body itself is kept for ``finish``.
+
+        Raises:
+            BodyTooLargeError: the raw or the decoded bytes passed ``max_bytes``; the stream is
+                dead from then on (every later ``feed`` raises it, ``finish`` gives a result
+                that is not ``ok``).
+            ValueError: called after ``finish``.
+        """
+    def finish(self) -> ParsedRequest:
+        """The parsed request; never raises for a bad body (the result is then not ``ok``).
+
+        Raises:
+            ValueError: called twice.
+        """
+    @property
+    def bytes_fed(self) -> int:
+        """Raw bytes fed so far (0 once finished)."""
+    @property
+    def retained_bytes(self) -> int:
+        """Heap bytes the parser and decoder buffers hold now (0 once finished)."""
 
 class EngineMetrics:
     """A model server's load from its ``/metrics`` page. A field whose metric family is absent
@@ -124,11 +183,12 @@ class Balancer:
     def prefix_entries(self) -> int: ...
     def set_endpoints(self, addresses: list[str]) -> None: ...
     def set_healthy(self, address: str, healthy: bool) -> None: ...
-    def pick(self, body: bytes | None) -> tuple[int, str, str, int]:
-        """Parses ``body`` and picks: ``(ticket, endpoint, reason, prefix_depth)``.
+    def pick(self, request: ParsedRequest | bytes | None) -> tuple[int, str, str, int]:
+        """Picks for a parsed request: ``(ticket, endpoint, reason, prefix_depth)``. ``bytes``
+        are parsed here (as ``parse_request``: no size limit, no level cap, no decoding).
 
-        An unusable body is picked by load with reason ``"bad_body"``; ``None`` picks from
-        headers alone.
+        A request that is not ``ok`` (or unusable bytes) is picked by load with reason
+        ``"bad_body"``; ``None`` picks from headers alone.
 
         Raises:
             NoEndpointsError: the pool is empty.
@@ -154,10 +214,15 @@ class Balancer:
     def enable_shared(self, pool: str, replica: str, lease_ms: int, keep_ms: int, pick_sha: str) -> None:
         """Turns on shared-state picks for ``pool`` as replica ``replica``."""
     def prepare_shared(
-        self, body: bytes | None, request_id: str, seed: int, releases: list[str] = ...
+        self,
+        request: ParsedRequest | bytes | None,
+        request_id: str,
+        seed: int,
+        releases: list[str] = ...,
     ) -> tuple[int, list[str], list[str], bytes]:
-        """Parses ``body`` and encodes the pick script call: ``(prepared_id, keys, args,
-        command)``, ``command`` being the same call as a RESP ``EVALSHA`` (``pick_sha``).
+        """Encodes the pick script call for ``request`` (as ``pick`` takes it): ``(prepared_id,
+        keys, args, command)``, ``command`` being the same call as a RESP ``EVALSHA``
+        (``pick_sha``).
         ``releases`` are request ids of finished requests the call releases first.
 
         Every prepared id must be committed, fall back or be discarded.

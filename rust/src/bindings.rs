@@ -1,8 +1,9 @@
 //! PyO3 bindings: a thin layer over the pure-Rust core.
 //!
 //! Bodies arrive as `bytes` and are held as `PyBackedBytes` (no copy). Parsing large bodies
-//! runs with the GIL released (`detach`); small ones stay attached, where releasing would cost
-//! more than the work. The balancer's state sits behind a mutex that the asyncio daemon never
+//! (and feeding large chunks to a `RequestStream`) runs with the GIL released (`detach`); small
+//! ones stay attached, where releasing would cost more than the work. A `ParsedRequest` keeps
+//! the Rust result, so a pick reads its levels without a Python list in between. The balancer's state sits behind a mutex that the asyncio daemon never
 //! contends (one event-loop thread).
 
 // PyO3 extracts arguments as owned values; taking them by value is how the binding works.
@@ -20,10 +21,11 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 
 use crate::balancer::{Balancer, BalancerConfig, Load, Pick, PickError};
+use crate::body_decode::{parse_body, BodyParser};
 use crate::engine_metrics::{parse_engine_metrics, Engine, EngineMetrics, MetricsError};
 use crate::fd_wait;
 use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
-use crate::request::{parse_request, ParseError, ParsedRequest};
+use crate::request::{parse_request, ParseError, ParsedRequest, TooLarge};
 use crate::scheduling::least_busy::Thresholds;
 use crate::scheduling::policies::Policy;
 use crate::shared::{pick_call, resp_evalsha, scripts, Keys, PickSettings, PICK_FIXED_KEYS};
@@ -34,6 +36,12 @@ create_exception!(
     RequestParseError,
     PyValueError,
     "The body is not a usable OpenAI request."
+);
+create_exception!(
+    _core,
+    BodyTooLargeError,
+    PyValueError,
+    "The body (raw or decoded) is larger than max_bytes."
 );
 create_exception!(
     _core,
@@ -87,24 +95,167 @@ fn parse_metrics(
     }
 }
 
-#[pyclass(name = "ParsedRequest", module = "llmlb._core", frozen, get_all)]
+/// A parse result, kept in Rust: `Balancer.pick` and `prepare_shared` read its levels without
+/// a round trip through a Python list.
+#[pyclass(name = "ParsedRequest", module = "llmlb._core", frozen)]
 struct PyParsedRequest {
-    kind: &'static str,
-    model: String,
-    stream: bool,
-    prefix_hashes: Vec<u64>,
+    result: Result<ParsedRequest, ParseError>,
+}
+
+impl PyParsedRequest {
+    /// `(prefix hashes, model)`, or `None` for a bad body.
+    fn routing(&self) -> Option<(&[u64], &str)> {
+        self.result
+            .as_ref()
+            .ok()
+            .map(|r| (r.prefix_hashes.as_slice(), r.model.as_str()))
+    }
+}
+
+#[pymethods]
+impl PyParsedRequest {
+    #[getter]
+    fn ok(&self) -> bool {
+        self.result.is_ok()
+    }
+
+    #[getter]
+    fn error(&self) -> Option<String> {
+        self.result.as_ref().err().map(ToString::to_string)
+    }
+
+    #[getter]
+    fn kind(&self) -> Option<&'static str> {
+        self.result.as_ref().ok().map(|r| r.kind.as_str())
+    }
+
+    #[getter]
+    fn model(&self) -> &str {
+        self.result.as_ref().map_or("", |r| r.model.as_str())
+    }
+
+    #[getter]
+    fn stream(&self) -> bool {
+        self.result.as_ref().is_ok_and(|r| r.stream)
+    }
+
+    /// Built on each access (for tests and tools; picking reads the levels in Rust).
+    #[getter]
+    fn prefix_hashes(&self) -> Vec<u64> {
+        self.result
+            .as_ref()
+            .map(|r| r.prefix_hashes.clone())
+            .unwrap_or_default()
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.result {
+            Ok(r) => format!(
+                "ParsedRequest(kind={:?}, model={:?}, stream={}, levels={})",
+                r.kind.as_str(),
+                r.model,
+                if r.stream { "True" } else { "False" },
+                r.prefix_hashes.len()
+            ),
+            Err(e) => format!("ParsedRequest(ok=False, error={:?})", e.to_string()),
+        }
+    }
 }
 
 /// Parses an OpenAI chat-completions or completions body.
 #[pyfunction(name = "parse_request")]
 fn py_parse_request(py: Python<'_>, body: PyBackedBytes) -> PyResult<PyParsedRequest> {
     let parsed = parse(py, &body).map_err(|e| RequestParseError::new_err(e.to_string()))?;
-    Ok(PyParsedRequest {
-        kind: parsed.kind.as_str(),
-        model: parsed.model,
-        stream: parsed.stream,
-        prefix_hashes: parsed.prefix_hashes,
-    })
+    Ok(PyParsedRequest { result: Ok(parsed) })
+}
+
+/// Decodes (`Content-Encoding`) and parses a whole body, with the size limit and level cap;
+/// a bad body gives a result that is not `ok`.
+#[pyfunction(name = "parse_body")]
+fn py_parse_body(
+    py: Python<'_>,
+    body: PyBackedBytes,
+    encoding: Option<&str>,
+    max_bytes: u64,
+    max_blocks: usize,
+) -> PyParsedRequest {
+    let result = if body.len() >= DETACH_BYTES {
+        py.detach(|| parse_body(&body, encoding, max_bytes, max_blocks))
+    } else {
+        parse_body(&body, encoding, max_bytes, max_blocks)
+    };
+    PyParsedRequest { result }
+}
+
+/// A body fed chunk by chunk (Envoy's FULL_DUPLEX_STREAMED mode).
+#[pyclass(name = "RequestStream", module = "llmlb._core", frozen)]
+struct PyRequestStream {
+    /// `None` once finished.
+    inner: Mutex<Option<BodyParser>>,
+}
+
+impl PyRequestStream {
+    fn lock(&self) -> MutexGuard<'_, Option<BodyParser>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[pymethods]
+impl PyRequestStream {
+    #[new]
+    #[pyo3(signature = (encoding, max_bytes, max_blocks))]
+    fn new(encoding: Option<&str>, max_bytes: u64, max_blocks: usize) -> Self {
+        Self {
+            inner: Mutex::new(Some(BodyParser::new(encoding, max_bytes, max_blocks))),
+        }
+    }
+
+    fn feed(&self, py: Python<'_>, chunk: PyBackedBytes) -> PyResult<()> {
+        let mut guard = self.lock();
+        let parser = guard
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("feed() after finish()"))?;
+        let result = if chunk.len() >= DETACH_BYTES {
+            py.detach(|| parser.feed(&chunk))
+        } else {
+            parser.feed(&chunk)
+        };
+        result.map_err(|TooLarge| {
+            BodyTooLargeError::new_err(format!(
+                "the body is larger than max_bytes ({} bytes fed)",
+                parser.bytes_fed()
+            ))
+        })
+    }
+
+    fn finish(&self) -> PyResult<PyParsedRequest> {
+        let parser = self
+            .lock()
+            .take()
+            .ok_or_else(|| PyValueError::new_err("finish() called twice"))?;
+        Ok(PyParsedRequest {
+            result: parser.finish(),
+        })
+    }
+
+    #[getter]
+    fn bytes_fed(&self) -> u64 {
+        self.lock().as_ref().map_or(0, BodyParser::bytes_fed)
+    }
+
+    #[getter]
+    fn retained_bytes(&self) -> usize {
+        self.lock().as_ref().map_or(0, BodyParser::retained_bytes)
+    }
+}
+
+/// What `pick` and `prepare_shared` accept besides `None`.
+#[derive(FromPyObject)]
+enum RequestArg<'py> {
+    Parsed(Bound<'py, PyParsedRequest>),
+    Body(PyBackedBytes),
 }
 
 #[pyclass(name = "EngineMetrics", module = "llmlb._core", frozen, get_all)]
@@ -295,19 +446,26 @@ impl PyBalancer {
         self.lock().set_healthy(address, healthy);
     }
 
-    /// Parses `body` and picks an endpoint: `(ticket, endpoint, reason, prefix_depth)`.
-    /// An unusable body is picked by load with reason `"bad_body"`; `body=None` picks from
-    /// headers alone (no prefix information).
-    #[pyo3(signature = (body))]
-    fn pick(&self, py: Python<'_>, body: Option<PyBackedBytes>) -> PyResult<PickTuple> {
-        let parsed = body.map(|b| parse(py, &b));
-        let (hashes, model) = match &parsed {
-            None => (Some(&[][..]), None),
-            Some(Ok(p)) => (Some(p.prefix_hashes.as_slice()), Some(p.model.as_str())),
-            Some(Err(_)) => (None, None),
-        };
+    /// Picks an endpoint for a parsed request (or a body, parsed here without size limit,
+    /// level cap or decoding): `(ticket, endpoint, reason, prefix_depth)`. An unusable body is
+    /// picked by load with reason `"bad_body"`; `None` picks from headers alone.
+    #[pyo3(signature = (request))]
+    fn pick(&self, py: Python<'_>, request: Option<RequestArg<'_>>) -> PyResult<PickTuple> {
         let now = self.now_ms();
-        pick_result(self.lock().pick_for(hashes, model, now))
+        match request {
+            None => pick_result(self.lock().pick_for(Some(&[]), None, now)),
+            Some(RequestArg::Parsed(parsed)) => {
+                let routing = parsed.get().routing();
+                let (hashes, model) = routing.map_or((None, None), |(h, m)| (Some(h), Some(m)));
+                pick_result(self.lock().pick_for(hashes, model, now))
+            }
+            Some(RequestArg::Body(body)) => {
+                let parsed = parse(py, &body).ok();
+                let hashes = parsed.as_ref().map(|p| p.prefix_hashes.as_slice());
+                let model = parsed.as_ref().map(|p| p.model.as_str());
+                pick_result(self.lock().pick_for(hashes, model, now))
+            }
+        }
     }
 
     /// Records an endpoint's freshly scraped load (least_busy), stamped now.
@@ -403,25 +561,30 @@ impl PyBalancer {
         });
     }
 
-    /// Parses `body` and encodes the shared pick script call: `(prepared_id, keys, args,
-    /// command)`, where `command` is the same call as a ready-to-send RESP `EVALSHA`.
-    /// Raises `NoEndpointsError` on an empty pool. Every prepared id must be committed, fall
-    /// back or be discarded.
+    /// Encodes the shared pick script call for a parsed request (or a body, parsed here as
+    /// `pick` does): `(prepared_id, keys, args, command)`, where `command` is the same call as a
+    /// ready-to-send RESP `EVALSHA`. Raises `NoEndpointsError` on an empty pool. Every prepared
+    /// id must be committed, fall back or be discarded.
     /// `releases`: request ids of finished requests that the same script call releases first.
-    #[pyo3(signature = (body, request_id, seed, releases = Vec::new()))]
+    #[pyo3(signature = (request, request_id, seed, releases = Vec::new()))]
     fn prepare_shared(
         &self,
         py: Python<'_>,
-        body: Option<PyBackedBytes>,
+        request: Option<RequestArg<'_>>,
         request_id: &str,
         seed: u32,
         releases: Vec<String>,
     ) -> PyResult<PreparedTuple> {
-        let parsed = body.map(|b| parse(py, &b));
-        let (model, hashes) = match parsed {
+        let (model, hashes) = match request {
             None => (String::new(), Some(Vec::new())),
-            Some(Ok(p)) => (p.model, Some(p.prefix_hashes)),
-            Some(Err(_)) => (String::new(), None),
+            Some(RequestArg::Parsed(parsed)) => match parsed.get().routing() {
+                Some((hashes, model)) => (model.to_owned(), Some(hashes.to_vec())),
+                None => (String::new(), None),
+            },
+            Some(RequestArg::Body(body)) => match parse(py, &body) {
+                Ok(p) => (p.model, Some(p.prefix_hashes)),
+                Err(_) => (String::new(), None),
+            },
         };
         let (candidates, no_healthy) = self.lock().candidates();
         if candidates.is_empty() {
@@ -605,14 +768,17 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PICK_FIXED_KEYS", PICK_FIXED_KEYS)?;
     m.add_class::<PyBalancer>()?;
     m.add_class::<PyParsedRequest>()?;
+    m.add_class::<PyRequestStream>()?;
     m.add_class::<PyEngineMetrics>()?;
     m.add_function(wrap_pyfunction!(py_parse_request, m)?)?;
+    m.add_function(wrap_pyfunction!(py_parse_body, m)?)?;
     m.add_function(wrap_pyfunction!(py_parse_engine_metrics, m)?)?;
     m.add_function(wrap_pyfunction!(shared_scripts, m)?)?;
     m.add_function(wrap_pyfunction!(create_worker_state, m)?)?;
     m.add_function(wrap_pyfunction!(wait_readable, m)?)?;
     let py = m.py();
     m.add("RequestParseError", py.get_type::<RequestParseError>())?;
+    m.add("BodyTooLargeError", py.get_type::<BodyTooLargeError>())?;
     m.add("MetricsParseError", py.get_type::<MetricsParseError>())?;
     m.add("NoEndpointsError", py.get_type::<NoEndpointsError>())?;
     m.add("OverLimitError", py.get_type::<OverLimitError>())?;

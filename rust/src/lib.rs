@@ -1,10 +1,11 @@
-//! llmlb core: OpenAI request parsing, chained prefix hashing, the embedded picking state and
-//! the picking pipeline. Plain Rust; the optional `python` feature adds the PyO3 bindings.
+//! llmlb core: OpenAI request parsing (incremental, with body decoding), chained prefix
+//! hashing, the embedded picking state and the picking pipeline. Plain Rust; the optional
+//! `python` feature adds the PyO3 bindings.
 
 pub mod balancer;
+pub mod body_decode;
 pub mod engine_metrics;
 pub mod fd_wait;
-pub mod json;
 pub mod prefix_hash;
 pub mod prefix_table;
 pub mod request;

@@ -1,158 +1,238 @@
-//! Chained prefix hashes of a prompt.
+//! Chained prefix hashes of a prompt (construction v3).
 //!
 //! The prompt is a sequence of segments (one per chat message, or per completions prompt). Each
 //! segment is serialised canonically as `tag, bytes, u32 little-endian length` per field (role
 //! first, then content, then the rest), so `[A, B]` and `[B, A]` differ and no field can run
 //! into the next (a segment decodes uniquely from its end, which the end flag marks), while
-//! prompts that share the start of a long field share its leading blocks. The serialisation is cut into blocks of at most `block_size` bytes; a segment's
-//! last block is closed at the segment's end and flagged as such, so a long message splits into
-//! several blocks and a long shared system prompt still matches partially.
+//! prompts that share the start of a long field share its leading blocks. The serialisation is
+//! cut into blocks of at most `block_size` bytes; a segment's last block is closed at the
+//! segment's end and flagged as such, so a long message splits into several blocks and a long
+//! shared system prompt still matches partially.
 //!
-//! `h_0 = xxh3_64(model, seed = MODEL_SEED)` and `h_i = xxh3_64(le64(h_{i-1}) || block_i || flag)`:
-//! every hash identifies the whole prefix up to its block, so different models never share keys,
-//! order matters and repeated blocks do not cancel (unlike an XOR chain).
+//! ```text
+//! c_0   = PROMPT_SEED                                  (a constant: "llmlb/v3")
+//! c_i   = xxh3_64(le64(c_{i-1}) || block_i || flag_i)
+//! ctx   = xxh3_64_with_seed(model, xxh3_64_with_seed(tools framing, CONTEXT_SEED))
+//!         (tools framing: absent, or `T, le64(len), le64(xxh3_64(raw tools JSON))`)
+//! key_i = xxh3_64_with_seed(le64(c_i), ctx)
+//! ```
+//!
+//! Every `c_i` identifies the whole prompt up to its block; order matters and repeated blocks do
+//! not cancel (unlike an XOR chain). The chain does not depend on the model or the tools, so a
+//! body can be hashed in one pass whatever its key order (the OpenAI SDKs send `messages` before
+//! `model` and `tools`); the context `ctx` is folded into every level at the end instead. The
+//! same model, tools and leading blocks give the same keys; a different model or different tools
+//! give disjoint keys. Tools are not part of the prompt chain: they occupy no leading blocks
+//! (v2 hashed them as a leading segment).
+//!
+//! At most `max_blocks` levels are produced; once the cap is reached no more block hashing is
+//! done (`PrefixHasher::feed` returns at once).
 
-use std::borrow::Cow;
-
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, Xxh3};
 
 /// Bytes of canonical prompt per prefix block (about 128 tokens of English text).
 pub const DEFAULT_BLOCK_SIZE: usize = 512;
 
-/// Domain separation for the model seed ("llmlb/v2": lengths after the bytes since v2, so
-/// prefix keys written by v1 never match).
-const MODEL_SEED: u64 = 0x6c6c_6d6c_622f_7632;
+/// `c_0`, the chain's domain seed: "llmlb/v3" (v3: the model and tools moved out of the chain
+/// into `ctx`, so keys written by v2 never match).
+pub const PROMPT_SEED: u64 = 0x6c6c_6d6c_622f_7633;
+
+/// Seed of the context hash (a different domain from the chain).
+const CONTEXT_SEED: u64 = 0x6c6c_6d6c_6263_7478;
 
 const FLAG_CONTINUES: u8 = 0;
 const FLAG_SEGMENT_END: u8 = 1;
 
-/// A tagged field of a segment, borrowed from the body where possible.
-pub type Field<'a> = (u8, Cow<'a, [u8]>);
-
-/// The prompt as segments (one per message, or per completions prompt) of tagged fields, kept
-/// in one flat vector so parsing a request does not allocate per message.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Prompt<'a> {
-    fields: Vec<Field<'a>>,
-    ends: Vec<usize>,
-}
-
-impl<'a> Prompt<'a> {
-    /// Index where the next field goes (the start of the segment being built).
-    pub fn mark(&self) -> usize {
-        self.fields.len()
-    }
-
-    pub fn push(&mut self, tag: u8, bytes: Cow<'a, [u8]>) {
-        self.fields.push((tag, bytes));
-    }
-
-    /// The fields of the segment being built, which starts at `start` (from `mark`).
-    pub fn open_segment(&mut self, start: usize) -> &mut [Field<'a>] {
-        &mut self.fields[start..]
-    }
-
-    /// Drops the open segment's fields (from `start`) whose tag matches.
-    pub fn remove_open(&mut self, start: usize, mut drop: impl FnMut(u8) -> bool) {
-        let mut i = start;
-        while i < self.fields.len() {
-            if drop(self.fields[i].0) {
-                self.fields.remove(i);
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    pub fn end_segment(&mut self) {
-        self.ends.push(self.fields.len());
-    }
-
-    /// A one-field segment.
-    pub fn push_segment(&mut self, tag: u8, bytes: Cow<'a, [u8]>) {
-        self.push(tag, bytes);
-        self.end_segment();
-    }
-
-    pub fn segments(&self) -> impl Iterator<Item = &[Field<'a>]> {
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts
-            .zip(self.ends.iter().copied())
-            .map(|(a, b)| &self.fields[a..b])
-    }
-
-    pub fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-}
-
-pub struct PrefixHasher {
-    block_size: usize,
-    prev: u64,
-    /// `le64(prev)` followed by the block's bytes so far.
-    block: Vec<u8>,
-    out: Vec<u64>,
-}
-
+/// Bytes of `le64(c_{i-1})` at the start of the block buffer.
 const HEADER: usize = 8;
 
+/// The prompt chain: fed the canonical serialisation as it is decoded, a piece at a time.
+#[derive(Debug, Clone)]
+pub struct PrefixHasher {
+    block_size: usize,
+    max_blocks: usize,
+    /// `le64(c_{i-1})` followed by the current block's bytes so far.
+    block: Vec<u8>,
+    /// `c_1 ..= c_n`; turned into keys by `finish`.
+    chain: Vec<u64>,
+    /// While muted, `feed` and `end_segment` do nothing (a `prompt` parsed after `messages`).
+    muted: bool,
+}
+
 impl PrefixHasher {
-    pub fn new(model: &[u8], block_size: usize) -> Self {
+    pub fn new(block_size: usize, max_blocks: usize) -> Self {
         assert!(block_size > 0, "block size must be positive");
-        let prev = xxh3_64_with_seed(model, MODEL_SEED);
         let mut block = Vec::with_capacity(HEADER + block_size + 1);
-        block.extend_from_slice(&prev.to_le_bytes());
+        block.extend_from_slice(&PROMPT_SEED.to_le_bytes());
         Self {
             block_size,
-            prev,
+            max_blocks,
             block,
-            out: Vec::new(),
+            chain: Vec::new(),
+            muted: false,
         }
     }
 
-    pub fn segment(&mut self, fields: &[Field<'_>]) {
-        for (tag, bytes) in fields {
-            // The length goes after the bytes: before them, a long message's first block would
-            // depend on its total length, and two prompts sharing 6 KB of a message (a long
-            // document, then different questions) would share no block at all.
-            // Fields over 4 GiB cannot occur: bodies are far smaller.
-            let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-            self.feed(&[*tag]);
-            self.feed(bytes);
-            self.feed(&len.to_le_bytes());
-        }
-        self.close(FLAG_SEGMENT_END);
+    /// Starts the chain again from `c_0` (a later `messages` or `prompt` key replaces the first).
+    pub fn reset(&mut self) {
+        self.block.clear();
+        self.block.extend_from_slice(&PROMPT_SEED.to_le_bytes());
+        self.chain.clear();
     }
 
-    fn feed(&mut self, mut bytes: &[u8]) {
+    pub fn set_muted(&mut self, muted: bool) {
+        self.muted = muted;
+    }
+
+    /// True once no more bytes can change the output (muted, or `max_blocks` levels produced).
+    #[inline]
+    pub fn is_idle(&self) -> bool {
+        self.muted || self.chain.len() >= self.max_blocks
+    }
+
+    /// Appends bytes of the canonical serialisation.
+    #[inline]
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.is_idle() {
+            return;
+        }
+        // Fast path: the bytes fit in the open block (a full block is closed lazily, below).
+        let room = self.block_size - (self.block.len() - HEADER);
+        if bytes.len() <= room {
+            if bytes.len() <= 8 {
+                // Tags, lengths and decoded escapes: cheaper than a call to memcpy.
+                for &b in bytes {
+                    self.block.push(b);
+                }
+            } else {
+                self.block.extend_from_slice(bytes);
+            }
+            return;
+        }
+        self.feed_blocks(bytes);
+    }
+
+    fn feed_blocks(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             // A full block is closed only when more bytes follow, so a segment that ends exactly
             // on a block boundary still gets its end flag.
-            if self.block.len() - HEADER == self.block_size {
+            let filled = self.block.len() - HEADER;
+            if filled == self.block_size {
                 self.close(FLAG_CONTINUES);
+                if self.chain.len() >= self.max_blocks {
+                    return;
+                }
+                continue;
             }
-            let room = self.block_size - (self.block.len() - HEADER);
-            let take = room.min(bytes.len());
+            let take = (self.block_size - filled).min(bytes.len());
             self.block.extend_from_slice(&bytes[..take]);
             bytes = &bytes[take..];
         }
     }
 
-    fn close(&mut self, flag: u8) {
-        self.block.push(flag);
-        let h = xxh3_64(&self.block);
-        self.out.push(h);
-        self.prev = h;
-        self.block.clear();
-        self.block.extend_from_slice(&h.to_le_bytes());
+    /// Appends the length suffix of a field of `len` bytes.
+    #[inline]
+    pub fn feed_len(&mut self, len: u64) {
+        // Fields over 4 GiB cannot occur in practice; they saturate.
+        self.feed(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
     }
 
-    pub fn finish(self) -> Vec<u64> {
-        self.out
+    /// One whole field: `tag, bytes, u32 length`.
+    pub fn field(&mut self, tag: u8, bytes: &[u8]) {
+        // The length goes after the bytes: before them, a long message's first block would
+        // depend on its total length, and two prompts sharing 6 KB of a message (a long
+        // document, then different questions) would share no block at all.
+        self.feed(&[tag]);
+        self.feed(bytes);
+        self.feed_len(bytes.len() as u64);
+    }
+
+    /// Closes the current segment (a message, or one completions prompt).
+    pub fn end_segment(&mut self) {
+        if !self.is_idle() {
+            self.close(FLAG_SEGMENT_END);
+        }
+    }
+
+    fn close(&mut self, flag: u8) {
+        self.block.push(flag);
+        let c = xxh3_64(&self.block);
+        self.chain.push(c);
+        self.block.clear();
+        self.block.extend_from_slice(&c.to_le_bytes());
+    }
+
+    /// Levels produced so far.
+    pub fn len(&self) -> usize {
+        self.chain.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chain.is_empty()
+    }
+
+    /// Heap bytes held.
+    pub fn retained_bytes(&self) -> usize {
+        self.block.capacity() + self.chain.capacity() * std::mem::size_of::<u64>()
+    }
+
+    /// The level keys: `key_i = xxh3_64_with_seed(le64(c_i), ctx)`.
+    pub fn finish(self, ctx: u64) -> Vec<u64> {
+        let mut keys = self.chain;
+        for c in &mut keys {
+            *c = xxh3_64_with_seed(&c.to_le_bytes(), ctx);
+        }
+        keys
+    }
+}
+
+/// The context every key is namespaced by: the model and the raw `tools` JSON value, which may
+/// arrive before or after the prompt and in either order. Tools are hashed as they arrive.
+#[derive(Clone, Default)]
+pub struct ContextHasher {
+    /// The streaming hash of the current `tools` value and its length so far (boxed: the
+    /// streaming state is about 600 bytes and most requests have no tools).
+    tools: Option<Box<(Xxh3, u64)>>,
+}
+
+impl std::fmt::Debug for ContextHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextHasher")
+            .field("tools_len", &self.tools.as_ref().map(|t| t.1))
+            .finish()
+    }
+}
+
+impl ContextHasher {
+    /// A `tools` value starts (a repeated key replaces the earlier value).
+    pub fn begin_tools(&mut self) {
+        match &mut self.tools {
+            Some(t) => **t = (Xxh3::new(), 0),
+            None => self.tools = Some(Box::new((Xxh3::new(), 0))),
+        }
+    }
+
+    /// Raw bytes of the `tools` value, in order.
+    #[inline]
+    pub fn tools_bytes(&mut self, bytes: &[u8]) {
+        if let Some(t) = &mut self.tools {
+            t.0.update(bytes);
+            t.1 += bytes.len() as u64;
+        }
+    }
+
+    /// `ctx` for `model`: `xxh3_64_with_seed(model, tools_seed)`, where `tools_seed` hashes the
+    /// fixed-size framing of the tools (absent, or present with their length and xxh3 digest).
+    /// The model is the whole input of the outer hash, so the two cannot run into each other.
+    pub fn ctx(&self, model: &[u8]) -> u64 {
+        let mut framed = [0u8; 17];
+        if let Some(t) = &self.tools {
+            framed[0] = b'T';
+            framed[1..9].copy_from_slice(&t.1.to_le_bytes());
+            framed[9..].copy_from_slice(&t.0.digest().to_le_bytes());
+        }
+        let tools_seed = xxh3_64_with_seed(&framed, CONTEXT_SEED);
+        xxh3_64_with_seed(model, tools_seed)
     }
 }
 
@@ -160,16 +240,32 @@ impl PrefixHasher {
 mod tests {
     use super::*;
 
-    fn chain(model: &str, block: usize, segments: &[&[(u8, &str)]]) -> Vec<u64> {
-        let mut h = PrefixHasher::new(model.as_bytes(), block);
+    const UNCAPPED: usize = usize::MAX;
+
+    fn chain_with(
+        model: &str,
+        tools: Option<&str>,
+        block: usize,
+        max_blocks: usize,
+        segments: &[&[(u8, &str)]],
+    ) -> Vec<u64> {
+        let mut h = PrefixHasher::new(block, max_blocks);
         for seg in segments {
-            let fields: Vec<Field> = seg
-                .iter()
-                .map(|(t, s)| (*t, Cow::Borrowed(s.as_bytes())))
-                .collect();
-            h.segment(&fields);
+            for (tag, s) in *seg {
+                h.field(*tag, s.as_bytes());
+            }
+            h.end_segment();
         }
-        h.finish()
+        let mut ctx = ContextHasher::default();
+        if let Some(tools) = tools {
+            ctx.begin_tools();
+            ctx.tools_bytes(tools.as_bytes());
+        }
+        h.finish(ctx.ctx(model.as_bytes()))
+    }
+
+    fn chain(model: &str, block: usize, segments: &[&[(u8, &str)]]) -> Vec<u64> {
+        chain_with(model, None, block, UNCAPPED, segments)
     }
 
     #[test]
@@ -257,8 +353,65 @@ mod tests {
     }
 
     #[test]
-    fn model_seeds_the_chain() {
+    fn model_and_tools_give_disjoint_keys() {
+        let seg: &[(u8, &str)] = &[(b'r', "user"), (b'c', &"hello ".repeat(300))];
+        let base = chain_with("a", None, 64, UNCAPPED, &[seg]);
+        let variants = [
+            chain_with("b", None, 64, UNCAPPED, &[seg]),
+            chain_with("a", Some("[]"), 64, UNCAPPED, &[seg]),
+            chain_with("a", Some(r#"[{"type":"function"}]"#), 64, UNCAPPED, &[seg]),
+            // Framing: the model's bytes cannot be confused with the tools' presence.
+            chain_with("a-", None, 64, UNCAPPED, &[seg]),
+        ];
+        for v in &variants {
+            assert_eq!(v.len(), base.len());
+            assert!(v.iter().all(|k| !base.contains(k)), "every level differs");
+        }
+        let same = chain_with("a", None, 64, UNCAPPED, &[seg]);
+        assert_eq!(same, base);
+    }
+
+    #[test]
+    fn tools_occupy_no_leading_block() {
+        // Same prompt, with and without tools: same number of levels (v2 added a leading block).
         let seg: &[(u8, &str)] = &[(b'r', "user"), (b'c', "hi")];
-        assert_ne!(chain("a", 512, &[seg]), chain("b", 512, &[seg]));
+        let plain = chain_with("m", None, 512, UNCAPPED, &[seg]);
+        let tools = chain_with("m", Some(&"t".repeat(2000)), 512, UNCAPPED, &[seg]);
+        assert_eq!(plain.len(), 1);
+        assert_eq!(tools.len(), 1);
+    }
+
+    #[test]
+    fn the_cap_truncates_the_chain_and_stops_hashing() {
+        let long = "y".repeat(10_000);
+        let segs: &[&[(u8, &str)]] = &[&[(b'r', "user"), (b'c', &long)], &[(b'r', "user")]];
+        let full = chain_with("m", None, 64, UNCAPPED, segs);
+        for cap in [0, 1, 5, full.len() - 1, full.len(), full.len() + 3] {
+            let capped = chain_with("m", None, 64, cap, segs);
+            assert_eq!(capped, full[..cap.min(full.len())], "cap {cap}");
+        }
+        let mut h = PrefixHasher::new(64, 2);
+        h.feed(&[0; 1000]);
+        assert_eq!(h.len(), 2);
+        let before = h.block.clone();
+        h.feed(&[1; 100]);
+        h.end_segment();
+        assert_eq!((h.len(), &h.block), (2, &before), "no work past the cap");
+    }
+
+    #[test]
+    fn feeding_in_pieces_equals_feeding_whole() {
+        let text = "abcdefghij".repeat(50);
+        let mut whole = PrefixHasher::new(16, UNCAPPED);
+        whole.field(b'c', text.as_bytes());
+        whole.end_segment();
+        let mut pieces = PrefixHasher::new(16, UNCAPPED);
+        pieces.feed(b"c");
+        for piece in text.as_bytes().chunks(7) {
+            pieces.feed(piece);
+        }
+        pieces.feed_len(text.len() as u64);
+        pieces.end_segment();
+        assert_eq!(whole.finish(1), pieces.finish(1));
     }
 }

@@ -846,3 +846,21 @@ def test_cli_a_tls_picker_config_needs_the_tls_flags(tmp_path: Path, tls_files: 
         tls_files["key"],
     )
     assert "tls_certificates" in transport_tls(cfg)["common_tls_context"]
+
+
+def test_the_request_timeout_is_the_drain_timeout_default_and_configurable(tmp_path: Path) -> None:
+    from llmlb.config import DEFAULT_REQUEST_TIMEOUT_S, Config
+
+    # One owner: the route allows exactly what a default drain waits for.
+    assert route(render())["timeout"] == f"{DEFAULT_REQUEST_TIMEOUT_S}s" == f"{Config().drain_timeout}s"
+    cfg = cli_config("--request-timeout", "900")
+    assert (route(cfg)["timeout"], route(cfg)["idle_timeout"]) == ("900s", "900s")
+    for bad in ("0", "86401"):
+        result = llmlb_envoy_config("--request-timeout", bad)
+        assert result.returncode == 2
+        assert result.stderr.startswith("llmlb: error: --request-timeout:")
+    config = tmp_path / "c.yaml"
+    config.write_text("drain_timeout: 30\n")
+    result = llmlb_envoy_config("--config", str(config))
+    assert result.returncode == 0
+    assert "drain_timeout (30 s) is shorter than --request-timeout (300 s)" in result.stderr

@@ -43,6 +43,9 @@ class ParsedRequest:
     def error(self) -> str | None:
         """Why the body is unusable (the parse error's text); ``None`` when ``ok``."""
     @property
+    def too_large(self) -> bool:
+        """The raw or the decoded body passed ``max_bytes`` (a decompression bomb included)."""
+    @property
     def kind(self) -> str | None:
         """``"chat"`` or ``"completion"``; ``None`` when not ``ok``."""
     @property
@@ -177,6 +180,9 @@ class Balancer:
         """Raises ValueError for an unknown policy or a load_factor below 1."""
     @property
     def policy(self) -> str: ...
+    @property
+    def uses_prefix(self) -> bool:
+        """Whether the policy reads prefix levels (only then are they worth hashing)."""
     @property
     def open_tickets(self) -> int: ...
     @property

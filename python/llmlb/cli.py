@@ -12,7 +12,15 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from llmlb.config import Config, ConfigError, effective_yaml, load_config, load_endpoints_file, with_overrides
+from llmlb.config import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    Config,
+    ConfigError,
+    effective_yaml,
+    load_config,
+    load_endpoints_file,
+    with_overrides,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -75,6 +83,14 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         type=int,
         help="largest request body (default: the config's max_body_bytes, else 64 MiB)",
+    )
+    envoy.add_argument(
+        "--request-timeout",
+        metavar="S",
+        type=int,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        help="seconds a request may take, streamed response included (default %(default)s; "
+        "keep the picker's drain_timeout at least this)",
     )
     envoy.add_argument("--mode", choices=("buffered", "full-duplex"), default="buffered")
     envoy.add_argument("--fallback", choices=("round_robin", "least_request", "random", "ring_hash"))
@@ -347,6 +363,7 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes if args.max_body_bytes is not None else config.max_body_bytes,
             mode=args.mode,
             fallback=args.fallback,
+            request_timeout_s=args.request_timeout,
             route_prefixes=tuple(args.route_prefix or DEFAULT_ROUTE_PREFIXES),
             picker_ca=args.picker_ca,
             picker_cert=args.picker_cert,
@@ -356,6 +373,13 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
         rendered = render_envoy_config(options)
     except EnvoyConfigError as e:
         raise ConfigError(e.field, e.message) from None
+    if args.config and config.drain_timeout < args.request_timeout:
+        print(
+            f"llmlb: warning: the config's drain_timeout ({config.drain_timeout} s) is shorter than "
+            f"--request-timeout ({args.request_timeout} s): a picker restart may cut requests Envoy "
+            "would still let finish (see docs/operations.md)",
+            file=sys.stderr,
+        )
     if args.fallback and args.mode == "full-duplex":
         print(
             "llmlb: warning: in full-duplex mode Envoy 1.40 cannot fail open once a request body is on its "

@@ -23,7 +23,7 @@ from llmlb._core import Balancer
 from llmlb.admin import build_app
 from llmlb.config import Config, ConfigError, parse_listen
 from llmlb.endpoints import EndpointManager
-from llmlb.extproc import ExtProcService
+from llmlb.extproc import BodyLimits, ExtProcService
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker
 from llmlb.shared import SharedPicker, SharedState
@@ -39,6 +39,10 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 ORPHAN_CHECK_SECONDS = 1.0
 # Room for the gRPC framing and headers around the largest body Envoy may forward.
 MESSAGE_OVERHEAD = 1024 * 1024
+# gRPC messages may be this many times max_body_bytes: a message over the limit (an Envoy whose
+# buffer is larger than max_body_bytes, or a full-duplex chunk that grew while the picker was
+# busy) is then still read and answered 413, instead of failing the stream (Envoy's 500).
+MESSAGE_LIMIT_FACTOR = 2
 # The drain decides when to cut open streams; gRPC's own stop grace only backs it up.
 STOP_BACKSTOP_SECONDS = 5
 
@@ -154,7 +158,10 @@ class Daemon:
             )
         else:
             picker = Picker(self.balancer, self.metrics, self.endpoints.report_upstream_failure)
-        self.service = ExtProcService(picker, self.metrics, config.grpc_max_streams)
+        # Only prefix_cache reads prefix levels: the other policies skip hashing altogether.
+        blocks = config.lb_config.maxPrefixBlocks if self.balancer.uses_prefix else 0
+        limits = BodyLimits(max_bytes=config.max_body_bytes, max_blocks=blocks)
+        self.service = ExtProcService(picker, self.metrics, config.grpc_max_streams, limits)
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.admin_port = 0
@@ -178,7 +185,7 @@ class Daemon:
             log.warning("no endpoints configured: requests get 503 until endpoints appear")
 
     async def _start_grpc(self) -> grpc.aio.Server:
-        limit = self.config.max_body_bytes + MESSAGE_OVERHEAD
+        limit = min(self.config.max_body_bytes * MESSAGE_LIMIT_FACTOR + MESSAGE_OVERHEAD, 2**31 - 1)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),

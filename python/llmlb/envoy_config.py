@@ -25,7 +25,7 @@ from typing import Any, Final, Literal, get_args
 
 import yaml
 
-from llmlb.config import DEFAULT_MAX_BODY_BYTES
+from llmlb.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT_S
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -71,10 +71,8 @@ EXT_PROC_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
 #: Header hashed by the ``ring_hash`` fallback (client IP when absent).
 SESSION_HEADER: Final = "x-session-id"
 
-# LLM responses are long: a non-streaming completion sends nothing until it is done, so the idle
-# timeout must not be shorter than the whole-response timeout or it would cut those off.
-ROUTE_TIMEOUT: Final = "300s"
-ROUTE_IDLE_TIMEOUT: Final = "300s"
+#: Largest accepted ``--request-timeout`` (s): a day; 0 would mean "no timeout" to Envoy.
+MAX_REQUEST_TIMEOUT_S: Final = 86_400
 #: Bound on client connections across all listeners (Envoy's global_downstream_max_connections).
 MAX_DOWNSTREAM_CONNECTIONS: Final = 50000
 # Extra room on top of the body for the rest of a picker->Envoy gRPC message (headers, framing).
@@ -120,6 +118,9 @@ class EnvoyOptions:
     mode: Mode = "buffered"
     #: None = strict routing; otherwise the Envoy policy used when there is no (usable) pick.
     fallback: Fallback | None = None
+    #: Seconds a request may take, streamed response included (the route's timeout and idle
+    #: timeout). The picker's drain_timeout should be at least this (docs/operations.md).
+    request_timeout_s: int = DEFAULT_REQUEST_TIMEOUT_S
     #: Path prefixes routed to the pool (through the picker); any other path gets 404 from Envoy.
     route_prefixes: tuple[str, ...] = DEFAULT_ROUTE_PREFIXES
     #: TLS to the picker: the CA that signed the picker's certificate (None = plaintext h2c).
@@ -254,6 +255,9 @@ _Dumper.add_representer(str, _represent_str)
 
 
 def _validate(opts: EnvoyOptions) -> None:
+    timeout = opts.request_timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= MAX_REQUEST_TIMEOUT_S:
+        raise EnvoyConfigError("--request-timeout", f"{timeout!r} is out of range 1..{MAX_REQUEST_TIMEOUT_S}")
     for field, value in (("--listen", opts.listen), ("--admin", opts.admin)):
         host, _ = parse_host_port(value, field)
         if not _is_ip(host):
@@ -477,9 +481,11 @@ def _route(opts: EnvoyOptions) -> Json:
     route: Json = {
         "cluster": POOL_CLUSTER,
         # Caps the whole upstream response (streamed tokens included).
-        "timeout": ROUTE_TIMEOUT,
-        # Overrides the HCM stream idle timeout for this route; see ROUTE_IDLE_TIMEOUT.
-        "idle_timeout": ROUTE_IDLE_TIMEOUT,
+        "timeout": f"{opts.request_timeout_s}s",
+        # Overrides the HCM stream idle timeout for this route. LLM responses are long and a
+        # non-streaming completion sends nothing until it is done, so the idle timeout must not
+        # be shorter than the whole-response timeout or it would cut those off.
+        "idle_timeout": f"{opts.request_timeout_s}s",
     }
     if opts.fallback == "ring_hash":
         # ring_hash needs a hash key or every request lands on one random point. Sticky by session

@@ -18,10 +18,13 @@ error, Envoy reset), the ``finally`` releases the pick's ticket exactly once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 import orjson
@@ -32,6 +35,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from llmlb._core import BodyTooLargeError, ParsedRequest, RequestStream, parse_body
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker, Refusal
 
@@ -46,6 +50,35 @@ ENVOY_UPSTREAM_FAILURES = frozenset({502, 503, 504})
 METADATA_NAMESPACE = "envoy.lb"
 # Envoy takes body chunks up to 64 KiB per message; stay under it like the inference extension.
 STREAM_CHUNK = 62_000
+# Bodies (or full-duplex chunks) from this size are parsed on a worker thread, the GIL released,
+# so one big body never holds up the other streams on the event loop; smaller ones cost less
+# than the thread hop (parsing runs at about 2 GB/s). A compressed body may decode to far more
+# than its size, so it goes to a thread sooner.
+OFFLOAD_BYTES = 1024 * 1024
+OFFLOAD_ENCODED_BYTES = 64 * 1024
+CONTENT_ENCODING = "content-encoding"
+
+
+@dataclass(frozen=True, slots=True)
+class BodyLimits:
+    """How request bodies are read: ``max_bytes`` bounds the raw and the decoded body in every
+    Envoy mode (413 past it); ``max_blocks`` the prefix levels hashed (0: the policy uses none)."""
+
+    max_bytes: int
+    max_blocks: int
+
+
+_parse_pool: ThreadPoolExecutor | None = None
+_R = TypeVar("_R")
+
+
+async def _off_loop(func: Callable[..., _R], *args: Any) -> _R:
+    """Runs a Rust parse that releases the GIL on a worker thread (two at most)."""
+    global _parse_pool  # noqa: PLW0603 - one pool for the process, made on first use
+    if _parse_pool is None:
+        _parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmlb-parse")
+    return await asyncio.get_running_loop().run_in_executor(_parse_pool, func, *args)
+
 
 _Mode = processing_mode_pb2.ProcessingMode
 BUFFERED = _Mode.BUFFERED
@@ -179,25 +212,34 @@ class HeaderWatch:
         return [stream.endpoint for stream in late]
 
 
-def _streamed_request_body(body: bytes, end_of_stream: bool) -> list[pb.ProcessingResponse]:
-    """The whole request body sent back to Envoy in chunks (FULL_DUPLEX_STREAMED)."""
-    view = memoryview(body)
-    chunks = [view[i : i + STREAM_CHUNK] for i in range(0, len(body), STREAM_CHUNK)] or [view]
-    last = len(chunks) - 1
-    return [
-        pb.ProcessingResponse(
-            request_body=pb.BodyResponse(
-                response=pb.CommonResponse(
-                    body_mutation=pb.BodyMutation(
-                        streamed_response=pb.StreamedBodyResponse(
-                            body=bytes(chunk), end_of_stream=end_of_stream and i == last
-                        )
-                    )
+def _streamed_request_body(received: list[bytes], end_of_stream: bool) -> Iterator[pb.ProcessingResponse]:
+    """The request body sent back to Envoy as it came (FULL_DUPLEX_STREAMED): chunks as they
+    arrived, only those over ``STREAM_CHUNK`` split, nothing joined. Lazy: each message is built
+    as gRPC takes it, so a big body's echo interleaves with other streams' work."""
+    pieces = len(received)
+    for n, chunk in enumerate(received, start=1):
+        last_chunk = n == pieces
+        if len(chunk) <= STREAM_CHUNK:
+            yield _body_piece(chunk, end_of_stream and last_chunk)
+            continue
+        view = memoryview(chunk)
+        for start in range(0, len(chunk), STREAM_CHUNK):
+            end = start + STREAM_CHUNK >= len(chunk)
+            yield _body_piece(bytes(view[start : start + STREAM_CHUNK]), end_of_stream and last_chunk and end)
+    if not received:
+        yield _body_piece(b"", end_of_stream)
+
+
+def _body_piece(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(
+                    streamed_response=pb.StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
                 )
             )
         )
-        for i, chunk in enumerate(chunks)
-    ]
+    )
 
 
 def _echo_response_chunk(body: pb.HttpBody) -> pb.ProcessingResponse:
@@ -221,10 +263,14 @@ class _Stream:
         "body_mode",
         "chunks",
         "closed_for_drain",
+        "encoding",
         "endpoint",
         "failed",
+        "limits",
+        "parser",
         "picked",
         "picker",
+        "refused",
         "response_mode",
         "responses",
         "task",
@@ -232,10 +278,20 @@ class _Stream:
         "watch",
     )
 
-    def __init__(self, picker: Picker, responses: _PickResponses, watch: HeaderWatch) -> None:
+    def __init__(
+        self, picker: Picker, responses: _PickResponses, watch: HeaderWatch, limits: BodyLimits
+    ) -> None:
         self.picker = picker
         self.responses = responses
         self.watch = watch
+        self.limits = limits
+        # The request's Content-Encoding (None: identity); the body is decoded to be read and
+        # forwarded as it came.
+        self.encoding: str | None = None
+        # Full duplex: the body read as it arrives, and its chunks held until the pick.
+        self.parser: RequestStream | None = None
+        # An immediate response ended the request: later body chunks are dropped.
+        self.refused = False
         # The response status was an error (4xx/5xx).
         self.failed = False
         self.body_mode = BUFFERED
@@ -255,17 +311,21 @@ class _Stream:
         stream with OK now lets Envoy finish the HTTP request without it."""
         return bool(self.response_mode == NONE and self.body_mode != FULL_DUPLEX)
 
-    async def _pick(self, body: bytes | None) -> str | pb.ProcessingResponse:
-        """The endpoint, or the immediate response that ends the request."""
+    async def _pick(self, request: ParsedRequest | None) -> str | pb.ProcessingResponse:
+        """The endpoint, or the immediate response that ends the request. ``None`` picks from
+        the headers alone."""
         self.picked = True
-        outcome = await self.picker.pick(body)
+        outcome = await self.picker.pick(request)
         if isinstance(outcome, Refusal):
+            self.refused = True
             return immediate_response(outcome)
         self.ticket, self.endpoint = outcome
         self.watch.picked(self)
         return self.endpoint
 
-    async def handle(self, request: pb.ProcessingRequest, kind: str | None) -> list[pb.ProcessingResponse]:
+    async def handle(
+        self, request: pb.ProcessingRequest, kind: str | None
+    ) -> Iterable[pb.ProcessingResponse]:
         """``kind`` is ``request.WhichOneof("request")``."""
         if request.HasField("protocol_config"):
             self.body_mode = request.protocol_config.request_body_mode
@@ -288,6 +348,10 @@ class _Stream:
         return []
 
     async def _request_headers(self, headers: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
+        for header in headers.headers.headers:
+            if header.key == CONTENT_ENCODING:
+                self.encoding = header.raw_value.decode("latin-1")
+                break
         # No body to wait for (a GET, or Envoy sends none): pick now from headers alone.
         # STREAMED mode routes as soon as the headers are answered, so it can only pick here too.
         if headers.end_of_stream or self.body_mode in (NONE, STREAMED):
@@ -299,29 +363,70 @@ class _Stream:
             return []  # held until the body is complete: the answer carries the pick
         return [_HEADERS_STRIP]
 
-    async def _request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+    async def _request_body(self, body: pb.HttpBody) -> Iterable[pb.ProcessingResponse]:
+        if self.refused:
+            return []
         if self.body_mode == FULL_DUPLEX:
             if self.picked:  # a stray chunk after the end: pass it on untouched
-                return _streamed_request_body(body.body, body.end_of_stream)
-            self.chunks.append(body.body)
+                return _streamed_request_body([body.body], body.end_of_stream)
+            if not await self._read_chunk(body.body):
+                return [self._too_large()]
             if not body.end_of_stream:
                 return []
             return await self._finish_full_duplex(end_of_stream=True)
         if self.picked:
             return [_BODY_CONTINUE]
         # BUFFERED (and BUFFERED_PARTIAL): the whole body, or all Envoy would buffer, is here.
-        endpoint = await self._pick(body.body)
+        parsed = await self._parse_whole(body.body)
+        if parsed.too_large:
+            return [self._too_large()]
+        endpoint = await self._pick(parsed)
         if isinstance(endpoint, pb.ProcessingResponse):
             return [endpoint]
         return [self.responses.in_body(endpoint)]
 
-    async def _finish_full_duplex(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
-        body = b"".join(self.chunks)
-        self.chunks = []
-        endpoint = await self._pick(body)
+    async def _parse_whole(self, body: bytes) -> ParsedRequest:
+        limits = self.limits
+        offload = OFFLOAD_ENCODED_BYTES if self.encoding else OFFLOAD_BYTES
+        if len(body) >= offload:
+            return await _off_loop(parse_body, body, self.encoding, limits.max_bytes, limits.max_blocks)
+        return parse_body(body, self.encoding, limits.max_bytes, limits.max_blocks)
+
+    async def _read_chunk(self, chunk: bytes) -> bool:
+        """Feeds a full-duplex chunk to the parser and holds it for the echo; ``False`` once the
+        body is over the limit (everything held is dropped at once)."""
+        if self.parser is None:
+            self.parser = RequestStream(self.encoding, self.limits.max_bytes, self.limits.max_blocks)
+        offload = OFFLOAD_ENCODED_BYTES if self.encoding else OFFLOAD_BYTES
+        try:
+            if len(chunk) >= offload:
+                await _off_loop(self.parser.feed, chunk)
+            else:
+                self.parser.feed(chunk)
+        except BodyTooLargeError:
+            self.chunks = []
+            self.parser = None
+            return False
+        self.chunks.append(chunk)
+        return True
+
+    def _too_large(self) -> pb.ProcessingResponse:
+        self.refused = True
+        self.picked = True
+        return immediate_response(self.picker.refuse_too_large(self.limits.max_bytes))
+
+    async def _finish_full_duplex(self, end_of_stream: bool) -> Iterable[pb.ProcessingResponse]:
+        if self.parser is None:  # no body bytes at all
+            self.parser = RequestStream(self.encoding, self.limits.max_bytes, self.limits.max_blocks)
+        parsed = self.parser.finish()
+        self.parser = None
+        received, self.chunks = self.chunks, []
+        endpoint = await self._pick(parsed)
         if isinstance(endpoint, pb.ProcessingResponse):
             return [endpoint]
-        return [self.responses.in_headers(endpoint), *_streamed_request_body(body, end_of_stream)]
+        return itertools.chain(
+            (self.responses.in_headers(endpoint),), _streamed_request_body(received, end_of_stream)
+        )
 
     def on_response_headers(self, headers: pb.HttpHeaders) -> None:
         """Notes whether the request failed (it then claims no prefix entries, see `release`)
@@ -342,20 +447,21 @@ class _Stream:
         if status in ENVOY_UPSTREAM_FAILURES and not upstream_answered:
             self.picker.on_upstream_failure(self.endpoint)
 
-    async def _request_trailers(self) -> list[pb.ProcessingResponse]:
+    async def _request_trailers(self) -> Iterable[pb.ProcessingResponse]:
         if self.body_mode == FULL_DUPLEX and not self.picked:
             # The body ended with trailers rather than an end-of-stream chunk.
             answers = await self._finish_full_duplex(end_of_stream=False)
-            if answers and answers[0].HasField("immediate_response"):
+            if self.refused:
                 return answers
-            return [*answers, _REQUEST_TRAILERS_CONTINUE]
+            return itertools.chain(answers, (_REQUEST_TRAILERS_CONTINUE,))
         return [_REQUEST_TRAILERS_CONTINUE]
 
 
 class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, picker: Picker, metrics: Metrics, max_streams: int) -> None:
+    def __init__(self, picker: Picker, metrics: Metrics, max_streams: int, limits: BodyLimits) -> None:
         self.picker = picker
         self.metrics = metrics
+        self.limits = limits
         self.responses = _PickResponses()
         self.watch = HeaderWatch()
         self.open_streams = 0
@@ -398,7 +504,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 f"llmlb: {self.open_streams} ext_proc streams open (grpc_max_streams)",
             )
         self.open_streams += 1
-        stream = _Stream(self.picker, self.responses, self.watch)
+        stream = _Stream(self.picker, self.responses, self.watch, self.limits)
         try:
             async for request in request_iterator:
                 # The two messages of every request that need no pick are answered here, without

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmlb._core import Balancer, NoEndpointsError, OverLimitError, ShedError
+from llmlb._core import Balancer, NoEndpointsError, OverLimitError, ParsedRequest, ShedError
 from llmlb.metrics import Metrics
 
 log = logging.getLogger("llmlb.pick")
@@ -45,11 +45,11 @@ class Picker:
         self.on_upstream_failure = on_upstream_failure
         self._debug = log.isEnabledFor(logging.DEBUG)
 
-    async def pick(self, body: bytes | None) -> tuple[int, str] | Refusal:
-        """``(ticket, endpoint)``, or a refusal. ``body=None`` picks from headers alone."""
+    async def pick(self, request: ParsedRequest | None) -> tuple[int, str] | Refusal:
+        """``(ticket, endpoint)``, or a refusal. ``None`` picks from the headers alone."""
         started = time.perf_counter()
         try:
-            ticket, endpoint, reason, depth = self.balancer.pick(body)
+            ticket, endpoint, reason, depth = self.balancer.pick(request)
         except NoEndpointsError:
             return self._refuse_no_endpoints()
         except OverLimitError as e:
@@ -63,6 +63,14 @@ class Picker:
         """Ends a picked request; a ``failed`` one (an error answer) also takes back the prefix
         entries its pick claimed."""
         self.balancer.release(ticket, failed)
+
+    def refuse_too_large(self, max_bytes: int) -> Refusal:
+        self.metrics.immediate.inc(("413",))
+        return Refusal(
+            413,
+            "invalid_request_error",
+            f"llmlb: the request body (decoded, if compressed) is larger than {max_bytes} bytes",
+        )
 
     def _refuse_no_endpoints(self) -> Refusal:
         self.metrics.immediate.inc(("503",))

@@ -35,7 +35,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from llmlb._core import PICK_FIXED_KEYS, Balancer, NoEndpointsError, OverLimitError, shared_scripts
+from llmlb._core import (
+    PICK_FIXED_KEYS,
+    Balancer,
+    NoEndpointsError,
+    OverLimitError,
+    ParsedRequest,
+    shared_scripts,
+)
 from llmlb.config import Config, LbConfig
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker, Refusal
@@ -519,13 +526,13 @@ class SharedPicker(Picker):
         self._claimed: dict[int, tuple[str, list[str]]] = {}
         self._next_request = 0
 
-    async def pick(self, body: bytes | None) -> tuple[int, str] | Refusal:
+    async def pick(self, request: ParsedRequest | None) -> tuple[int, str] | Refusal:
         started = time.perf_counter()
         self._next_request += 1
         request_id = str(self._next_request)
         releases = self.shared.take_releases()
         try:
-            prepared = self.balancer.prepare_shared(body, request_id, random.getrandbits(31), releases)
+            prepared = self.balancer.prepare_shared(request, request_id, random.getrandbits(31), releases)
         except NoEndpointsError:
             self.shared.requeue(releases)
             return self._refuse_no_endpoints()

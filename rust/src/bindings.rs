@@ -124,6 +124,12 @@ impl PyParsedRequest {
         self.result.as_ref().err().map(ToString::to_string)
     }
 
+    /// The raw or decoded body passed `max_bytes` (the daemon answers 413).
+    #[getter]
+    fn too_large(&self) -> bool {
+        matches!(self.result, Err(ParseError::TooLarge { .. }))
+    }
+
     #[getter]
     fn kind(&self) -> Option<&'static str> {
         self.result.as_ref().ok().map(|r| r.kind.as_str())
@@ -436,6 +442,12 @@ impl PyBalancer {
     #[getter]
     fn policy(&self) -> &'static str {
         self.lock().config().policy.name()
+    }
+
+    /// Whether the policy reads prefix levels (only then are they worth hashing).
+    #[getter]
+    fn uses_prefix(&self) -> bool {
+        self.lock().config().policy.uses_prefix()
     }
 
     fn set_endpoints(&self, addresses: Vec<String>) {

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import http.client
 import signal
 import threading
 import time
@@ -16,6 +17,7 @@ from tests.support.procs import (
     Daemon,
     ManagedProcess,
     Reply,
+    SSEStream,
     get,
     metric_sum,
     post,
@@ -113,3 +115,75 @@ def test_two_pickers_share_the_streams_and_survive_a_stop(
     before = streams(second)
     assert post(url, CHAT).status == 200
     assert streams(second) == before + 1
+
+
+STREAM_CHUNKS = 10
+STREAM_HEADERS = {"x-test-stream-chunks": str(STREAM_CHUNKS), "x-test-stream-interval-ms": "40"}
+
+
+def test_a_rolling_restart_under_streaming_load_fails_and_truncates_nothing(
+    backends: list[Backend], tmp_path: Path, owned: list[ManagedProcess], mode: str
+) -> None:
+    """The issue's acceptance test: restart one of two pickers (SIGTERM with the default drain,
+    then start it again on the same port) while clients stream responses without pause."""
+    endpoints = [b.address for b in backends]
+    pickers = [
+        start_daemon(endpoints, "prefix_cache", tmp_path, name=f"rolling-{name}") for name in ("a", "b")
+    ]
+    owned.extend(p.proc for p in pickers)
+    first, second = pickers
+    envoy = start_envoy(
+        endpoints, first.grpc_port, mode, tmp_path, picker_ports=[second.grpc_port], name=f"envoy-roll-{mode}"
+    )
+    owned.append(envoy.proc)
+    wait_until(
+        lambda: set(picker_health(envoy.admin_url).values()) == {"healthy"},
+        5.0,
+        message="both pickers healthy in Envoy",
+    )
+    outcomes: list[str] = []  # "ok", or what went wrong
+    done = threading.Event()
+
+    def client(n: int) -> None:
+        for turn in range(10_000):
+            if done.is_set():
+                return
+            body = {"model": "test-model", "stream": True,
+                    "messages": [{"role": "user", "content": f"client {n} turn {turn}"}]}  # fmt: skip
+            try:
+                with SSEStream(f"{envoy.url}/v1/chat/completions", body, STREAM_HEADERS, timeout=10) as s:
+                    events = list(s.events(limit=STREAM_CHUNKS + 5)) if s.status == 200 else []
+                    if s.status != 200:
+                        outcomes.append(f"status {s.status}")
+                    elif len(events) != STREAM_CHUNKS + 1 or events[-1] != "[DONE]":
+                        outcomes.append(f"truncated after {len(events)} events")
+                    else:
+                        outcomes.append("ok")
+            except (OSError, http.client.HTTPException) as e:
+                outcomes.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(outcomes) >= 12, 10.0, message="streaming load to flow")
+        old = first.proc
+        old.send_signal(signal.SIGTERM)
+        assert old.wait(30) == 0, old.describe()
+        restarted = ManagedProcess(old.name + "-again", old.argv, old.log_path).start()
+        owned.append(restarted)
+        restarted.wait_ready(f"{first.admin_url}/readyz", timeout=5.0)
+        wait_until(
+            lambda: picker_health(envoy.admin_url).get(first.grpc_address) == "healthy",
+            10.0,
+            message="the restarted picker back in rotation",
+        )
+        served_before = streams(first)
+        wait_until(lambda: streams(first) > served_before + 5, 10.0, message="the restarted picker to serve")
+    finally:
+        done.set()
+        for t in threads:
+            t.join(15)
+    problems = [o for o in outcomes if o != "ok"]
+    assert len(outcomes) >= 50, f"only {len(outcomes)} streams"
+    assert problems == [], f"{len(problems)} of {len(outcomes)} streams failed: {problems[:5]}"

@@ -342,6 +342,9 @@ def main() -> None:
             access_log=None,
             shutdown_timeout=1.0,
             handle_signals=True,
+            # Record bodies as they came over the wire (like vLLM's server, which does not
+            # decode a Content-Encoding): tests check compressed bodies arrive unchanged.
+            auto_decompress=False,
         )
 
 

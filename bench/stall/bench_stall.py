@@ -29,12 +29,13 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.support.extproc_client import ExtProcCall  # noqa: E402
-from tests.support.procs import HOST, ManagedProcess, free_ports  # noqa: E402
+from tests.support.extproc_client import ExtProcCall
+from tests.support.procs import HOST, ManagedProcess, free_ports
 
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 CHUNK = 64 * 1024
+UNLIMITED = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 
 
 def headers_message(mode: int) -> pb.ProcessingRequest:
@@ -71,8 +72,7 @@ def big_body(address: str, size: int, mode: int, out: Any, ready: Any) -> None:
     head = b'{"model": "m", "messages": [{"role": "user", "content": "'
     tail = b'"}]}'
     body = head + b"a" * (size - len(head) - len(tail)) + tail
-    options = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
-    with grpc.insecure_channel(address, options=options) as channel:
+    with grpc.insecure_channel(address, options=UNLIMITED) as channel:
         ready.set()
         out.put(_send_big(channel, body, mode))
 
@@ -132,8 +132,7 @@ def run(python: str, size: int, rounds: int, workdir: Path) -> None:
     picker = ManagedProcess("llmlb", argv, workdir / "bench-stall-llmlb.log").start()
     try:
         picker.wait_ready(f"http://{HOST}:{admin_port}/readyz", timeout=30)
-        options = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
-        with grpc.insecure_channel(f"{HOST}:{grpc_port}", options=options) as channel:
+        with grpc.insecure_channel(f"{HOST}:{grpc_port}", options=UNLIMITED) as channel:
             for i in range(50):
                 small_pick(channel, i)  # warm up
             for mode, name in ((FULL_DUPLEX, "full-duplex"), (BUFFERED, "buffered")):

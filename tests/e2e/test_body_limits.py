@@ -76,10 +76,12 @@ def stream_body(port: int, total: int, chunk: int = 64 * 1024, timeout: float = 
         answered.set()
         head_part, _, body = reply.partition(b"\r\n\r\n")
         status = int(head_part.split(b" ", 2)[1])
-        length = next(
-            (int(line.split(b":")[1]) for line in head_part.split(b"\r\n") if line.lower().startswith(b"content-length")),
-            None,
-        )
+        lengths = [
+            int(line.split(b":")[1])
+            for line in head_part.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        ]
+        length = lengths[0] if lengths else None
         while length is not None and len(body) < length and time.monotonic() < deadline:
             data = sock.recv(65536)
             if not data:
@@ -160,6 +162,8 @@ def test_a_big_body_does_not_hold_up_small_requests(make_gateway: MakeGateway, m
         took = small.result(timeout=30)
     assert big.status == 200, big
     worst = max(took)
-    print(f"{mode}: big body {size >> 20} MiB in {big_took:.2f} s; {len(took)} small requests, "
-          f"median {sorted(took)[len(took) // 2] * 1000:.1f} ms, worst {worst * 1000:.1f} ms")
+    print(
+        f"{mode}: big body {size >> 20} MiB in {big_took:.2f} s; {len(took)} small requests, "
+        f"median {sorted(took)[len(took) // 2] * 1000:.1f} ms, worst {worst * 1000:.1f} ms"
+    )
     assert worst < 0.25, f"a small request waited {worst * 1000:.0f} ms behind the big body"

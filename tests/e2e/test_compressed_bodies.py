@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import zstandard
 
+from tests.support.conversations import conversation
 from tests.support.procs import Gateway, MakeGateway, metric_sum
 
 pytestmark = pytest.mark.e2e
@@ -28,13 +29,8 @@ CODECS: dict[str, Callable[[bytes], bytes]] = {
 }
 
 
-def conversation(turns: int, tag: str) -> dict[str, Any]:
-    messages: list[dict[str, str]] = [{"role": "system", "content": f"{tag}: " + "be thorough. " * 80}]
-    for i in range(turns):
-        messages.append({"role": "user", "content": f"question {i} " + "and why? " * 40})
-        if i < turns - 1:
-            messages.append({"role": "assistant", "content": f"answer {i}"})
-    return {"model": "test-model", "messages": messages}
+def chat(turns: int, tag: str) -> dict[str, Any]:
+    return {"model": "test-model", "messages": conversation(turns, tag)}
 
 
 def fallbacks(gw: Gateway) -> float:
@@ -62,7 +58,7 @@ def test_a_compressed_conversation_keeps_its_affinity_and_arrives_unchanged(
     bad_before, hits_before = fallbacks(pc_gateway), hits(pc_gateway)
     homes = set()
     for turns in (1, 2, 3):
-        body = compress(json.dumps(conversation(turns, f"{codec} {pc_gateway.mode}")).encode())
+        body = compress(json.dumps(chat(turns, f"{codec} {pc_gateway.mode}")).encode())
         reply = send(pc_gateway, body, codec)
         homes.add(reply.served_by)
         stats = pc_gateway.backend(reply.served_by).stats()
@@ -75,8 +71,8 @@ def test_a_compressed_conversation_keeps_its_affinity_and_arrives_unchanged(
 
 def test_compressed_and_plain_turns_share_one_prefix(pc_gateway: Gateway) -> None:
     tag = f"mixed {pc_gateway.mode}"
-    first = send(pc_gateway, json.dumps(conversation(1, tag)).encode(), None)
-    second = send(pc_gateway, gzip.compress(json.dumps(conversation(2, tag)).encode()), "gzip")
+    first = send(pc_gateway, json.dumps(chat(1, tag)).encode(), None)
+    second = send(pc_gateway, gzip.compress(json.dumps(chat(2, tag)).encode()), "gzip")
     assert second.served_by == first.served_by
 
 

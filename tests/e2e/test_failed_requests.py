@@ -6,24 +6,16 @@ a small table, displaced a live conversation's affinity.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from tests.support.procs import Gateway, MakeGateway, metric_sum
+from tests.support.conversations import conversation
+from tests.support.procs import Gateway, MakeGateway, metric_sum, wait_until
 
 pytestmark = pytest.mark.e2e
 
-SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 40}
 
-
-def turns(n: int) -> list[dict[str, Any]]:
-    messages: list[dict[str, Any]] = [SYSTEM]
-    for i in range(n):
-        messages.append({"role": "user", "content": f"turn {i}: " + "tell me more. " * 40})
-        if i < n - 1:
-            messages.append({"role": "assistant", "content": f"reply {i}"})
-    return messages
+def turns(n: int) -> list[dict[str, str]]:
+    return conversation(n, "failed requests")
 
 
 def prefix_hits(gw: Gateway) -> float:
@@ -33,7 +25,8 @@ def prefix_hits(gw: Gateway) -> float:
 
 def test_refused_requests_leave_no_prefix_entries(make_gateway: MakeGateway, mode: str) -> None:
     gw = make_gateway("prefix_cache", mode)
-    assert gw.daemon is not None
+    daemon = gw.daemon
+    assert daemon is not None
     home = gw.chat(turns(1)).served_by
     assert gw.chat(turns(2)).served_by == home
     entries = metric_sum(gw.daemon.metrics(), "llmlb_prefix_table_entries")
@@ -42,7 +35,12 @@ def test_refused_requests_leave_no_prefix_entries(make_gateway: MakeGateway, mod
         big = [{"role": "user", "content": f"document {i}: " + f"lorem {i} ipsum " * 60_000}]
         reply = gw.chat(big, headers={"x-test-status": "400"}, timeout=30)
         assert reply.status == 400, reply
-    assert metric_sum(gw.daemon.metrics(), "llmlb_prefix_table_entries") == entries
+    # The picker releases a request when its stream ends, just after the client has the answer.
+    wait_until(
+        lambda: metric_sum(daemon.metrics(), "llmlb_prefix_table_entries") == entries,
+        5.0,
+        message="the refused requests' prefix entries to be taken back",
+    )
     hits = prefix_hits(gw)
     reply = gw.chat(turns(3))
     assert reply.status == 200

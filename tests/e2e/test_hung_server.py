@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.conversations import conversation
 from tests.support.procs import (
     Daemon,
     Envoy,
@@ -71,16 +72,6 @@ def fleet_factory(tmp_path: Path) -> Iterator[Any]:
     for proc in started:  # a stopped process must run again before it can exit on SIGTERM
         proc.send_signal(signal.SIGCONT)
     stop_all(reversed(started))
-
-
-def conversation(turns: int) -> list[dict[str, str]]:
-    system = {"role": "system", "content": "You answer questions about load balancing. " * 40}
-    messages = [system]
-    for i in range(turns):
-        messages.append({"role": "user", "content": f"question {i}: " + "why? " * 30})
-        if i < turns - 1:
-            messages.append({"role": "assistant", "content": f"answer {i}"})
-    return messages
 
 
 def test_a_stopped_server_is_taken_out_and_its_conversation_moves(fleet_factory: Any) -> None:

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from tests.support.certs import CA, Issued, replace_file, serial_of_der
-from tests.support.extproc_client import ExtProcCall
+from tests.support.extproc_client import ExtProcCall, bodyless_request
 from tests.support.procs import (
     HOST,
     Backend,
@@ -85,19 +83,6 @@ def tls_daemon(
     )
     owned.append(daemon.proc)
     return daemon
-
-
-def get_request() -> pb.ProcessingRequest:
-    """The first message of a body-less request (a GET): the picker picks on it at once."""
-    values = {":method": "GET", ":path": "/v1/models"}
-    return pb.ProcessingRequest(
-        request_headers=pb.HttpHeaders(
-            headers=base_pb2.HeaderMap(
-                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
-            ),
-            end_of_stream=True,
-        )
-    )
 
 
 def channel_connects(channel: grpc.Channel, timeout: float = NOT_CONNECTED_S) -> bool:
@@ -180,7 +165,7 @@ def test_clients_without_a_trusted_certificate_cannot_fake_load(
             assert not channel_connects(channel), f"{name}: connected"
             calls = [ExtProcCall(channel, timeout=3.0) for _ in range(10)]
             for call in calls:
-                call.send(get_request())  # a GET: picked on the headers alone
+                call.send(bodyless_request())  # a GET: picked on the headers alone
             for call in calls:
                 with pytest.raises(AssertionError, match="UNAVAILABLE"):
                     call.recv(timeout=5.0)
@@ -197,7 +182,7 @@ def test_clients_without_a_trusted_certificate_cannot_fake_load(
     )
     with good:
         call = ExtProcCall(good)
-        call.send(get_request())
+        call.send(bodyless_request())
         assert call.recv().HasField("request_headers")
         assert sum(daemon.inflight().values()) == 1
         call.close()
@@ -213,7 +198,7 @@ def test_tls_without_client_ca_takes_tls_clients_only(
     with grpc.secure_channel(daemon.grpc_address, grpc.ssl_channel_credentials(pki.ca.cert_pem)) as tls:
         assert channel_connects(tls, timeout=5.0)
         call = ExtProcCall(tls)
-        call.send(get_request())
+        call.send(bodyless_request())
         assert call.recv().HasField("request_headers")
         call.close()
     daemon.wait_idle()
@@ -256,7 +241,7 @@ def test_certificates_are_reloaded_and_a_broken_replacement_is_refused(
         assert metric_sum(daemon.metrics(), "llmlb_tls_reloads_total", result="error") == 1
         assert "grpc_tls.cert" in daemon.proc.log_tail(200)
         call = ExtProcCall(channel)
-        call.send(get_request())
+        call.send(bodyless_request())
         assert call.recv().HasField("request_headers")
         call.close()
     daemon.wait_idle()

@@ -10,28 +10,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from tests.support.extproc_client import ExtProcCall
+from tests.support.extproc_client import ExtProcCall, bodyless_request
 from tests.support.procs import Daemon, metric_sum, start_daemon, wait_until
 
 pytestmark = pytest.mark.e2e
 
 ENDPOINTS = ["10.13.0.1:8000", "10.13.0.2:8000", "10.13.0.3:8000"]
-
-
-def get_request() -> pb.ProcessingRequest:
-    """A body-less request's headers: picked at once, the stream then stays open (in flight)."""
-    values = {":method": "GET", ":path": "/v1/models"}
-    return pb.ProcessingRequest(
-        request_headers=pb.HttpHeaders(
-            headers=base_pb2.HeaderMap(
-                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
-            ),
-            end_of_stream=True,
-        )
-    )
 
 
 def capped_daemon(tmp_path: Path, **caps: int) -> Iterator[Daemon]:
@@ -74,12 +59,12 @@ def test_the_stream_beyond_grpc_max_streams_is_refused(total_capped: Daemon) -> 
     ):
         calls = [ExtProcCall(ch) for ch in (one, one, two)]
         for call in calls:
-            call.send(get_request())
+            call.send(bodyless_request())
             assert call.recv().HasField("request_headers")
         assert counters(daemon) == (3, 0, 3)
         for channel in (one, two):
             extra = ExtProcCall(channel, timeout=5.0)
-            extra.send(get_request())
+            extra.send(bodyless_request())
             with pytest.raises(AssertionError, match="RESOURCE_EXHAUSTED"):
                 extra.recv()
         # Refused before a pick: in flight counts only the first three.
@@ -87,7 +72,7 @@ def test_the_stream_beyond_grpc_max_streams_is_refused(total_capped: Daemon) -> 
         calls[0].close()
         wait_until(lambda: sum(daemon.inflight().values()) == 2, 5.0, message="the first stream to end")
         again = ExtProcCall(one)
-        again.send(get_request())
+        again.send(bodyless_request())
         assert again.recv().HasField("request_headers")  # room again
         assert counters(daemon) == (6, 2, 3)
         for call in (*calls[1:], again):
@@ -100,9 +85,9 @@ def test_a_third_stream_on_one_connection_is_held_back_not_failed(connection_cap
     with grpc.insecure_channel(daemon.grpc_address) as channel:
         first, second, third = (ExtProcCall(channel, timeout=10.0) for _ in range(3))
         for call in (first, second):
-            call.send(get_request())
+            call.send(bodyless_request())
             assert call.recv().HasField("request_headers")
-        third.send(get_request())
+        third.send(bodyless_request())
         # The client's HTTP/2 stack keeps the third stream waiting: the daemon never sees it.
         assert third.nothing_within(1.0)
         assert counters(daemon) == (2, 0, 2)

@@ -15,6 +15,7 @@ import pytest
 from tests.support.procs import (
     Backend,
     Daemon,
+    Envoy,
     ManagedProcess,
     Reply,
     SSEStream,
@@ -56,18 +57,19 @@ def picker_health(admin_url: str) -> dict[str, str]:
     return flags
 
 
-def test_two_pickers_share_the_streams_and_survive_a_stop(
-    backends: list[Backend], tmp_path: Path, owned: list[ManagedProcess], mode: str
-) -> None:
+def two_pickers(
+    backends: list[Backend], workdir: Path, owned: list[ManagedProcess], mode: str, policy: str
+) -> tuple[Daemon, Daemon, Envoy]:
+    """Pickers A and B behind one Envoy (`--picker A --picker B`), both healthy in it."""
     endpoints = [b.address for b in backends]
     pickers = []
     for name in ("a", "b"):
-        daemon = start_daemon(endpoints, "global_least_request", tmp_path, name=f"picker-{name}")
+        daemon = start_daemon(endpoints, policy, workdir, name=f"picker-{name}")
         owned.append(daemon.proc)
         pickers.append(daemon)
     first, second = pickers
     envoy = start_envoy(
-        endpoints, first.grpc_port, mode, tmp_path, picker_ports=[second.grpc_port], name=f"envoy-two-{mode}"
+        endpoints, first.grpc_port, mode, workdir, picker_ports=[second.grpc_port], name=f"envoy-two-{mode}"
     )
     owned.append(envoy.proc)
     wait_until(
@@ -75,6 +77,13 @@ def test_two_pickers_share_the_streams_and_survive_a_stop(
         5.0,
         message="both pickers healthy in Envoy",
     )
+    return first, second, envoy
+
+
+def test_two_pickers_share_the_streams_and_survive_a_stop(
+    backends: list[Backend], tmp_path: Path, owned: list[ManagedProcess], mode: str
+) -> None:
+    first, second, envoy = two_pickers(backends, tmp_path, owned, mode, "global_least_request")
     url = f"{envoy.url}/v1/chat/completions"
     for _ in range(12):
         reply = post(url, CHAT)
@@ -126,21 +135,7 @@ def test_a_rolling_restart_under_streaming_load_fails_and_truncates_nothing(
 ) -> None:
     """The issue's acceptance test: restart one of two pickers (SIGTERM with the default drain,
     then start it again on the same port) while clients stream responses without pause."""
-    endpoints = [b.address for b in backends]
-    pickers = [
-        start_daemon(endpoints, "prefix_cache", tmp_path, name=f"rolling-{name}") for name in ("a", "b")
-    ]
-    owned.extend(p.proc for p in pickers)
-    first, second = pickers
-    envoy = start_envoy(
-        endpoints, first.grpc_port, mode, tmp_path, picker_ports=[second.grpc_port], name=f"envoy-roll-{mode}"
-    )
-    owned.append(envoy.proc)
-    wait_until(
-        lambda: set(picker_health(envoy.admin_url).values()) == {"healthy"},
-        5.0,
-        message="both pickers healthy in Envoy",
-    )
+    first, _, envoy = two_pickers(backends, tmp_path, owned, mode, "prefix_cache")
     outcomes: list[str] = []  # "ok", or what went wrong
     done = threading.Event()
 

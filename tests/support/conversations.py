@@ -10,3 +10,17 @@ def opening(conv: int, nonce: str) -> list[dict[str, str]]:
         {"role": "system", "content": persona},
         {"role": "user", "content": f"Conversation {conv} ({nonce}): tell me about topic {conv * 7919}."},
     ]
+
+
+def conversation(turns: int, tag: str = "", system_repeat: int = 40) -> list[dict[str, str]]:
+    """A conversation after `turns` user turns: a long system prompt (several prefix blocks),
+    then alternating user and assistant messages, ending with the user's turn `turns - 1`.
+    Turn n+1 extends turn n, so its prefix levels extend them too; `tag` separates runs."""
+    messages = [
+        {"role": "system", "content": f"{tag} You answer carefully. " + "Be thorough. " * system_repeat}
+    ]
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"{tag} question {i}: " + "tell me more, and why? " * 20})
+        if i < turns - 1:
+            messages.append({"role": "assistant", "content": f"answer {i}"})
+    return messages

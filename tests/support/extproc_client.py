@@ -6,10 +6,25 @@ import queue
 import threading
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 DEST = "x-gateway-destination-endpoint"
+
+
+def bodyless_request(path: str = "/v1/models") -> pb.ProcessingRequest:
+    """The first (and only request-side) message of a body-less request such as a GET: the
+    picker picks on it at once, and the stream then stays open, in flight, until it ends."""
+    values = {":method": "GET", ":path": path}
+    return pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
+            ),
+            end_of_stream=True,
+        )
+    )
 
 
 def picked_header(mutation: pb.HeaderMutation) -> str:

@@ -359,12 +359,19 @@ class ManagedProcess:
             raise  # unreachable; keeps type checkers happy
 
     def stop(self, timeout: float = 5.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout` s. Returns the exit code (None if never started)."""
+        """SIGTERM, a second SIGTERM 0.1 s later if still running (llmlb then cuts its drain
+        short instead of serving its drain_grace: teardown is not a drain test), then SIGKILL
+        after `timeout` s. Returns the exit code (None if never started)."""
         if self.popen is None:
             return None
         if self.popen.poll() is None:
             with contextlib.suppress(OSError):
                 self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(0.1)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:

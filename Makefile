@@ -78,6 +78,10 @@ bench-e2e: ## Requests/s, latency and picker CPU through a real Envoy (wrk; apt-
 bench-redis: ## What shared state in Redis adds per pick, through Envoy at a fixed rate
 	$(PYTHON) bench/redis/bench_redis.py
 
+.PHONY: bench-stall
+bench-stall: ## How long one big request body holds up other streams in the picker (both Envoy modes)
+	$(PYTHON) bench/stall/bench_stall.py
+
 .PHONY: bench-quality
 bench-quality: ## Routing quality (KV hit rate, TTFT, hot spots) of each policy over simulated vLLM servers
 	$(PYTHON) bench/quality/run.py

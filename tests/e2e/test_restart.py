@@ -63,7 +63,9 @@ def test_restart_right_after_kill_9_serves_within_2s(make_gateway: MakeGateway) 
         message="a request through Envoy to succeed after the restart",
     )
     assert reply.status == 200
-    assert time.monotonic() - started < 2.0
+    took = time.monotonic() - started
+    print(f"serving again {took:.2f} s after the restart")
+    assert took < 2.0
 
 
 def test_a_port_in_use_still_fails_with_one_line(make_gateway: MakeGateway) -> None:

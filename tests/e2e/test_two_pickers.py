@@ -180,5 +180,6 @@ def test_a_rolling_restart_under_streaming_load_fails_and_truncates_nothing(
         for t in threads:
             t.join(15)
     problems = [o for o in outcomes if o != "ok"]
+    print(f"{mode}: {len(outcomes)} streamed responses across the restart, {len(problems)} failed or cut")
     assert len(outcomes) >= 50, f"only {len(outcomes)} streams"
     assert problems == [], f"{len(problems)} of {len(outcomes)} streams failed: {problems[:5]}"

@@ -13,7 +13,7 @@ Sizes are in characters; the simulator counts about 4 characters per token and c
 tokens (64 characters). Every workload's text starts with a marker unique to the workload and the
 session (or group), so no two workloads, and no two unrelated sessions, share a prefix by accident.
 
-Four workloads (the sizes assume the runner's default fleet: 4 simulators with 2048 KV blocks of 16
+Five workloads (the sizes assume the runner's default fleet: 4 simulators with 2048 KV blocks of 16
 tokens each, i.e. 32k tokens ~ 128 KB of prompt per server; see README.md):
 
 - ``multi_turn``: sticky chat sessions (4.5/s), each with its own ~2 KB system prompt, 3-8 turns,
@@ -23,6 +23,9 @@ tokens each, i.e. 32k tokens ~ 128 KB of prompt per server; see README.md):
 - ``shared_prefix``: like inference-perf's shared_prefix: 32 groups, each a ~6 KB shared prefix
   followed by a unique question *in the same user message*; single turn, 30 req/s Poisson.
 - ``random``: unique 4-8 KB prompts, 20 req/s Poisson: no reuse at all (load balancing only).
+- ``hot_prompt``: every session shares ONE ~4 KB system prompt; 20 sessions/s of 1-3 turns, each
+  turn a unique user question: tens of requests in flight at once, all sharing one prefix, so
+  every server can (and should) hold it: the case where prefix affinity piles up on its holders.
 """
 
 from __future__ import annotations
@@ -174,7 +177,7 @@ def _cap(sessions: list[Session], max_requests: int) -> tuple[Session, ...]:
 
 
 # --------------------------------------------------------------------------------------------------
-# the four workloads
+# the workloads
 
 
 def multi_turn(
@@ -307,19 +310,66 @@ def random_prompts(
     )
 
 
+def hot_prompt(
+    *,
+    seed: int = 1,
+    duration: float = 15.0,
+    max_requests: int = 2000,
+    system_chars: int = 4000,
+    session_rate: float = 20.0,
+    turns: tuple[int, int] = (1, 3),
+    user_chars: tuple[int, int] = (1500, 3000),
+    assistant_chars: tuple[int, int] = (200, 500),
+    think_mean: float = 0.3,
+) -> Workload:
+    """One system prompt shared by every session, at a rate that keeps tens of requests in flight:
+    the whole fleet can hold the prompt, so the right picker spreads the load instead of sending
+    everything to the servers that cached it first."""
+    rng = random.Random(f"hot_prompt/{seed}")
+    system = f"[hot_prompt {seed}] You are the shared assistant. " + text(rng, system_chars)
+    sessions = []
+    for i, start in enumerate(_poisson_arrivals(rng, session_rate, duration, max_requests)):
+        n = _between(rng, *turns)
+        session_turns = tuple(
+            Turn(
+                user=f"(user {i} question {k}) " + text(rng, _between(rng, *user_chars)),
+                assistant=text(rng, _between(rng, *assistant_chars)),
+                think=0.0 if k == 0 else rng.expovariate(1.0 / think_mean),
+            )
+            for k in range(n)
+        )
+        sessions.append(Session(f"hp{i}", start, system, session_turns, "hot"))
+    return Workload(
+        "hot_prompt",
+        f"{session_rate:g} sessions/s of {turns[0]}-{turns[1]} turns, all sharing one "
+        f"{system_chars // 1000} KB system prompt, a unique question per turn (think ~{think_mean:g} s)",
+        duration,
+        max_requests,
+        _cap(sessions, max_requests),
+    )
+
+
 BUILDERS: dict[str, Callable[..., Workload]] = {
     "multi_turn": multi_turn,
     "shared_system": shared_system,
     "shared_prefix": shared_prefix,
     "random": random_prompts,
+    "hot_prompt": hot_prompt,
 }
 RATE_KEYS = {
     "multi_turn": "session_rate",
     "shared_system": "session_rate",
     "shared_prefix": "rate",
     "random": "rate",
+    "hot_prompt": "session_rate",
 }
-DEFAULT_RATES = {"multi_turn": 4.5, "shared_system": 7.5, "shared_prefix": 30.0, "random": 20.0}
+DEFAULT_RATES = {
+    "multi_turn": 4.5,
+    "shared_system": 7.5,
+    "shared_prefix": 30.0,
+    "random": 20.0,
+    "hot_prompt": 20.0,
+}
 
 
 def build(

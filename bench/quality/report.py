@@ -45,6 +45,30 @@ def _ratio(values: list[float]) -> float | None:
     return round(max(values) / mean, 2) if mean > 0 else None
 
 
+def idle_while_queued(
+    samples: list[dict[str, Any]], sims: list[str], max_running: int, interval: float
+) -> tuple[float, float]:
+    """(longest stretch, total) in seconds during which some simulator had nothing waiting and a
+    free batch slot (waiting == 0 and running < `max_running`) while another had >= 2 waiting.
+
+    Each sample stands for the time until the next one (the last for `interval`), so the resolution
+    is one sampling interval. A sample missing a simulator judges the ones it has."""
+    rows = sorted((row for row in samples if any(s in row for s in sims)), key=lambda row: row["t"])
+    longest = total = stretch = 0.0
+    for i, row in enumerate(rows):
+        counts = [row[s] for s in sims if s in row]
+        dt = rows[i + 1]["t"] - row["t"] if i + 1 < len(rows) else interval
+        idle = any(waiting == 0 and running < max_running for running, waiting in counts)
+        queued = any(waiting >= 2 for _, waiting in counts)
+        if idle and queued:
+            stretch += dt
+            total += dt
+            longest = max(longest, stretch)
+        else:
+            stretch = 0.0
+    return round(longest, 2), round(total, 2)
+
+
 def summarize(
     *,
     config: str,
@@ -53,12 +77,17 @@ def summarize(
     sim_stats: dict[str, dict[str, Any]],
     samples: list[dict[str, Any]],
     span: float,
+    oracle: tuple[int, int] | None = None,
+    max_running: int = 16,
+    sample_interval: float = 0.1,
 ) -> dict[str, Any]:
     """The figures of one workload x configuration cell.
 
     `records`: one dict per request sent (fields of run.Record); `sim_stats`: each simulator's
     /_sim/stats after the cell; `samples`: rows of {"t": s, sim: (running, waiting)} taken during the
-    cell; `span`: s from the start of the cell to the last answer.
+    cell every `sample_interval` s; `span`: s from the start of the cell to the last answer;
+    `oracle`: (cached, prompt) tokens of the oracle over the answered requests (oracle.py);
+    `max_running`: the simulators' batch size (``--max-running``).
     """
     ok = [r for r in records if r["error"] is None]
     prompt = sum(r["prompt_tokens"] for r in ok)
@@ -72,7 +101,7 @@ def summarize(
         client_per_sim[r["sim"] or "?"] = client_per_sim.get(r["sim"] or "?", 0) + 1
     sim_prompt = sum(_stat(sim_stats[s], "prompt_tokens_total", "prompt_tokens") for s in sims)
     sim_cached = sum(_stat(sim_stats[s], "cached_tokens_total", "cached_tokens") for s in sims)
-    max_running = {s: int(_stat(sim_stats[s], "max_running_seen")) for s in sims}
+    seen_running = {s: int(_stat(sim_stats[s], "max_running_seen")) for s in sims}
     # time-averaged queue (running + waiting) per simulator over the samples taken under load
     busy: dict[str, float] = {}
     for s in sims:
@@ -86,6 +115,10 @@ def summarize(
         counts[r["key"]] = counts.get(r["key"], 0) + 1
         served.setdefault(r["key"], set()).add(r["sim"] or "?")
     repeated = [len(served[k]) for k, n in counts.items() if n > 1]
+    idle_max, idle_total = idle_while_queued(samples, sims, max_running, sample_interval)
+    inflight = [sum(sum(row[s]) for s in sims if s in row) for row in samples]
+    oracle_rate = oracle[0] / oracle[1] if oracle and oracle[1] else None
+    hit_rate = cached / prompt if prompt else None
     errors: dict[str, int] = {}
     for r in records:
         if r["error"] is not None:
@@ -99,10 +132,15 @@ def summarize(
         "ok": len(ok),
         "errors": len(records) - len(ok),
         "error_kinds": errors,
-        "hit_rate": round(cached / prompt, 4) if prompt else None,
+        "hit_rate": round(hit_rate, 4) if hit_rate is not None else None,
         "hit_rate_sims": round(sim_cached / sim_prompt, 4) if sim_prompt else None,
         "prompt_tokens": prompt,
         "cached_tokens": cached,
+        "oracle_hit_rate": round(oracle_rate, 4) if oracle_rate is not None else None,
+        "oracle_prompt_tokens": oracle[1] if oracle else None,
+        "hit_over_oracle": (
+            round(hit_rate / oracle_rate, 3) if hit_rate is not None and oracle_rate else None
+        ),
         "ttft_p50_ms": _ms(percentile(ttfts, 50)),
         "ttft_p90_ms": _ms(percentile(ttfts, 90)),
         "ttft_p99_ms": _ms(percentile(ttfts, 99)),
@@ -115,12 +153,17 @@ def summarize(
         "requests_per_sim": per_sim,
         "requests_per_sim_client": client_per_sim,
         "requests_max_over_mean": _ratio([float(v) for v in per_sim.values()]),
-        "max_running_seen": max_running,
-        "max_running_max": max(max_running.values(), default=0),
-        "max_running_mean": round(sum(max_running.values()) / len(max_running), 2) if max_running else 0.0,
+        "max_running_seen": seen_running,
+        "max_running_max": max(seen_running.values(), default=0),
+        "max_running_mean": round(sum(seen_running.values()) / len(seen_running), 2) if seen_running else 0.0,
         "sims_per_key": round(sum(repeated) / len(repeated), 2) if repeated else None,
         "queue_avg_per_sim": busy,
         "queue_avg_max_over_mean": _ratio(list(busy.values())),
+        "idle_while_queued_max_s": idle_max,
+        "idle_while_queued_total_s": idle_total,
+        "inflight_max": max(inflight, default=0),
+        "inflight_mean": round(sum(inflight) / len(inflight), 1) if inflight else 0.0,
+        "samples": len(samples),
     }
 
 
@@ -137,7 +180,9 @@ def one_line(c: dict[str, Any]) -> str:
         f"{c['config']:22} {c['workload']:14} {c['ok']:4d}/{c['requests']:<4d} ok  "
         f"hit {_fmt(c['hit_rate'], pct=True):>6} (sims {_fmt(c['hit_rate_sims'], pct=True)})  "
         f"TTFT p50 {_fmt(c['ttft_p50_ms'])} ms p99 {_fmt(c['ttft_p99_ms'])} ms  {c['rps']:.1f} req/s  "
-        f"req max/mean {_fmt(c['requests_max_over_mean'], 2)}"
+        f"req max/mean {_fmt(c['requests_max_over_mean'], 2)}  "
+        f"oracle {_fmt(c.get('oracle_hit_rate'), pct=True)}  "
+        f"idle-while-queued max {_fmt(c.get('idle_while_queued_max_s'), 1)} s"
     )
 
 
@@ -150,6 +195,8 @@ COLUMNS = (
     ("errors", "errors", 0),
     ("hit_rate", "KV hit rate", "pct"),
     ("hit_rate_sims", "(sims)", "pct"),
+    ("oracle_hit_rate", "oracle", "pct"),
+    ("hit_over_oracle", "hit÷oracle", 2),
     ("ttft_p50_ms", "TTFT p50 ms", 0),
     ("ttft_p99_ms", "TTFT p99 ms", 0),
     ("ttft_mean_ms", "TTFT mean ms", 0),
@@ -161,7 +208,88 @@ COLUMNS = (
     ("max_running_max", "max running (max)", 0),
     ("max_running_mean", "(mean)", 1),
     ("queue_avg_max_over_mean", "queue max÷mean", 2),
+    ("idle_while_queued_max_s", "idle-while-queued max s", 1),
+    ("idle_while_queued_total_s", "(total s)", 1),
 )
+
+# --------------------------------------------------------------------------------------------------
+# targets: each llmlb configuration against round robin (and prefix_cache) of the same run
+
+BASELINES = ("round_robin", "sglang_cache_aware", "sglang_round_robin")
+HIT_OF_ORACLE = 0.97  # KV hit rate >= this x the oracle (workloads with reuse)
+P99_OF_RR = 0.8  # TTFT p99 <= this x round robin's
+MEAN_OF_RR = 1.0  # mean TTFT <= round robin's
+IDLE_MAX_S = 1.0  # longest idle-while-queued stretch
+REDIS_HIT_POINTS = 0.02  # prefix_cache_redis2's hit rate >= prefix_cache's - 2 points
+REDIS_P99_OF_PC = 1.1  # prefix_cache_redis2's TTFT p99 <= 1.1 x prefix_cache's
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def targets(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every target of every llmlb configuration (not a baseline) on every workload of the run.
+
+    `pass` is True/False, or None when the comparison is missing (no round robin cell, say)."""
+    by_key = {(c["workload"], c["config"]): c for c in cells}
+    out: list[dict[str, Any]] = []
+    for c in cells:
+        if c["config"] in BASELINES:
+            continue
+
+        def add(name: str, value: float | None, op: str, bound: float, cell: dict[str, Any] = c) -> None:
+            ok = None if value is None else (value >= bound if op == ">=" else value <= bound)
+            out.append(
+                {
+                    "workload": cell["workload"],
+                    "config": cell["config"],
+                    "target": name,
+                    "value": value,
+                    "bound": f"{op} {bound:g}",
+                    "pass": ok,
+                }
+            )
+
+        rr = by_key.get((c["workload"], "round_robin"), {})
+        if c.get("oracle_hit_rate"):  # reuse exists (not `random`)
+            add("KV hit ÷ oracle", c.get("hit_over_oracle"), ">=", HIT_OF_ORACLE)
+        add("TTFT p99 ÷ round robin", _div(c.get("ttft_p99_ms"), rr.get("ttft_p99_ms")), "<=", P99_OF_RR)
+        add("TTFT mean ÷ round robin", _div(c.get("ttft_mean_ms"), rr.get("ttft_mean_ms")), "<=", MEAN_OF_RR)
+        add("idle-while-queued max (s)", c.get("idle_while_queued_max_s"), "<=", IDLE_MAX_S)
+        if c["config"] == "prefix_cache_redis2":
+            pc = by_key.get((c["workload"], "prefix_cache"), {})
+            hit, pc_hit = c.get("hit_rate"), pc.get("hit_rate")
+            diff = round(hit - pc_hit, 4) if hit is not None and pc_hit is not None else None
+            add("KV hit - prefix_cache's", diff, ">=", -REDIS_HIT_POINTS)
+            ratio = _div(c.get("ttft_p99_ms"), pc.get("ttft_p99_ms"))
+            add("TTFT p99 ÷ prefix_cache's", ratio, "<=", REDIS_P99_OF_PC)
+    return out
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def target_table(rows: list[dict[str, Any]]) -> str:
+    """The targets as a markdown table, with a count line."""
+    if not rows:
+        return "No targets: no llmlb configuration in this run.\n"
+    lines = [
+        "| workload | configuration | target | value | bound | result |",
+        "|---|---|---|---:|---|---|",
+    ]
+    for t in rows:
+        value = "-" if t["value"] is None else f"{t['value']:g}"
+        lines.append(
+            f"| `{t['workload']}` | `{t['config']}` | {t['target']} | {value} | {t['bound']} | "
+            f"**{_verdict(t['pass'])}** |"
+        )
+    passed = sum(1 for t in rows if t["pass"] is True)
+    failed = sum(1 for t in rows if t["pass"] is False)
+    missing = len(rows) - passed - failed
+    lines += ["", f"{passed} PASS, {failed} FAIL, {missing} n/a (targets are reported, not enforced)."]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -182,7 +310,13 @@ def markdown(results: dict[str, Any]) -> str:
         info = meta.get("workloads", {}).get(workload, {})
         lines += ["", f"## {workload}", ""]
         if info:
-            lines += [f"{info.get('description', '')}. {info.get('summary', '')}.", ""]
+            planned = info.get("oracle_hit_rate")
+            oracle_note = (
+                f" Oracle hit rate over every planned request: {_fmt(planned, pct=True)}."
+                if planned is not None
+                else ""
+            )
+            lines += [f"{info.get('description', '')}. {info.get('summary', '')}.{oracle_note}", ""]
         lines.append("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
         lines.append("|" + "|".join("---" if kind is None else "---:" for _, _, kind in COLUMNS) + "|")
         for c in cells:
@@ -208,19 +342,30 @@ def markdown(results: dict[str, Any]) -> str:
         "perfectly sticky). req/sim max÷mean: the busiest simulator's request count "
         "over the mean (1.00 = even). max running: the largest `max_running_seen` of the simulators "
         "(and their mean). queue max÷mean: time-averaged running+waiting of the busiest simulator over "
-        "the mean (sampled every 0.5 s).",
+        "the mean (sampled every 0.1 s). oracle: the hit rate with every session pinned to one server "
+        "(sessions sharing a system prompt or prefix group on the same one) and infinite caches, over "
+        "the same answered requests; hit÷oracle: the measured hit rate over it. idle-while-queued: the "
+        "longest stretch (and the total) during which a simulator had nothing waiting and a free batch "
+        "slot while another had 2 or more requests waiting.",
         "",
     ]
+    rows = results.get("targets")
+    if rows is None:
+        rows = targets(cells)
+    lines += ["## Targets", "", target_table(rows)]
     return "\n".join(lines)
 
 
 PANELS = (
-    ("hit_rate", "KV-cache hit rate", 100.0, "%"),
+    ("hit_rate", "KV-cache hit rate (black tick = oracle)", 100.0, "%"),
     ("ttft_p50_ms", "TTFT p50", 1.0, "ms"),
     ("ttft_p99_ms", "TTFT p99", 1.0, "ms"),
+    ("hit_over_oracle", "KV hit rate ÷ oracle", 1.0, "x"),
     ("output_tps", "output tokens/s", 1.0, "tok/s"),
     ("requests_max_over_mean", "requests per sim: max ÷ mean", 1.0, "x"),
     ("queue_avg_max_over_mean", "queue (running+waiting): max ÷ mean", 1.0, "x"),
+    ("idle_while_queued_max_s", "idle while another queues: longest", 1.0, "s"),
+    ("idle_while_queued_total_s", "idle while another queues: total", 1.0, "s"),
 )
 
 
@@ -235,18 +380,29 @@ def chart(results: dict[str, Any], path: Path) -> None:
     workloads = list(dict.fromkeys(c["workload"] for c in cells))
     configs = list(dict.fromkeys(c["config"] for c in cells))
     by_key = {(c["workload"], c["config"]): c for c in cells}
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    fig, axes = plt.subplots(3, 3, figsize=(16, 12))
     width = 0.8 / max(len(configs), 1)
     colors = plt.get_cmap("tab10")
     for ax, (key, title, scale, unit) in zip(axes.flat, PANELS, strict=True):
         for j, config in enumerate(configs):
-            xs, ys = [], []
+            xs, ys, oxs, oys = [], [], [], []
             for i, workload in enumerate(workloads):
-                value = by_key.get((workload, config), {}).get(key)
+                cell = by_key.get((workload, config), {})
+                value = cell.get(key)
+                x = i - 0.4 + width * (j + 0.5)
                 if value is not None:
-                    xs.append(i - 0.4 + width * (j + 0.5))
+                    xs.append(x)
                     ys.append(value * scale)
+                if key == "hit_rate" and cell.get("oracle_hit_rate") is not None:
+                    oxs.append(x)
+                    oys.append(cell["oracle_hit_rate"] * scale)
             ax.bar(xs, ys, width, label=config, color=colors(j % 10))
+            if oxs:
+                ax.scatter(oxs, oys, marker="_", s=120, color="black", linewidths=1.5, zorder=3)
+        if key == "hit_over_oracle":
+            ax.axhline(HIT_OF_ORACLE, color="grey", linestyle="--", linewidth=1)
+        elif key == "idle_while_queued_max_s":
+            ax.axhline(IDLE_MAX_S, color="grey", linestyle="--", linewidth=1)
         ax.set_title(f"{title} ({unit})", fontsize=10)
         ax.set_xticks(range(len(workloads)))
         ax.set_xticklabels(workloads, fontsize=8)
@@ -261,7 +417,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         f"{meta.get('seconds', '?')} s per cell",
         fontsize=12,
     )
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

@@ -15,6 +15,10 @@ Configurations:
 - ``sglang_cache_aware``, ``sglang_round_robin``: sglang-router (PyPI) over the same simulators, the
   client talking to the router directly. Skipped with a note when it cannot be installed or started.
 
+Each cell also gets the oracle hit rate of its answered requests (oracle.py), the longest stretch
+during which a simulator idled while another queued, and at the end a PASS/FAIL table of the
+targets (report.targets; reported, never enforced: the exit code does not depend on them).
+
     python bench/quality/run.py [--sims 4] [--seconds 15] [--configs a,b] [--workloads a,b] [--out DIR]
 """
 
@@ -43,6 +47,7 @@ for _path in (ROOT, HERE):
         sys.path.insert(0, str(_path))
 
 import aiohttp  # noqa: E402
+import oracle  # noqa: E402
 import orjson  # noqa: E402
 import report  # noqa: E402
 import workloads  # noqa: E402
@@ -66,6 +71,7 @@ from tests.support.procs import (  # noqa: E402
 LLMLB_POLICIES = ("global_least_request", "prefix_cache", "least_busy")
 SGLANG_CONFIGS = {"sglang_cache_aware": "cache_aware", "sglang_round_robin": "round_robin"}
 CONFIGS = ("round_robin", *LLMLB_POLICIES, *SGLANG_CONFIGS)
+SAMPLE_INTERVAL = 0.1  # s between two samples of every simulator's running/waiting
 DEFAULT_SGLANG_VENV = Path("/tmp/sgl-venv")
 SGLANG_VERSION = "0.3.2"
 
@@ -291,20 +297,29 @@ async def send(http: aiohttp.ClientSession, url: str, body: dict[str, Any], rec:
 
 
 async def sample_sims(sims: list[Sim], samples: list[dict[str, Any]], interval: float, t0: float) -> None:
-    """Polls every simulator's /_sim/stats (running, waiting) until cancelled."""
-    timeout = aiohttp.ClientTimeout(total=2.0)
+    """Polls every simulator's /_sim/stats (running, waiting) at once, every `interval` s (on a fixed
+    schedule: a slow poll shortens the next wait), until cancelled. A simulator that does not answer
+    within the interval is left out of that row."""
+    timeout = aiohttp.ClientTimeout(total=max(interval, 0.05))
+
+    async def one(http: aiohttp.ClientSession, s: Sim) -> tuple[int, int] | None:
+        try:
+            async with http.get(f"{s.url}/_sim/stats") as resp:
+                stats = await resp.json()
+            return int(stats.get("running", 0)), int(stats.get("waiting", 0))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
+
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        for _ in range(100_000):
-            row: dict[str, Any] = {"t": time.monotonic() - t0}
-            for s in sims:
-                try:
-                    async with http.get(f"{s.url}/_sim/stats") as resp:
-                        stats = await resp.json()
-                    row[s.name] = (int(stats.get("running", 0)), int(stats.get("waiting", 0)))
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-                    continue
+        next_at = time.monotonic()
+        for _ in range(10_000_000):
+            t = time.monotonic() - t0
+            counts = await asyncio.gather(*(one(http, s) for s in sims))
+            row: dict[str, Any] = {"t": round(t, 3)}
+            row.update({s.name: c for s, c in zip(sims, counts, strict=True) if c is not None})
             samples.append(row)
-            await asyncio.sleep(interval)
+            next_at = max(next_at + interval, time.monotonic())
+            await asyncio.sleep(next_at - time.monotonic())
 
 
 async def drive(
@@ -338,7 +353,7 @@ async def drive(
                 await send(http, url, s.body(k, max_tokens), rec, t0)
 
         tasks = [asyncio.create_task(session(s)) for s in workload.sessions]
-        sampler = asyncio.create_task(sample_sims(sims, samples, 0.5, t0))
+        sampler = asyncio.create_task(sample_sims(sims, samples, SAMPLE_INTERVAL, t0))
         deadline = t0 + workload.duration + drain_timeout
         pending: set[asyncio.Task[None]] = set(tasks)
         for _ in range(100_000):
@@ -352,6 +367,26 @@ async def drive(
         await asyncio.gather(*pending, sampler, return_exceptions=True)
     ends = [r.sent + r.latency for r in records if r.latency is not None]
     return records, samples, max(ends, default=time.monotonic() - t0)
+
+
+# --------------------------------------------------------------------------------------------------
+# the oracle
+
+
+def workload_oracle(
+    w: workloads.Workload, sent: list[tuple[str, int]] | None, knobs: dict[str, float]
+) -> oracle.Oracle:
+    """The oracle hit rate (oracle.py) of `sent`, the (session, turn) of requests in the order they
+    were sent, keyed by each session's affinity key; `None`: every planned request, in the order
+    of their nominal arrival (multi-turn sessions as if answers were instant)."""
+    by_sid = {s.sid: s for s in w.sessions}
+    if sent is None:
+        sent = [(r.session, r.turn) for r in w.requests()]
+    return oracle.oracle(
+        ((by_sid[sid].key, oracle.prompt_bytes(by_sid[sid].messages(k))) for sid, k in sent),
+        block_size=int(knobs["block-size"]),
+        chars_per_token=int(knobs["chars-per-token"]),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
                         message="simulators to go idle",
                     )
                     sim_stats = {s.name: s.stats() for s in sims}
+                    answered = sorted((r for r in records if r.error is None), key=lambda r: r.sent)
+                    best = workload_oracle(w, [(r.session, r.turn) for r in answered], knobs)
                     cell = report.summarize(
                         config=config,
                         workload=name,
@@ -529,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
                         sim_stats=sim_stats,
                         samples=samples,
                         span=span,
+                        oracle=(best.cached_tokens, best.prompt_tokens),
+                        max_running=int(knobs["max-running"]),
+                        sample_interval=SAMPLE_INTERVAL,
                     )
                     cells.append(cell)
                     raw.extend({"config": config, "workload": name, **asdict(r)} for r in records)
@@ -552,14 +592,20 @@ def main(argv: list[str] | None = None) -> int:
         "load": args.load,
         "seed": args.seed,
         "workloads": {
-            n: {"description": w.description, "summary": workloads.summary(w)} for n, w in loads.items()
+            n: {
+                "description": w.description,
+                "summary": workloads.summary(w),
+                "oracle_hit_rate": workload_oracle(w, None, knobs).hit_rate,
+            }
+            for n, w in loads.items()
         },
+        "sample_interval_s": SAMPLE_INTERVAL,
         "configs": configs,
         "notes": notes,
         "elapsed_s": round(elapsed, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"meta": meta, "cells": cells}
+    results = {"meta": meta, "cells": cells, "targets": report.targets(cells)}
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "results.md").write_text(report.markdown(results))
     if args.records:

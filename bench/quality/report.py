@@ -164,6 +164,7 @@ def summarize(
         "inflight_max": max(inflight, default=0),
         "inflight_mean": round(sum(inflight) / len(inflight), 1) if inflight else 0.0,
         "samples": len(samples),
+        "samples_incomplete": sum(1 for row in samples if any(s not in row for s in sims)),
     }
 
 

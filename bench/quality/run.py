@@ -12,6 +12,9 @@ Configurations:
 - ``round_robin``: plain Envoy, a STATIC cluster of the simulators, ``lb_policy: ROUND_ROBIN``.
 - ``global_least_request``, ``prefix_cache``, ``least_busy``: Envoy + ``llmlb serve`` (ext_proc,
   BUFFERED) with that policy.
+- ``prefix_cache_redis2``: two ``llmlb serve --policy prefix_cache`` replicas sharing state through
+  one real Redis (Debian's ``redis-server`` on 127.0.0.1), each behind its own Envoy; the client
+  alternates between the two gateways request by request. Skipped with a note without redis-server.
 - ``sglang_cache_aware``, ``sglang_round_robin``: sglang-router (PyPI) over the same simulators, the
   client talking to the router directly. Skipped with a note when it cannot be installed or started.
 
@@ -55,12 +58,14 @@ import yaml  # noqa: E402
 
 from tests.support.procs import (  # noqa: E402
     HOST,
+    Daemon,
     ManagedProcess,
     Sim,
     find_envoy_binary,
     free_ports,
     front_envoy_yaml,
     launch_envoy,
+    metric_sum,
     post,
     start_daemon,
     start_sims,
@@ -69,9 +74,13 @@ from tests.support.procs import (  # noqa: E402
 )
 
 LLMLB_POLICIES = ("global_least_request", "prefix_cache", "least_busy")
+# configuration -> (policy, replicas): replicas sharing one Redis, each behind its own Envoy
+REDIS_CONFIGS = {"prefix_cache_redis2": ("prefix_cache", 2)}
 SGLANG_CONFIGS = {"sglang_cache_aware": "cache_aware", "sglang_round_robin": "round_robin"}
-CONFIGS = ("round_robin", *LLMLB_POLICIES, *SGLANG_CONFIGS)
+CONFIGS = ("round_robin", *LLMLB_POLICIES, *REDIS_CONFIGS, *SGLANG_CONFIGS)
+OPTIONAL_CONFIGS = (*REDIS_CONFIGS, *SGLANG_CONFIGS)  # skipped with a note if they cannot start
 SAMPLE_INTERVAL = 0.1  # s between two samples of every simulator's running/waiting
+REDIS_POOL = "bench-quality"
 DEFAULT_SGLANG_VENV = Path("/tmp/sgl-venv")
 SGLANG_VERSION = "0.3.2"
 
@@ -116,6 +125,12 @@ class Front:
     url: str  # the chat-completions URL the client posts to
     procs: list[ManagedProcess] = field(default_factory=list)
     note: str = ""
+    more_urls: list[str] = field(default_factory=list)  # further gateways, used in turn with `url`
+    daemons: list[Daemon] = field(default_factory=list)  # llmlb pickers, for their fallback counts
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url, *self.more_urls]
 
 
 def start_envoy_front(config: str, sims: list[Sim], work: Path, lb_config: dict[str, Any]) -> Front:
@@ -130,11 +145,67 @@ def start_envoy_front(config: str, sims: list[Sim], work: Path, lb_config: dict[
                 endpoints, config, work, extra_args=["--config", str(cfg)], name=f"llmlb-{config}"
             )
             front.procs.append(daemon.proc)
+            front.daemons.append(daemon)
             picker_port = daemon.grpc_port
         text, listen_port, admin_port = front_envoy_yaml(endpoints, picker_port, "buffered")
         envoy = launch_envoy(text, listen_port, admin_port, "buffered", work, name=f"envoy-{config}")
         front.procs.append(envoy.proc)
         front.url = f"{envoy.url}/v1/chat/completions"
+    except BaseException:
+        stop_all(reversed(front.procs))
+        raise
+    return front
+
+
+def redis_binary() -> tuple[str | None, str]:
+    """Debian's redis-server (as the shared-state tests find it), or (None, why not)."""
+    try:
+        from tests.support.redis_servers import redis_server_binary
+    except ImportError as exc:  # redis-py missing
+        return None, f"cannot import the Redis test helpers ({exc})"
+    binary = redis_server_binary()
+    if binary is None:
+        return None, "no redis-server (bash scripts/install-test-deps.sh installs Debian's)"
+    return binary, ""
+
+
+def start_redis_front(
+    config: str, sims: list[Sim], work: Path, lb_config: dict[str, Any], binary: str
+) -> Front:
+    """One Redis on a free 127.0.0.1 port; `replicas` llmlb daemons of the policy on one pool
+    sharing it, each behind its own Envoy (BUFFERED). Stopped in reverse: Envoys and daemons, then
+    Redis."""
+    from tests.support.redis_servers import RedisServer
+
+    policy, replicas = REDIS_CONFIGS[config]
+    endpoints = [s.address for s in sims]
+    front = Front(config, "")
+    try:
+        redis = RedisServer(binary, work / f"redis-{config}", name=f"redis-{config}").start()
+        assert redis.proc is not None
+        front.procs.append(redis.proc)
+        urls = []
+        for r in range(1, replicas + 1):
+            cfg = work / f"llmlb-{config}-{r}.yaml"
+            shared = {**lb_config, "serviceFQDN": HOST, "servicePort": redis.port}
+            cfg.write_text(yaml.safe_dump({"log_level": "warning", "pool": REDIS_POOL, "lb_config": shared}))
+            daemon = start_daemon(
+                endpoints, policy, work, extra_args=["--config", str(cfg)], name=f"llmlb-{config}-{r}"
+            )
+            front.procs.append(daemon.proc)
+            front.daemons.append(daemon)
+            text, listen_port, admin_port = front_envoy_yaml(endpoints, daemon.grpc_port, "buffered")
+            envoy = launch_envoy(text, listen_port, admin_port, "buffered", work, name=f"envoy-{config}-{r}")
+            front.procs.append(envoy.proc)
+            urls.append(f"{envoy.url}/v1/chat/completions")
+        for daemon in front.daemons:
+            wait_until(
+                lambda d=daemon: metric_sum(d.metrics(), "llmlb_redis_up") == 1,
+                15.0,
+                interval=0.1,
+                message=f"{daemon.proc.name}: llmlb_redis_up 1",
+            )
+        front.url, front.more_urls = urls[0], urls[1:]
     except BaseException:
         stop_all(reversed(front.procs))
         raise
@@ -216,16 +287,29 @@ def start_sglang_front(config: str, sims: list[Sim], work: Path, py: str) -> Fro
     return front
 
 
+def fallbacks(front: Front) -> dict[str, float]:
+    """llmlb_fallbacks_total by reason, summed over the front door's pickers (e.g. `redis_slow`:
+    picks a replica made from local state because Redis did not answer within redisBudget)."""
+    totals: dict[str, float] = {}
+    for daemon in front.daemons:
+        for sample in daemon.metrics():
+            if sample.name == "llmlb_fallbacks_total":
+                reason = sample.labels.get("reason", "?")
+                totals[reason] = totals.get(reason, 0.0) + sample.value
+    return totals
+
+
 def preflight(front: Front, sims: list[Sim]) -> None:
     """A few small requests through the front door: each must answer 200 (then the sims are reset)."""
     body = {"model": workloads.MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
-    for _ in range(2 * len(sims)):
-        wait_until(
-            lambda: _ok(post(front.url, body, timeout=10.0)),
-            20.0,
-            interval=0.2,
-            message=f"{front.config}: a chat completion through the front door",
-        )
+    for url in front.urls:
+        for _ in range(2 * len(sims)):
+            wait_until(
+                lambda url=url: _ok(post(url, body, timeout=10.0)),
+                20.0,
+                interval=0.2,
+                message=f"{front.config}: a chat completion through {url}",
+            )
 
 
 def idle(sim: Sim) -> bool:
@@ -255,6 +339,7 @@ class Record:
     cached_tokens: int = 0
     completion_tokens: int = 0
     sim: str | None = None
+    gateway: int = 0  # which of the front door's URLs it was sent to
 
 
 async def send(http: aiohttp.ClientSession, url: str, body: dict[str, Any], rec: Record, t0: float) -> None:
@@ -299,8 +384,8 @@ async def send(http: aiohttp.ClientSession, url: str, body: dict[str, Any], rec:
 async def sample_sims(sims: list[Sim], samples: list[dict[str, Any]], interval: float, t0: float) -> None:
     """Polls every simulator's /_sim/stats (running, waiting) at once, every `interval` s (on a fixed
     schedule: a slow poll shortens the next wait), until cancelled. A simulator that does not answer
-    within the interval is left out of that row."""
-    timeout = aiohttp.ClientTimeout(total=max(interval, 0.05))
+    within 1 s is left out of that row."""
+    timeout = aiohttp.ClientTimeout(total=1.0)
 
     async def one(http: aiohttp.ClientSession, s: Sim) -> tuple[int, int] | None:
         try:
@@ -324,7 +409,7 @@ async def sample_sims(sims: list[Sim], samples: list[dict[str, Any]], interval: 
 
 async def drive(
     workload: workloads.Workload,
-    url: str,
+    urls: list[str],
     sims: list[Sim],
     *,
     max_tokens: int,
@@ -332,8 +417,9 @@ async def drive(
     drain_timeout: float,
     progress: Callable[[float, int, int], None],
 ) -> tuple[list[Record], list[dict[str, Any]], float]:
-    """Runs one cell: every session's turns on its own schedule. Returns the records, the samples of
-    the simulators' running/waiting counts and the wall time from the start to the last answer."""
+    """Runs one cell: every session's turns on its own schedule, request n going to `urls[n % len]`
+    (one URL but for the multi-gateway configurations). Returns the records, the samples of the
+    simulators' running/waiting counts and the wall time from the start to the last answer."""
     records: list[Record] = []
     samples: list[dict[str, Any]] = []
     t0 = time.monotonic()
@@ -348,9 +434,9 @@ async def drive(
                     await asyncio.sleep(turn.think)
                 if time.monotonic() - t0 >= workload.duration:
                     return
-                rec = Record(s.sid, s.key, k, 0.0)
+                rec = Record(s.sid, s.key, k, 0.0, gateway=len(records) % len(urls))
                 records.append(rec)
-                await send(http, url, s.body(k, max_tokens), rec, t0)
+                await send(http, urls[rec.gateway], s.body(k, max_tokens), rec, t0)
 
         tasks = [asyncio.create_task(session(s)) for s in workload.sessions]
         sampler = asyncio.create_task(sample_sims(sims, samples, SAMPLE_INTERVAL, t0))
@@ -505,6 +591,14 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"skipped {', '.join(skipped)}: {why}")
             print(f"note: {notes[-1]}", file=sys.stderr)
             configs = [c for c in configs if c not in SGLANG_CONFIGS]
+    redis_bin: str | None = None
+    if any(c in REDIS_CONFIGS for c in configs):
+        redis_bin, why = redis_binary()
+        if redis_bin is None:
+            skipped = [c for c in configs if c in REDIS_CONFIGS]
+            notes.append(f"skipped {', '.join(skipped)}: {why}")
+            print(f"note: {notes[-1]}", file=sys.stderr)
+            configs = [c for c in configs if c not in REDIS_CONFIGS]
 
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="llmlb-bench-quality-"))
@@ -521,19 +615,24 @@ def main(argv: list[str] | None = None) -> int:
                 if config in SGLANG_CONFIGS:
                     assert sgl_py is not None
                     front = start_sglang_front(config, sims, work, sgl_py)
+                elif config in REDIS_CONFIGS:
+                    assert redis_bin is not None
+                    policy = REDIS_CONFIGS[config][0]
+                    front = start_redis_front(config, sims, work, lb_configs.get(policy, {}), redis_bin)
                 else:
                     front = start_envoy_front(config, sims, work, lb_configs.get(config, {}))
                 preflight(front, sims)
             except (AssertionError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 if front is not None:
                     stop_all(reversed(front.procs))
-                if config not in SGLANG_CONFIGS:
+                if config not in OPTIONAL_CONFIGS:
                     raise
                 notes.append(f"skipped {config}: could not start it ({str(exc).splitlines()[0][:200]})")
                 print(f"note: {notes[-1]}", file=sys.stderr)
                 index += len(names)
                 continue
             try:
+                fallbacks_before = fallbacks(front)
                 for name in names:
                     index += 1
                     w = loads[name]
@@ -542,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                     records, samples, span = asyncio.run(
                         drive(
                             w,
-                            front.url,
+                            front.urls,
                             sims,
                             max_tokens=int(knobs["output-tokens"]),
                             request_timeout=60.0,
@@ -570,6 +669,13 @@ def main(argv: list[str] | None = None) -> int:
                         max_running=int(knobs["max-running"]),
                         sample_interval=SAMPLE_INTERVAL,
                     )
+                    fallbacks_now = fallbacks(front)
+                    cell["picker_fallbacks"] = {
+                        reason: int(n - fallbacks_before.get(reason, 0.0))
+                        for reason, n in fallbacks_now.items()
+                        if n > fallbacks_before.get(reason, 0.0)
+                    }
+                    fallbacks_before = fallbacks_now
                     cells.append(cell)
                     raw.extend({"config": config, "workload": name, **asdict(r)} for r in records)
                     progress.done(report.one_line(cell))

@@ -1,23 +1,201 @@
-"""Smoke run of the routing-quality benchmark (bench/quality/run.py): 2 simulators, the sticky
-multi-turn workload, round robin vs prefix_cache, a few seconds of load, into a temporary directory.
-It must write the report and show prefix_cache reusing the KV cache more than round robin."""
+"""The routing-quality benchmark (bench/quality).
+
+Unit checks of its pure parts: the oracle hit rate (on a hand-made workload, and against the
+simulator's own KV cache on every workload), the idle-while-queued metric, the targets and the
+hot_prompt workload. Then the smoke run (marker e2e): 2 simulators, the sticky multi-turn workload,
+round robin vs prefix_cache, a few seconds of load, into a temporary directory. It must write the
+report and show prefix_cache reusing the KV cache more than round robin, and no more than the
+oracle allows."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
+import orjson
 import pytest
 
+from llmlb.sim.kv_cache import KVCache, block_hashes, root_hash
+from llmlb.sim.protocol import parse_request
+
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ROOT / "bench" / "quality" / "run.py"
+QUALITY = ROOT / "bench" / "quality"
+RUN = QUALITY / "run.py"
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+def _load(name: str) -> ModuleType:
+    """A module of bench/quality under a name of its own (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_quality_{name}", QUALITY / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
+oracle = _load("oracle")
+report = _load("report")
+workloads = _load("workloads")
+
+# --------------------------------------------------------------------------------------------------
+# the oracle
+
+
+def test_oracle_hand_made() -> None:
+    """Blocks of 2 one-byte tokens: reuse is the longest block-aligned prefix shared with an earlier
+    request of the same key, never the whole prompt."""
+    requests = [
+        ("a", b"abcdefg"),  # 7 tokens, full blocks ab cd ef: nothing earlier
+        ("a", b"abcdefXY"),  # ab cd ef shared (the last block is never a hit anyway)
+        ("b", b"abcdefgh"),  # same text, other key (another server): nothing
+        ("a", b"abcd"),  # ab cd both seen, but one token must be computed: only ab
+        ("a", b"abcdXXef"),  # ab cd, then XX breaks the chain (ef after it is not a hit)
+        ("a", b"zzabcdef"),  # a different first block: nothing
+    ]
+    result = oracle.oracle(requests, block_size=2, chars_per_token=1)
+    assert result.per_request == [0, 6, 0, 2, 4, 0]
+    assert (result.cached_tokens, result.prompt_tokens) == (12, 7 + 8 + 8 + 4 + 8 + 8)
+    assert result.hit_rate == pytest.approx(12 / 43)
+
+
+def test_oracle_partial_tokens() -> None:
+    """4 bytes per token, 1 token per block: a prompt of 7 bytes has 2 tokens, the second of 3 bytes,
+    which does not match the 4 bytes "efgh" (as in the simulator, which hashes the bytes it has)."""
+    requests = [("k", b"abcdefg"), ("k", b"abcdefgh"), ("k", b"abcdefghij")]
+    result = oracle.oracle(requests, block_size=1, chars_per_token=4)
+    assert result.prompt_tokens == 2 + 2 + 3
+    assert result.per_request == [0, 1, 2]
+    assert oracle.oracle([], block_size=16, chars_per_token=4).hit_rate is None
+
+
+@pytest.mark.parametrize("name", ["multi_turn", "shared_system", "shared_prefix", "random", "hot_prompt"])
+def test_oracle_matches_the_simulators_cache(name: str) -> None:
+    """Per request, the oracle equals what the simulator's own KV cache (llmlb.sim.kv_cache, infinite
+    capacity, one cache per key, requests one after another) reports as cached, starting from the
+    body the client sends (parsed and rendered by the simulator's own protocol code)."""
+    w = workloads.build(name, seed=3, duration=3.0, max_requests=150)
+    block_size, cpt, model = 16, 4, workloads.MODEL
+    caches: dict[str, KVCache] = {}
+    keyed: list[tuple[str, bytes]] = []
+    expected: list[int] = []
+    by_sid = {s.sid: s for s in w.sessions}
+    for req in w.requests():
+        key = by_sid[req.session].key
+        prompt = parse_request(orjson.dumps(req.body), chat=True).prompt
+        assert prompt == oracle.prompt_bytes(req.body["messages"])
+        tokens = -(-len(prompt) // cpt)
+        hashes = block_hashes(prompt, root_hash(model, None), block_size * cpt, tokens // block_size)
+        cache = caches.setdefault(key, KVCache(10**7, block_size))
+        alloc = cache.allocate(hashes, tokens, 1)
+        assert alloc is not None
+        expected.append(alloc.cached_blocks * block_size)
+        cache.commit(alloc, tokens)
+        cache.free(alloc)
+        keyed.append((key, prompt))
+    result = oracle.oracle(keyed, block_size=block_size, chars_per_token=cpt)
+    assert result.per_request == expected
+    if name == "random":
+        assert result.cached_tokens == 0
+    else:
+        assert 0.3 < result.hit_rate < 1.0, result.hit_rate
+
+
+# --------------------------------------------------------------------------------------------------
+# idle-while-queued, targets, hot_prompt
+
+
+def test_idle_while_queued() -> None:
+    samples = [
+        {"t": 0.0, "a": (16, 0), "b": (16, 3)},  # a has no free slot: not idle
+        {"t": 0.1, "a": (3, 0), "b": (16, 2)},  # a idles while b queues 2
+        {"t": 0.2, "a": (3, 0), "b": (16, 2)},
+        {"t": 0.3, "a": (3, 0), "b": (16, 1)},  # one waiting is not a queue
+        {"t": 0.4},  # nobody answered: skipped
+        {"t": 0.5, "a": (0, 0), "b": (16, 5)},  # the last sample stands for one interval
+    ]
+    longest, total = report.idle_while_queued(samples, ["a", "b"], 16, 0.1)
+    assert longest == pytest.approx(0.2)
+    assert total == pytest.approx(0.3)
+    assert report.idle_while_queued([], ["a"], 16, 0.1) == (0.0, 0.0)
+
+
+def test_targets() -> None:
+    def cell(config: str, workload: str = "w", **figures: float | None) -> dict[str, object]:
+        base: dict[str, object] = {"config": config, "workload": workload, "idle_while_queued_max_s": 0.0}
+        return {**base, **figures}
+
+    cells = [
+        cell("round_robin", hit_rate=0.3, ttft_p99_ms=1000, ttft_mean_ms=200, oracle_hit_rate=0.8),
+        cell(
+            "prefix_cache",
+            hit_rate=0.79,
+            hit_over_oracle=0.9875,
+            oracle_hit_rate=0.8,
+            ttft_p99_ms=700,
+            ttft_mean_ms=150,
+        ),
+        cell(
+            "prefix_cache_redis2",
+            hit_rate=0.76,
+            hit_over_oracle=0.95,
+            oracle_hit_rate=0.8,
+            ttft_p99_ms=760,  # 1.086 x prefix_cache
+            ttft_mean_ms=210,
+            idle_while_queued_max_s=1.5,
+        ),
+        cell("round_robin", "random", ttft_p99_ms=500, ttft_mean_ms=100, oracle_hit_rate=0.0),
+        cell("prefix_cache", "random", ttft_p99_ms=400, ttft_mean_ms=101, oracle_hit_rate=0.0),
+        cell("least_busy", "other", ttft_p99_ms=400, ttft_mean_ms=101),  # no round robin there
+    ]
+    got = {(t["workload"], t["config"], t["target"]): t["pass"] for t in report.targets(cells)}
+    assert got == {
+        ("w", "prefix_cache", "KV hit ÷ oracle"): True,
+        ("w", "prefix_cache", "TTFT p99 ÷ round robin"): True,
+        ("w", "prefix_cache", "TTFT mean ÷ round robin"): True,
+        ("w", "prefix_cache", "idle-while-queued max (s)"): True,
+        ("w", "prefix_cache_redis2", "KV hit ÷ oracle"): False,
+        ("w", "prefix_cache_redis2", "TTFT p99 ÷ round robin"): True,
+        ("w", "prefix_cache_redis2", "TTFT mean ÷ round robin"): False,
+        ("w", "prefix_cache_redis2", "idle-while-queued max (s)"): False,
+        ("w", "prefix_cache_redis2", "KV hit - prefix_cache's"): False,
+        ("w", "prefix_cache_redis2", "TTFT p99 ÷ prefix_cache's"): True,
+        ("random", "prefix_cache", "TTFT p99 ÷ round robin"): True,
+        ("random", "prefix_cache", "TTFT mean ÷ round robin"): False,
+        ("random", "prefix_cache", "idle-while-queued max (s)"): True,
+        ("other", "least_busy", "TTFT p99 ÷ round robin"): None,
+        ("other", "least_busy", "TTFT mean ÷ round robin"): None,
+        ("other", "least_busy", "idle-while-queued max (s)"): True,
+    }
+    table = report.target_table(report.targets(cells))
+    for verdict in ("**PASS**", "**FAIL**", "**n/a**"):
+        assert verdict in table
+
+
+def test_hot_prompt_workload() -> None:
+    w = workloads.build("hot_prompt", seed=1, duration=10.0)
+    assert w == workloads.build("hot_prompt", seed=1, duration=10.0)  # deterministic
+    assert w != workloads.build("hot_prompt", seed=2, duration=10.0)
+    assert len({s.system for s in w.sessions}) == 1  # ONE shared system prompt
+    assert 3000 <= len(w.sessions[0].system or "") <= 6000
+    assert {s.key for s in w.sessions} == {"hot"}
+    assert {len(s.turns) for s in w.sessions} == {1, 2, 3}
+    users = [t.user for s in w.sessions for t in s.turns]
+    assert len(set(users)) == len(users)  # a unique question per turn
+    assert w.n_requests / w.duration > 30  # tens of requests per second
+
+
+# --------------------------------------------------------------------------------------------------
+# the smoke run
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
 def test_quality_smoke(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = [
@@ -55,5 +233,24 @@ def test_quality_smoke(tmp_path: Path) -> None:
         assert c["hit_rate"] is not None, c
         assert c["hit_rate_sims"] is not None, c
     assert cells["round_robin"]["hit_rate"] < cells["prefix_cache"]["hit_rate"], cells
-    assert "| `prefix_cache` |" in (out / "results.md").read_text()
+    for c in cells.values():
+        # the oracle is computed from the same answered prompts the simulators tokenized
+        assert c["oracle_prompt_tokens"] == c["prompt_tokens"], c
+        assert c["samples"] > 10, c  # sampled every 0.1 s over >= 5 s
+        assert c["idle_while_queued_max_s"] >= 0, c
+        assert c["idle_while_queued_total_s"] >= c["idle_while_queued_max_s"], c
+    # multi_turn's turns of one session go out one after another: nobody beats the oracle
+    pc = cells["prefix_cache"]
+    assert pc["oracle_hit_rate"] >= pc["hit_rate"], pc
+    assert pc["hit_over_oracle"] == pytest.approx(pc["hit_rate"] / pc["oracle_hit_rate"], abs=2e-3), pc
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["workloads"]["multi_turn"]["oracle_hit_rate"] > 0
+    names = {t["target"] for t in results["targets"] if t["config"] == "prefix_cache"}
+    assert {"KV hit ÷ oracle", "TTFT p99 ÷ round robin", "idle-while-queued max (s)"} <= names, names
+    assert all(t["pass"] in (True, False) for t in results["targets"]), results["targets"]
+    md = (out / "results.md").read_text()
+    assert "| `prefix_cache` |" in md
+    for text in ("## Targets", "| oracle |", "hit÷oracle", "idle-while-queued max s"):
+        assert text in md, text
+    assert "## Targets" in result.stdout
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -26,10 +26,11 @@ build: ## Rebuild the Rust extension in place after Rust changes (editable insta
 	$(PIP) install --no-build-isolation --no-deps -e .
 
 .PHONY: lint-python
-lint-python: ## ruff (lint + format check) and mypy --strict
+lint-python: ## ruff (lint + format check), mypy --strict, and the extension's stub against the extension
 	ruff check python tests bench scripts
 	ruff format --check python tests bench scripts
 	mypy
+	python -m mypy.stubtest llmlb._core
 
 .PHONY: lint-rust
 lint-rust: ## rustfmt check and clippy (pedantic) with warnings as errors

@@ -268,6 +268,13 @@ const STREAM_CHUNK: usize = 64 * 1024;
 // Picks.
 
 const NOW_MS: u64 = 1_000;
+/// Warm-up picks are this far apart, as real requests would be, so prefill backlogs drain
+/// between them; all 1,500 stay within the prefix entries' lifetime (1,800 s).
+const WARM_STEP_MS: u64 = 1_000;
+/// The chain of the hit path is picked this long before the timed picks (its backlog drains).
+const SETTLE_MS: u64 = 10_000;
+/// When the timed picks happen.
+const PICK_MS: u64 = NOW_MS + WARM_CHAINS as u64 * WARM_STEP_MS + 2 * SETTLE_MS;
 /// Entries put in the prefix table before timing pick benches: about 100k (1,500 chains of 64).
 const WARM_CHAINS: usize = 1_500;
 const WARM_LEVELS: usize = 64;
@@ -317,18 +324,19 @@ fn balancer_on(
     b.set_endpoints(&endpoints(n));
     if policy.uses_prefix() {
         let mut rng = Mix(99);
-        for _ in 0..WARM_CHAINS {
+        for i in 0..WARM_CHAINS as u64 {
+            let at = NOW_MS + i * WARM_STEP_MS;
             let p = b
-                .pick(Some(&random_chain(&mut rng, WARM_LEVELS)), NOW_MS)
+                .pick(Some(&random_chain(&mut rng, WARM_LEVELS)), at)
                 .expect("pick");
-            b.release(p.ticket);
+            b.release(p.ticket, at);
         }
-        let p = b.pick(Some(chain), NOW_MS).expect("pick");
-        b.release(p.ticket);
-        let again = b.pick(Some(chain), NOW_MS).expect("pick");
+        let p = b.pick(Some(chain), PICK_MS - SETTLE_MS).expect("pick");
+        b.release(p.ticket, PICK_MS - SETTLE_MS);
+        let again = b.pick(Some(chain), PICK_MS).expect("pick");
         assert_eq!(again.reason, PickReason::PrefixHit);
         assert_eq!(again.prefix_depth as usize, chain.len());
-        b.release(again.ticket);
+        b.release(again.ticket, PICK_MS);
     }
     b
 }
@@ -349,8 +357,8 @@ fn bench_pick(c: &mut Criterion) {
             let mut b = balancer(policy, n, &chain);
             group.bench_function(BenchmarkId::new(policy.name(), n), |bench| {
                 bench.iter(|| {
-                    let p = b.pick(Some(black_box(hashes)), NOW_MS).expect("pick");
-                    b.release(p.ticket)
+                    let p = b.pick(Some(black_box(hashes)), PICK_MS).expect("pick");
+                    b.release(p.ticket, PICK_MS)
                 });
             });
             assert_eq!(b.open_tickets(), 0);
@@ -361,8 +369,8 @@ fn bench_pick(c: &mut Criterion) {
         let id = BenchmarkId::new(format!("{}_workers", policy.name()), 1000);
         group.bench_function(id, |bench| {
             bench.iter(|| {
-                let p = b.pick(Some(black_box(hashes)), NOW_MS).expect("pick");
-                b.release(p.ticket)
+                let p = b.pick(Some(black_box(hashes)), PICK_MS).expect("pick");
+                b.release(p.ticket, PICK_MS)
             });
         });
     }
@@ -374,8 +382,8 @@ fn bench_pick(c: &mut Criterion) {
             bench.iter_batched(
                 || random_chain(&mut rng, chain.len()),
                 |fresh| {
-                    let p = b.pick(Some(&fresh), NOW_MS).expect("pick");
-                    b.release(p.ticket);
+                    let p = b.pick(Some(&fresh), PICK_MS).expect("pick");
+                    b.release(p.ticket, PICK_MS);
                     fresh
                 },
                 BatchSize::SmallInput,
@@ -399,14 +407,14 @@ fn bench_pick(c: &mut Criterion) {
                         let start = Instant::now();
                         for _ in 0..burst {
                             tickets.push(
-                                b.pick(Some(black_box(hashes)), NOW_MS)
+                                b.pick(Some(black_box(hashes)), PICK_MS)
                                     .expect("pick")
                                     .ticket,
                             );
                         }
                         total += start.elapsed();
                         for t in tickets.drain(..) {
-                            b.release(t);
+                            b.release(t, PICK_MS);
                         }
                         left -= burst;
                     }
@@ -422,7 +430,7 @@ fn bench_pick(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     let mut b = balancer(Policy::GlobalLeastRequest, 8, &chain);
     group.bench_function("unknown_ticket", |bench| {
-        bench.iter(|| b.release(black_box(0)));
+        bench.iter(|| b.release(black_box(0), PICK_MS));
     });
     group.finish();
 }

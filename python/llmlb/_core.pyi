@@ -5,13 +5,40 @@ are parsed with it released.
 """
 
 import os
-from typing import Final
+from typing import Any, Final, final
+
+from typing_extensions import Self
+
+__all__ = [
+    "FALLBACK_PICK_REASONS",
+    "PICK_REASONS",
+    "PREFIX_BLOCK_SIZE",
+    "Balancer",
+    "BodyTooLargeError",
+    "EngineMetrics",
+    "MetricsParseError",
+    "NoEndpointsError",
+    "OverLimitError",
+    "ParsedRequest",
+    "RequestParseError",
+    "RequestStream",
+    "ShedError",
+    "__version__",
+    "balancer_defaults",
+    "create_worker_state",
+    "parse_body",
+    "parse_engine_metrics",
+    "parse_request",
+    "shared_scripts",
+    "wait_readable",
+]
 
 __version__: Final[str]
 #: Bytes of canonical prompt per prefix block.
 PREFIX_BLOCK_SIZE: Final[int]
-#: KEYS of the Redis pick script before its prefix levels.
-PICK_FIXED_KEYS: Final[int]
+#: Every pick reason (``llmlb_picks_total{reason}``), and those that fell back from the policy.
+PICK_REASONS: Final[list[str]]
+FALLBACK_PICK_REASONS: Final[list[str]]
 
 class RequestParseError(ValueError):
     """The body is not a usable OpenAI request (not UTF-8, not JSON, no prompt, wrong types)."""
@@ -32,6 +59,7 @@ class OverLimitError(RuntimeError):
 class ShedError(RuntimeError):
     """least_busy: the model is sheddable and no endpoint has room for it."""
 
+@final
 class ParsedRequest:
     """A parsed request body, or why it is unusable (``ok`` is ``False``). Immutable; the
     levels stay in Rust, so ``Balancer.pick(parsed)`` does not copy them through Python."""
@@ -51,6 +79,10 @@ class ParsedRequest:
     @property
     def model(self) -> str:
         """The ``model`` field, empty when absent (or not ``ok``)."""
+    @property
+    def prompt_bytes(self) -> int:
+        """The prompt's size: its canonical bytes (every message, past the level cap too) plus the
+        ``tools`` JSON; 0 when not ``ok``. The load model estimates tokens from it."""
     @property
     def stream(self) -> bool:
         """The ``stream`` field (``False`` when absent or not ``ok``)."""
@@ -78,6 +110,7 @@ def parse_body(body: bytes, encoding: str | None, max_bytes: int, max_blocks: in
     ``max_blocks`` the prefix levels.
     """
 
+@final
 class RequestStream:
     """A request body fed chunk by chunk (Envoy's FULL_DUPLEX_STREAMED mode), decoded and parsed
     as it arrives in bounded memory; see ``parse_body`` for the arguments.
@@ -86,7 +119,7 @@ class RequestStream:
         OverflowError: a negative ``max_bytes`` or ``max_blocks``.
     """
 
-    def __init__(self, encoding: str | None, max_bytes: int, max_blocks: int) -> None: ...
+    def __new__(cls, encoding: str | None, max_bytes: int, max_blocks: int) -> Self: ...
     def feed(self, chunk: bytes) -> None:
         """Decodes and parses the next chunk (GIL released for chunks of 64 KiB or more). A
         problem in the body itself is kept for ``finish``.
@@ -110,6 +143,7 @@ class RequestStream:
     def retained_bytes(self) -> int:
         """Heap bytes the parser and decoder buffers hold now (0 once finished)."""
 
+@final
 class EngineMetrics:
     """A model server's load from its ``/metrics`` page. A field whose metric family is absent
     (or holds only NaN or negative values) is ``None``."""
@@ -156,28 +190,41 @@ def wait_readable(fd: int, timeout_us: int) -> bool:
     bad descriptor."""
 
 def shared_scripts() -> dict[str, str]:
-    """The Redis Lua scripts by name: ``pick``, ``release``, ``heartbeat``, ``reap``, ``forget``."""
+    """The Redis Lua scripts by name: ``commit``, ``release``, ``heartbeat``, ``reap``."""
 
+@final
 class Balancer:
-    """Embedded picking state: pool, in-flight counts, tickets, prefix table, policy."""
+    """The picking engine of one replica: pool, tickets, policy, and the seam to where in-flight
+    load and prefix holders live (this process, the workers' shared mapping, or Redis)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         policy: str,
         *,
-        prefix_ttl_s: int = 1800,
-        prefix_capacity: int = 262_144,
-        load_factor: float = 1.5,
-        load_floor: int = 8,
-        max_request_count: int = 0,
+        prefix_ttl_s: int | None = None,
+        prefix_capacity: int | None = None,
+        load_factor: float | None = None,
+        load_floor: int | None = None,
+        request_tokens: float | None = None,
+        affinity_weight: float | None = None,
+        prefill_rate: float | None = None,
+        max_request_count: int | None = None,
         critical_models: list[str] | None = None,
-        stale_after_ms: int = 2000,
-        queue_threshold: float = 5.0,
-        kv_cache_threshold: float = 0.8,
-        lora_queue_threshold: float = 128.0,
-        lora_affinity: float = 0.999,
-    ) -> None:
-        """Raises ValueError for an unknown policy or a load_factor below 1."""
+        stale_after_ms: int | None = None,
+        queue_threshold: float | None = None,
+        kv_cache_threshold: float | None = None,
+        lora_queue_threshold: float | None = None,
+        lora_affinity: float | None = None,
+        seed: int | None = None,
+    ) -> Self:
+        """A setting left ``None`` takes its default (``balancer_defaults()``). ``seed`` makes the
+        draws among never-picked endpoints reproducible.
+
+        Raises:
+            ValueError: an unknown policy, a load_factor below 1, a negative load weight, or a
+                prefill_rate that is not positive.
+            MemoryError: the prefix table cannot be reserved.
+        """
     @property
     def policy(self) -> str: ...
     @property
@@ -187,14 +234,17 @@ class Balancer:
     def open_tickets(self) -> int: ...
     @property
     def prefix_entries(self) -> int: ...
+    def pin_clock(self, ms: int | None) -> None:
+        """Pins the balancer's clock at ``ms`` (replays and tests: decisions that depend on time,
+        such as prefill backlogs and prefix expiry, then repeat exactly); ``None`` unpins it."""
     def set_endpoints(self, addresses: list[str]) -> None: ...
     def set_healthy(self, address: str, healthy: bool) -> None: ...
     def pick(self, request: ParsedRequest | bytes | None) -> tuple[int, str, str, int]:
-        """Picks for a parsed request: ``(ticket, endpoint, reason, prefix_depth)``. ``bytes``
-        are parsed here (as ``parse_request``: no size limit, no level cap, no decoding).
+        """Decides and counts a pick: ``(ticket, endpoint, reason, prefix_depth)``.
 
-        A request that is not ``ok`` (or unusable bytes) is picked by load with reason
-        ``"bad_body"``; ``None`` picks from headers alone.
+        ``request``: a ``ParsedRequest`` (read in place), a body (parsed here without a size
+        limit, level cap or decoding), or ``None`` to pick from the headers alone. An unusable
+        body is picked by load with reason ``"bad_body"``.
 
         Raises:
             NoEndpointsError: the pool is empty.
@@ -217,43 +267,77 @@ class Balancer:
         self,
     ) -> list[tuple[str, float | None, float | None, float | None, float | None, int]]:
         """``(address, waiting, running, kv_cache, age_seconds, picks_since_scrape)`` per pool endpoint."""
-    def enable_shared(self, pool: str, replica: str, lease_ms: int, keep_ms: int, pick_sha: str) -> None:
-        """Turns on shared-state picks for ``pool`` as replica ``replica``."""
+    def enable_shared(self, pool: str, replica: str, lease_ms: int, keep_ms: int, commit_sha: str) -> None:
+        """Turns on shared picks for ``pool`` as replica ``replica``."""
+    def set_remote(self, on: bool) -> None:
+        """While Redis answers (``True``), decisions use the pool-wide loads of its replies; else
+        this replica's own counts."""
     def prepare_shared(
-        self,
-        request: ParsedRequest | bytes | None,
-        request_id: str,
-        seed: int,
-        releases: list[str] = ...,
-    ) -> tuple[int, list[str], list[str], bytes]:
-        """Encodes the pick script call for ``request`` (as ``pick`` takes it): ``(prepared_id,
-        keys, args, command)``, ``command`` being the same call as a RESP ``EVALSHA``
-        (``pick_sha``).
-        ``releases`` are request ids of finished requests the call releases first.
-
-        Every prepared id must be committed, fall back or be discarded.
+        self, request: ParsedRequest | bytes | None, request_id: str, releases: list[str] = ...
+    ) -> tuple[int, bytes]:
+        """Decides a shared pick and encodes its commit: ``(pending_id, RESP EVALSHA)``;
+        ``releases`` (request ids of finished requests) ride on it. Every pending id must be
+        completed, fall back or be discarded.
 
         Raises:
-            NoEndpointsError: no candidate endpoints.
+            RuntimeError: shared state is not enabled.
+            NoEndpointsError, OverLimitError: as ``pick``.
         """
-    def commit_shared(self, prepared_id: int, endpoint: str, depth: int) -> tuple[int, str]:
-        """Counts a shared pick locally: ``(ticket, reason)``."""
-    def fallback_shared(self, prepared_id: int) -> tuple[int, str, str, int]:
-        """Picks from local state instead (like ``pick``)."""
-    def discard_shared(self, prepared_id: int) -> None:
-        """Forgets a prepared pick (no-op if already used)."""
-    def shared_keys(self) -> dict[str, str]:
-        """``inflight``, ``leases``, ``replica_counts``, ``replica_requests`` key names."""
-    def replica_keys(self, replica: str) -> tuple[str, str]:
-        """``(counts, requests)`` key names of another replica (to reap it)."""
-    def release(self, ticket: int, failed: bool = False) -> bool:
-        """Ends a pick's request; ``False`` if the ticket is unknown or already released. A
-        ``failed`` request (an error answer) also takes back the prefix levels its pick claimed."""
-    def endpoints(self) -> list[tuple[str, int, int, bool, bool]]:
-        """``[(address, inflight, own_inflight, healthy, in_pool)]``: ``inflight`` across every
-        worker attached to the same state, ``own_inflight`` this process's."""
+    def complete_shared(self, pending_id: int, reply: list[Any]) -> tuple[int, str, str, int] | bytes:
+        """Reads a commit's reply ``[committed, [requests...], stream id]``: the pick,
+        or the next commit to send after a race lost on the guard.
+
+        Raises:
+            NoEndpointsError, OverLimitError: deciding again found no endpoint.
+        """
+    def fallback_shared(self, pending_id: int) -> tuple[int, str, str, int]:
+        """Redis did not answer: counts the pending decision here only (like ``pick``).
+
+        Raises:
+            ValueError: an unknown pending id.
+        """
+    def discard_shared(self, pending_id: int) -> None:
+        """Forgets a pending pick (a no-op if already used)."""
+    def release_call(self, request_ids: list[str]) -> tuple[list[str], list[bytes]]:
+        """The release script call for a batch: ``(KEYS, ARGV)`` for redis-py."""
+    def release_command(self, sha: str, request_ids: list[str]) -> bytes:
+        """The same release call as a RESP ``EVALSHA`` of ``sha``."""
+    def heartbeat_call(self, max_listed: int) -> tuple[list[str], list[bytes]]:
+        """The heartbeat script call, listing up to ``max_listed`` lapsed replicas."""
+    def reap_call(self, other: str) -> tuple[list[str], list[bytes]]:
+        """The reap script call for a lapsed replica."""
+    def shared_key(self, name: str) -> str:
+        """A key of the pool: ``inflight``, ``leases`` or ``picks``.
+
+        Raises:
+            ValueError: another name.
+        """
+    def apply_stream_record(self, record_id: str, fields: dict[bytes, bytes]) -> bool:
+        """Applies one record of the pool's stream (its id and fields): another replica's commit,
+        release, reap or take-back: a commit's tokens to the endpoint's prefill backlog, its levels
+        to the prefix table, and request counts to the view if the latest reply did not count
+        them yet. ``False`` if it changed nothing (this replica's own records,
+        garbled ones)."""
+    def release(self, ticket: int) -> bool:
+        """Ends a pick's request; ``False`` if the ticket is unknown or already released."""
+    def release_failed(self, ticket: int) -> bytes | None:
+        """Ends a request that failed (an error answer), taking back the prefix levels its pick
+        claimed. With shared state, returns the stream record (RESP ``XADD``) that tells the
+        other replicas; else (or if nothing was claimed) ``None``."""
+    def endpoints(self) -> list[tuple[str, int, int, bool, bool, int]]:
+        """``[(address, inflight, own_inflight, healthy, in_pool, backlog)]``: ``inflight`` and
+        ``backlog`` (prompt tokens sent and not yet prefilled, estimated) as decisions see them
+        (every worker, or every replica through Redis), ``own_inflight`` this process's."""
     def attach_workers(self, path: str | os.PathLike[str], worker: int) -> None:
-        """Shares counts and prefix entries with the other workers through ``path``."""
+        """Shares counts, prefill backlogs and prefix entries with the other workers through
+        ``path``."""
+
+def balancer_defaults() -> dict[str, float]:
+    """The picking defaults (their one owner), by config name: ``redisKeyTTL``,
+    ``prefixTableSize``, ``affinityLoadFactor``, ``affinityLoadFloor``, ``requestTokens``,
+    ``affinityWeight``, ``prefillTokensPerSecond``, ``maxRequestCount``, ``staleAfter``,
+    ``queueThresholdCritical``, ``kvCacheThreshold``, ``queueingThresholdLoRA``,
+    ``loraAffinityThreshold``."""
 
 def create_worker_state(
     path: str | os.PathLike[str], workers: int, slots: int, prefix_capacity: int, prefix_ttl_s: int

@@ -30,12 +30,14 @@ async def endpoint_views(
     pool = await shared.pool_inflight([v[0] for v in local]) if shared is not None else None
     loads = scraper.views() if scraper is not None else {}
     views = []
-    for address, inflight, own_inflight, healthy, in_pool in local:
+    for address, inflight, own_inflight, healthy, in_pool, backlog in local:
         views.append(
             {
                 "address": address,
                 "inflight": pool.get(address, 0) if pool is not None else inflight,
                 "local_inflight": own_inflight,
+                # The load model's other half: prompt tokens sent and not yet prefilled (est.).
+                "prefill_backlog_tokens": backlog,
                 "shared_view": pool is not None,
                 "healthy": healthy,
                 "in_pool": in_pool,

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from llmlb._core import balancer_defaults
+
 POLICIES = ("global_least_request", "prefix_cache", "least_busy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -78,6 +80,11 @@ FLOAT_BOUNDS: dict[str, tuple[float, float]] = {
     "lb_config.kvCacheThreshold": (0.0, 1.0),
     "lb_config.loraAffinityThreshold": (0.0, 1.0),
     "lb_config.affinityLoadFactor": (1.0, 1000.0),
+    # The load model: prompt tokens one request in flight weighs; what a cached token is worth;
+    # how fast one endpoint is assumed to prefill (its backlog drains at this rate).
+    "lb_config.requestTokens": (0.0, 1e6),
+    "lb_config.affinityWeight": (0.0, 100.0),
+    "lb_config.prefillTokensPerSecond": (1.0, 1e7),
 }
 # Longest accepted string value (model names, paths, hosts): far beyond any real one.
 MAX_STRING = 4096
@@ -100,6 +107,10 @@ class Endpoint:
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
+# The picking defaults have one owner, the Rust core (`BalancerConfig::default`).
+_PICKING = balancer_defaults()
+
+
 @dataclass(frozen=True)
 class LbConfig:
     """``lb_config``: Higress field names, plus llmlb's own tuning knobs."""
@@ -113,24 +124,27 @@ class LbConfig:
     database: int = 0
     tls: bool = False
     tlsCAFile: str | None = None
-    redisKeyTTL: int = 1800
+    redisKeyTTL: int = int(_PICKING["redisKeyTTL"])
     criticalModels: tuple[str, ...] | None = None
     scrapeInterval: int = 50
-    staleAfter: int = 2000
+    staleAfter: int = int(_PICKING["staleAfter"])
     scrapeTimeout: int = 500
     metricsPath: str = "/metrics"
     metricsPort: int | None = None
     engine: str | None = None
-    queueThresholdCritical: float = 5.0
-    kvCacheThreshold: float = 0.8
-    queueingThresholdLoRA: float = 128.0
-    loraAffinityThreshold: float = 0.999
+    queueThresholdCritical: float = _PICKING["queueThresholdCritical"]
+    kvCacheThreshold: float = _PICKING["kvCacheThreshold"]
+    queueingThresholdLoRA: float = _PICKING["queueingThresholdLoRA"]
+    loraAffinityThreshold: float = _PICKING["loraAffinityThreshold"]
     shedRetryAfter: int = 1
     leaseTTL: int = 15
-    maxRequestCount: int = 0
-    affinityLoadFactor: float = 1.5
-    affinityLoadFloor: int = 8
-    prefixTableSize: int = 262_144
+    maxRequestCount: int = int(_PICKING["maxRequestCount"])
+    affinityLoadFactor: float = _PICKING["affinityLoadFactor"]
+    affinityLoadFloor: int = int(_PICKING["affinityLoadFloor"])
+    prefixTableSize: int = int(_PICKING["prefixTableSize"])
+    requestTokens: float = _PICKING["requestTokens"]
+    affinityWeight: float = _PICKING["affinityWeight"]
+    prefillTokensPerSecond: float = _PICKING["prefillTokensPerSecond"]
     maxPrefixBlocks: int = 1024
 
 

@@ -105,6 +105,9 @@ def _new_balancer(config: Config) -> Balancer:
         prefix_capacity=lb.prefixTableSize,
         load_factor=lb.affinityLoadFactor,
         load_floor=lb.affinityLoadFloor,
+        request_tokens=lb.requestTokens,
+        affinity_weight=lb.affinityWeight,
+        prefill_rate=lb.prefillTokensPerSecond,
         max_request_count=lb.maxRequestCount,
         critical_models=list(lb.criticalModels) if lb.criticalModels is not None else None,
         stale_after_ms=lb.staleAfter,
@@ -172,7 +175,7 @@ class Daemon:
         self._cut = asyncio.Event()
 
     def _inflight_samples(self) -> list[tuple[tuple[str, ...], float]]:
-        return [((address,), float(n)) for address, _, n, _, _ in self.balancer.endpoints()]
+        return [((address,), float(own)) for address, _, own, *_ in self.balancer.endpoints()]
 
     def _warn_about_config(self) -> None:
         for name in self.config.ignored_fields:

@@ -149,6 +149,10 @@ class Metrics:
         self.redis_duration = Histogram(
             "llmlb_redis_pick_duration_seconds", "Round trip of the shared pick script.", PICK_BUCKETS
         )
+        self.redis_commit_retries = Counter(
+            "llmlb_redis_commit_retries_total",
+            "Shared picks decided again: another replica made the chosen endpoint busier first.",
+        )
         self.reaped_requests = Counter(
             "llmlb_redis_reaped_requests_total", "In-flight requests removed with a lapsed replica's lease."
         )
@@ -210,6 +214,7 @@ class Metrics:
             self.redis_errors,
             self.redis_up,
             self.redis_duration,
+            self.redis_commit_retries,
             self.reaped_requests,
             self.redis_dropped_releases,
             self.immediate,

@@ -7,7 +7,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmlb._core import Balancer, NoEndpointsError, OverLimitError, ParsedRequest, ShedError
+from llmlb._core import (
+    FALLBACK_PICK_REASONS,
+    Balancer,
+    NoEndpointsError,
+    OverLimitError,
+    ParsedRequest,
+    ShedError,
+)
 from llmlb.metrics import Metrics
 
 log = logging.getLogger("llmlb.pick")
@@ -62,7 +69,10 @@ class Picker:
     def release(self, ticket: int, failed: bool = False) -> None:
         """Ends a picked request; a ``failed`` one (an error answer) also takes back the prefix
         entries its pick claimed."""
-        self.balancer.release(ticket, failed)
+        if failed:
+            self.balancer.release_failed(ticket)
+        else:
+            self.balancer.release(ticket)
 
     def refuse_too_large(self, max_bytes: int) -> Refusal:
         self.metrics.immediate.inc(("413",))
@@ -88,7 +98,7 @@ class Picker:
     def _record(self, endpoint: str, reason: str, depth: int, ticket: int, seconds: float) -> None:
         self.metrics.pick_duration.observe(seconds)
         self.metrics.picks.inc((self.policy, endpoint, reason))
-        if reason in ("bad_body", "no_healthy", "stale_metrics"):
+        if reason in FALLBACK_PICK_REASONS:
             self.metrics.fallbacks.inc((reason,))
         if self._debug:
             log.debug("picked %s reason=%s prefix_depth=%d ticket=%d", endpoint, reason, depth, ticket)

@@ -1,8 +1,12 @@
 """Shared state in Redis: many picker replicas, one view of in-flight load and prefixes.
 
-Each pick is one ``EVALSHA`` of the pick script (encoded by the Rust core), which reads the
-candidates' pool-wide counts, chooses, counts the request under this replica and request id,
-and records the prefix levels. Releases are batched: one ``EVALSHA`` per event-loop turn.
+The engine in the Rust core decides every pick, as on embedded state; Redis only counts. Each
+pick is one ``EVALSHA`` of the commit script (encoded by the core): it commits the engine's
+choice unless another replica made that endpoint busier first (a guard), and answers with the
+pool's fresh loads, which the next decision uses. After such a race the engine decides again on
+those loads and commits again (a second round trip, only then). Prefix records travel on the
+pool's stream: every replica follows it, so a conversation started through one replica finds
+its server through any other. Releases are batched and ride on the next commit.
 
 Failure semantics: a pick never waits longer than ``redisBudget`` ms. On an error or a timeout
 the pick comes from this replica's local state (fail-open), and after two failures in a row (or
@@ -36,7 +40,6 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llmlb._core import (
-    PICK_FIXED_KEYS,
     Balancer,
     NoEndpointsError,
     OverLimitError,
@@ -46,7 +49,7 @@ from llmlb._core import (
 from llmlb.config import Config, LbConfig
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker, Refusal
-from llmlb.resp import LaneClosedError, RespConnection, encode
+from llmlb.resp import LaneClosedError, RespConnection
 
 log = logging.getLogger("llmlb.shared")
 
@@ -66,6 +69,13 @@ EAGER_READ_S = 0.0003
 # Releases kept while Redis is unreachable; past this the oldest are dropped (and counted): their
 # replica's lease keeps them counted until the replica ends, so a bound is needed.
 MAX_PENDING_RELEASES = 100_000
+# Commits per pick: the core's last attempt has no guard, so this is only a backstop.
+MAX_COMMITS = 3
+# The stream of prefix records: records per read, and how long one read blocks at most.
+STREAM_BATCH = 1000
+STREAM_BLOCK_MS = 1000
+# Records read at start to warm the prefix table (the stream holds about 20,000).
+STREAM_WARM = 20_000
 
 Client = Any  # redis.asyncio.Redis | RedisCluster: redis-py's typing does not unify them
 
@@ -109,8 +119,12 @@ class SharedState:
         self.replica = replica_id()
         self.lease_ms, self.keep_ms, self.heartbeat_s = lease_timings(lb)
         self.shas = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in shared_scripts().items()}
-        balancer.enable_shared(config.pool, self.replica, self.lease_ms, self.keep_ms, self.shas["pick"])
-        self.keys = balancer.shared_keys()
+        balancer.enable_shared(config.pool, self.replica, self.lease_ms, self.keep_ms, self.shas["commit"])
+        self.inflight_key = balancer.shared_key("inflight")
+        self.picks_key = balancer.shared_key("picks")
+        # The last stream record applied (reading resumes after it).
+        self._stream_at = "0-0"
+        self._follower: asyncio.Task[None] | None = None
         self.budget = lb.redisBudget / 1000
         self.timeout = lb.timeout / 1000
         self.client: Client | None = None
@@ -187,7 +201,7 @@ class SharedState:
         assert self.client is not None
         host, port = self.lb.serviceFQDN, self.lb.servicePort
         if self.cluster:
-            node = self.client.get_node_from_key(self.keys["inflight"])
+            node = self.client.get_node_from_key(self.inflight_key)
             host, port = node.host, node.port
         tls = ssl.create_default_context(cafile=self.lb.tlsCAFile) if self.lb.tls else None
         lane = await RespConnection.open(
@@ -231,14 +245,16 @@ class SharedState:
             self._set_up(True)
             log.info("shared state on Redis %s:%s (%s), replica %s", self.lb.serviceFQDN, self.lb.servicePort,
                      "cluster" if self.cluster else "single", self.replica)  # fmt: skip
+            await self._warm_prefixes()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="redis-heartbeat")
+        self._follower = asyncio.create_task(self._follow_stream(), name="redis-stream")
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in (self._heartbeat, self._probe, *self._tasks):
+        for task in (self._heartbeat, self._probe, self._follower, *self._tasks):
             if task is not None:
                 task.cancel()
-        for task in (self._heartbeat, self._probe, *self._tasks):
+        for task in (self._heartbeat, self._probe, self._follower, *self._tasks):
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
@@ -255,6 +271,8 @@ class SharedState:
 
     def _set_up(self, up: bool) -> None:
         self.up = up
+        # While Redis is away, decisions use this replica's own counts.
+        self.balancer.set_remote(up)
         self.metrics.redis_up.set(1.0 if up else 0.0)
 
     def _count_error(self) -> None:
@@ -308,17 +326,12 @@ class SharedState:
 
     async def _beat(self) -> None:
         assert self.client is not None
-        k = self.keys
-        lapsed = await self.scripts["heartbeat"](
-            keys=[k["leases"], k["replica_counts"], k["replica_requests"], k["inflight"]],
-            args=[self.replica, self.lease_ms, self.keep_ms, 16],
-        )
+        keys, args = self.balancer.heartbeat_call(16)
+        lapsed = await self.scripts["heartbeat"](keys=keys, args=args)
         for lapsed_id in lapsed:
             other = _text(lapsed_id)
-            counts, requests = self.balancer.replica_keys(other)
-            reaped = await self.scripts["reap"](
-                keys=[k["leases"], k["inflight"], counts, requests], args=[other]
-            )
+            keys, args = self.balancer.reap_call(other)
+            reaped = await self.scripts["reap"](keys=keys, args=args)
             if reaped:
                 log.warning("reaped replica %s: %s requests it left counted", other, reaped)
             self.metrics.reaped_requests.inc(amount=float(reaped))
@@ -335,24 +348,21 @@ class SharedState:
 
     # --- picks and releases ----------------------------------------------------------------
 
-    async def pick_shared(
-        self, prepared: tuple[int, list[str], list[str], bytes], request_id: str
-    ) -> list[Any] | str:
-        """The script's answer, or the fallback reason when local state must decide."""
+    async def commit(self, command: bytes, request_id: str) -> list[Any] | str:
+        """Runs one commit: the script's answer, or the fallback reason when local state must
+        decide instead."""
         if not self.up:
             return "redis_down"
-        _, keys, args, command = prepared
         started = time.perf_counter()
         try:
             lane = self._lane()
-            if lane is not None:
-                reply = lane.call_eagerly(command, min(EAGER_READ_S, self.budget))
-                if isinstance(reply, asyncio.Future):
-                    reply = await within(reply, self.budget)
-                if isinstance(reply, hiredis.ReplyError):
-                    reply = await within(self._recover("pick", reply, keys, args), self.budget)
-            else:
-                reply = await within(self.scripts["pick"](keys=keys, args=args), self.budget)
+            if lane is None:
+                raise LaneClosedError("the hot-path connection is reopening")
+            reply = lane.call_eagerly(command, min(EAGER_READ_S, self.budget))
+            if isinstance(reply, asyncio.Future):
+                reply = await within(reply, self.budget)
+            if isinstance(reply, hiredis.ReplyError):
+                reply = await within(self._recover(reply, command), self.budget)
         except asyncio.TimeoutError as e:
             # The script may still have run: release the request id (a no-op if it did not).
             self.release(request_id)
@@ -366,16 +376,83 @@ class SharedState:
         self._success()
         return list(reply)
 
-    async def _recover(self, name: str, error: hiredis.ReplyError, keys: list[str], args: list[Any]) -> Any:
+    async def _recover(self, error: hiredis.ReplyError, command: bytes) -> Any:
         """An error reply on the hot-path connection: scripts flushed (restart, failover) or the
-        slot moved (cluster resharding). redis-py handles both; the lane follows."""
+        slot moved (cluster resharding). Load the scripts again, or follow the slot, and resend."""
         text = str(error)
-        if text.startswith(("MOVED", "ASK")) and not self._reopening:
-            self._reopening = True
-            self._spawn(self._reopen_lane())
-        elif not text.startswith("NOSCRIPT"):
+        if text.startswith(("MOVED", "ASK")):
+            await self._open_lane()
+        elif text.startswith("NOSCRIPT"):
+            assert self.client is not None
+            for script in self.scripts.values():
+                await self.client.script_load(script.script)
+        else:
             raise RedisError(text)
-        return await self.scripts[name](keys=keys, args=args)
+        lane = self._lane()
+        if lane is None:
+            raise LaneClosedError("the hot-path connection is reopening")
+        return RespConnection.check(await lane.call(command))
+
+    def send_record(self, command: bytes) -> None:
+        """Adds a record to the pool's stream (a failed request's take-back; rare, off the hot
+        path): its reply is only checked for errors."""
+        lane = self._lane() if self.up else None
+        if lane is None:
+            return  # the other replicas' records of it expire with their TTL
+        try:
+            future = lane.call(command)
+        except LaneClosedError as e:
+            self._failure(e)
+            return
+        future.add_done_callback(self._record_sent)
+
+    def _record_sent(self, future: asyncio.Future[Any]) -> None:
+        error = None if future.cancelled() else future.exception()
+        reply = None if future.cancelled() or error is not None else future.result()
+        if error is not None or isinstance(reply, hiredis.ReplyError):
+            self._count_error()
+
+    # --- the stream of prefix records ------------------------------------------------------
+
+    async def _warm_prefixes(self) -> None:
+        """Reads the stream's recent records once at start, oldest first, so this replica knows
+        which server holds what the others recorded before it started."""
+        assert self.client is not None
+        try:
+            records = await asyncio.wait_for(
+                self.client.xrevrange(self.picks_key, count=STREAM_WARM), self.timeout * 3
+            )
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            log.warning("could not read the pool's prefix records (%s): starting without them", _describe(e))
+            return
+        applied = self._apply_records(reversed(records))
+        log.info("prefix table warmed from %d records of the pool's stream", applied)
+
+    async def _follow_stream(self) -> None:
+        """Applies the other replicas' prefix records as they are added."""
+        block_ms = max(1, min(STREAM_BLOCK_MS, int(self.timeout * 500)))
+        while not self._stopping:
+            if not self.up or self.client is None:
+                await asyncio.sleep(PROBE_INTERVAL)
+                continue
+            try:
+                batches = await self.client.xread(
+                    {self.picks_key: self._stream_at}, count=STREAM_BATCH, block=block_ms
+                )
+            except (RedisError, OSError, asyncio.TimeoutError) as e:
+                log.debug("reading the pool's prefix records: %s", _describe(e))
+                await asyncio.sleep(PROBE_INTERVAL)
+                continue
+            for _, records in batches or ():
+                self._apply_records(records)
+
+    def _apply_records(self, records: Any) -> int:
+        applied = 0
+        for record_id, fields in records:
+            rid = _text(record_id)
+            self._stream_at = rid
+            applied += self.balancer.apply_stream_record(rid, fields)
+        return applied
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -388,17 +465,6 @@ class SharedState:
             self.metrics.redis_dropped_releases.inc()
         self._releases.append(request_id)
         self._schedule_flush()
-
-    def forget(self, endpoint: str, keys: list[str]) -> None:
-        """Takes back the prefix levels a failed request claimed (rare: off the hot path)."""
-        if self.up and self.client is not None:
-            self._spawn(self._forget(endpoint, keys))
-
-    async def _forget(self, endpoint: str, keys: list[str]) -> None:
-        try:
-            await asyncio.wait_for(self.scripts["forget"](keys=keys, args=[endpoint]), self.timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
-            self._failure(e)
 
     def _schedule_flush(self) -> None:
         if self.up and not self._stopping and not self._flush_scheduled and self._releases:
@@ -463,9 +529,7 @@ class SharedState:
 
     async def _recover_releases(self, batch: list[str], error: hiredis.ReplyError) -> None:
         try:
-            await asyncio.wait_for(
-                self._recover("release", error, self._release_keys(), list(batch)), self.timeout
-            )
+            await asyncio.wait_for(self._recover(error, self._release_command(batch)), self.timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self._releases[:0] = batch
             self._failure(e)
@@ -484,94 +548,100 @@ class SharedState:
         finally:
             self._flush_scheduled = False
 
-    def _release_keys(self) -> list[str]:
-        """KEYS of the release script (see rust/src/shared/scripts.rs)."""
-        k = self.keys
-        return [k["inflight"], k["replica_counts"], k["replica_requests"]]
-
     def _release_command(self, batch: list[str]) -> bytes:
-        return encode("EVALSHA", self.shas["release"], "3", *self._release_keys(), *batch)
+        return self.balancer.release_command(self.shas["release"], batch)
 
     async def _send_releases(self, batch: list[str]) -> None:
-        keys = self._release_keys()
         lane = self._lane()
         if lane is None:
-            await self.scripts["release"](keys=keys, args=batch)
+            keys, args = self.balancer.release_call(batch)
+            await self.scripts["release"](keys=keys, args=args)
             return
         # On the picks' connection, so a release always runs after its pick, even one whose
         # reply came too late (Redis serves one connection in order).
-        reply = await lane.call(self._release_command(batch))
+        command = self._release_command(batch)
+        reply = await lane.call(command)
         if isinstance(reply, hiredis.ReplyError):
-            await self._recover("release", reply, keys, batch)
+            await self._recover(reply, command)
 
     async def pool_inflight(self, endpoints: list[str]) -> dict[str, int] | None:
         """Pool-wide counts for /debug, or None when Redis does not answer in time."""
         if not self.up or self.client is None or not endpoints:
             return None
         try:
-            values = await asyncio.wait_for(self.client.hmget(self.keys["inflight"], endpoints), self.timeout)
+            values = await asyncio.wait_for(self.client.hmget(self.inflight_key, endpoints), self.timeout)
         except (RedisError, OSError, asyncio.TimeoutError):
             return None
         return {e: max(0, int(v or 0)) for e, v in zip(endpoints, values, strict=True)}
 
 
 class SharedPicker(Picker):
-    """Picks through Redis when it answers, from local state when it does not."""
+    """Picks through Redis when it answers, from local state when it does not. The engine
+    decides either way; Redis counts (see the module docs)."""
 
     def __init__(self, balancer: Balancer, metrics: Metrics, shared: SharedState, **kwargs: Any) -> None:
         super().__init__(balancer, metrics, **kwargs)
         self.shared = shared
         self._request_ids: dict[int, str] = {}
-        # Ticket -> (endpoint, keys of the prefix levels its pick claimed in Redis).
-        self._claimed: dict[int, tuple[str, list[str]]] = {}
         self._next_request = 0
 
     async def pick(self, request: ParsedRequest | None) -> tuple[int, str] | Refusal:
+        if not self.shared.up:
+            local = await super().pick(request)
+            if not isinstance(local, Refusal):
+                self.metrics.fallbacks.inc(("redis_down",))
+            return local
         started = time.perf_counter()
         self._next_request += 1
         request_id = str(self._next_request)
         releases = self.shared.take_releases()
         try:
-            prepared = self.balancer.prepare_shared(request, request_id, random.getrandbits(31), releases)
+            pending, command = self.balancer.prepare_shared(request, request_id, releases)
         except NoEndpointsError:
             self.shared.requeue(releases)
             return self._refuse_no_endpoints()
+        except OverLimitError as e:
+            self.shared.requeue(releases)
+            return self._refuse_over_limit(str(e))
         try:
-            reply = await self.shared.pick_shared(prepared, request_id)
-            if isinstance(reply, str):
-                self.shared.requeue(releases)
-                self.metrics.fallbacks.inc((reply,))
-                ticket, endpoint, reason, depth = self.balancer.fallback_shared(prepared[0])
-            else:
-                endpoint = _text(reply[0])
-                if not endpoint:  # prepared pick discarded in `finally`
-                    least = int(reply[1])
-                    return self._refuse_over_limit(
-                        f"every endpoint is at maxRequestCount ({least} in flight on the least loaded)"
-                    )
-                depth = int(reply[2])
-                ticket, reason = self.balancer.commit_shared(prepared[0], endpoint, depth)
+            for attempt in range(MAX_COMMITS):
+                reply = await self.shared.commit(command, request_id)
+                if isinstance(reply, str):
+                    if attempt == 0:
+                        self.shared.requeue(releases)
+                    self.metrics.fallbacks.inc((reply,))
+                    ticket, endpoint, reason, depth = self.balancer.fallback_shared(pending)
+                    break
+                outcome = self.balancer.complete_shared(pending, reply)
+                if isinstance(outcome, bytes):
+                    # Another replica made the chosen endpoint busier first: decided again.
+                    self.metrics.redis_commit_retries.inc()
+                    command = outcome
+                    continue
+                ticket, endpoint, reason, depth = outcome
                 self._request_ids[ticket] = request_id
-                claimed = prepared[1][PICK_FIXED_KEYS + depth :]
-                if claimed:
-                    self._claimed[ticket] = (endpoint, claimed)
+                break
+            else:  # pragma: no cover - the core's last commit has no guard
+                ticket, endpoint, reason, depth = self.balancer.fallback_shared(pending)
         except NoEndpointsError:
             return self._refuse_no_endpoints()
         except OverLimitError as e:
             return self._refuse_over_limit(str(e))
         finally:
-            self.balancer.discard_shared(prepared[0])
+            self.balancer.discard_shared(pending)
         self._record(endpoint, reason, depth, ticket, time.perf_counter() - started)
         return ticket, endpoint
 
     def release(self, ticket: int, failed: bool = False) -> None:
-        self.balancer.release(ticket, failed)
+        if failed:
+            record = self.balancer.release_failed(ticket)
+            if record is not None:
+                self.shared.send_record(record)
+        else:
+            self.balancer.release(ticket)
         request_id = self._request_ids.pop(ticket, None)
         if request_id is not None:
             self.shared.release(request_id)
-        claimed = self._claimed.pop(ticket, None)
-        if failed and claimed is not None:
-            self.shared.forget(*claimed)
 
 
 def _text(value: Any) -> str:

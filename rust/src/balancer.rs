@@ -1,5 +1,17 @@
-//! Embedded picking state for one replica: the endpoint pool, in-flight counts, request tickets,
-//! the prefix table, and the configured policy.
+//! The picking engine of one replica: the endpoint pool, request tickets, the configured policy,
+//! and the seam to where in-flight load and prefix holders live.
+//!
+//! A pick is two steps: `decide` runs the policy's pipeline (filters, scorers, picker) on the
+//! current view of every endpoint's load and prefix holders, and `commit` counts the decision
+//! in (a ticket), records its prefix levels, and claims them. `pick` does both. Shared state in
+//! Redis runs the same two steps with a round trip between them (see `shared::SharedPicks`), so
+//! one engine decides for every backend:
+//!
+//! | backend | requests in flight | prefill backlog | prefix holders |
+//! |---|---|---|---|
+//! | embedded (one process) | this process's counts | this process's picks | the embedded `PrefixTable` |
+//! | `--workers N` | the workers' shared mapping (`WorkerState`) | the same mapping | the same mapping |
+//! | Redis | pool-wide, from the latest script reply (`set_remote_loads`) | this replica's picks and the pool's stream of the others' | the embedded table, fed the same way |
 //!
 //! Every pick returns a ticket; releasing a ticket decrements its endpoint exactly once, however
 //! often it is called, so in-flight counts cannot leak or go negative. Endpoints are interned by
@@ -12,12 +24,18 @@ use std::sync::Arc;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
+use crate::backlog::Backlog;
+use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
 use crate::prefix_table::PrefixTable;
 use crate::scheduling::filters::HealthyFilter;
 use crate::scheduling::least_busy::{self, Thresholds};
-use crate::scheduling::policies::{self, Policy};
+use crate::scheduling::policies::{self, LoadModel, Policy};
 use crate::scheduling::{Candidate, Filter, LoraFit, Profile, RequestInfo, Scratch};
 use crate::worker_state::WorkerState;
+
+/// Prompt bytes per token, to estimate tokens from a prompt's size (English text and code run
+/// at about 4 bytes per token with the common tokenizers).
+pub const BYTES_PER_TOKEN: u64 = 4;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BalancerConfig {
@@ -29,6 +47,8 @@ pub struct BalancerConfig {
     /// Bounded-load factor and floor for prefix affinity (see `BoundedLoadFilter`).
     pub load_factor: f64,
     pub load_floor: u32,
+    /// prefix_cache's load model (see `LoadCostScorer`).
+    pub load_model: LoadModel,
     /// Refuse a pick when the chosen endpoint already has this many in flight; 0 = off.
     pub max_request_count: u32,
     /// least_busy: models never shed (`None`: every model is critical).
@@ -39,6 +59,7 @@ pub struct BalancerConfig {
 }
 
 impl Default for BalancerConfig {
+    /// The one owner of the picking defaults: the daemon's config reads them from here.
     fn default() -> Self {
         Self {
             policy: Policy::PrefixCache,
@@ -46,6 +67,11 @@ impl Default for BalancerConfig {
             prefix_capacity: 262_144,
             load_factor: 1.5,
             load_floor: 8,
+            load_model: LoadModel {
+                request_tokens: 128.0,
+                affinity_weight: 2.0,
+                prefill_rate: 10_000.0,
+            },
             max_request_count: 0,
             critical_models: None,
             stale_after_ms: 2000,
@@ -54,6 +80,7 @@ impl Default for BalancerConfig {
     }
 }
 
+/// Why an endpoint was picked: the one owner of these names (metrics and logs use `as_str`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PickReason {
     /// The chosen endpoint holds part of the request's prefix.
@@ -71,6 +98,15 @@ pub enum PickReason {
 }
 
 impl PickReason {
+    pub const ALL: [PickReason; 6] = [
+        PickReason::PrefixHit,
+        PickReason::LeastRequest,
+        PickReason::BadBody,
+        PickReason::NoHealthy,
+        PickReason::LeastBusy,
+        PickReason::StaleMetrics,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PickReason::PrefixHit => "prefix_hit",
@@ -80,6 +116,14 @@ impl PickReason {
             PickReason::LeastBusy => "least_busy",
             PickReason::StaleMetrics => "stale_metrics",
         }
+    }
+
+    /// The pick fell back from the policy (counted in `llmlb_fallbacks_total`).
+    pub fn is_fallback(self) -> bool {
+        matches!(
+            self,
+            PickReason::BadBody | PickReason::NoHealthy | PickReason::StaleMetrics
+        )
     }
 }
 
@@ -103,6 +147,33 @@ pub enum PickError {
     },
     /// least_busy: a sheddable request and no endpoint has room for it.
     Shed,
+}
+
+/// What a pick knows of the request. `None` where a pick is made from the headers alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Request<'a> {
+    /// The prompt's chained prefix keys (empty when the policy needs none).
+    pub hashes: &'a [u64],
+    /// The prompt's size (see `ParsedRequest::prompt_bytes`).
+    pub prompt_bytes: u64,
+    /// The `model` field (least_busy: criticality and LoRA adapters).
+    pub model: Option<&'a str>,
+}
+
+/// A decision of the pipeline, not yet counted (see `Balancer::commit`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The chosen endpoint's interned id.
+    pub endpoint: u32,
+    pub reason: PickReason,
+    /// Leading prefix levels the endpoint held.
+    pub depth: u32,
+    /// The endpoint's load in the view the decision used.
+    pub inflight: u32,
+    /// Prompt tokens this request adds to the endpoint's backlog: the part it does not hold.
+    pub tokens: u64,
+    /// Whether the request's prefix levels are recorded for the endpoint.
+    pub records_prefix: bool,
 }
 
 /// One endpoint's last scraped load (least_busy).
@@ -146,12 +217,24 @@ pub struct LoadView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointView {
     pub address: Arc<str>,
-    /// Across every worker process sharing state (equals `own_inflight` without workers).
+    /// Pool-wide: every worker process sharing state, or every replica with Redis (equals
+    /// `own_inflight` on embedded state).
     pub inflight: u32,
+    /// The prefill backlog estimate, in whole prompt tokens (see `backlog`).
+    pub backlog: u64,
     /// This process's own requests in flight.
     pub own_inflight: u32,
     pub healthy: bool,
     pub in_pool: bool,
+}
+
+/// What a failed request took back from its endpoint: the prefix levels it claimed and what
+/// the backlog estimate still held of its prompt tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenBack {
+    pub endpoint: Arc<str>,
+    pub levels: Box<[u64]>,
+    pub tokens: u64,
 }
 
 /// One request in flight.
@@ -162,16 +245,21 @@ struct Ticket {
     /// Prefix levels this pick recorded that the endpoint did not hold before: taken back if
     /// the request fails, since the server then never cached them.
     claimed: Option<Box<[u64]>>,
+    /// The prompt tokens the pick added to the endpoint's backlog, and when: what is left of
+    /// them is taken back when the request ends (it can only end once they are prefilled, or
+    /// refused).
+    tokens: u64,
+    sent_ms: u64,
 }
 
 const NOT_IN_POOL: u32 = u32::MAX;
+const NO_SLOT: u32 = u32::MAX;
 
 /// The levels past those the endpoint already held, if any.
 fn claimed_levels(hashes: &[u64], depth: u32) -> Option<Box<[u64]>> {
     let new = hashes.get(depth as usize..).unwrap_or(&[]);
     (!new.is_empty()).then(|| new.into())
 }
-const NO_SLOT: u32 = u32::MAX;
 
 /// The state this process shares with its sibling workers, and how local ids map onto it.
 struct Workers {
@@ -192,13 +280,27 @@ impl Workers {
     }
 }
 
+/// Decisions on their way to Redis, per endpoint (see `Balancer::hold`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Held {
+    requests: u32,
+    tokens: u64,
+}
+
 pub struct Balancer {
     config: BalancerConfig,
     profile: Profile,
     fallback: Profile,
     addresses: Vec<Arc<str>>,
     ids: HashMap<Arc<str>, u32>,
-    inflight: Vec<u32>,
+    /// This process's own requests in flight per endpoint.
+    own: Vec<u32>,
+    /// Pool-wide requests in flight from Redis (by id), while shared picks go through it.
+    remote: Option<Vec<u32>>,
+    /// This replica's decisions whose commits are on their way to Redis (see `hold`).
+    held: Vec<Held>,
+    /// Prefill backlog per endpoint (embedded and Redis; the workers keep theirs shared).
+    backlog: Vec<Backlog>,
     /// The ticket number of each endpoint's latest pick here (tie-break order; 0 = never).
     last_picked: Vec<u64>,
     healthy: Vec<bool>,
@@ -238,7 +340,9 @@ impl Balancer {
         let profile = match config.policy {
             // least_busy decides in `least_busy`; least-request then makes the final choice.
             Policy::GlobalLeastRequest | Policy::LeastBusy => policies::least_request(),
-            Policy::PrefixCache => policies::prefix_cache(config.load_factor, config.load_floor),
+            Policy::PrefixCache => {
+                policies::prefix_cache(config.load_model, config.load_factor, config.load_floor)
+            }
         };
         // Only prefix_cache uses the table: the other policies need no memory for it.
         let capacity = if config.policy.uses_prefix() {
@@ -253,7 +357,10 @@ impl Balancer {
             fallback: policies::least_request(),
             addresses: Vec::new(),
             ids: HashMap::new(),
-            inflight: Vec::new(),
+            own: Vec::new(),
+            remote: None,
+            held: Vec::new(),
+            backlog: Vec::new(),
             last_picked: Vec::new(),
             healthy: Vec::new(),
             pool: Vec::new(),
@@ -320,10 +427,10 @@ impl Balancer {
             return Ok(false);
         }
         let request = RequestInfo {
-            prefix_levels: 0,
             critical: self.is_critical(model),
             lora,
             entropy: rand::Rng::random(&mut self.rng),
+            ..RequestInfo::default()
         };
         HealthyFilter.filter(&request, &mut self.candidates);
         if least_busy::decide(&request, &mut self.candidates, &self.config.thresholds) {
@@ -333,8 +440,10 @@ impl Balancer {
         }
     }
 
-    /// From now on, in-flight counts and prefix entries live in `state`, shared with the other
-    /// worker processes (each worker attaches its own `WorkerState` of the same file).
+    // --- the backend seam ------------------------------------------------------------------
+
+    /// From now on, in-flight counts, backlogs and prefix entries live in `state`, shared with
+    /// the other worker processes (each worker attaches its own `WorkerState` of the same file).
     pub fn attach_workers(&mut self, state: Arc<WorkerState>) {
         let mut workers = Workers {
             state,
@@ -342,17 +451,52 @@ impl Balancer {
             local_of: HashMap::new(),
             slot_depths: Vec::new(),
         };
+        let rate = self.config.load_model.prefill_rate;
         for (id, address) in self.addresses.iter().enumerate() {
             let slot = workers.state.intern(address).unwrap_or(NO_SLOT);
             workers.slot_of.push(slot);
             if slot != NO_SLOT {
                 workers.local_of.insert(slot, id as u32);
-                for _ in 0..self.inflight[id] {
-                    workers.state.increment(slot);
-                }
+                workers.state.add(slot, u64::from(self.own[id]));
+                let b = self.backlog[id];
+                workers
+                    .state
+                    .add_backlog(slot, b.tokens as u64, b.at_ms, rate);
             }
         }
         self.workers = Some(workers);
+    }
+
+    /// Shared picks go through Redis from now on: decisions use the pool-wide request counts of
+    /// the latest script reply (`set_remote_loads`). `false` goes back to this replica's own
+    /// counts (Redis is away).
+    pub fn set_remote(&mut self, on: bool) {
+        self.remote = on.then(|| self.own.clone());
+    }
+
+    /// Pool-wide requests in flight from a Redis reply, for endpoints by address.
+    pub fn set_remote_loads<S: AsRef<str>>(&mut self, loads: &[(S, u32)]) {
+        if self.remote.is_none() {
+            return;
+        }
+        for (address, requests) in loads {
+            let id = self.intern(address.as_ref()) as usize;
+            if let Some(remote) = self.remote.as_mut() {
+                remote[id] = *requests;
+            }
+        }
+    }
+
+    /// Another replica's change to an endpoint's requests in flight, from the pool's stream
+    /// (between two replies).
+    pub fn add_remote_load(&mut self, endpoint: &str, requests: i64) {
+        if self.remote.is_none() {
+            return;
+        }
+        let id = self.intern(endpoint) as usize;
+        if let Some(remote) = self.remote.as_mut() {
+            remote[id] = (i64::from(remote[id]) + requests).clamp(0, i64::from(u32::MAX)) as u32;
+        }
     }
 
     /// The worker-shared state and `id`'s slot in it, when attached and the slot exists.
@@ -362,25 +506,80 @@ impl Balancer {
             .and_then(|w| w.slot(id).map(|s| (w, s)))
     }
 
-    /// Pool-wide in-flight count of `id` (all workers when attached).
-    fn inflight_of(&self, id: u32) -> u32 {
+    /// Counts a decision in the view while its commit is on its way to Redis, so this
+    /// replica's next decisions see it (`unhold` once the reply is in).
+    pub fn hold(&mut self, decision: &Decision) {
+        let held = &mut self.held[decision.endpoint as usize];
+        held.requests += 1;
+        held.tokens += decision.tokens;
+    }
+
+    pub fn unhold(&mut self, decision: &Decision) {
+        let held = &mut self.held[decision.endpoint as usize];
+        held.requests = held.requests.saturating_sub(1);
+        held.tokens = held.tokens.saturating_sub(decision.tokens);
+    }
+
+    /// `id`'s requests in flight in the view decisions use: pool-wide from Redis (plus this
+    /// replica's commits on their way), else across the workers, else this process's own.
+    pub fn inflight_of(&self, id: u32) -> u32 {
+        let i = id as usize;
+        if let Some(remote) = &self.remote {
+            return remote[i] + self.held[i].requests;
+        }
         match self.shared_slot(id) {
             Some((w, slot)) => w.state.inflight(slot),
-            None => self.inflight[id as usize],
+            None => self.own[i],
+        }
+    }
+
+    /// `id`'s prefill backlog at `now_ms`, in tokens (with the commits on their way to Redis).
+    pub fn backlog_of(&self, id: u32, now_ms: u64) -> f64 {
+        let rate = self.config.load_model.prefill_rate;
+        if let Some((w, slot)) = self.shared_slot(id) {
+            return w.state.backlog(slot).at(now_ms, rate);
+        }
+        let i = id as usize;
+        self.backlog[i].at(now_ms, rate) + self.held[i].tokens as f64
+    }
+
+    fn add_backlog(&mut self, id: u32, tokens: u64, sent_ms: u64) {
+        let rate = self.config.load_model.prefill_rate;
+        match self.shared_slot(id) {
+            Some((w, slot)) => w.state.add_backlog(slot, tokens, sent_ms, rate),
+            None => self.backlog[id as usize].add(tokens, sent_ms, rate),
+        }
+    }
+
+    fn take_back_backlog(&mut self, id: u32, tokens: u64, as_of_ms: u64, now_ms: u64) {
+        let rate = self.config.load_model.prefill_rate;
+        match self.shared_slot(id) {
+            Some((w, slot)) => w
+                .state
+                .take_back_backlog(slot, tokens, as_of_ms, now_ms, rate),
+            None => self.backlog[id as usize].take_back(tokens, as_of_ms, now_ms, rate),
         }
     }
 
     fn count_in(&mut self, id: u32) {
-        self.inflight[id as usize] += 1;
-        self.last_picked[id as usize] = self.next_ticket;
+        let i = id as usize;
+        self.own[i] += 1;
+        if let Some(remote) = self.remote.as_mut() {
+            // Until the next reply says otherwise (it carries this pick too).
+            remote[i] += 1;
+        }
+        self.last_picked[i] = self.next_ticket;
         if let Some((w, slot)) = self.shared_slot(id) {
             w.state.increment(slot);
         }
     }
 
     fn count_out(&mut self, id: u32) {
-        let count = &mut self.inflight[id as usize];
-        *count = count.saturating_sub(1);
+        let i = id as usize;
+        self.own[i] = self.own[i].saturating_sub(1);
+        if let Some(remote) = self.remote.as_mut() {
+            remote[i] = remote[i].saturating_sub(1);
+        }
         if let Some((w, slot)) = self.shared_slot(id) {
             w.state.decrement(slot);
         }
@@ -408,6 +607,49 @@ impl Balancer {
         }
     }
 
+    fn forget(&mut self, hashes: &[u64], id: u32) {
+        match self.shared_slot(id) {
+            Some((w, slot)) => w.state.forget(hashes, slot),
+            None => self.prefix.forget(hashes, id),
+        }
+    }
+
+    /// Another replica committed a pick of `endpoint` (from the pool's stream; `sent_ms`: when,
+    /// on this balancer's clock): its prompt tokens join the endpoint's backlog and its prefix
+    /// levels (empty: none) the prefix table.
+    pub fn apply_remote_commit(
+        &mut self,
+        endpoint: &str,
+        tokens: u64,
+        levels: &[u64],
+        sent_ms: u64,
+    ) {
+        let id = self.intern(endpoint);
+        self.add_backlog(id, tokens, sent_ms);
+        if self.config.policy.uses_prefix() && !levels.is_empty() {
+            self.record(levels, id, sent_ms);
+        }
+    }
+
+    /// Another replica's request to `endpoint` failed: the levels it claimed are taken back,
+    /// and the `tokens` the backlog still held of it as of `as_of_ms` (this balancer's clock).
+    pub fn apply_remote_failure(
+        &mut self,
+        endpoint: &str,
+        levels: &[u64],
+        tokens: u64,
+        as_of_ms: u64,
+        now_ms: u64,
+    ) {
+        let id = self.intern(endpoint);
+        if tokens > 0 {
+            self.take_back_backlog(id, tokens, as_of_ms, now_ms);
+        }
+        if self.config.policy.uses_prefix() && !levels.is_empty() {
+            self.forget(levels, id);
+        }
+    }
+
     pub fn config(&self) -> &BalancerConfig {
         &self.config
     }
@@ -420,7 +662,12 @@ impl Balancer {
         let address: Arc<str> = Arc::from(address);
         self.addresses.push(address.clone());
         self.ids.insert(address, id);
-        self.inflight.push(0);
+        self.own.push(0);
+        self.held.push(Held::default());
+        self.backlog.push(Backlog::default());
+        if let Some(remote) = self.remote.as_mut() {
+            remote.push(0);
+        }
         self.last_picked.push(0);
         self.healthy.push(true);
         self.pool_position.push(NOT_IN_POOL);
@@ -438,6 +685,15 @@ impl Balancer {
             }
         }
         id
+    }
+
+    /// The interned id of `address` (interning it if new).
+    pub fn id_of(&mut self, address: &str) -> u32 {
+        self.intern(address)
+    }
+
+    pub fn address(&self, id: u32) -> &Arc<str> {
+        &self.addresses[id as usize]
     }
 
     /// Replaces the pool (order kept, duplicates dropped). New endpoints start healthy.
@@ -462,27 +718,65 @@ impl Balancer {
         self.healthy[id as usize] = healthy;
     }
 
-    /// Picks an endpoint. `prefix_hashes` is `None` when the body could not be parsed.
+    /// The pool's endpoint ids, in order.
+    pub fn pool(&self) -> &[u32] {
+        &self.pool
+    }
+
+    // --- picking ---------------------------------------------------------------------------
+
+    /// Picks an endpoint. `prefix_hashes` is `None` when the body could not be parsed; the
+    /// prompt's size is taken as whole blocks (tests and benches).
     pub fn pick(&mut self, prefix_hashes: Option<&[u64]>, now_ms: u64) -> Result<Pick, PickError> {
         self.pick_for(prefix_hashes, None, now_ms)
     }
 
-    /// Picks an endpoint for a request of `model` (least_busy: criticality and LoRA adapters).
+    /// `pick` for a request of `model` (least_busy: criticality and LoRA adapters).
     pub fn pick_for(
         &mut self,
         prefix_hashes: Option<&[u64]>,
         model: Option<&str>,
         now_ms: u64,
     ) -> Result<Pick, PickError> {
+        let request = prefix_hashes.map(|hashes| Request {
+            hashes,
+            prompt_bytes: (hashes.len() * DEFAULT_BLOCK_SIZE) as u64,
+            model,
+        });
+        self.pick_request(request.as_ref(), now_ms)
+    }
+
+    /// Decides and commits. `None`: the body could not be parsed (picked by load).
+    pub fn pick_request(
+        &mut self,
+        request: Option<&Request<'_>>,
+        now_ms: u64,
+    ) -> Result<Pick, PickError> {
+        let decision = self.decide(request, now_ms)?;
+        Ok(self.commit(&decision, request.map_or(&[], |r| r.hashes), now_ms))
+    }
+
+    /// Runs the policy on the current view; counts nothing (see `commit`).
+    pub fn decide(
+        &mut self,
+        request: Option<&Request<'_>>,
+        now_ms: u64,
+    ) -> Result<Decision, PickError> {
         if self.pool.is_empty() {
             return Err(PickError::NoEndpoints);
         }
         let mut candidates = std::mem::take(&mut self.candidates);
         candidates.clear();
+        let uses_backlog = self.config.policy.uses_prefix();
         for &id in &self.pool {
             candidates.push(Candidate {
                 id,
                 inflight: self.inflight_of(id),
+                backlog: if uses_backlog {
+                    self.backlog_of(id, now_ms)
+                } else {
+                    0.0
+                },
                 healthy: self.healthy[id as usize],
                 prefix_depth: 0,
                 waiting: 0.0,
@@ -494,10 +788,10 @@ impl Balancer {
         }
         self.candidates = candidates;
         let mut fresh_metrics = true;
-        if self.config.policy == Policy::LeastBusy && prefix_hashes.is_some() {
-            fresh_metrics = self.least_busy(model, now_ms)?;
+        if self.config.policy == Policy::LeastBusy && request.is_some() {
+            fresh_metrics = self.least_busy(request.and_then(|r| r.model), now_ms)?;
         }
-        let hashes = prefix_hashes.unwrap_or(&[]);
+        let hashes = request.map_or(&[][..], |r| r.hashes);
         let use_prefix = self.config.policy.uses_prefix() && !hashes.is_empty();
         if use_prefix {
             self.match_depths(hashes, now_ms);
@@ -511,33 +805,36 @@ impl Balancer {
                 }
             }
         }
-        let request = RequestInfo {
+        let block_tokens = DEFAULT_BLOCK_SIZE as u64 / BYTES_PER_TOKEN;
+        let prompt_tokens = request.map_or(0, |r| r.prompt_bytes.div_ceil(BYTES_PER_TOKEN));
+        let info = RequestInfo {
             prefix_levels: hashes.len() as u32,
+            prompt_tokens,
+            block_tokens,
             ..RequestInfo::default()
         };
-        let profile = if prefix_hashes.is_some() {
+        let profile = if request.is_some() {
             &self.profile
         } else {
             &self.fallback
         };
         let chosen = profile
             .run(
-                &request,
+                &info,
                 &mut self.candidates,
                 &mut self.scratch,
                 &mut self.rng,
             )
             .ok_or(PickError::NoEndpoints)?;
 
-        let idx = chosen.id as usize;
         let limit = self.config.max_request_count;
         if limit > 0 && chosen.inflight >= limit {
             return Err(PickError::OverLimit {
-                endpoint: self.addresses[idx].clone(),
+                endpoint: self.addresses[chosen.id as usize].clone(),
                 inflight: chosen.inflight,
             });
         }
-        let reason = if prefix_hashes.is_none() {
+        let reason = if request.is_none() {
             PickReason::BadBody
         } else if !chosen.healthy {
             PickReason::NoHealthy
@@ -550,68 +847,46 @@ impl Balancer {
         } else {
             PickReason::LeastRequest
         };
-        let depth = chosen.prefix_depth;
-        let claimed = if use_prefix {
-            self.record(hashes, chosen.id, now_ms);
-            claimed_levels(hashes, depth)
-        } else {
-            None
-        };
-        self.count_in(chosen.id);
-        self.picks_since_scrape[idx] += 1;
-        let ticket = self.new_ticket(chosen.id, claimed);
-        Ok(Pick {
-            ticket,
-            endpoint: self.addresses[idx].clone(),
+        let cached = (u64::from(chosen.prefix_depth) * block_tokens).min(prompt_tokens);
+        Ok(Decision {
+            endpoint: chosen.id,
             reason,
-            prefix_depth: chosen.prefix_depth,
-            inflight: chosen.inflight + 1,
+            depth: chosen.prefix_depth,
+            inflight: chosen.inflight,
+            tokens: prompt_tokens - cached,
+            records_prefix: use_prefix,
         })
     }
 
-    /// Endpoints a pick may choose from: the healthy ones, or all when none is healthy (then
-    /// `true`). Used when the choice is made elsewhere (shared state).
-    pub fn candidates(&self) -> (Vec<Arc<str>>, bool) {
-        let healthy: Vec<Arc<str>> = self
-            .pool
-            .iter()
-            .filter(|&&id| self.healthy[id as usize])
-            .map(|&id| self.addresses[id as usize].clone())
-            .collect();
-        if healthy.is_empty() {
-            (
-                self.pool
-                    .iter()
-                    .map(|&id| self.addresses[id as usize].clone())
-                    .collect(),
-                !self.pool.is_empty(),
-            )
+    /// Counts a decision in: its ticket, its load, its prefix levels (`hashes`, the request's).
+    pub fn commit(&mut self, decision: &Decision, hashes: &[u64], now_ms: u64) -> Pick {
+        let id = decision.endpoint;
+        let claimed = if decision.records_prefix {
+            self.record(hashes, id, now_ms);
+            claimed_levels(hashes, decision.depth)
         } else {
-            (healthy, false)
-        }
-    }
-
-    /// Counts a pick made elsewhere (shared state) in this replica's state, and records its
-    /// prefix levels locally so a later local fallback keeps the affinity. `depth`: the levels
-    /// the endpoint already held.
-    pub fn assign(
-        &mut self,
-        endpoint: &str,
-        prefix_hashes: &[u64],
-        depth: u32,
-        now_ms: u64,
-    ) -> u64 {
-        let id = self.intern(endpoint);
-        let mut claimed = None;
-        if self.config.policy.uses_prefix() && !prefix_hashes.is_empty() {
-            self.record(prefix_hashes, id, now_ms);
-            claimed = claimed_levels(prefix_hashes, depth);
-        }
+            None
+        };
         self.count_in(id);
-        self.new_ticket(id, claimed)
+        self.add_backlog(id, decision.tokens, now_ms);
+        self.picks_since_scrape[id as usize] += 1;
+        let ticket = self.new_ticket(id, claimed, decision.tokens, now_ms);
+        Pick {
+            ticket,
+            endpoint: self.addresses[id as usize].clone(),
+            reason: decision.reason,
+            prefix_depth: decision.depth,
+            inflight: decision.inflight + 1,
+        }
     }
 
-    fn new_ticket(&mut self, endpoint: u32, claimed: Option<Box<[u64]>>) -> u64 {
+    fn new_ticket(
+        &mut self,
+        endpoint: u32,
+        claimed: Option<Box<[u64]>>,
+        tokens: u64,
+        sent_ms: u64,
+    ) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let generation = self.scrape_generation[endpoint as usize];
@@ -621,38 +896,53 @@ impl Balancer {
                 endpoint,
                 generation,
                 claimed,
+                tokens,
+                sent_ms,
             },
         );
         ticket
     }
 
-    /// Ends a pick's request. Returns `false` for an unknown or already released ticket.
-    pub fn release(&mut self, ticket: u64) -> bool {
-        self.end(ticket, false)
+    /// Ends a pick's request at `now_ms`. Returns `false` for an unknown or already released
+    /// ticket.
+    pub fn release(&mut self, ticket: u64, now_ms: u64) -> bool {
+        self.end(ticket, now_ms).is_some()
     }
 
     /// Ends a request that failed (an error answer): it also takes back the prefix levels it
-    /// claimed, which the server never cached.
-    pub fn release_failed(&mut self, ticket: u64) -> bool {
-        self.end(ticket, true)
+    /// claimed, which the server never cached. Returns what was taken back (for the other
+    /// replicas), if anything.
+    pub fn release_failed(&mut self, ticket: u64, now_ms: u64) -> Option<TakenBack> {
+        let (t, tokens) = self.end(ticket, now_ms)?;
+        let levels = t.claimed.unwrap_or_default();
+        if !levels.is_empty() {
+            self.forget(&levels, t.endpoint);
+        }
+        (!levels.is_empty() || tokens > 0).then(|| TakenBack {
+            endpoint: self.addresses[t.endpoint as usize].clone(),
+            levels,
+            tokens,
+        })
     }
 
-    fn end(&mut self, ticket: u64, failed: bool) -> bool {
-        let Some(t) = self.tickets.remove(&ticket) else {
-            return false;
-        };
+    /// Uncounts a ticket and takes what is left of its prompt tokens back from the backlog
+    /// (returned, in whole tokens); `None` if it was unknown or already released.
+    fn end(&mut self, ticket: u64, now_ms: u64) -> Option<(Ticket, u64)> {
+        let t = self.tickets.remove(&ticket)?;
         self.count_out(t.endpoint);
         let i = t.endpoint as usize;
         if self.scrape_generation[i] == t.generation {
             self.picks_since_scrape[i] = self.picks_since_scrape[i].saturating_sub(1);
         }
-        if let (true, Some(levels)) = (failed, t.claimed) {
-            match self.shared_slot(t.endpoint) {
-                Some((w, slot)) => w.state.forget(&levels, slot),
-                None => self.prefix.forget(&levels, t.endpoint),
-            }
+        let left = Backlog {
+            tokens: t.tokens as f64,
+            at_ms: t.sent_ms,
         }
-        true
+        .at(now_ms, self.config.load_model.prefill_rate);
+        if left > 0.0 {
+            self.take_back_backlog(t.endpoint, t.tokens, t.sent_ms, now_ms);
+        }
+        Some((t, left.ceil() as u64))
     }
 
     pub fn open_tickets(&self) -> usize {
@@ -663,23 +953,29 @@ impl Balancer {
         self.prefix.len()
     }
 
-    /// The pool, plus endpoints outside it that still have requests in flight.
-    pub fn endpoints(&self) -> Vec<EndpointView> {
-        let mut out: Vec<EndpointView> = self.pool.iter().map(|&id| self.view(id, true)).collect();
+    /// The pool, plus endpoints outside it that still have requests in flight (backlogs as of
+    /// `now_ms`).
+    pub fn endpoints(&self, now_ms: u64) -> Vec<EndpointView> {
+        let mut out: Vec<EndpointView> = self
+            .pool
+            .iter()
+            .map(|&id| self.view(id, true, now_ms))
+            .collect();
         for id in 0..self.addresses.len() as u32 {
             if self.pool_position[id as usize] == NOT_IN_POOL && self.inflight_of(id) > 0 {
-                out.push(self.view(id, false));
+                out.push(self.view(id, false, now_ms));
             }
         }
         out
     }
 
-    fn view(&self, id: u32, in_pool: bool) -> EndpointView {
+    fn view(&self, id: u32, in_pool: bool, now_ms: u64) -> EndpointView {
         let i = id as usize;
         EndpointView {
             address: self.addresses[i].clone(),
             inflight: self.inflight_of(id),
-            own_inflight: self.inflight[i],
+            backlog: self.backlog_of(id, now_ms).round() as u64,
+            own_inflight: self.own[i],
             healthy: self.healthy[i],
             in_pool,
         }
@@ -704,14 +1000,14 @@ mod tests {
     fn least_request_spreads_and_releases() {
         let mut b = balancer(Policy::GlobalLeastRequest);
         let picks: Vec<Pick> = (0..30).map(|_| b.pick(Some(&[]), 0).unwrap()).collect();
-        for view in b.endpoints() {
+        for view in b.endpoints(0) {
             assert_eq!(view.inflight, 10, "{view:?}");
         }
         for p in &picks {
-            assert!(b.release(p.ticket));
-            assert!(!b.release(p.ticket), "release is idempotent");
+            assert!(b.release(p.ticket, 0));
+            assert!(!b.release(p.ticket, 0), "release is idempotent");
         }
-        assert!(b.endpoints().iter().all(|v| v.inflight == 0));
+        assert!(b.endpoints(0).iter().all(|v| v.inflight == 0));
         assert_eq!(b.open_tickets(), 0);
     }
 
@@ -722,31 +1018,39 @@ mod tests {
         for _ in 0..60 {
             let p = b.pick(Some(&[]), 0).unwrap();
             firsts.insert(p.endpoint.clone());
-            b.release(p.ticket);
+            b.release(p.ticket, 0);
         }
         assert_eq!(firsts.len(), 3);
     }
 
     #[test]
     fn a_failed_request_takes_back_only_the_levels_it_claimed() {
+        // Turns some seconds apart, as in a conversation: each prompt's backlog has drained.
         let mut b = balancer(Policy::PrefixCache);
         let first = b.pick(Some(&[11, 12]), 0).unwrap();
-        b.release(first.ticket);
+        b.release(first.ticket, 0);
         // The next turn reaches the same server, claims two more levels, and fails there.
-        let failed = b.pick(Some(&[11, 12, 13, 14]), 10).unwrap();
+        let failed = b.pick(Some(&[11, 12, 13, 14]), 2_000).unwrap();
         assert_eq!(failed.endpoint, first.endpoint);
-        assert!(b.release_failed(failed.ticket));
-        assert!(!b.release_failed(failed.ticket), "release is idempotent");
+        let taken = b.release_failed(failed.ticket, 2_000).unwrap();
+        assert_eq!(
+            (&*taken.endpoint, &*taken.levels),
+            (&*first.endpoint, &[13, 14][..])
+        );
+        assert!(
+            b.release_failed(failed.ticket, 2_000).is_none(),
+            "release is idempotent"
+        );
         // What the server held before stays; what it never cached is gone.
-        let again = b.pick(Some(&[11, 12, 13, 14]), 20).unwrap();
+        let again = b.pick(Some(&[11, 12, 13, 14]), 4_000).unwrap();
         assert_eq!(again.endpoint, first.endpoint);
         assert_eq!(again.prefix_depth, 2);
-        b.release(again.ticket);
+        b.release(again.ticket, 4_000);
         // A brand-new prompt that fails leaves nothing behind.
-        let new = b.pick(Some(&[91, 92, 93]), 30).unwrap();
-        b.release_failed(new.ticket);
+        let new = b.pick(Some(&[91, 92, 93]), 6_000).unwrap();
+        b.release_failed(new.ticket, 6_000);
         let entries = b.prefix_entries();
-        let probe = b.pick(Some(&[91]), 40).unwrap();
+        let probe = b.pick(Some(&[91]), 8_000).unwrap();
         assert_eq!(probe.prefix_depth, 0);
         assert_eq!(probe.reason, PickReason::LeastRequest);
         assert!(b.prefix_entries() <= entries + 1);
@@ -757,7 +1061,7 @@ mod tests {
         let mut b = balancer(Policy::PrefixCache);
         let first = b.pick(Some(&[11, 12]), 0).unwrap();
         assert_eq!(first.reason, PickReason::LeastRequest);
-        b.release(first.ticket);
+        b.release(first.ticket, 0);
         let next = b.pick(Some(&[11, 12, 13, 14]), 10).unwrap();
         assert_eq!(next.endpoint, first.endpoint);
         assert_eq!(next.reason, PickReason::PrefixHit);
@@ -786,14 +1090,14 @@ mod tests {
     fn unhealthy_endpoints_are_avoided_unless_all_are() {
         let mut b = balancer(Policy::PrefixCache);
         let first = b.pick(Some(&[1]), 0).unwrap();
-        b.release(first.ticket);
+        b.release(first.ticket, 0);
         b.set_healthy(&first.endpoint, false);
         let next = b.pick(Some(&[1, 2]), 0).unwrap();
         assert_ne!(
             next.endpoint, first.endpoint,
             "an unhealthy prefix holder is skipped"
         );
-        b.release(next.ticket);
+        b.release(next.ticket, 0);
         for a in ["a:1", "b:1", "c:1"] {
             b.set_healthy(a, false);
         }
@@ -814,38 +1118,144 @@ mod tests {
         b.set_endpoints(&["a:1"]);
         let p = b.pick(Some(&[]), 0).unwrap();
         b.set_endpoints(&["b:1"]);
-        let views = b.endpoints();
+        let views = b.endpoints(0);
         assert!(views
             .iter()
             .any(|v| &*v.address == "a:1" && v.inflight == 1 && !v.in_pool));
         b.set_endpoints(&["a:1", "b:1"]);
-        assert!(b.release(p.ticket));
-        assert!(!b.release(p.ticket));
-        assert!(b.endpoints().iter().all(|v| v.inflight == 0));
+        assert!(b.release(p.ticket, 0));
+        assert!(!b.release(p.ticket, 0));
+        assert!(b.endpoints(0).iter().all(|v| v.inflight == 0));
     }
 
     #[test]
-    fn assigned_picks_count_locally_and_keep_affinity() {
+    fn remote_loads_drive_decisions_and_remote_picks_give_affinity() {
         let mut b = balancer(Policy::PrefixCache);
-        let ticket = b.assign("b:1", &[5, 6], 0, 0);
-        assert_eq!(
-            b.endpoints()
-                .iter()
+        b.set_remote(true);
+        // Another replica already keeps a:1 and b:1 busy: this replica's own view is empty.
+        b.set_remote_loads(&[("a:1", 9), ("b:1", 9)]);
+        let p = b.pick(Some(&[1, 2]), 0).unwrap();
+        assert_eq!(&*p.endpoint, "c:1");
+        // Its own pick counts in the remote view until the next reply.
+        let c = b
+            .endpoints(0)
+            .into_iter()
+            .find(|v| &*v.address == "c:1")
+            .unwrap();
+        assert_eq!((c.inflight, c.own_inflight), (1, 1));
+        b.release(p.ticket, 0);
+        // The other replica picked b:1 for a prompt: this replica follows it.
+        b.set_remote_loads(&[("b:1", 0)]);
+        b.apply_remote_commit("b:1", 0, &[5, 6], 0);
+        let next = b.pick(Some(&[5, 6, 7]), 0).unwrap();
+        assert_eq!((&*next.endpoint, next.prefix_depth), ("b:1", 2));
+        b.release(next.ticket, 0);
+        // ...and forgets it when that request failed there.
+        b.apply_remote_failure("b:1", &[5, 6], 0, 0, 0);
+        b.apply_remote_failure("b:1", &[5, 6, 7], 0, 0, 0);
+        let after = b.pick(Some(&[5, 6, 7]), 0).unwrap();
+        assert_eq!(after.prefix_depth, 0);
+        b.release(after.ticket, 0);
+        // A failed request's leftover backlog, as the other replica reported it 100 ms ago
+        // (100 ms of it drained since): the rest is taken back here too.
+        b.apply_remote_commit("b:1", 5_000, &[], 1_000);
+        b.apply_remote_failure("b:1", &[], 4_000, 1_100, 1_200);
+        let left = 5_000.0 - 0.2 * b.config().load_model.prefill_rate;
+        let expected = (left - (4_000.0 - 0.1 * b.config().load_model.prefill_rate)).max(0.0);
+        let b1 = |b: &Balancer| {
+            b.endpoints(1_200)
+                .into_iter()
                 .find(|v| &*v.address == "b:1")
+        };
+        assert_eq!(b1(&b).unwrap().backlog, expected as u64);
+        // Without Redis, the replica's own counts decide again.
+        b.set_remote(false);
+        assert!(b.endpoints(0).iter().all(|v| v.inflight == v.own_inflight));
+    }
+
+    #[test]
+    fn a_hot_prefix_spreads_instead_of_idling_a_server() {
+        // The reproduction: 60 concurrent requests sharing one system prompt (16 blocks,
+        // 2,048 tokens) with a question of their own (1 block) over 3 servers went 30/0/30.
+        let mut b = balancer(Policy::PrefixCache);
+        let system: Vec<u64> = (1..=16).collect();
+        let mut per_endpoint: HashMap<Arc<str>, u32> = HashMap::new();
+        for i in 0..60u64 {
+            let mut hashes = system.clone();
+            hashes.push(1000 + i);
+            let p = b.pick(Some(&hashes), 0).unwrap();
+            *per_endpoint.entry(p.endpoint).or_default() += 1;
+        }
+        let counts: Vec<u32> = per_endpoint.values().copied().collect();
+        assert_eq!(counts.len(), 3, "every server takes some: {per_endpoint:?}");
+        let (min, max) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
+        assert!(max - min <= 4, "{per_endpoint:?}");
+    }
+
+    #[test]
+    fn the_prefill_backlog_steers_and_drains() {
+        // Unique prompts: a server that has just taken a long prompt is still prefilling it, so
+        // the next ones go elsewhere until it drains, although each is counted only once.
+        let mut b = balancer(Policy::PrefixCache);
+        b.set_endpoints(&["a:1", "b:1"]);
+        let long: Vec<u64> = (100..164).collect(); // 64 blocks, 8,192 tokens
+        let big = b.pick(Some(&long), 0).unwrap();
+        for (i, at) in [100, 200, 300].into_iter().enumerate() {
+            let p = b.pick(Some(&[i as u64]), at).unwrap();
+            assert_ne!(p.endpoint, big.endpoint, "at {at} ms");
+            b.release(p.ticket, at + 50);
+        }
+        let backlog = |b: &Balancer, at| {
+            b.endpoints(at)
+                .into_iter()
+                .find(|v| v.address == big.endpoint)
                 .unwrap()
-                .inflight,
-            1
-        );
-        assert!(b.release(ticket));
-        let local = b.pick(Some(&[5, 6, 7]), 0).unwrap();
-        assert_eq!((&*local.endpoint, local.prefix_depth), ("b:1", 2));
-        b.set_healthy("a:1", false);
-        let (candidates, all_unhealthy) = b.candidates();
-        assert_eq!(
-            candidates.iter().map(|c| &**c).collect::<Vec<_>>(),
-            ["b:1", "c:1"]
-        );
-        assert!(!all_unhealthy);
+                .backlog
+        };
+        let rate = b.config().load_model.prefill_rate;
+        assert_eq!(backlog(&b, 500), (8192.0 - rate / 2.0).max(0.0) as u64);
+        assert_eq!(backlog(&b, 5_000), 0, "drained");
+        b.release(big.ticket, 5_000);
+        // Drained: both take turns again.
+        let next: Vec<Arc<str>> = (0..2)
+            .map(|i| b.pick(Some(&[50 + i]), 10_000).unwrap().endpoint)
+            .collect();
+        assert_ne!(next[0], next[1]);
+    }
+
+    #[test]
+    fn an_ended_request_leaves_no_backlog_behind() {
+        // A huge prompt the server refuses at once (or answers quickly): it was never queued
+        // for as long as the rate estimate says, so its end takes the estimate back and the
+        // server takes its share again straight away.
+        for failed in [true, false] {
+            let mut b = balancer(Policy::PrefixCache);
+            b.set_endpoints(&["a:1", "b:1"]);
+            let huge: Vec<u64> = (1_000..3_000).collect(); // 256,000 tokens
+            let p = b.pick(Some(&huge), 0).unwrap();
+            let taken = if failed {
+                b.release_failed(p.ticket, 20).map(|t| t.tokens)
+            } else {
+                b.release(p.ticket, 20);
+                None
+            };
+            if failed {
+                let left = 256_000.0 - 0.02 * b.config().load_model.prefill_rate;
+                assert_eq!(
+                    taken,
+                    Some(left as u64),
+                    "what the other replicas take back"
+                );
+            }
+            let next: Vec<Arc<str>> = (0..4)
+                .map(|i| {
+                    let p = b.pick(Some(&[i]), 30).unwrap();
+                    b.release(p.ticket, 30);
+                    p.endpoint
+                })
+                .collect();
+            assert!(next.contains(&p.endpoint), "failed={failed}: {next:?}");
+        }
     }
 
     #[test]
@@ -888,15 +1298,15 @@ mod tests {
             let b = &mut w[i % 2];
             picks.push((i % 2, b.pick(Some(&[]), 0).unwrap()));
         }
-        for view in w[0].endpoints() {
+        for view in w[0].endpoints(0) {
             assert_eq!(view.inflight, 10, "pool-wide: {view:?}");
         }
-        let own: u32 = w[1].endpoints().iter().map(|v| v.own_inflight).sum();
+        let own: u32 = w[1].endpoints(0).iter().map(|v| v.own_inflight).sum();
         assert_eq!(own, 15);
         for (worker, p) in &picks {
-            assert!(w[*worker].release(p.ticket));
+            assert!(w[*worker].release(p.ticket, 0));
         }
-        assert!(w[1].endpoints().iter().all(|v| v.inflight == 0));
+        assert!(w[1].endpoints(0).iter().all(|v| v.inflight == 0));
         let _ = std::fs::remove_file(path);
     }
 
@@ -904,11 +1314,11 @@ mod tests {
     fn workers_take_back_a_failed_request_s_levels() {
         let (mut w, path) = worker_balancers(Policy::PrefixCache, "forget");
         let first = w[0].pick(Some(&[1, 2]), 0).unwrap();
-        w[0].release(first.ticket);
-        let failed = w[1].pick(Some(&[1, 2, 3]), 0).unwrap();
+        w[0].release(first.ticket, 0);
+        let failed = w[1].pick(Some(&[1, 2, 3]), 2_000).unwrap();
         assert_eq!(failed.endpoint, first.endpoint);
-        w[1].release_failed(failed.ticket);
-        let next = w[0].pick(Some(&[1, 2, 3]), 0).unwrap();
+        w[1].release_failed(failed.ticket, 2_000);
+        let next = w[0].pick(Some(&[1, 2, 3]), 4_000).unwrap();
         assert_eq!(
             (next.endpoint.clone(), next.prefix_depth),
             (first.endpoint.clone(), 2),
@@ -921,7 +1331,7 @@ mod tests {
     fn workers_share_prefix_affinity() {
         let (mut w, path) = worker_balancers(Policy::PrefixCache, "prefix");
         let first = w[0].pick(Some(&[1, 2, 3]), 0).unwrap();
-        w[0].release(first.ticket);
+        w[0].release(first.ticket, 0);
         let next = w[1].pick(Some(&[1, 2, 3, 4]), 0).unwrap();
         assert_eq!(
             next.endpoint, first.endpoint,
@@ -990,7 +1400,7 @@ mod tests {
                 &*p.endpoint, "a:1",
                 "a's metrics are 3 s old (stale after 2 s)"
             );
-            b.release(p.ticket);
+            b.release(p.ticket, 0);
         }
         let p = b.pick_for(Some(&[]), Some("m"), 60_000).unwrap();
         assert_eq!(p.reason, PickReason::StaleMetrics);
@@ -1038,7 +1448,7 @@ mod tests {
         let hits = (0..20)
             .filter(|_| {
                 let p = b.pick_for(Some(&[]), Some("sql-lora"), 10).unwrap();
-                b.release(p.ticket);
+                b.release(p.ticket, 0);
                 &*p.endpoint == "c:1"
             })
             .count();
@@ -1055,12 +1465,12 @@ mod tests {
         for _ in 0..20 {
             let p = b.pick_for(Some(&[]), Some("m"), 10).unwrap();
             assert_eq!(&*p.endpoint, "c:1");
-            b.release(p.ticket);
+            b.release(p.ticket, 0);
         }
         // A request picked before a scrape and released after it changes nothing.
         let held = b.pick_for(Some(&[]), Some("m"), 10).unwrap();
         b.set_load("c:1", load(1.0, 0.05, 20)); // the scrape saw it
-        b.release(held.ticket);
+        b.release(held.ticket, 0);
         let views = b.endpoint_loads();
         let c = views.iter().find(|v| &*v.address == "c:1").unwrap();
         assert_eq!(c.picks_since_scrape, 0);

@@ -12,24 +12,30 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
 
-use crate::balancer::{Balancer, BalancerConfig, Load, Pick, PickError};
+use crate::balancer::{Balancer, BalancerConfig, Load, Pick, PickError, PickReason, Request};
 use crate::body_decode::{parse_body, BodyParser};
 use crate::engine_metrics::{parse_engine_metrics, Engine, EngineMetrics, MetricsError};
 use crate::fd_wait;
 use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
 use crate::request::{parse_request, ParseError, ParsedRequest, TooLarge};
 use crate::scheduling::least_busy::Thresholds;
-use crate::scheduling::policies::Policy;
-use crate::shared::{pick_call, resp_evalsha, scripts, Keys, PickSettings, PICK_FIXED_KEYS};
-use crate::worker_state::{Layout, WorkerState};
+use crate::scheduling::policies::{LoadModel, Policy};
+use crate::shared::picks::{CommitReply, Outcome, OwnedRequest, SharedPicks};
+use crate::shared::{
+    forget_command, heartbeat_call, reap_call, release_call, scripts, Call, Keys, Record, Settings,
+};
+use crate::worker_state::{self, Layout, WorkerState};
 
 create_exception!(
     _core,
@@ -102,16 +108,6 @@ struct PyParsedRequest {
     result: Result<ParsedRequest, ParseError>,
 }
 
-impl PyParsedRequest {
-    /// `(prefix hashes, model)`, or `None` for a bad body.
-    fn routing(&self) -> Option<(&[u64], &str)> {
-        self.result
-            .as_ref()
-            .ok()
-            .map(|r| (r.prefix_hashes.as_slice(), r.model.as_str()))
-    }
-}
-
 #[pymethods]
 impl PyParsedRequest {
     #[getter]
@@ -138,6 +134,12 @@ impl PyParsedRequest {
     #[getter]
     fn model(&self) -> &str {
         self.result.as_ref().map_or("", |r| r.model.as_str())
+    }
+
+    /// The prompt's size in canonical bytes (0 when not ok): the load model's token estimate.
+    #[getter]
+    fn prompt_bytes(&self) -> u64 {
+        self.result.as_ref().map_or(0, |r| r.prompt_bytes)
     }
 
     #[getter]
@@ -311,59 +313,64 @@ fn py_parse_engine_metrics(
     ))
 }
 
-/// A request parsed for a shared-state pick, kept until the pick is committed or falls back.
-struct Prepared {
-    /// `None` when the body could not be parsed.
-    hashes: Option<Vec<u64>>,
-    no_healthy: bool,
-}
-
-struct SharedSetup {
-    keys: Keys,
-    /// SHA1 of the pick script, for the pre-encoded `EVALSHA`.
-    pick_sha: String,
-    settings: PickSettings,
-    prepared: HashMap<u64, Prepared>,
-    next_id: u64,
-}
-
 #[pyclass(name = "Balancer", module = "llmlb._core", frozen)]
 struct PyBalancer {
     inner: Mutex<Balancer>,
-    shared: Mutex<Option<SharedSetup>>,
-    started: Instant,
+    /// Shared picks through Redis, once `enable_shared` ran.
+    shared: Mutex<Option<SharedPicks>>,
+    /// A pinned clock in ms (`pin_clock`), or `UNPINNED`.
+    pinned_ms: AtomicU64,
+}
+
+const UNPINNED: u64 = u64::MAX;
+
+fn pick_error(error: PickError) -> PyErr {
+    match error {
+        PickError::NoEndpoints => NoEndpointsError::new_err("no endpoints in the pool"),
+        PickError::OverLimit { endpoint, inflight } => OverLimitError::new_err(format!(
+            "every endpoint is at maxRequestCount; least loaded {endpoint} has {inflight} in flight"
+        )),
+        PickError::Shed => ShedError::new_err(
+            "every endpoint is saturated and this model is not critical; retry later",
+        ),
+    }
+}
+
+fn pick_tuple(p: &Pick) -> PickTuple {
+    (
+        p.ticket,
+        p.endpoint.to_string(),
+        p.reason.as_str(),
+        p.prefix_depth,
+    )
 }
 
 fn pick_result(result: Result<Pick, PickError>) -> PyResult<PickTuple> {
-    match result {
-        Ok(p) => Ok((
-            p.ticket,
-            p.endpoint.to_string(),
-            p.reason.as_str(),
-            p.prefix_depth,
-        )),
-        Err(PickError::NoEndpoints) => Err(NoEndpointsError::new_err("no endpoints in the pool")),
-        Err(PickError::OverLimit { endpoint, inflight }) => Err(OverLimitError::new_err(format!(
-            "every endpoint is at maxRequestCount; least loaded {endpoint} has {inflight} in flight"
-        ))),
-        Err(PickError::Shed) => Err(ShedError::new_err(
-            "every endpoint is saturated and this model is not critical; retry later",
-        )),
-    }
+    result.map(|p| pick_tuple(&p)).map_err(pick_error)
+}
+
+/// A request argument as the engine needs it, owned: `None` for a bad body.
+fn owned_request(py: Python<'_>, request: RequestArg<'_>) -> Option<OwnedRequest> {
+    let parsed;
+    let result = match &request {
+        RequestArg::Parsed(p) => p.get().result.as_ref().ok(),
+        RequestArg::Body(body) => {
+            parsed = parse(py, body).ok();
+            parsed.as_ref()
+        }
+    };
+    result.map(|r| OwnedRequest {
+        hashes: r.prefix_hashes.clone(),
+        prompt_bytes: r.prompt_bytes,
+        model: Some(r.model.clone()),
+    })
 }
 
 impl PyBalancer {
-    fn shared_lock(&self) -> MutexGuard<'_, Option<SharedSetup>> {
+    fn shared_lock(&self) -> MutexGuard<'_, Option<SharedPicks>> {
         self.shared
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn take_prepared(&self, prepared_id: u64) -> PyResult<Prepared> {
-        self.shared_lock()
-            .as_mut()
-            .and_then(|s| s.prepared.remove(&prepared_id))
-            .ok_or_else(|| PyValueError::new_err(format!("unknown prepared pick {prepared_id}")))
     }
 
     fn lock(&self) -> MutexGuard<'_, Balancer> {
@@ -375,68 +382,138 @@ impl PyBalancer {
     }
 
     fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        match self.pinned_ms.load(Ordering::Relaxed) {
+            // One clock for every worker process sharing state (see `worker_state::clock_ms`).
+            UNPINNED => worker_state::clock_ms(),
+            pinned => pinned,
+        }
+    }
+
+    /// Runs `f` on the shared protocol and the balancer (locked in this order, always).
+    fn with_shared<R>(&self, f: impl FnOnce(&mut SharedPicks, &mut Balancer) -> R) -> PyResult<R> {
+        let mut shared = self.shared_lock();
+        let picks = shared
+            .as_mut()
+            .ok_or_else(|| PyRuntimeError::new_err("shared state is not enabled"))?;
+        Ok(f(picks, &mut self.lock()))
     }
 }
 
 type PickTuple = (u64, String, &'static str, u32);
-/// `(prepared_id, keys, args, RESP command)`.
-type PreparedTuple = (u64, Vec<String>, Vec<String>, Cow<'static, [u8]>);
+/// A script call for redis-py: `(KEYS, ARGV)`.
+type CallTuple = (Vec<String>, Vec<Cow<'static, [u8]>>);
+
+fn call_tuple(call: Call) -> CallTuple {
+    (call.keys, call.args.into_iter().map(Cow::Owned).collect())
+}
+
+/// The picking defaults, from their one owner (`BalancerConfig::default`), by the daemon's
+/// config names.
+#[pyfunction]
+fn balancer_defaults() -> HashMap<&'static str, f64> {
+    let d = BalancerConfig::default();
+    HashMap::from([
+        ("redisKeyTTL", d.prefix_ttl_s as f64),
+        ("prefixTableSize", d.prefix_capacity as f64),
+        ("affinityLoadFactor", d.load_factor),
+        ("affinityLoadFloor", f64::from(d.load_floor)),
+        ("requestTokens", d.load_model.request_tokens),
+        ("affinityWeight", d.load_model.affinity_weight),
+        ("prefillTokensPerSecond", d.load_model.prefill_rate),
+        ("maxRequestCount", f64::from(d.max_request_count)),
+        ("staleAfter", d.stale_after_ms as f64),
+        ("queueThresholdCritical", d.thresholds.queue),
+        ("kvCacheThreshold", d.thresholds.kv_cache),
+        ("queueingThresholdLoRA", d.thresholds.lora_queue),
+        ("loraAffinityThreshold", d.thresholds.lora_affinity),
+    ])
+}
 
 #[pymethods]
 impl PyBalancer {
+    /// Every setting is optional: a missing one takes its default (`balancer_defaults()`).
     #[new]
     #[pyo3(signature = (
-        policy, *, prefix_ttl_s = 1800, prefix_capacity = 262_144, load_factor = 1.5, load_floor = 8,
-        max_request_count = 0, critical_models = None, stale_after_ms = 2000, queue_threshold = 5.0,
-        kv_cache_threshold = 0.8, lora_queue_threshold = 128.0, lora_affinity = 0.999
+        policy, *, prefix_ttl_s = None, prefix_capacity = None, load_factor = None,
+        load_floor = None, request_tokens = None, affinity_weight = None, prefill_rate = None,
+        max_request_count = None, critical_models = None, stale_after_ms = None,
+        queue_threshold = None, kv_cache_threshold = None, lora_queue_threshold = None,
+        lora_affinity = None, seed = None
     ))]
     #[allow(clippy::too_many_arguments)] // keyword-only settings, mirrored from the config
     fn new(
         policy: &str,
-        prefix_ttl_s: u64,
-        prefix_capacity: usize,
-        load_factor: f64,
-        load_floor: u32,
-        max_request_count: u32,
+        prefix_ttl_s: Option<u64>,
+        prefix_capacity: Option<usize>,
+        load_factor: Option<f64>,
+        load_floor: Option<u32>,
+        request_tokens: Option<f64>,
+        affinity_weight: Option<f64>,
+        prefill_rate: Option<f64>,
+        max_request_count: Option<u32>,
         critical_models: Option<Vec<String>>,
-        stale_after_ms: u64,
-        queue_threshold: f64,
-        kv_cache_threshold: f64,
-        lora_queue_threshold: f64,
-        lora_affinity: f64,
+        stale_after_ms: Option<u64>,
+        queue_threshold: Option<f64>,
+        kv_cache_threshold: Option<f64>,
+        lora_queue_threshold: Option<f64>,
+        lora_affinity: Option<f64>,
+        seed: Option<u64>,
     ) -> PyResult<Self> {
         let policy = Policy::from_name(policy)
             .ok_or_else(|| PyValueError::new_err(format!("unknown policy {policy:?}")))?;
+        let d = BalancerConfig::default();
+        let load_factor = load_factor.unwrap_or(d.load_factor);
         if !(load_factor.is_finite() && load_factor >= 1.0) {
             return Err(PyValueError::new_err("load_factor must be a number >= 1"));
         }
+        let load_model = LoadModel {
+            request_tokens: request_tokens.unwrap_or(d.load_model.request_tokens),
+            affinity_weight: affinity_weight.unwrap_or(d.load_model.affinity_weight),
+            prefill_rate: prefill_rate.unwrap_or(d.load_model.prefill_rate),
+        };
+        load_model.validate().map_err(PyValueError::new_err)?;
         let config = BalancerConfig {
             policy,
-            prefix_ttl_s,
-            prefix_capacity,
+            prefix_ttl_s: prefix_ttl_s.unwrap_or(d.prefix_ttl_s),
+            prefix_capacity: prefix_capacity.unwrap_or(d.prefix_capacity),
             load_factor,
-            load_floor,
-            max_request_count,
+            load_floor: load_floor.unwrap_or(d.load_floor),
+            load_model,
+            max_request_count: max_request_count.unwrap_or(d.max_request_count),
             critical_models,
-            stale_after_ms,
+            stale_after_ms: stale_after_ms.unwrap_or(d.stale_after_ms),
             thresholds: Thresholds {
-                queue: queue_threshold,
-                kv_cache: kv_cache_threshold,
-                lora_queue: lora_queue_threshold,
-                lora_affinity,
+                queue: queue_threshold.unwrap_or(d.thresholds.queue),
+                kv_cache: kv_cache_threshold.unwrap_or(d.thresholds.kv_cache),
+                lora_queue: lora_queue_threshold.unwrap_or(d.thresholds.lora_queue),
+                lora_affinity: lora_affinity.unwrap_or(d.thresholds.lora_affinity),
             },
         };
-        let balancer = Balancer::try_new(config).map_err(|e| {
+        let capacity = config.prefix_capacity;
+        // A seed makes the draws among never-picked endpoints reproducible (tests).
+        let rng = seed.map_or_else(SmallRng::from_os_rng, SmallRng::seed_from_u64);
+        let balancer = Balancer::try_with_rng(config, rng).map_err(|e| {
             PyMemoryError::new_err(format!(
-                "cannot reserve a prefix table of {prefix_capacity} entries: {e}"
+                "cannot reserve a prefix table of {capacity} entries: {e}"
             ))
         })?;
         Ok(Self {
             inner: Mutex::new(balancer),
             shared: Mutex::new(None),
-            started: Instant::now(),
+            pinned_ms: AtomicU64::new(UNPINNED),
         })
+    }
+
+    /// Pins the balancer's clock at `ms` (replays and tests: decisions that depend on time,
+    /// such as prefill backlogs and prefix expiry, then repeat exactly); `None` unpins it.
+    #[pyo3(signature = (ms))]
+    fn pin_clock(&self, ms: Option<u64>) -> PyResult<()> {
+        if ms == Some(UNPINNED) {
+            return Err(PyValueError::new_err("clock out of range"));
+        }
+        self.pinned_ms
+            .store(ms.unwrap_or(UNPINNED), Ordering::Relaxed);
+        Ok(())
     }
 
     #[getter]
@@ -464,20 +541,26 @@ impl PyBalancer {
     #[pyo3(signature = (request))]
     fn pick(&self, py: Python<'_>, request: Option<RequestArg<'_>>) -> PyResult<PickTuple> {
         let now = self.now_ms();
-        match request {
-            None => pick_result(self.lock().pick_for(Some(&[]), None, now)),
-            Some(RequestArg::Parsed(parsed)) => {
-                let routing = parsed.get().routing();
-                let (hashes, model) = routing.map_or((None, None), |(h, m)| (Some(h), Some(m)));
-                pick_result(self.lock().pick_for(hashes, model, now))
-            }
-            Some(RequestArg::Body(body)) => {
-                let parsed = parse(py, &body).ok();
-                let hashes = parsed.as_ref().map(|p| p.prefix_hashes.as_slice());
-                let model = parsed.as_ref().map(|p| p.model.as_str());
-                pick_result(self.lock().pick_for(hashes, model, now))
-            }
+        let Some(request) = request else {
+            return pick_result(self.lock().pick_request(Some(&Request::default()), now));
+        };
+        if let RequestArg::Parsed(parsed) = &request {
+            // No copy of the levels: read in place.
+            let parsed = parsed.get();
+            let borrowed = parsed.result.as_ref().ok().map(|r| Request {
+                hashes: &r.prefix_hashes,
+                prompt_bytes: r.prompt_bytes,
+                model: Some(&r.model),
+            });
+            return pick_result(self.lock().pick_request(borrowed.as_ref(), now));
         }
+        let owned = owned_request(py, request);
+        let borrowed = owned.as_ref().map(|r| Request {
+            hashes: &r.hashes,
+            prompt_bytes: r.prompt_bytes,
+            model: r.model.as_deref(),
+        });
+        pick_result(self.lock().pick_request(borrowed.as_ref(), now))
     }
 
     /// Records an endpoint's freshly scraped load (least_busy), stamped now.
@@ -543,173 +626,196 @@ impl PyBalancer {
             .collect()
     }
 
-    /// Turns on shared-state picks for `pool` as replica `replica`.
+    // --- shared state in Redis -------------------------------------------------------------
+
+    /// Turns on shared picks for `pool` as replica `replica` (`commit_sha`: SHA1 of the commit
+    /// script, for the pre-encoded `EVALSHA`).
     fn enable_shared(
         &self,
         pool: &str,
         replica: &str,
         lease_ms: u64,
         keep_ms: u64,
-        pick_sha: &str,
+        commit_sha: &str,
     ) {
-        let balancer = self.lock();
-        let config = balancer.config();
-        let settings = PickSettings {
+        let settings = Settings {
             replica: replica.to_owned(),
             lease_ms,
             keep_ms,
-            max_request_count: config.max_request_count,
-            prefix_ttl_ms: config.prefix_ttl_s.saturating_mul(1000),
-            load_factor: config.load_factor,
-            load_floor: config.load_floor,
         };
-        drop(balancer);
-        *self.shared_lock() = Some(SharedSetup {
-            keys: Keys::new(pool, replica),
-            pick_sha: pick_sha.to_owned(),
+        *self.shared_lock() = Some(SharedPicks::new(
+            Keys::new(pool, replica),
             settings,
-            prepared: HashMap::new(),
-            next_id: 1,
-        });
+            commit_sha.to_owned(),
+        ));
     }
 
-    /// Encodes the shared pick script call for a parsed request (or a body, parsed here as
-    /// `pick` does): `(prepared_id, keys, args, command)`, where `command` is the same call as a
-    /// ready-to-send RESP `EVALSHA`. Raises `NoEndpointsError` on an empty pool. Every prepared
-    /// id must be committed, fall back or be discarded.
-    /// `releases`: request ids of finished requests that the same script call releases first.
-    #[pyo3(signature = (request, request_id, seed, releases = Vec::new()))]
+    /// While Redis answers, decisions use the pool-wide loads of its replies; while it does not,
+    /// this replica's own counts.
+    fn set_remote(&self, on: bool) {
+        self.lock().set_remote(on);
+    }
+
+    /// Decides a shared pick and encodes its commit: `(pending_id, RESP EVALSHA)`. `releases`
+    /// (request ids of finished requests) ride on it. Raises like `pick`.
+    #[pyo3(signature = (request, request_id, releases = Vec::new()))]
     fn prepare_shared(
         &self,
         py: Python<'_>,
         request: Option<RequestArg<'_>>,
-        request_id: &str,
-        seed: u32,
+        request_id: String,
         releases: Vec<String>,
-    ) -> PyResult<PreparedTuple> {
-        let (model, hashes) = match request {
-            None => (String::new(), Some(Vec::new())),
-            Some(RequestArg::Parsed(parsed)) => match parsed.get().routing() {
-                Some((hashes, model)) => (model.to_owned(), Some(hashes.to_vec())),
-                None => (String::new(), None),
-            },
-            Some(RequestArg::Body(body)) => match parse(py, &body) {
-                Ok(p) => (p.model, Some(p.prefix_hashes)),
-                Err(_) => (String::new(), None),
-            },
+    ) -> PyResult<(u64, Cow<'static, [u8]>)> {
+        let owned = match request {
+            None => Some(OwnedRequest::default()),
+            Some(arg) => owned_request(py, arg),
         };
-        let (candidates, no_healthy) = self.lock().candidates();
-        if candidates.is_empty() {
-            return Err(NoEndpointsError::new_err("no endpoints in the pool"));
-        }
-        let uses_prefix = self.lock().config().policy.uses_prefix();
-        let mut guard = self.shared_lock();
-        let setup = guard
-            .as_mut()
-            .ok_or_else(|| PyRuntimeError::new_err("shared state is not enabled"))?;
-        let levels: &[u64] = if uses_prefix {
-            hashes.as_deref().unwrap_or(&[])
-        } else {
-            &[]
-        };
-        let names: Vec<&str> = candidates.iter().map(|c| &**c).collect();
-        let (keys, args) = pick_call(
-            &setup.keys,
-            &setup.settings,
-            request_id,
-            seed,
-            &names,
-            &model,
-            levels,
-            &releases,
-        );
-        let command = resp_evalsha(&setup.pick_sha, &keys, &args);
-        let id = setup.next_id;
-        setup.next_id += 1;
-        setup.prepared.insert(id, Prepared { hashes, no_healthy });
-        Ok((id, keys, args, Cow::Owned(command)))
+        let now = self.now_ms();
+        let (id, command) = self
+            .with_shared(|picks, b| picks.prepare(b, owned, request_id, &releases, now))?
+            .map_err(pick_error)?;
+        Ok((id, Cow::Owned(command)))
     }
 
-    /// Counts a shared pick locally: `(ticket, reason)`.
-    fn commit_shared(
+    /// Reads a commit's reply `{committed, {requests...}, stream id}`: the pick
+    /// `(ticket, endpoint, reason, prefix_depth)`, or the next commit to send (bytes) after a
+    /// race lost on the guard.
+    fn complete_shared(&self, pending_id: u64, reply: Vec<Bound<'_, PyAny>>) -> PyResult<Either> {
+        let bad = || PyValueError::new_err("not a commit reply");
+        let [committed, requests, at] = reply.as_slice() else {
+            return Err(bad());
+        };
+        let ints = |v: &Bound<'_, PyAny>| -> PyResult<Vec<i64>> {
+            Ok(v.extract::<Vec<Option<i64>>>()?
+                .into_iter()
+                .map(|x| x.unwrap_or(0))
+                .collect())
+        };
+        let at = at
+            .extract::<PyBackedBytes>()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .or_else(|_| at.extract::<String>())?;
+        let reply = CommitReply::new(committed.extract()?, &ints(requests)?, &at);
+        let now = self.now_ms();
+        match self
+            .with_shared(|picks, b| picks.complete(b, pending_id, &reply, now))?
+            .map_err(pick_error)?
+        {
+            Outcome::Picked(pick) => Ok(Either::Pick(pick_tuple(&pick))),
+            Outcome::Retry(command) => Ok(Either::Retry(Cow::Owned(command))),
+        }
+    }
+
+    /// Redis did not answer: counts the pending decision here only (like `pick`).
+    fn fallback_shared(&self, pending_id: u64) -> PyResult<PickTuple> {
+        let now = self.now_ms();
+        self.with_shared(|picks, b| picks.fallback(b, pending_id, now))?
+            .map(|p| pick_tuple(&p))
+            .ok_or_else(|| PyValueError::new_err(format!("unknown pending pick {pending_id}")))
+    }
+
+    /// Forgets a pending pick that will not be used (a no-op if already used).
+    fn discard_shared(&self, pending_id: u64) -> PyResult<()> {
+        self.with_shared(|picks, b| picks.discard(b, pending_id))
+    }
+
+    /// The release script call for a batch of request ids: `(KEYS, ARGV)` for redis-py.
+    fn release_call(&self, request_ids: Vec<String>) -> PyResult<CallTuple> {
+        self.with_shared(|picks, _| {
+            call_tuple(release_call(picks.keys(), picks.settings(), &request_ids))
+        })
+    }
+
+    /// The same release call as a RESP `EVALSHA` of `sha`.
+    fn release_command(&self, sha: &str, request_ids: Vec<String>) -> PyResult<Cow<'static, [u8]>> {
+        self.with_shared(|picks, _| {
+            Cow::Owned(release_call(picks.keys(), picks.settings(), &request_ids).resp(sha))
+        })
+    }
+
+    /// The heartbeat script call (`(KEYS, ARGV)`), listing up to `max_listed` lapsed replicas.
+    fn heartbeat_call(&self, max_listed: u32) -> PyResult<CallTuple> {
+        self.with_shared(|picks, _| {
+            call_tuple(heartbeat_call(picks.keys(), picks.settings(), max_listed))
+        })
+    }
+
+    /// The reap script call (`(KEYS, ARGV)`) for a lapsed replica.
+    fn reap_call(&self, other: &str) -> PyResult<CallTuple> {
+        self.with_shared(|picks, _| call_tuple(reap_call(picks.keys(), other)))
+    }
+
+    /// A key of the pool: `inflight`, `leases` or `picks`.
+    fn shared_key(&self, name: &str) -> PyResult<String> {
+        self.with_shared(|picks, _| {
+            let keys = picks.keys();
+            match name {
+                "inflight" => Some(keys.inflight.clone()),
+                "leases" => Some(keys.leases.clone()),
+                "picks" => Some(keys.picks.clone()),
+                _ => None,
+            }
+        })?
+        .ok_or_else(|| PyValueError::new_err(format!("no shared key named {name:?}")))
+    }
+
+    /// Applies one record of the pool's stream (its id, and its fields as redis-py gives them):
+    /// another replica's commit, release, reap or take-back. Returns whether it changed anything
+    /// (this replica's own records and garbled ones do not).
+    fn apply_stream_record(
         &self,
-        prepared_id: u64,
-        endpoint: &str,
-        depth: u32,
-    ) -> PyResult<(u64, &'static str)> {
-        let prepared = self.take_prepared(prepared_id)?;
-        let reason = match (&prepared.hashes, prepared.no_healthy, depth) {
-            (None, _, _) => "bad_body",
-            (_, true, _) => "no_healthy",
-            (_, _, 0) => "least_request",
-            _ => "prefix_hit",
+        record_id: &str,
+        fields: HashMap<Vec<u8>, Vec<u8>>,
+    ) -> PyResult<bool> {
+        let text = |name: &[u8]| fields.get(name).and_then(|v| std::str::from_utf8(v).ok());
+        let Some(replica) = text(b"r") else {
+            return Ok(false);
         };
+        let record = Record {
+            replica,
+            endpoint: text(b"e"),
+            tokens: text(b"t").and_then(|t| t.parse().ok()),
+            levels: fields.get(b"l".as_slice()).map(Vec::as_slice),
+            failed: fields.contains_key(b"f".as_slice()),
+            removed: text(b"d"),
+        };
+        let wall_now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let now = self.now_ms();
-        let ticket = self.lock().assign(
-            endpoint,
-            prepared.hashes.as_deref().unwrap_or(&[]),
-            depth,
-            now,
-        );
-        Ok((ticket, reason))
+        self.with_shared(|picks, b| picks.apply_record(b, record_id, &record, wall_now_ms, now))
     }
 
-    /// Picks from local state instead (shared state unavailable): like `pick`.
-    fn fallback_shared(&self, prepared_id: u64) -> PyResult<PickTuple> {
-        let prepared = self.take_prepared(prepared_id)?;
+    /// Ends a pick's request; `False` if the ticket was unknown or already released.
+    fn release(&self, ticket: u64) -> bool {
         let now = self.now_ms();
-        pick_result(self.lock().pick(prepared.hashes.as_deref(), now))
+        self.lock().release(ticket, now)
     }
 
-    /// Forgets a prepared pick that will not be used.
-    fn discard_shared(&self, prepared_id: u64) {
-        if let Some(setup) = self.shared_lock().as_mut() {
-            setup.prepared.remove(&prepared_id);
-        }
+    /// Ends a request that failed (an error answer): it also takes back the prefix levels its
+    /// pick claimed (and, like `release`, what the backlog still holds of its prompt tokens).
+    /// With shared state, returns the stream record (RESP `XADD`) that tells the
+    /// other replicas; else `None`.
+    fn release_failed(&self, ticket: u64) -> Option<Cow<'static, [u8]>> {
+        let now = self.now_ms();
+        let taken = self.lock().release_failed(ticket, now)?;
+        let shared = self.shared_lock();
+        let picks = shared.as_ref()?;
+        Some(Cow::Owned(forget_command(
+            picks.keys(),
+            &picks.settings().replica,
+            &taken,
+        )))
     }
 
-    /// Key names: `{"inflight", "leases", "replica_counts", "replica_requests"}`.
-    fn shared_keys(&self) -> PyResult<HashMap<&'static str, String>> {
-        let guard = self.shared_lock();
-        let keys = &guard
-            .as_ref()
-            .ok_or_else(|| PyRuntimeError::new_err("shared state is not enabled"))?
-            .keys;
-        Ok(HashMap::from([
-            ("inflight", keys.inflight.clone()),
-            ("leases", keys.leases.clone()),
-            ("replica_counts", keys.replica_counts.clone()),
-            ("replica_requests", keys.replica_requests.clone()),
-        ]))
-    }
-
-    /// `(counts, requests)` key names of another replica, for reaping it.
-    fn replica_keys(&self, replica: &str) -> PyResult<(String, String)> {
-        let guard = self.shared_lock();
-        let keys = &guard
-            .as_ref()
-            .ok_or_else(|| PyRuntimeError::new_err("shared state is not enabled"))?
-            .keys;
-        Ok((keys.counts_of(replica), keys.requests_of(replica)))
-    }
-
-    /// Ends a pick's request; `False` if the ticket was unknown or already released. A `failed`
-    /// request (an error answer) also takes back the prefix levels its pick claimed.
-    #[pyo3(signature = (ticket, failed = false))]
-    fn release(&self, ticket: u64, failed: bool) -> bool {
-        if failed {
-            self.lock().release_failed(ticket)
-        } else {
-            self.lock().release(ticket)
-        }
-    }
-
-    /// `[(address, inflight, own_inflight, healthy, in_pool)]`: the pool, then endpoints that
-    /// left it with requests still in flight. `inflight` counts every worker process attached to
-    /// the same state; `own_inflight` this process alone.
-    fn endpoints(&self) -> Vec<(String, u32, u32, bool, bool)> {
+    /// `[(address, inflight, own_inflight, healthy, in_pool, backlog)]`: the pool, then
+    /// endpoints that left it with requests still in flight. `inflight` and `backlog` (prompt
+    /// tokens not yet prefilled, estimated) are the view decisions use (every worker, or every
+    /// replica through Redis); `own_inflight` this process's.
+    fn endpoints(&self) -> Vec<(String, u32, u32, bool, bool, u64)> {
+        let now = self.now_ms();
         self.lock()
-            .endpoints()
+            .endpoints(now)
             .into_iter()
             .map(|v| {
                 (
@@ -718,6 +824,7 @@ impl PyBalancer {
                     v.own_inflight,
                     v.healthy,
                     v.in_pool,
+                    v.backlog,
                 )
             })
             .collect()
@@ -741,6 +848,13 @@ impl PyBalancer {
     fn prefix_entries(&self) -> usize {
         self.lock().prefix_entries()
     }
+}
+
+/// `complete_shared`'s answer: a pick, or the next commit to send.
+#[derive(IntoPyObject)]
+enum Either {
+    Pick(PickTuple),
+    Retry(Cow<'static, [u8]>),
 }
 
 /// Creates the state file the workers of `llmlb serve --workers N` share; returns its size in
@@ -767,7 +881,7 @@ fn wait_readable(py: Python<'_>, fd: i32, timeout_us: u64) -> PyResult<bool> {
         .map_err(|e| PyOSError::new_err(format!("waiting on descriptor {fd}: {e}")))
 }
 
-/// The Redis Lua scripts by name (`pick`, `release`, `heartbeat`, `reap`, `forget`).
+/// The Redis Lua scripts by name (`commit`, `release`, `heartbeat`, `reap`).
 #[pyfunction]
 fn shared_scripts() -> HashMap<&'static str, &'static str> {
     scripts::ALL.into_iter().collect()
@@ -777,7 +891,18 @@ fn shared_scripts() -> HashMap<&'static str, &'static str> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PREFIX_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)?;
-    m.add("PICK_FIXED_KEYS", PICK_FIXED_KEYS)?;
+    m.add(
+        "PICK_REASONS",
+        PickReason::ALL.map(PickReason::as_str).to_vec(),
+    )?;
+    m.add(
+        "FALLBACK_PICK_REASONS",
+        PickReason::ALL
+            .into_iter()
+            .filter(|r| r.is_fallback())
+            .map(PickReason::as_str)
+            .collect::<Vec<_>>(),
+    )?;
     m.add_class::<PyBalancer>()?;
     m.add_class::<PyParsedRequest>()?;
     m.add_class::<PyRequestStream>()?;
@@ -786,6 +911,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_parse_body, m)?)?;
     m.add_function(wrap_pyfunction!(py_parse_engine_metrics, m)?)?;
     m.add_function(wrap_pyfunction!(shared_scripts, m)?)?;
+    m.add_function(wrap_pyfunction!(balancer_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(create_worker_state, m)?)?;
     m.add_function(wrap_pyfunction!(wait_readable, m)?)?;
     let py = m.py();

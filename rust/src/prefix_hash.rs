@@ -57,6 +57,9 @@ pub struct PrefixHasher {
     chain: Vec<u64>,
     /// While muted, `feed` and `end_segment` do nothing (a `prompt` parsed after `messages`).
     muted: bool,
+    /// Canonical prompt bytes fed (while not muted), past `max_blocks` too: the prompt's size,
+    /// which the load model turns into tokens.
+    bytes: u64,
 }
 
 impl PrefixHasher {
@@ -70,6 +73,7 @@ impl PrefixHasher {
             block,
             chain: Vec::new(),
             muted: false,
+            bytes: 0,
         }
     }
 
@@ -78,6 +82,12 @@ impl PrefixHasher {
         self.block.clear();
         self.block.extend_from_slice(&PROMPT_SEED.to_le_bytes());
         self.chain.clear();
+        self.bytes = 0;
+    }
+
+    /// Canonical prompt bytes fed so far (the whole prompt, not only the hashed blocks).
+    pub fn prompt_bytes(&self) -> u64 {
+        self.bytes
     }
 
     pub fn set_muted(&mut self, muted: bool) {
@@ -93,7 +103,11 @@ impl PrefixHasher {
     /// Appends bytes of the canonical serialisation.
     #[inline]
     pub fn feed(&mut self, bytes: &[u8]) {
-        if self.is_idle() {
+        if self.muted {
+            return;
+        }
+        self.bytes += bytes.len() as u64;
+        if self.chain.len() >= self.max_blocks {
             return;
         }
         // Fast path: the bytes fit in the open block (a full block is closed lazily, below).
@@ -210,6 +224,11 @@ impl ContextHasher {
             Some(t) => **t = (Xxh3::new(), 0),
             None => self.tools = Some(Box::new((Xxh3::new(), 0))),
         }
+    }
+
+    /// Length of the `tools` value (rendered into the prompt by chat templates), 0 when absent.
+    pub fn tools_len(&self) -> u64 {
+        self.tools.as_ref().map_or(0, |t| t.1)
     }
 
     /// Raw bytes of the `tools` value, in order.

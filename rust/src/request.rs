@@ -58,6 +58,9 @@ pub struct ParsedRequest {
     /// `prefix_hashes[i]` identifies the first `i + 1` blocks of the prompt (at most
     /// `max_blocks` of them).
     pub prefix_hashes: Vec<u64>,
+    /// Size of the prompt: its canonical bytes (every message, past `max_blocks` too) plus the
+    /// `tools` JSON. The load model estimates prompt tokens from it.
+    pub prompt_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -747,6 +750,7 @@ impl RequestParser {
             return Err(ParseError::NoPrompt);
         };
         let ctx = self.context.ctx(&self.model);
+        let prompt_bytes = self.hasher.prompt_bytes() + self.context.tools_len();
         Ok(ParsedRequest {
             kind,
             // Valid UTF-8: the body was checked and escapes decode to UTF-8.
@@ -754,6 +758,7 @@ impl RequestParser {
                 .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
             stream: self.stream,
             prefix_hashes: self.hasher.finish(ctx),
+            prompt_bytes,
         })
     }
 

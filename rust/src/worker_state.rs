@@ -9,6 +9,8 @@
 //! - **in-flight counts** per worker and slot: each worker writes only its own row, and a pick
 //!   reads the sum over rows. A worker that dies leaves its row behind; its replacement (same
 //!   index) zeroes the row when it opens the state, so no phantom load survives a restart;
+//! - a **prefill backlog** per slot (`backlog::pack`, one word updated by compare-and-swap):
+//!   every worker's picks add to it and it drains with time, so it needs no cleaning up;
 //! - a **prefix table**: set-associative (8 ways per set), each entry a prefix hash and up to
 //!   four `(slot, expiry)` holders like the embedded table, least recently used way replaced.
 //!
@@ -25,10 +27,12 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::backlog::{self, Backlog};
 use crate::prefix_table::HOLDERS;
 
 const MAGIC: u64 = 0x6c6c_6d6c_625f_7773; // "llmlb_ws"
-const VERSION: u64 = 1;
+/// 2: a prefill backlog word per slot.
+const VERSION: u64 = 2;
 
 const HEADER_WORDS: usize = 8;
 const H_MAGIC: usize = 0;
@@ -78,8 +82,12 @@ impl Layout {
         DIRECTORY + self.slots * DIR_WORDS
     }
 
-    fn prefix(&self) -> usize {
+    fn backlogs(&self) -> usize {
         self.counts() + self.workers * self.slots
+    }
+
+    fn prefix(&self) -> usize {
+        self.backlogs() + self.slots
     }
 
     fn words(&self) -> usize {
@@ -120,6 +128,20 @@ fn reserve(file: &File, bytes: usize) -> io::Result<()> {
         libc::EOPNOTSUPP | libc::EINVAL => file.set_len(bytes as u64),
         errno => Err(io::Error::from_raw_os_error(errno)),
     }
+}
+
+/// Milliseconds of the system's monotonic clock: the clock of every time in the mapping, the
+/// same in every process (a process-local clock would make a restarted worker's entries expire
+/// early and its backlogs never drain in its siblings' eyes).
+pub fn clock_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a plain system call writing into a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000
 }
 
 fn seconds(now_ms: u64) -> u32 {
@@ -377,9 +399,58 @@ impl WorkerState {
 
     /// Adds one in-flight request of this worker to `slot`.
     pub fn increment(&self, slot: u32) {
+        self.add(slot, 1);
+    }
+
+    /// Adds `requests` in-flight requests of this worker to `slot`.
+    pub fn add(&self, slot: u32, requests: u64) {
         if (slot as usize) < self.layout.slots {
             self.count(self.worker, slot as usize)
-                .fetch_add(1, Ordering::Relaxed);
+                .fetch_add(requests, Ordering::Relaxed);
+        }
+    }
+
+    fn backlog_word(&self, slot: u32) -> Option<&AtomicU64> {
+        ((slot as usize) < self.layout.slots)
+            .then(|| &self.all()[self.layout.backlogs() + slot as usize])
+    }
+
+    /// `slot`'s prefill backlog (every worker's picks).
+    pub fn backlog(&self, slot: u32) -> Backlog {
+        self.backlog_word(slot).map_or(Backlog::default(), |w| {
+            backlog::unpack(w.load(Ordering::Relaxed))
+        })
+    }
+
+    /// Adds `tokens` sent at `sent_ms` to `slot`'s backlog (see `Backlog::add`).
+    pub fn add_backlog(&self, slot: u32, tokens: u64, sent_ms: u64, rate: f64) {
+        self.update_backlog(slot, |b| b.add(tokens, sent_ms, rate));
+    }
+
+    /// Takes an ended request's `tokens` (as of `as_of_ms`) back from `slot`'s backlog (see
+    /// `Backlog::take_back`).
+    pub fn take_back_backlog(&self, slot: u32, tokens: u64, as_of_ms: u64, now_ms: u64, rate: f64) {
+        self.update_backlog(slot, |b| b.take_back(tokens, as_of_ms, now_ms, rate));
+    }
+
+    fn update_backlog(&self, slot: u32, update: impl Fn(&mut Backlog)) {
+        let Some(word) = self.backlog_word(slot) else {
+            return;
+        };
+        let mut current = word.load(Ordering::Relaxed);
+        // Every worker writes this word: retry until no other update came in between.
+        loop {
+            let mut b = backlog::unpack(current);
+            update(&mut b);
+            match word.compare_exchange_weak(
+                current,
+                backlog::pack(b),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(seen) => current = seen,
+            }
         }
     }
 
@@ -619,6 +690,49 @@ mod tests {
         b.decrement(s);
         b.decrement(s); // never below zero, and never into another worker's share
         assert_eq!(a.inflight(s), 2);
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp)] // whole tokens, exact in f64
+    fn workers_add_to_one_backlog() {
+        let file = create("backlog", Layout::new(2, 8, 64));
+        let a = WorkerState::open(&file.0, 0).unwrap();
+        let b = WorkerState::open(&file.0, 1).unwrap();
+        let s = a.intern("e:1").unwrap();
+        a.add_backlog(s, 1000, 5_000, 1000.0);
+        b.add_backlog(s, 500, 5_500, 1000.0);
+        assert_eq!(
+            a.backlog(s).at(5_500, 1000.0),
+            1000.0,
+            "500 drained, 500 added"
+        );
+        assert_eq!(b.backlog(s).at(7_000, 1000.0), 0.0);
+        b.add_backlog(s, 4000, 8_000, 1000.0);
+        a.take_back_backlog(s, 4000, 8_000, 9_000, 1000.0);
+        assert_eq!(
+            b.backlog(s).at(9_000, 1000.0),
+            0.0,
+            "a sibling's ended request"
+        );
+        assert_eq!(a.backlog(99), Backlog::default(), "no such slot");
+        // Concurrent adds are never lost (one word, compare-and-swap).
+        let s = a.intern("e:2").unwrap();
+        let path = file.0.clone();
+        let threads: Vec<_> = (0..2)
+            .map(|w| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let state = WorkerState::open(&path, w).unwrap();
+                    for _ in 0..10_000 {
+                        state.add_backlog(s, 3, 100_000, 0.0);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(a.backlog(s).tokens, 60_000.0);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 """The Redis scripts against real servers (Redis, Valkey, Redis Cluster), driven with the exact
-keys and arguments the Rust core encodes."""
+calls the Rust core encodes: the engine decides, the commit script counts (with its guard), the
+release, heartbeat and reap scripts keep the counts exact, and the picks stream carries prefix
+records between replicas."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import orjson
 import pytest
 
 from llmlb import Balancer, shared_scripts
-from llmlb._core import PICK_FIXED_KEYS
 
 pytestmark = pytest.mark.redis
 
@@ -25,55 +26,104 @@ def chat(*turns: str) -> bytes:
     return orjson.dumps({"model": "m", "messages": [{"role": "user", "content": t} for t in turns]})
 
 
+def resp_parts(command: bytes) -> list[bytes]:
+    """The bulk strings of a RESP array (to send a pre-encoded command through redis-py)."""
+    assert command.startswith(b"*")
+    head, rest = command[1:].split(b"\r\n", 1)
+    parts = []
+    for _ in range(int(head)):
+        assert rest.startswith(b"$")
+        size, rest = rest[1:].split(b"\r\n", 1)
+        parts.append(rest[: int(size)])
+        rest = rest[int(size) + 2 :]
+    assert rest == b""
+    return parts
+
+
 class Replica:
-    """One replica's view of the scripts: its Balancer encodes calls, redis-py runs them."""
+    """One replica: its Balancer (the engine) encodes calls and reads replies, redis-py runs them."""
 
     def __init__(self, client: Any, pool: str, name: str, policy: str = "prefix_cache", **kw: Any) -> None:
         self.client = client
         self.name = name
         self.balancer = Balancer(policy, **kw)
         self.balancer.set_endpoints(ENDPOINTS)
-        pick_sha = hashlib.sha1(shared_scripts()["pick"].encode()).hexdigest()
-        self.balancer.enable_shared(pool, name, LEASE_MS, KEEP_MS, pick_sha)
-        self.keys = self.balancer.shared_keys()
+        self.shas = {n: hashlib.sha1(t.encode()).hexdigest() for n, t in shared_scripts().items()}
+        self.balancer.enable_shared(pool, name, LEASE_MS, KEEP_MS, self.shas["commit"])
+        self.balancer.set_remote(True)
         self.scripts = {n: client.register_script(t) for n, t in shared_scripts().items()}
+        for script in self.scripts.values():
+            client.script_load(script.script)
+        self.inflight_key = self.balancer.shared_key("inflight")
+        self.picks_key = self.balancer.shared_key("picks")
         self.next_id = 0
+        self.commits = 0
+        self.last_ticket = 0
+        self.tickets: dict[str, int] = {}
 
-    def pick(
-        self, body: bytes | None = None, seed: int = 0, releases: tuple[str, ...] = ()
-    ) -> tuple[str, str, int, int]:
-        """``(request_id, endpoint, count_before, depth)``; ``releases`` ride on the same call."""
+    def send(self, command: bytes) -> Any:
+        """Runs a pre-encoded command: a script call through its redis-py Script (which routes it
+        on a cluster), anything else as it is."""
+        parts = resp_parts(command)
+        if parts[0] != b"EVALSHA":
+            return self.client.execute_command(parts[0].decode(), parts[1].decode(), *parts[2:])
+        self.commits += 1
+        name = next(n for n, sha in self.shas.items() if sha.encode() == parts[1])
+        numkeys = int(parts[2])
+        keys = [k.decode() for k in parts[3 : 3 + numkeys]]
+        return self.scripts[name](keys=keys, args=parts[3 + numkeys :])
+
+    def pick(self, body: bytes | None = None, releases: tuple[str, ...] = ()) -> tuple[str, str, str, int]:
+        """``(request_id, endpoint, reason, depth)``: prepared by the engine, committed by Redis
+        (deciding again after a lost guard), like the daemon does."""
         self.next_id += 1
         rid = f"{self.next_id}"
-        prepared, keys, args, command = self.balancer.prepare_shared(body, rid, seed, list(releases))
-        assert command.startswith(b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args)))
-        self.balancer.discard_shared(prepared)
-        endpoint, before, depth = self.scripts["pick"](keys=keys, args=args)
-        endpoint = endpoint.decode() if isinstance(endpoint, bytes) else endpoint
-        return rid, endpoint, int(before), int(depth)
+        pending, command = self.balancer.prepare_shared(body, rid, list(releases))
+        try:
+            for _ in range(3):
+                outcome = self.balancer.complete_shared(pending, list(self.send(command)))
+                if isinstance(outcome, bytes):
+                    command = outcome
+                    continue
+                self.last_ticket, endpoint, reason, depth = outcome
+                self.tickets[rid] = self.last_ticket
+                return rid, endpoint, reason, depth
+        finally:
+            self.balancer.discard_shared(pending)
+        raise AssertionError("no commit after 3 attempts")
 
     def release(self, *rids: str) -> int:
-        k = self.keys
-        keys = [k["inflight"], k["replica_counts"], k["replica_requests"]]
-        return int(self.scripts["release"](keys=keys, args=list(rids)))
+        """Releases in Redis, and this replica's own tickets of those requests (as the daemon)."""
+        for rid in rids:
+            ticket = self.tickets.pop(rid, None)
+            if ticket is not None:
+                self.balancer.release(ticket)
+        keys, args = self.balancer.release_call(list(rids))
+        return int(self.scripts["release"](keys=keys, args=args))
 
     def heartbeat(self) -> list[str]:
-        k = self.keys
-        keys = [k["leases"], k["replica_counts"], k["replica_requests"], k["inflight"]]
-        lapsed = self.scripts["heartbeat"](keys=keys, args=[self.name, LEASE_MS, KEEP_MS, 16])
+        keys, args = self.balancer.heartbeat_call(16)
+        lapsed = self.scripts["heartbeat"](keys=keys, args=args)
         return [x.decode() if isinstance(x, bytes) else x for x in lapsed]
 
     def reap(self, other: str) -> int:
-        counts, requests = self.balancer.replica_keys(other)
-        keys = [self.keys["leases"], self.keys["inflight"], counts, requests]
-        return int(self.scripts["reap"](keys=keys, args=[other]))
+        keys, args = self.balancer.reap_call(other)
+        return int(self.scripts["reap"](keys=keys, args=args))
 
-    def totals(self) -> dict[str, int]:
-        raw = self.client.hgetall(self.keys["inflight"])
+    def follow(self, since: str = "0-0") -> int:
+        """Applies every stream record after `since` (another replica's picks)."""
+        applied = 0
+        for _, records in self.client.xread({self.picks_key: since}, count=10_000) or ():
+            for record_id, fields in records:
+                applied += self.balancer.apply_stream_record(record_id.decode(), fields)
+        return applied
+
+    def totals(self, key: str | None = None) -> dict[str, int]:
+        raw = self.client.hgetall(key or self.inflight_key)
         return {k.decode(): int(v) for k, v in raw.items()}
 
     def own(self) -> dict[str, int]:
-        raw = self.client.hgetall(self.keys["replica_counts"])
+        raw = self.client.hgetall(self.inflight_key.replace(":inflight", f":rc:{self.name}"))
         return {k.decode(): int(v) for k, v in raw.items()}
 
 
@@ -84,9 +134,10 @@ def pool() -> str:
 
 def test_least_request_spreads_and_release_is_idempotent(any_redis, pool):
     r = Replica(any_redis.client(), pool, "r1", policy="global_least_request")
-    picks = [r.pick(seed=i) for i in range(6)]
+    picks = [r.pick(chat(f"q{i}")) for i in range(6)]
     assert sorted(r.totals().values()) == [2, 2, 2]
     assert r.own() == r.totals()
+    assert r.commits == 6, "one round trip per pick"
     rids = [p[0] for p in picks]
     assert r.release(*rids) == 6
     assert r.release(*rids) == 0, "releasing twice is a no-op"
@@ -95,84 +146,102 @@ def test_least_request_spreads_and_release_is_idempotent(any_redis, pool):
     assert r.own() == {}
 
 
-def test_a_pick_releases_finished_requests_before_it_counts(any_redis, pool):
+def test_a_commit_releases_finished_requests_before_it_counts(any_redis, pool):
     r = Replica(any_redis.client(), pool, "r1", policy="global_least_request")
-    first = [r.pick(seed=i) for i in range(3)]
+    first = [r.pick(chat(f"q{i}")) for i in range(3)]
     assert sorted(r.totals().values()) == [1, 1, 1]
-    # The next pick carries two completions (and an unknown id, and one released twice).
+    # The next commit carries two completions (and an unknown id, and one released twice).
     done = (first[0][0], first[1][0], "never-picked", first[0][0])
-    _, endpoint, before, _ = r.pick(seed=0, releases=done)
-    assert before == 0, "the released requests were uncounted before the choice"
-    assert endpoint in (first[0][1], first[1][1])
+    r.pick(chat("next"), releases=done)
     assert sum(r.totals().values()) == 2
     assert r.own() == r.totals()
-    assert r.release(first[0][0], first[1][0]) == 0, "already released by the pick"
+    assert r.release(first[0][0], first[1][0]) == 0, "already released by the commit"
 
 
-def test_prefix_affinity_and_bounded_load(any_redis, pool):
-    r = Replica(any_redis.client(), pool, "r1", load_floor=2)
-    rid, home, _, depth = r.pick(chat("hello"))
-    assert depth == 0
-    r.release(rid)
-    held = [r.pick(chat("hello", "more"))]
-    assert held[0][1:] == (home, 0, 1)
-    # The floor lets a second concurrent request share the warm endpoint...
-    held.append(r.pick(chat("hello", "x")))
-    assert held[-1][1] == home
-    # ...but at the bound (max(2, ceil(1.25 * 3 / 3)) = 2) affinity yields to an idle endpoint.
-    _, other, before, depth = r.pick(chat("hello", "third"))
-    assert other != home
-    assert (before, depth) == (0, 0)
-    assert r.release(*(p[0] for p in held)) == 2
+def test_the_prefill_backlog_reaches_the_other_replicas_through_the_stream(any_redis, pool):
+    client = any_redis.client()
+    a, b = Replica(client, pool, "a"), Replica(client, pool, "b")
+    rid, endpoint, _, _ = a.pick(chat("x" * 40_000))  # about 10,000 tokens
+    a.release(rid)  # a short answer: the request has ended, its prefill may still be going on
+    assert b.follow() == 2
+    backlogs = {v[0]: v[5] for v in b.balancer.endpoints()}
+    assert 7_000 < backlogs[endpoint] <= 10_100, backlogs
+    # b sends its next unique prompts elsewhere while that prefill drains.
+    for i in range(2):
+        assert b.pick(chat(f"short {i}"))[1] != endpoint
+    # Redis keeps no backlog: the stream is its only carrier.
+    prefix = f"llmlb:{{{pool}}}:"
+    names = sorted(k.decode().removeprefix(prefix) for k in _keys(client, prefix + "*"))
+    assert names == ["inflight", "leases", "picks", "rc:b", "rq:b"]
 
 
-def test_forget_takes_back_only_what_still_names_the_endpoint(any_redis, pool):
+def test_the_guard_makes_a_stale_decision_decide_again(any_redis, pool):
+    client = any_redis.client()
+    a, b = Replica(client, pool, "a", policy="global_least_request"), Replica(client, pool, "b")
+    # Replica b fills one endpoint while a's view (no reply yet) still thinks it is idle.
+    busy = ENDPOINTS[0]
+    for i in range(3):
+        b.balancer.set_healthy(ENDPOINTS[1], False)
+        b.balancer.set_healthy(ENDPOINTS[2], False)
+        assert b.pick(chat(f"b{i}"))[1] == busy
+    for endpoint in ENDPOINTS[1:]:
+        a.balancer.set_healthy(endpoint, False)
+    # a can only pick `busy`: its guard (its view: 0) refuses 3 in flight, and it decides again
+    # on the fresh loads (still only `busy`, now with a guard of 3).
+    endpoint = a.pick(chat("a"))[1]
+    assert endpoint == busy
+    assert a.commits == 2, "the first commit was held back; the second, on fresh loads, went ahead"
+    assert a.totals()[busy] == 4
+    # With room elsewhere, the second decision moves: healthy again, a's view is fresh now.
+    for endpoint in ENDPOINTS[1:]:
+        a.balancer.set_healthy(endpoint, True)
+    assert a.pick(chat("a2"))[1] != busy
+    assert a.commits == 3
+
+
+def test_prefix_records_carry_affinity_between_replicas(any_redis, pool):
+    client = any_redis.client()
+    a, b = Replica(client, pool, "a"), Replica(client, pool, "b")
+    rid, home, _, _ = a.pick(chat("a long shared conversation " * 40))
+    a.release(rid)
+    assert a.follow() == 0, "a replica skips its own records"
+    assert b.follow() == 2, "a's commit and its release"
+    _, through_b, reason, depth = b.pick(chat("a long shared conversation " * 40, "next turn"))
+    assert (through_b, reason) == (home, "prefix_hit")
+    assert depth > 0
+    assert client.xlen(a.picks_key) == 3, "a's commit, its release, b's commit"
+
+
+def test_a_failed_request_s_record_takes_back_its_claim_on_the_other_replicas(any_redis, pool):
+    client = any_redis.client()
+    a, b = Replica(client, pool, "a"), Replica(client, pool, "b")
+    body = chat("a prompt the server refuses " * 40)
+    a.pick(body)
+    last_id = client.xrevrange(a.picks_key, count=1)[0][0].decode()
+    assert b.follow() == 1
+    record = a.balancer.release_failed(a.last_ticket)
+    assert record is not None
+    a.send(record)
+    assert b.follow(last_id) == 1
+    _, endpoint, reason, _ = b.pick(body)
+    assert reason != "prefix_hit", f"{endpoint} should not be followed any more"
+
+
+def test_state_keys_get_their_keep_alive_ttl_from_the_commit_that_makes_them(any_redis, pool):
+    """No heartbeat has run: the commit itself must leave no key that would never expire,
+    including after the keys vanished (a Redis restart) while the replica kept going."""
     client = any_redis.client()
     r = Replica(client, pool, "r1")
-    rid, home, _, _ = r.pick(chat("a"))
-    r.release(rid)
-    # The next turn claims two more levels on the same endpoint, then fails there.
-    prepared, keys, args, _ = r.balancer.prepare_shared(chat("a", "b", "c"), "x", 0, [])
-    r.balancer.discard_shared(prepared)
-    endpoint, _, depth = r.scripts["pick"](keys=keys, args=args)
-    assert (endpoint.decode(), int(depth)) == (home, 1)
-    claimed = keys[PICK_FIXED_KEYS + int(depth) :]
-    assert len(claimed) == 2
-    # Meanwhile another endpoint claimed the last level: that claim is not ours to take back.
-    client.set(claimed[-1], "10.9.9.9:80")
-    assert r.scripts["forget"](keys=claimed, args=[home]) == 1
-    assert client.get(claimed[0]) is None
-    assert client.get(claimed[-1]) == b"10.9.9.9:80"
-    assert client.get(keys[PICK_FIXED_KEYS]) == home.encode(), "the level held before stays"
-
-
-def test_prefix_keys_are_namespaced_and_expire(any_redis, pool):
-    client = any_redis.client()
-    r = Replica(client, pool, "r1", prefix_ttl_s=60)
-    r.pick(chat("a", "b", "c"))
-    prefix_keys = [k.decode() for k in _keys(client, f"llmlb:{{{pool}}}:p:*")]
-    assert len(prefix_keys) == 3
-    for key in prefix_keys:
-        assert 0 < client.pttl(key) <= 60_000
-    other_model = orjson.dumps({"model": "other", "messages": [{"role": "user", "content": "a"}]})
-    r.pick(other_model)
-    tags = {k.decode().split(":")[3] for k in _keys(client, f"llmlb:{{{pool}}}:p:*")}
-    assert len(tags) == 2, "each model has its own key namespace"
-
-
-def test_state_keys_get_their_keep_alive_ttl_from_the_pick_that_makes_them(any_redis, pool):
-    """No heartbeat has run: the pick itself must leave no key that would never expire, including
-    after the keys vanished (a Redis restart) while the replica kept going."""
-    client = any_redis.client()
-    r = Replica(client, pool, "r1", policy="global_least_request")
-    k = r.keys
-    state = [k["inflight"], k["replica_counts"], k["replica_requests"], k["leases"]]
-    for _ in range(2):
-        first, _, _, _ = r.pick()
-        r.pick()  # a second request on some endpoint: no TTL refresh needed, none lost
+    state = [
+        r.inflight_key, r.inflight_key.replace(":inflight", ":rc:r1"),
+        r.inflight_key.replace(":inflight", ":rq:r1"), r.balancer.shared_key("leases"),
+    ]  # fmt: skip
+    for round_ in range(2):
+        first = r.pick(chat(f"one {round_}"))[0]
+        r.pick(chat(f"two {round_}"))  # a second request: no TTL refresh needed, none lost
         for key in state:
             assert 0 < client.pttl(key) <= KEEP_MS, key
-        client.delete(*state)  # as after a restart: the next pick recreates them with TTLs
+        client.delete(*state)  # as after a restart: the next commit recreates them with TTLs
         r.release(first)
 
 
@@ -180,8 +249,8 @@ def test_a_lapsed_replica_is_reaped_and_live_counts_stay_exact(any_redis, pool):
     client = any_redis.client()
     dead, live = Replica(client, pool, "dead"), Replica(client, pool, "live")
     for i in range(3):
-        dead.pick(chat(f"dead {i}"), seed=i)
-    mine = [live.pick(chat(f"live {i}"), seed=i) for i in range(2)]
+        dead.pick(chat(f"dead {i}"))
+    mine = [live.pick(chat(f"live {i}")) for i in range(2)]
     assert sum(live.totals().values()) == 5
     assert live.heartbeat() == [], "nobody has lapsed yet"
     deadline = time.monotonic() + 5
@@ -209,21 +278,17 @@ def test_reap_spares_a_replica_that_renewed(any_redis, pool):
     assert sum(b.totals().values()) == 1
 
 
-def test_max_request_count_refuses_without_counting(any_redis, pool):
-    r = Replica(any_redis.client(), pool, "r1", policy="global_least_request", max_request_count=1)
-    for i in range(3):
-        assert r.pick(seed=i)[1]
-    _, endpoint, before, _ = r.pick()
-    assert (endpoint, before) == ("", 1)
-    assert sum(r.totals().values()) == 3
-
-
-def test_scripts_reload_after_script_flush(any_redis, pool):
+def test_max_request_count_is_decided_by_the_engine_on_the_pool_wide_view(any_redis, pool):
     client = any_redis.client()
-    r = Replica(client, pool, "r1")
-    r.pick(chat("before"))
-    client.script_flush()  # on a cluster: every primary
-    assert r.pick(chat("after"))[1] in ENDPOINTS  # NOSCRIPT -> loaded again -> ran
+    a = Replica(client, pool, "a", policy="global_least_request", max_request_count=1)
+    b = Replica(client, pool, "b", policy="global_least_request", max_request_count=1)
+    for i in range(3):
+        assert a.pick(chat(f"{i}"))[1] in ENDPOINTS
+    # b has seen no reply yet: its view says idle, but its guard never lets a commit pass the
+    # limit; the reply shows the pool full, and deciding again refuses.
+    with pytest.raises(Exception, match="maxRequestCount"):
+        b.pick(chat("over"))
+    assert sum(a.totals().values()) == 3
 
 
 def _keys(client: Any, pattern: str) -> list[bytes]:

@@ -49,6 +49,9 @@ from tests.support.redis_servers import RedisTarget
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
 
+STREAM_MAXLEN = 20_000  # rust/src/shared/mod.rs
+KINDS_OF_KEYS = ("inflight", "tokens", "rc", "rt", "rq", "leases", "picks")
+
 KINDS = ("redis", "valkey", "cluster")
 SESSION_FIXTURE = {"redis": "redis_server", "valkey": "valkey_server", "cluster": "redis_cluster"}
 
@@ -243,27 +246,33 @@ def test_a_conversation_started_on_one_replica_continues_on_the_same_backend_thr
             f"replica {r.name} continued {continued[r.name]} conversations it never saw start but "
             f"counted only {hits} prefix hits"
         )
-    assert any(k.split(":", 3)[2] == "p" for k in pool_keys(pairs.target, pairs.pools[PC])), (
-        "no prefix keys in Redis"
+    assert any(k.endswith(":picks") for k in pool_keys(pairs.target, pairs.pools[PC])), (
+        "no stream of prefix records in Redis"
     )
 
 
-def test_a_refused_request_takes_back_its_prefix_keys(pairs: Pairs) -> None:
-    a, _ = pairs.get(PC)
+def test_a_refused_request_s_claim_is_taken_back_on_every_replica(pairs: Pairs) -> None:
+    a, b = pairs.get(PC)
     nonce = uuid.uuid4().hex
-
-    def prefix_keys() -> set[str]:
-        return {k for k in pool_keys(pairs.target, pairs.pools[PC]) if k.split(":", 3)[2] == "p"}
-
-    before = prefix_keys()
     refused = [{"role": "user", "content": f"{nonce} refused: " + "long document " * 400}]
-    reply = a.chat(refused, headers={"x-test-status": "400"})
-    assert reply.status == 400, reply
-    # The claim is taken back in Redis too, so replica B does not follow it.
-    wait_until(lambda: prefix_keys() == before, 5.0, message="the refused request's prefix keys to go")
-    served = a.chat([{"role": "user", "content": f"{nonce} accepted"}])
-    assert served.status == 200
-    assert prefix_keys() != before, "a successful request keeps its keys"
+    client = pairs.target.client()
+    stream = f"llmlb:{{{pairs.pools[PC]}}}:picks"
+    try:
+        reply = a.chat(refused, headers={"x-test-status": "400"})
+        assert reply.status == 400, reply
+        # A tells the other replicas with a take-back record on the pool's stream...
+        wait_until(
+            lambda: any(b"f" in fields for _, fields in client.xrevrange(stream, count=20)),
+            5.0,
+            message="the take-back record",
+        )
+    finally:
+        client.close()
+    time.sleep(0.2)  # B follows the stream within milliseconds
+    # ...so the same prompt through B finds no server holding it.
+    hits = b.metric("llmlb_picks_total", reason="prefix_hit")
+    assert b.chat(refused).status == 200
+    assert b.metric("llmlb_picks_total", reason="prefix_hit") == hits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,18 +430,19 @@ def test_redis_holds_only_bounded_keys_after_many_picks_and_releases(
             for key in keys:
                 kind = key[len(prefix) :].split(":", 1)[0]
                 kinds[kind] = kinds.get(kind, 0) + 1
-                assert kind in ("inflight", "rc", "rq", "leases", "p"), f"unexpected key {key}"
+                assert kind in KINDS_OF_KEYS, f"unexpected key {key}"
                 ttl = client.pttl(key)
                 # -2: gone meanwhile (an emptied hash); -1 would be a key that never expires.
                 assert ttl != -1, f"{key} has no TTL: it would stay in Redis forever"
-                if kind in ("inflight", "rc", "rq"):
+                if kind in ("inflight", "tokens", "rc", "rt", "rq"):
                     raw = client.hgetall(key)
                     values = {k.decode(): v.decode() for k, v in raw.items()}
                     if kind == "rq":
                         assert not values, f"{key} still lists open requests: {values}"
                     else:
                         assert all(int(v) == 0 for v in values.values()), f"{key} leaked counts: {values}"
-            assert kinds.get("p", 0) > 0, f"no prefix keys written: {keys}"
+            assert kinds.get("picks", 0) == 1, f"no stream of prefix records: {keys}"
+            assert client.xlen(f"{prefix}picks") <= 2 * STREAM_MAXLEN, "the stream is trimmed"
         finally:
             client.close()
         # The daemon's own view agrees: nothing in flight.

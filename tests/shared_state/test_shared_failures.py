@@ -149,11 +149,11 @@ def test_redis_stopped_during_load_fails_open_and_shared_picks_resume(
             message=f"A's llmlb_redis_up back to 1 after the restart\n{a.describe(20)}",
         )
         up_again_after = time.monotonic() - t0 - restarted_at
-        # Picks go through Redis again: prefix keys reappear (only picks write them).
+        # Picks go through Redis again: the stream of prefix records reappears (commits add to it).
         wait_until(
-            lambda: any(":p:" in k for k in pool_keys(target_of("redis", server), pool)),
+            lambda: any(k.endswith(":picks") for k in pool_keys(target_of("redis", server), pool)),
             3.0,
-            message="prefix keys written again after the restart",
+            message="prefix records written again after the restart",
         )
     finally:
         loader.join(LOAD_SECONDS + 40)
@@ -289,7 +289,7 @@ def test_acl_user_works_and_a_wrong_password_fails_open_without_leaking_it(
     assert good.metric("llmlb_redis_errors_total") == 0, good.redis_state()
     assert fallbacks(good.metrics()) == 0, good.redis_state()
     keys = pool_keys(target_of("redis", server), good.pool)
-    assert any(":p:" in k for k in keys), f"no prefix keys written by the ACL user: {keys}"
+    assert any(k.endswith(":picks") for k in keys), f"no prefix records written by the ACL user: {keys}"
 
     # A wrong password: fail open, counted.
     samples = bad.metrics()

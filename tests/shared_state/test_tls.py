@@ -100,7 +100,7 @@ def test_shared_state_over_tls(tmp_path):
         assert one_pick(daemon.grpc_address) in ENDPOINTS
         assert metric_sum(daemon.metrics(), "llmlb_redis_up") == 1
         assert metric_sum(daemon.metrics(), "llmlb_redis_errors_total") == 0
-        assert client.keys(f"llmlb:{{{pool}}}:p:*"), "the pick went through Redis over TLS"
+        assert client.xlen(f"llmlb:{{{pool}}}:picks"), "the pick went through Redis over TLS"
         # The same server refuses a client that does not trust its CA: the daemon fails open.
         other = tmp_path / "other"
         other.mkdir()

@@ -11,8 +11,9 @@
 //!
 //! Before the tree, endpoints whose metrics are stale are dropped (unless all are: then the
 //! caller falls back to least in-flight). A filter that would leave nothing passes its input
-//! on unchanged. The final choice among the survivors is by fewest in flight, random among
-//! ties, so a band of equally idle servers shares a burst instead of one taking it all.
+//! on unchanged. The final choice among the survivors is by fewest in flight; ties go to the
+//! endpoint picked longest ago (`MaxScorePicker`), so a band of equally idle servers takes turns
+//! with a burst instead of one taking it all.
 
 use super::{Candidate, Filter, LoraFit, RequestInfo};
 

@@ -15,6 +15,8 @@ pub struct Candidate {
     /// The endpoint's interned id (stable for the life of the process).
     pub id: u32,
     pub inflight: u32,
+    /// Prompt tokens sent to the endpoint and not yet prefilled, estimated (see `backlog`).
+    pub backlog: f64,
     pub healthy: bool,
     /// Leading prefix blocks of this request the endpoint is known to hold.
     pub prefix_depth: u32,
@@ -47,6 +49,10 @@ pub enum LoraFit {
 pub struct RequestInfo {
     /// Number of prefix blocks of the request (0 when the body gave none).
     pub prefix_levels: u32,
+    /// Estimated prompt tokens of the request, and prompt tokens per prefix block (0 when the
+    /// body gave none: the load model then weighs requests only).
+    pub prompt_tokens: u64,
+    pub block_tokens: u64,
     /// The request's model is critical (least_busy never sheds it).
     pub critical: bool,
     /// The request's model is a LoRA adapter some endpoint has loaded.
@@ -125,6 +131,7 @@ pub(crate) fn cand(id: u32, inflight: u32) -> Candidate {
     Candidate {
         id,
         inflight,
+        backlog: 0.0,
         healthy: true,
         prefix_depth: 0,
         waiting: 0.0,

@@ -2,7 +2,7 @@
 
 use super::filters::{BoundedLoadFilter, HealthyFilter};
 use super::pickers::MaxScorePicker;
-use super::scorers::{LeastInflightScorer, PrefixAffinityScorer};
+use super::scorers::{LeastInflightScorer, LoadCostScorer};
 use super::Profile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +36,7 @@ impl Policy {
     }
 }
 
-/// Fewest requests in flight; uniform random among ties.
+/// Fewest requests in flight; ties take turns (the endpoint picked longest ago goes next).
 pub fn least_request() -> Profile {
     Profile {
         filters: vec![Box::new(HealthyFilter)],
@@ -45,12 +45,36 @@ pub fn least_request() -> Profile {
     }
 }
 
-/// Weight of prefix affinity against load: any real prefix advantage outweighs a load
-/// difference, and load decides among equal matches (and when nothing matches).
-const AFFINITY_WEIGHT: f64 = 100.0;
+/// The load model's weights (see `LoadCostScorer`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadModel {
+    /// Prompt tokens of work one request in flight is worth (its batch slot and decode steps).
+    pub request_tokens: f64,
+    /// What a cached prompt token is worth against a token of queued work (1 = the same).
+    pub affinity_weight: f64,
+    /// Prompt tokens per second one endpoint is assumed to prefill: how fast its estimated
+    /// backlog drains (see `backlog`).
+    pub prefill_rate: f64,
+}
 
-/// Longest held prefix among endpoints that are healthy and not overloaded, else least in flight.
-pub fn prefix_cache(load_factor: f64, load_floor: u32) -> Profile {
+impl LoadModel {
+    /// Weights must be finite and non-negative, and the prefill rate positive.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        let weight = |w: f64| w.is_finite() && w >= 0.0;
+        if !(weight(self.request_tokens) && weight(self.affinity_weight)) {
+            return Err("request_tokens and affinity_weight must be numbers >= 0");
+        }
+        if !(self.prefill_rate.is_finite() && self.prefill_rate > 0.0) {
+            return Err("prefill_rate must be a number > 0");
+        }
+        Ok(())
+    }
+}
+
+/// The endpoint where the request costs least (its requests in flight and prefill backlog, plus
+/// the prefill of what it does not hold), among endpoints that are healthy and not overloaded;
+/// ties take turns.
+pub fn prefix_cache(model: LoadModel, load_factor: f64, load_floor: u32) -> Profile {
     Profile {
         filters: vec![
             Box::new(HealthyFilter),
@@ -59,10 +83,13 @@ pub fn prefix_cache(load_factor: f64, load_floor: u32) -> Profile {
                 floor: load_floor,
             }),
         ],
-        scorers: vec![
-            (Box::new(PrefixAffinityScorer), AFFINITY_WEIGHT),
-            (Box::new(LeastInflightScorer), 1.0),
-        ],
+        scorers: vec![(
+            Box::new(LoadCostScorer {
+                request_tokens: model.request_tokens,
+                affinity_weight: model.affinity_weight,
+            }),
+            1.0,
+        )],
         picker: Box::new(MaxScorePicker),
     }
 }

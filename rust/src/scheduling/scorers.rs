@@ -24,18 +24,45 @@ impl Scorer for LeastInflightScorer {
     }
 }
 
-/// The share of the request's prefix blocks the endpoint already holds.
-pub struct PrefixAffinityScorer;
+/// The load model: what sending this request to an endpoint costs, in prompt tokens of work,
+/// the lower the better.
+///
+/// `cost = request_tokens × in flight + backlog + prompt tokens − affinity_weight × cached
+/// tokens`: the work already queued there (each request in flight weighs `request_tokens`, the
+/// batch slot and decode steps it takes, plus the prompt tokens it was sent and has not
+/// prefilled yet, see `backlog`), plus this request's own prefill, minus the part of its prompt
+/// the endpoint holds (its matched prefix blocks). So a server that holds the prompt wins while
+/// its queue is shorter than what the cache saves, and an idle server wins once the holder's
+/// queue costs more than a re-prefill: a hot prefix spreads instead of piling up. Scores are the
+/// costs min-max normalised, 1 = cheapest.
+pub struct LoadCostScorer {
+    pub request_tokens: f64,
+    pub affinity_weight: f64,
+}
 
-impl Scorer for PrefixAffinityScorer {
+impl LoadCostScorer {
+    pub fn cost(&self, request: &RequestInfo, c: &Candidate) -> f64 {
+        let cached = (u64::from(c.prefix_depth) * request.block_tokens).min(request.prompt_tokens);
+        self.request_tokens * f64::from(c.inflight) + c.backlog + request.prompt_tokens as f64
+            - self.affinity_weight * cached as f64
+    }
+}
+
+impl Scorer for LoadCostScorer {
     fn name(&self) -> &'static str {
-        "prefix-affinity"
+        "load-cost"
     }
 
     fn score(&self, request: &RequestInfo, candidates: &[Candidate], out: &mut [f64]) {
-        let levels = f64::from(request.prefix_levels.max(1));
+        let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
         for (c, s) in candidates.iter().zip(out.iter_mut()) {
-            *s = f64::from(c.prefix_depth) / levels;
+            *s = self.cost(request, c);
+            min = min.min(*s);
+            max = max.max(*s);
+        }
+        let span = max - min;
+        for s in out.iter_mut().take(candidates.len()) {
+            *s = if span > 0.0 { (max - *s) / span } else { 1.0 };
         }
     }
 }
@@ -59,23 +86,36 @@ mod tests {
     }
 
     #[test]
-    fn prefix_affinity_is_share_of_levels() {
-        let c = [
-            Candidate {
-                prefix_depth: 3,
-                ..cand(1, 0)
-            },
-            cand(2, 0),
-        ];
+    fn load_cost_weighs_the_queue_against_the_cache() {
+        let scorer = LoadCostScorer {
+            request_tokens: 100.0,
+            affinity_weight: 1.0,
+        };
+        // A 2,048-token prompt, 16 blocks of 128 tokens; the holder has all 16.
+        let request = RequestInfo {
+            prefix_levels: 16,
+            prompt_tokens: 2048,
+            block_tokens: 128,
+            ..RequestInfo::default()
+        };
+        let holder = |inflight, backlog| Candidate {
+            prefix_depth: 16,
+            backlog,
+            ..cand(1, inflight)
+        };
+        let idle = cand(2, 0);
+        // Idle holder: nothing to prefill. Idle stranger: the whole prompt.
+        assert_eq!(scorer.cost(&request, &holder(0, 0.0)), 0.0);
+        assert_eq!(scorer.cost(&request, &idle), 2048.0);
+        // The holder keeps winning while its queue costs less than the re-prefill...
         let mut out = [0.0; 2];
-        PrefixAffinityScorer.score(
-            &RequestInfo {
-                prefix_levels: 4,
-                ..RequestInfo::default()
-            },
-            &c,
-            &mut out,
-        );
-        assert_eq!(out, [0.75, 0.0]);
+        scorer.score(&request, &[holder(5, 1000.0), idle], &mut out);
+        assert_eq!(out, [1.0, 0.0]);
+        // ...and loses once it costs more: 10 requests and a backlog of 1,500 tokens = 2,500.
+        scorer.score(&request, &[holder(10, 1500.0), idle], &mut out);
+        assert_eq!(out, [0.0, 1.0]);
+        // Equal costs tie (score 1 each): the picker then rotates.
+        scorer.score(&request, &[cand(3, 2), cand(4, 2)], &mut out);
+        assert_eq!(out, [1.0, 1.0]);
     }
 }

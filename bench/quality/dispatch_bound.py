@@ -9,7 +9,9 @@ Requests are the workload's own (arrival times and prompt sizes, tokens = bytes 
 
 - ``round_robin``;
 - ``llmlb``: the load model of `prefix_cache` (requestTokens * in flight + prefill backlog drained
-  at ``--prefill-rate``; nothing is cached here, so affinity plays no part);
+  at ``--prefill-rate``; nothing is cached here, so affinity plays no part; the take-back when a
+  request ends is left out: a request ends after its own prefill, and at the default rate, above
+  the simulators' 9,600 tokens/s, the estimate has drained its share by then);
 - ``exact``: the least exact remaining prefill (queued and running), which no dispatcher outside
   the server knows: the bound for any policy that sends each request on arrival.
 

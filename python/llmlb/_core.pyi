@@ -273,11 +273,14 @@ class Balancer:
         """While Redis answers (``True``), decisions use the pool-wide loads of its replies; else
         this replica's own counts."""
     def prepare_shared(
-        self, request: ParsedRequest | bytes | None, request_id: str, releases: list[str] = ...
+        self,
+        request: ParsedRequest | bytes | None,
+        request_id: str,
+        releases: list[tuple[str, int]] = ...,
     ) -> tuple[int, bytes]:
         """Decides a shared pick and encodes its commit: ``(pending_id, RESP EVALSHA)``;
-        ``releases`` (request ids of finished requests) ride on it. Every pending id must be
-        completed, fall back or be discarded.
+        ``releases`` (finished requests: ``(request id, tokens from release_tokens)``) ride on
+        it. Every pending id must be completed, fall back or be discarded.
 
         Raises:
             RuntimeError: shared state is not enabled.
@@ -298,9 +301,9 @@ class Balancer:
         """
     def discard_shared(self, pending_id: int) -> None:
         """Forgets a pending pick (a no-op if already used)."""
-    def release_call(self, request_ids: list[str]) -> tuple[list[str], list[bytes]]:
+    def release_call(self, releases: list[tuple[str, int]]) -> tuple[list[str], list[bytes]]:
         """The release script call for a batch: ``(KEYS, ARGV)`` for redis-py."""
-    def release_command(self, sha: str, request_ids: list[str]) -> bytes:
+    def release_command(self, sha: str, releases: list[tuple[str, int]]) -> bytes:
         """The same release call as a RESP ``EVALSHA`` of ``sha``."""
     def heartbeat_call(self, max_listed: int) -> tuple[list[str], list[bytes]]:
         """The heartbeat script call, listing up to ``max_listed`` lapsed replicas."""
@@ -320,6 +323,10 @@ class Balancer:
         garbled ones)."""
     def release(self, ticket: int) -> bool:
         """Ends a pick's request; ``False`` if the ticket is unknown or already released."""
+    def release_tokens(self, ticket: int) -> int | None:
+        """Ends a pick's request like ``release``, returning the prompt tokens the backlog still
+        held of it (for its release record, so the other replicas take them back too); ``None``
+        if the ticket is unknown or already released."""
     def release_failed(self, ticket: int) -> bytes | None:
         """Ends a request that failed (an error answer), taking back the prefix levels its pick
         claimed. With shared state, returns the stream record (RESP ``XADD``) that tells the

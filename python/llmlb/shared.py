@@ -69,6 +69,9 @@ EAGER_READ_S = 0.0003
 # Releases kept while Redis is unreachable; past this the oldest are dropped (and counted): their
 # replica's lease keeps them counted until the replica ends, so a bound is needed.
 MAX_PENDING_RELEASES = 100_000
+# A finished request to release in Redis: its request id, and the prompt tokens the prefill
+# backlog still held of it (`Balancer.release_tokens`), which the other replicas take back.
+Release = tuple[str, int]
 # Commits per pick: the core's last attempt has no guard, so this is only a backstop.
 MAX_COMMITS = 3
 # The stream of prefix records: records per read, and how long one read blocks at most.
@@ -135,7 +138,7 @@ class SharedState:
         self.cluster = False
         self.up = False
         self._failures = 0
-        self._releases: list[str] = []
+        self._releases: list[Release] = []
         self._flush_scheduled = False
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -459,11 +462,12 @@ class SharedState:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: str, tokens: int = 0) -> None:
+        """Queues a finished request's release; ``tokens``: what the backlog still held of it."""
         if len(self._releases) >= MAX_PENDING_RELEASES:
             del self._releases[0]
             self.metrics.redis_dropped_releases.inc()
-        self._releases.append(request_id)
+        self._releases.append((request_id, tokens))
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -474,7 +478,7 @@ class SharedState:
             # the next pick usually carries the releases in its own script call (`take_releases`).
             asyncio.get_running_loop().call_later(RELEASE_LINGER_S, self._flush_soon)
 
-    def take_releases(self) -> list[str]:
+    def take_releases(self) -> list[Release]:
         """Finished requests for the next pick's script call to release, while the hot-path
         connection is open (the pick then travels behind the picks it releases)."""
         if not self._releases or not self.up or self.lane is None or self.lane.closed:
@@ -483,7 +487,7 @@ class SharedState:
         del self._releases[: len(batch)]
         return batch
 
-    def requeue(self, batch: list[str]) -> None:
+    def requeue(self, batch: list[Release]) -> None:
         """Releases whose pick call failed or may not have run (releasing twice is harmless)."""
         if batch:
             self._releases[:0] = batch
@@ -511,7 +515,7 @@ class SharedState:
             del self._releases[: len(batch)]
             future.add_done_callback(functools.partial(self._released, batch))
 
-    def _released(self, batch: list[str], future: asyncio.Future[Any]) -> None:
+    def _released(self, batch: list[Release], future: asyncio.Future[Any]) -> None:
         """A release call's reply: on a lost connection or an error reply the batch is queued
         again (releases are idempotent); NOSCRIPT and MOVED go through redis-py's recovery."""
         if future.cancelled():
@@ -527,7 +531,7 @@ class SharedState:
         if isinstance(reply, hiredis.ReplyError):
             self._spawn(self._recover_releases(batch, reply))
 
-    async def _recover_releases(self, batch: list[str], error: hiredis.ReplyError) -> None:
+    async def _recover_releases(self, batch: list[Release], error: hiredis.ReplyError) -> None:
         try:
             await asyncio.wait_for(self._recover(error, self._release_command(batch)), self.timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
@@ -548,10 +552,10 @@ class SharedState:
         finally:
             self._flush_scheduled = False
 
-    def _release_command(self, batch: list[str]) -> bytes:
+    def _release_command(self, batch: list[Release]) -> bytes:
         return self.balancer.release_command(self.shas["release"], batch)
 
-    async def _send_releases(self, batch: list[str]) -> None:
+    async def _send_releases(self, batch: list[Release]) -> None:
         lane = self._lane()
         if lane is None:
             keys, args = self.balancer.release_call(batch)
@@ -633,15 +637,17 @@ class SharedPicker(Picker):
         return ticket, endpoint
 
     def release(self, ticket: int, failed: bool = False) -> None:
+        tokens = 0
         if failed:
+            # Its record carries the backlog tokens taken back, with the prefix levels.
             record = self.balancer.release_failed(ticket)
             if record is not None:
                 self.shared.send_record(record)
         else:
-            self.balancer.release(ticket)
+            tokens = self.balancer.release_tokens(ticket) or 0
         request_id = self._request_ids.pop(ticket, None)
         if request_id is not None:
-            self.shared.release(request_id)
+            self.shared.release(request_id, tokens)
 
 
 def _text(value: Any) -> str:

@@ -631,6 +631,19 @@ impl Balancer {
         }
     }
 
+    /// Another replica's request to `endpoint` ended: the `tokens` the backlog still held of it
+    /// as of `as_of_ms` (this balancer's clock) are taken back.
+    pub fn apply_remote_release(
+        &mut self,
+        endpoint: &str,
+        tokens: u64,
+        as_of_ms: u64,
+        now_ms: u64,
+    ) {
+        let id = self.intern(endpoint);
+        self.take_back_backlog(id, tokens, as_of_ms, now_ms);
+    }
+
     /// Another replica's request to `endpoint` failed: the levels it claimed are taken back,
     /// and the `tokens` the backlog still held of it as of `as_of_ms` (this balancer's clock).
     pub fn apply_remote_failure(
@@ -903,10 +916,11 @@ impl Balancer {
         ticket
     }
 
-    /// Ends a pick's request at `now_ms`. Returns `false` for an unknown or already released
-    /// ticket.
-    pub fn release(&mut self, ticket: u64, now_ms: u64) -> bool {
-        self.end(ticket, now_ms).is_some()
+    /// Ends a pick's request at `now_ms`: returns the prompt tokens the backlog still held of it
+    /// (taken back; the other replicas take them back from its release record), or `None` for an
+    /// unknown or already released ticket.
+    pub fn release(&mut self, ticket: u64, now_ms: u64) -> Option<u64> {
+        self.end(ticket, now_ms).map(|(_, tokens)| tokens)
     }
 
     /// Ends a request that failed (an error answer): it also takes back the prefix levels it
@@ -1004,8 +1018,8 @@ mod tests {
             assert_eq!(view.inflight, 10, "{view:?}");
         }
         for p in &picks {
-            assert!(b.release(p.ticket, 0));
-            assert!(!b.release(p.ticket, 0), "release is idempotent");
+            assert!(b.release(p.ticket, 0).is_some());
+            assert!(b.release(p.ticket, 0).is_none(), "release is idempotent");
         }
         assert!(b.endpoints(0).iter().all(|v| v.inflight == 0));
         assert_eq!(b.open_tickets(), 0);
@@ -1123,8 +1137,8 @@ mod tests {
             .iter()
             .any(|v| &*v.address == "a:1" && v.inflight == 1 && !v.in_pool));
         b.set_endpoints(&["a:1", "b:1"]);
-        assert!(b.release(p.ticket, 0));
-        assert!(!b.release(p.ticket, 0));
+        assert!(b.release(p.ticket, 0).is_some());
+        assert!(b.release(p.ticket, 0).is_none());
         assert!(b.endpoints(0).iter().all(|v| v.inflight == 0));
     }
 
@@ -1236,17 +1250,14 @@ mod tests {
             let taken = if failed {
                 b.release_failed(p.ticket, 20).map(|t| t.tokens)
             } else {
-                b.release(p.ticket, 20);
-                None
+                b.release(p.ticket, 20)
             };
-            if failed {
-                let left = 256_000.0 - 0.02 * b.config().load_model.prefill_rate;
-                assert_eq!(
-                    taken,
-                    Some(left as u64),
-                    "what the other replicas take back"
-                );
-            }
+            let left = 256_000.0 - 0.02 * b.config().load_model.prefill_rate;
+            assert_eq!(
+                taken,
+                Some(left as u64),
+                "what the other replicas take back"
+            );
             let next: Vec<Arc<str>> = (0..4)
                 .map(|i| {
                     let p = b.pick(Some(&[i]), 30).unwrap();
@@ -1304,7 +1315,7 @@ mod tests {
         let own: u32 = w[1].endpoints(0).iter().map(|v| v.own_inflight).sum();
         assert_eq!(own, 15);
         for (worker, p) in &picks {
-            assert!(w[*worker].release(p.ticket, 0));
+            assert!(w[*worker].release(p.ticket, 0).is_some());
         }
         assert!(w[1].endpoints(0).iter().all(|v| v.inflight == 0));
         let _ = std::fs::remove_file(path);

@@ -33,7 +33,8 @@ use crate::scheduling::least_busy::Thresholds;
 use crate::scheduling::policies::{LoadModel, Policy};
 use crate::shared::picks::{CommitReply, Outcome, OwnedRequest, SharedPicks};
 use crate::shared::{
-    forget_command, heartbeat_call, reap_call, release_call, scripts, Call, Keys, Record, Settings,
+    forget_command, heartbeat_call, reap_call, release_call, scripts, Call, Keys, Record, Release,
+    Settings,
 };
 use crate::worker_state::{self, Layout, WorkerState};
 
@@ -657,14 +658,15 @@ impl PyBalancer {
     }
 
     /// Decides a shared pick and encodes its commit: `(pending_id, RESP EVALSHA)`. `releases`
-    /// (request ids of finished requests) ride on it. Raises like `pick`.
+    /// (finished requests: `(request id, tokens from release_tokens)`) ride on it. Raises like
+    /// `pick`.
     #[pyo3(signature = (request, request_id, releases = Vec::new()))]
     fn prepare_shared(
         &self,
         py: Python<'_>,
         request: Option<RequestArg<'_>>,
         request_id: String,
-        releases: Vec<String>,
+        releases: Vec<Release>,
     ) -> PyResult<(u64, Cow<'static, [u8]>)> {
         let owned = match request {
             None => Some(OwnedRequest::default()),
@@ -719,17 +721,18 @@ impl PyBalancer {
         self.with_shared(|picks, b| picks.discard(b, pending_id))
     }
 
-    /// The release script call for a batch of request ids: `(KEYS, ARGV)` for redis-py.
-    fn release_call(&self, request_ids: Vec<String>) -> PyResult<CallTuple> {
+    /// The release script call for a batch of finished requests (`(request id, tokens)`):
+    /// `(KEYS, ARGV)` for redis-py.
+    fn release_call(&self, releases: Vec<Release>) -> PyResult<CallTuple> {
         self.with_shared(|picks, _| {
-            call_tuple(release_call(picks.keys(), picks.settings(), &request_ids))
+            call_tuple(release_call(picks.keys(), picks.settings(), &releases))
         })
     }
 
     /// The same release call as a RESP `EVALSHA` of `sha`.
-    fn release_command(&self, sha: &str, request_ids: Vec<String>) -> PyResult<Cow<'static, [u8]>> {
+    fn release_command(&self, sha: &str, releases: Vec<Release>) -> PyResult<Cow<'static, [u8]>> {
         self.with_shared(|picks, _| {
-            Cow::Owned(release_call(picks.keys(), picks.settings(), &request_ids).resp(sha))
+            Cow::Owned(release_call(picks.keys(), picks.settings(), &releases).resp(sha))
         })
     }
 
@@ -788,6 +791,13 @@ impl PyBalancer {
 
     /// Ends a pick's request; `False` if the ticket was unknown or already released.
     fn release(&self, ticket: u64) -> bool {
+        self.release_tokens(ticket).is_some()
+    }
+
+    /// Ends a pick's request like `release`, returning the prompt tokens the backlog still held
+    /// of it (for its release record, so the other replicas take them back too); `None` if the
+    /// ticket was unknown or already released.
+    fn release_tokens(&self, ticket: u64) -> Option<u64> {
         let now = self.now_ms();
         self.lock().release(ticket, now)
     }

@@ -78,7 +78,7 @@ class Replica:
         (deciding again after a lost guard), like the daemon does."""
         self.next_id += 1
         rid = f"{self.next_id}"
-        pending, command = self.balancer.prepare_shared(body, rid, list(releases))
+        pending, command = self.balancer.prepare_shared(body, rid, self._end(releases))
         try:
             for _ in range(3):
                 outcome = self.balancer.complete_shared(pending, list(self.send(command)))
@@ -92,14 +92,26 @@ class Replica:
             self.balancer.discard_shared(pending)
         raise AssertionError("no commit after 3 attempts")
 
-    def release(self, *rids: str) -> int:
-        """Releases in Redis, and this replica's own tickets of those requests (as the daemon)."""
+    def _end(self, rids: tuple[str, ...]) -> list[tuple[str, int]]:
+        """Ends this replica's own tickets of those requests, as the daemon does: ``(request id,
+        backlog tokens still held of it)`` for the release call."""
+        ended = []
         for rid in rids:
             ticket = self.tickets.pop(rid, None)
-            if ticket is not None:
-                self.balancer.release(ticket)
-        keys, args = self.balancer.release_call(list(rids))
+            tokens = self.balancer.release_tokens(ticket) if ticket is not None else None
+            ended.append((rid, tokens or 0))
+        return ended
+
+    def release(self, *rids: str) -> int:
+        """Releases in Redis, and this replica's own tickets of those requests (as the daemon)."""
+        keys, args = self.balancer.release_call(self._end(rids))
         return int(self.scripts["release"](keys=keys, args=args))
+
+    def backlog(self, endpoint: str) -> int:
+        return next(v[5] for v in self.balancer.endpoints() if v[0] == endpoint)
+
+    def last_record(self) -> str:
+        return str(self.client.xrevrange(self.picks_key, count=1)[0][0].decode())
 
     def heartbeat(self) -> list[str]:
         keys, args = self.balancer.heartbeat_call(16)
@@ -162,13 +174,18 @@ def test_the_prefill_backlog_reaches_the_other_replicas_through_the_stream(any_r
     client = any_redis.client()
     a, b = Replica(client, pool, "a"), Replica(client, pool, "b")
     rid, endpoint, _, _ = a.pick(chat("x" * 40_000))  # about 10,000 tokens
-    a.release(rid)  # a short answer: the request has ended, its prefill may still be going on
-    assert b.follow() == 2
-    backlogs = {v[0]: v[5] for v in b.balancer.endpoints()}
-    assert 7_000 < backlogs[endpoint] <= 10_100, backlogs
+    assert b.follow() == 1
+    assert 7_000 < b.backlog(endpoint) <= 10_100
     # b sends its next unique prompts elsewhere while that prefill drains.
     for i in range(2):
         assert b.pick(chat(f"short {i}"))[1] != endpoint
+    # The request ends at once (refused, say): its prefill is over, and its release record takes
+    # what the estimate still held of it back on b too.
+    since = b.last_record()
+    a.release(rid)
+    assert a.backlog(endpoint) == 0
+    assert b.follow(since) == 1
+    assert b.backlog(endpoint) <= 30, "up to the clocks' millisecond rounding"
     # Redis keeps no backlog: the stream is its only carrier.
     prefix = f"llmlb:{{{pool}}}:"
     names = sorted(k.decode().removeprefix(prefix) for k in _keys(client, prefix + "*"))
@@ -216,13 +233,17 @@ def test_a_failed_request_s_record_takes_back_its_claim_on_the_other_replicas(an
     client = any_redis.client()
     a, b = Replica(client, pool, "a"), Replica(client, pool, "b")
     body = chat("a prompt the server refuses " * 40)
-    a.pick(body)
-    last_id = client.xrevrange(a.picks_key, count=1)[0][0].decode()
+    _, refused_by, _, _ = a.pick(body)
+    last_id = a.last_record()
     assert b.follow() == 1
+    assert b.backlog(refused_by) > 200, "about 280 prompt tokens sent there"
     record = a.balancer.release_failed(a.last_ticket)
     assert record is not None
     a.send(record)
     assert b.follow(last_id) == 1
+    # Taken back with the claim; what is left is the two clocks' millisecond rounding (a token
+    # is 0.1 ms of prefill at the default rate).
+    assert b.backlog(refused_by) <= 30, "taken back with the claim"
     _, endpoint, reason, _ = b.pick(body)
     assert reason != "prefix_hit", f"{endpoint} should not be followed any more"
 

@@ -275,6 +275,31 @@ def test_a_refused_request_s_claim_is_taken_back_on_every_replica(pairs: Pairs) 
     assert b.metric("llmlb_picks_total", reason="prefix_hit") == hits
 
 
+def test_a_huge_prompt_that_ends_at_once_leaves_no_backlog_on_any_replica(pairs: Pairs) -> None:
+    # 400 KB of prompt: about 100,000 tokens, ten seconds of prefill by the default rate. The
+    # backend answers (or refuses) at once, so its prefill is over: neither replica may keep
+    # steering away from that backend until the estimate drains.
+    a, b = pairs.get(PC)
+    nonce = uuid.uuid4().hex
+    address_of = {backend.name: backend.address for backend in pairs.backends}
+
+    def backlogs(r: Replica) -> dict[str, int]:
+        return {row["address"]: int(row["prefill_backlog_tokens"]) for row in r.debug()}
+
+    for status in ("200", "400"):
+        huge = [{"role": "user", "content": f"{nonce} {status}: " + "x" * 400_000}]
+        reply = a.chat(huge, headers={"x-test-status": status})
+        assert reply.status == int(status), reply
+        served = address_of[str(reply.served_by)]
+        # Up to the clocks' millisecond rounding (a token is 0.1 ms at the default rate).
+        for r in (a, b):
+            wait_until(
+                lambda r=r, served=served: backlogs(r).get(served, 0) <= 100,
+                2.0,
+                message=f"replica {r.name}'s backlog of {served} to drop after a {status}",
+            )
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. a replica killed with requests in flight: its share is reaped within leaseTTL
 

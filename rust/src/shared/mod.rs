@@ -102,8 +102,18 @@ fn arg(value: &impl ToString) -> Vec<u8> {
     value.to_string().into_bytes()
 }
 
+/// A finished request of this replica, for a release call: its request id, and the prompt
+/// tokens the backlog still held of it (`Balancer::release`), which the other replicas take back.
+pub type Release = (String, u64);
+
+fn release_args(releases: &[Release]) -> impl Iterator<Item = Vec<u8>> + '_ {
+    releases
+        .iter()
+        .flat_map(|(id, tokens)| [id.as_bytes().to_vec(), arg(tokens)])
+}
+
 /// Releases of this replica's finished requests (see `scripts::RELEASE`).
-pub fn release_call(keys: &Keys, settings: &Settings, request_ids: &[String]) -> Call {
+pub fn release_call(keys: &Keys, settings: &Settings, releases: &[Release]) -> Call {
     let mut k = keys.release_keys();
     k.push(keys.picks.clone());
     let mut args = vec![
@@ -111,7 +121,7 @@ pub fn release_call(keys: &Keys, settings: &Settings, request_ids: &[String]) ->
         arg(&STREAM_MAXLEN),
         arg(&settings.keep_ms),
     ];
-    args.extend(request_ids.iter().map(|r| r.as_bytes().to_vec()));
+    args.extend(release_args(releases));
     Call {
         script: "release",
         keys: k,
@@ -174,11 +184,11 @@ pub fn commit_call<S: AsRef<str>>(
     settings: &Settings,
     commit: &Commit<'_>,
     candidates: &[S],
-    releases: &[String],
+    releases: &[Release],
 ) -> Call {
     let mut k = keys.release_keys();
     k.extend([keys.leases.clone(), keys.picks.clone()]);
-    let mut a = Vec::with_capacity(12 + candidates.len() + releases.len());
+    let mut a = Vec::with_capacity(12 + candidates.len() + 2 * releases.len());
     a.extend([
         arg(&settings.replica),
         arg(&commit.request_id),
@@ -193,7 +203,7 @@ pub fn commit_call<S: AsRef<str>>(
     ]);
     a.extend(candidates.iter().map(|c| c.as_ref().as_bytes().to_vec()));
     a.push(arg(&releases.len()));
-    a.extend(releases.iter().map(|r| r.as_bytes().to_vec()));
+    a.extend(release_args(releases));
     Call {
         script: "commit",
         keys: k,
@@ -277,16 +287,23 @@ pub struct Record<'a> {
     /// The prompt's prefix keys (`levels_blob`).
     pub levels: Option<&'a [u8]>,
     pub failed: bool,
-    /// Released or reaped requests: `endpoint TAB requests` lines.
+    /// Released or reaped requests: `endpoint TAB requests [TAB tokens]` lines.
     pub removed: Option<&'a str>,
 }
 
 impl Record<'_> {
-    /// `(endpoint, requests)` removed by a release or reap record.
-    pub fn removals(&self) -> impl Iterator<Item = (&str, u64)> {
+    /// `(endpoint, requests, tokens)` removed by a release or reap record (`tokens`: what the
+    /// backlog still held of a released request, 0 when the line has none).
+    pub fn removals(&self) -> impl Iterator<Item = (&str, u64, u64)> {
         self.removed.unwrap_or("").lines().filter_map(|line| {
-            let (endpoint, requests) = line.split_once('\t')?;
-            Some((endpoint, requests.parse().ok()?))
+            let mut fields = line.split('\t');
+            let endpoint = fields.next()?;
+            let requests = fields.next()?.parse().ok()?;
+            let tokens = match fields.next() {
+                Some(t) => t.parse().ok()?,
+                None => 0,
+            };
+            Some((endpoint, requests, tokens))
         })
     }
 }
@@ -363,7 +380,7 @@ mod tests {
         };
         let calls = [
             commit_call(&keys, &settings(), &commit, &["10.0.0.1:80"], &[]),
-            release_call(&keys, &settings(), &["1".into()]),
+            release_call(&keys, &settings(), &[("1".into(), 0)]),
             heartbeat_call(&keys, &settings(), 16),
             reap_call(&keys, "other"),
         ];
@@ -387,7 +404,13 @@ mod tests {
             tokens: 300,
             levels: &[0x0102],
         };
-        let call = commit_call(&keys, &settings(), &commit, &["a:1", "b:2"], &["5".into()]);
+        let call = commit_call(
+            &keys,
+            &settings(),
+            &commit,
+            &["a:1", "b:2"],
+            &[("5".into(), 700)],
+        );
         assert_eq!(
             call.keys,
             [
@@ -415,7 +438,8 @@ mod tests {
                 b"a:1",
                 b"b:2",
                 b"1",
-                b"5"
+                b"5",
+                b"700"
             ]
         );
         let unguarded = Commit {
@@ -441,12 +465,12 @@ mod tests {
         assert_eq!(StreamId::parse("junk"), None);
         let record = Record {
             replica: "r",
-            removed: Some("a:1\t1\nb:2\t3\nbroken\nc:3\tx"),
+            removed: Some("a:1\t1\nb:2\t3\t900\nbroken\nc:3\tx\nd:4\t1\tx"),
             ..Record::default()
         };
         assert_eq!(
             record.removals().collect::<Vec<_>>(),
-            [("a:1", 1), ("b:2", 3)]
+            [("a:1", 1, 0), ("b:2", 3, 900)]
         );
     }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use crate::balancer::{Balancer, Decision, Pick, PickError, Request};
 
-use super::{commit_call, parse_levels, Commit, Keys, Record, Settings, StreamId};
+use super::{commit_call, parse_levels, Commit, Keys, Record, Release, Settings, StreamId};
 
 /// How many more requests the chosen endpoint may have in Redis than the view the engine
 /// decided on. None: a commit goes ahead only if no other replica added to the endpoint since
@@ -123,15 +123,15 @@ impl SharedPicks {
         &self.settings
     }
 
-    /// Decides and encodes the commit: `(pending id, RESP EVALSHA)`. `releases` (request ids of
-    /// this replica's finished requests) ride on it. Every pending id must be completed, fall
+    /// Decides and encodes the commit: `(pending id, RESP EVALSHA)`. `releases` (this replica's
+    /// finished requests) ride on it. Every pending id must be completed, fall
     /// back or be discarded.
     pub fn prepare(
         &mut self,
         balancer: &mut Balancer,
         request: Option<OwnedRequest>,
         request_id: String,
-        releases: &[String],
+        releases: &[Release],
         now_ms: u64,
     ) -> Result<(u64, Vec<u8>), PickError> {
         let decision =
@@ -160,7 +160,7 @@ impl SharedPicks {
         &self,
         balancer: &mut Balancer,
         pending: &mut Pending,
-        releases: &[String],
+        releases: &[Release],
     ) -> Vec<u8> {
         let decision = &pending.decision;
         balancer.hold(decision);
@@ -291,8 +291,13 @@ impl SharedPicks {
                 }
             }
         }
-        if at > self.anchor {
-            for (endpoint, requests) in record.removals() {
+        for (endpoint, requests, tokens) in record.removals() {
+            // Backlogs come from the stream alone; request counts also from the replies.
+            if tokens > 0 {
+                balancer.apply_remote_release(endpoint, tokens, written_ms, now_ms);
+                applied = true;
+            }
+            if at > self.anchor {
                 balancer.add_remote_load(endpoint, -i64::try_from(requests).unwrap_or(i64::MAX));
                 applied = true;
             }
@@ -482,6 +487,25 @@ mod tests {
         assert!(s.apply_record(&mut b, "1010-0", &failed, 1020, 5020));
         let expected = (500.0 - rate * 0.02) - (300.0 - rate * 0.01);
         assert_eq!(b.backlog_of(c, 5020), expected.max(0.0));
+        // A release record carries what the backlog still held of its request: taken back even
+        // when the reply already counted the release itself (a record before the anchor, read as
+        // it is written).
+        let big = Record {
+            tokens: Some(4000),
+            ..busy
+        };
+        assert!(s.apply_record(&mut b, "1020-0", &big, 1020, 5020));
+        let loaded = (b.inflight_of(c), b.backlog_of(c, 5020));
+        let ended = Record {
+            replica: "r2",
+            removed: Some("c:1\t1\t3000"),
+            ..Record::default()
+        };
+        assert!(s.apply_record(&mut b, "98-0", &ended, 98, 5020));
+        assert_eq!(
+            (b.inflight_of(c), b.backlog_of(c, 5020)),
+            (loaded.0, loaded.1 - 3000.0)
+        );
     }
 
     #[test]

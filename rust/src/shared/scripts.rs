@@ -13,10 +13,9 @@
 //!   between its own round trips (`shared::Record`): a commit (`r` replica, `e` endpoint, `t`
 //!   the prompt tokens it adds to the endpoint's prefill backlog, `l` the prompt's prefix keys,
 //!   8 bytes each little-endian), released or reaped requests (`r`, `d`: lines `endpoint TAB
-//!   requests`), a failed request taking back its prefix keys and the backlog tokens still held
+//!   requests`, a release's with `TAB tokens`: what the backlog still held of it), a failed request taking back its prefix keys and the backlog tokens still held
 //!   of it (`r`, `e`, `t`, `l`, `f`). The backlogs live only in the stream: each replica sums
-//!   them from the records it reads (a request that succeeded takes its leftover back only in
-//!   its own replica's view; the others' estimates drain it at the prefill rate).
+//!   them from the records it reads, so every replica's estimate is the same.
 //!
 //! A request is counted in the pool totals, its replica's hashes and its request hash in one
 //! script, and uncounted only by removing its request id, so release is idempotent and counts
@@ -24,8 +23,9 @@
 //! totals and its hashes deleted, so a crashed replica leaves no phantom load.
 
 /// The release logic shared by `COMMIT` and `RELEASE` (a macro, so both scripts are built from
-/// the one text at compile time): `release(rid)` uncounts one open request of this replica
-/// (unknown ids are a no-op) and `publish_releases()` adds one stream record for them.
+/// the one text at compile time): `release(rid, tokens)` uncounts one open request of this
+/// replica (unknown ids are a no-op; `tokens`: what the backlog still held of it, for the other
+/// replicas) and `publish_releases()` adds one stream record for them.
 /// Expects `KEYS`: 1 inflight, 2 replica counts, 3 replica requests, and `stream`, `replica`,
 /// `maxlen` and `keep_ms` set.
 macro_rules! release_lua {
@@ -35,13 +35,15 @@ local released = {}
 local function uncount(key, field)
   if redis.call('HINCRBY', key, field, -1) <= 0 then redis.call('HDEL', key, field) end
 end
-local function release(rid)
+local function release(rid, tokens)
   local endpoint = redis.call('HGET', KEYS[3], rid)
   if not endpoint then return 0 end
   redis.call('HDEL', KEYS[3], rid)
   uncount(KEYS[2], endpoint)
   uncount(KEYS[1], endpoint)
-  released[#released + 1] = endpoint .. '\t1'
+  local line = endpoint .. '\t1'
+  if tokens and tokens ~= '' and tokens ~= '0' then line = line .. '\t' .. tokens end
+  released[#released + 1] = line
   return 1
 end
 local function publish_releases()
@@ -64,9 +66,9 @@ end
 /// go ahead (empty: no guard), 7 the prompt tokens the request adds to the endpoint's backlog
 /// and 8 its prefix keys, both for the stream (empty: none), 9 the stream's approximate maximum
 /// length, 10 candidate count n,
-/// 11..10+n candidates, then a release count r and r request ids of this replica's finished
-/// requests, released first (so a completion rides on the next pick instead of costing a call
-/// of its own).
+/// 11..10+n candidates, then a release count r and r pairs (request id, backlog tokens still
+/// held of it) of this replica's finished requests, released first (so a completion rides on
+/// the next pick instead of costing a call of its own).
 ///
 /// Returns `{committed (1 or 0), {requests per candidate}, stream id}`,
 /// read after the commit: the engine's view of the pool as of that point of the stream (for the
@@ -82,7 +84,7 @@ local stream = KEYS[5]
 ",
     release_lua!(),
     r"
-for j = 1, tonumber(ARGV[11 + n] or '0') do release(ARGV[11 + n + j]) end
+for j = 1, tonumber(ARGV[11 + n] or '0') do release(ARGV[10 + n + 2 * j], ARGV[11 + n + 2 * j]) end
 publish_releases()
 local committed, at = 0, nil
 if not guard or (tonumber(redis.call('HGET', KEYS[1], endpoint)) or 0) <= guard then
@@ -120,15 +122,15 @@ return {committed, requests, at}
 /// Release requests (idempotent: an unknown request id is a no-op).
 ///
 /// `KEYS`: 1 inflight, 2 replica counts, 3 replica requests, 4 picks stream. `ARGV`: 1 replica,
-/// 2 the stream's approximate maximum length, 3 keep ms, then request ids. Returns how many were
-/// released.
+/// 2 the stream's approximate maximum length, 3 keep ms, then pairs (request id, backlog tokens
+/// still held of it). Returns how many were released.
 pub const RELEASE: &str = concat!(
     r"
 local replica, maxlen, keep_ms, stream = ARGV[1], ARGV[2], tonumber(ARGV[3]), KEYS[4]
 ",
     release_lua!(),
     r"
-for i = 4, #ARGV do release(ARGV[i]) end
+for i = 4, #ARGV - 1, 2 do release(ARGV[i], ARGV[i + 1]) end
 return publish_releases()
 "
 );

@@ -656,6 +656,26 @@ mod tests {
         TempFile(dir.join(format!("llmlb-ws-test-{}-{name}", std::process::id())))
     }
 
+    /// Runs `work` on `workers` threads at once, each as its own worker of the mapping at
+    /// `path` (as worker processes do); returns their states.
+    fn in_workers(
+        path: &Path,
+        workers: usize,
+        work: impl Fn(&WorkerState) + Clone + Send + 'static,
+    ) -> Vec<WorkerState> {
+        let threads: Vec<_> = (0..workers)
+            .map(|w| {
+                let (path, work) = (path.to_path_buf(), work.clone());
+                std::thread::spawn(move || {
+                    let state = WorkerState::open(&path, w).unwrap();
+                    work(&state);
+                    state
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    }
+
     fn create(name: &str, layout: Layout) -> TempFile {
         let file = temp(name);
         WorkerState::create(&file.0, layout, 60).unwrap();
@@ -717,21 +737,11 @@ mod tests {
         assert_eq!(a.backlog(99), Backlog::default(), "no such slot");
         // Concurrent adds are never lost (one word, compare-and-swap).
         let s = a.intern("e:2").unwrap();
-        let path = file.0.clone();
-        let threads: Vec<_> = (0..2)
-            .map(|w| {
-                let path = path.clone();
-                std::thread::spawn(move || {
-                    let state = WorkerState::open(&path, w).unwrap();
-                    for _ in 0..10_000 {
-                        state.add_backlog(s, 3, 100_000, 0.0);
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        in_workers(&file.0, 2, move |state| {
+            for _ in 0..10_000 {
+                state.add_backlog(s, 3, 100_000, 0.0);
+            }
+        });
         assert_eq!(a.backlog(s).tokens, 60_000.0);
     }
 
@@ -841,25 +851,16 @@ mod tests {
     #[test]
     fn concurrent_workers_keep_exact_counts() {
         let file = create("threads", Layout::new(4, 8, 1024));
-        let path = file.0.clone();
-        let handles: Vec<_> = (0..4)
-            .map(|w| {
-                let path = path.clone();
-                std::thread::spawn(move || {
-                    let state = WorkerState::open(&path, w).unwrap();
-                    let slot = state.intern("shared:1").unwrap();
-                    for i in 0..10_000u64 {
-                        state.increment(slot);
-                        state.record(&[i % 97, 1000 + i % 13], slot, 0);
-                        if i % 2 == 0 {
-                            state.decrement(slot);
-                        }
-                    }
-                    state
-                })
-            })
-            .collect();
-        let states: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let states = in_workers(&file.0, 4, |state| {
+            let slot = state.intern("shared:1").unwrap();
+            for i in 0..10_000u64 {
+                state.increment(slot);
+                state.record(&[i % 97, 1000 + i % 13], slot, 0);
+                if i % 2 == 0 {
+                    state.decrement(slot);
+                }
+            }
+        });
         let slot = states[0].intern("shared:1").unwrap();
         assert_eq!(states[0].inflight(slot), 4 * 5_000);
         assert!(!depths(&states[0], &[5], 0).is_empty());

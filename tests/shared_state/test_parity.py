@@ -14,6 +14,7 @@ import random
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 import pytest
@@ -79,38 +80,38 @@ SEQUENCES: dict[str, Callable[[random.Random], list[tuple[str, bytes | int]]]] =
     "bad_bodies": bad_bodies,
 }
 Pick = tuple[str, str, int]
+Handle = TypeVar("Handle")  # a backend's handle on an open request: a ticket, or a request id
 
 
-def run_local(balancer: Balancer, ops: list[tuple[str, bytes | int]]) -> list[Pick]:
+def run(
+    balancer: Balancer,
+    pick: Callable[[bytes], tuple[Handle, str, str, int]],
+    release: Callable[[Handle], bool],
+    ops: list[tuple[str, bytes | int]],
+) -> list[Pick]:
+    """Runs ``ops`` through one backend: ``pick`` gives ``(handle, endpoint, reason, depth)``,
+    ``release`` ends a handle (true if it was open); ``balancer``'s clock is pinned per step."""
     picks: list[Pick] = []
-    open_tickets: list[int] = []
+    open_handles: list[Handle] = []
     for step, (op, arg) in enumerate(ops):
         balancer.pin_clock(START_MS + step * STEP_MS)
         if op == "pick":
             assert isinstance(arg, bytes)
-            ticket, endpoint, reason, depth = balancer.pick(arg)
-            open_tickets.append(ticket)
+            handle, endpoint, reason, depth = pick(arg)
+            open_handles.append(handle)
             picks.append((endpoint, reason, depth))
         else:
             assert isinstance(arg, int)
-            assert balancer.release(open_tickets.pop(arg % len(open_tickets)))
+            assert release(open_handles.pop(arg % len(open_handles)))
     return picks
+
+
+def run_local(balancer: Balancer, ops: list[tuple[str, bytes | int]]) -> list[Pick]:
+    return run(balancer, balancer.pick, balancer.release, ops)
 
 
 def run_redis(replica: Replica, ops: list[tuple[str, bytes | int]]) -> list[Pick]:
-    picks: list[Pick] = []
-    open_ids: list[str] = []
-    for step, (op, arg) in enumerate(ops):
-        replica.balancer.pin_clock(START_MS + step * STEP_MS)
-        if op == "pick":
-            assert isinstance(arg, bytes)
-            request_id, endpoint, reason, depth = replica.pick(arg)
-            open_ids.append(request_id)
-            picks.append((endpoint, reason, depth))
-        else:
-            assert isinstance(arg, int)
-            assert replica.release(open_ids.pop(arg % len(open_ids))) == 1
-    return picks
+    return run(replica.balancer, replica.pick, lambda request_id: replica.release(request_id) == 1, ops)
 
 
 def new_balancer() -> Balancer:

@@ -141,6 +141,7 @@ class SharedState:
         # The hot-path connection (picks, releases); redis-py does everything else.
         self.lane: RespConnection | None = None
         self._reopening = False  # one reconnect at a time, however many requests notice
+        self._repair: asyncio.Task[None] | None = None  # the one recovery from an error reply
         self.scripts: dict[str, Any] = {}
         self.cluster = False
         self.up = False
@@ -390,18 +391,28 @@ class SharedState:
         """An error reply on the hot-path connection: scripts flushed (restart, failover) or the
         slot moved (cluster resharding). Load the scripts again, or follow the slot, and resend."""
         text = str(error)
-        if text.startswith(("MOVED", "ASK")):
-            await self._open_lane()
-        elif text.startswith("NOSCRIPT"):
-            assert self.client is not None
-            for script in self.scripts.values():
-                await self.client.script_load(script.script)
-        else:
+        if not text.startswith(("MOVED", "ASK", "NOSCRIPT")):
             raise RedisError(text)
+        # Every pick in flight gets the same error at once: one repair serves them all, instead
+        # of each reopening the lane (closing the one the previous repair opened) or reloading
+        # every script.
+        if self._repair is None or self._repair.done():
+            self._repair = self._spawn(self._repair_lane(text))
+            # Its error reaches every waiter; marked seen in case all of them timed out first.
+            self._repair.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await asyncio.shield(self._repair)
         lane = self._lane()
         if lane is None:
             raise LaneClosedError("the hot-path connection is reopening")
         return RespConnection.check(await lane.call(command))
+
+    async def _repair_lane(self, error: str) -> None:
+        if error.startswith("NOSCRIPT"):
+            assert self.client is not None
+            for script in self.scripts.values():
+                await self.client.script_load(script.script)
+        else:
+            await self._open_lane()
 
     def send_record(self, command: bytes) -> None:
         """Adds a record to the pool's stream (a failed request's take-back; rare, off the hot
@@ -466,10 +477,11 @@ class SharedState:
             applied += self.balancer.apply_stream_record(rid, fields)
         return applied
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def release(self, request_id: str, tokens: int = 0) -> None:
         """Queues a finished request's release; ``tokens``: what the backlog still held of it."""

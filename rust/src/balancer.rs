@@ -24,6 +24,7 @@ use std::sync::Arc;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
+use crate::affinity::AffinityKey;
 use crate::backlog::Backlog;
 use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
 use crate::prefix_table::PrefixTable;
@@ -56,6 +57,11 @@ pub struct BalancerConfig {
     /// least_busy: metrics older than this count as stale.
     pub stale_after_ms: u64,
     pub thresholds: Thresholds,
+    /// Where a request's affinity key comes from, first present wins (see `affinity`).
+    pub affinity_keys: Vec<AffinityKey>,
+    /// A request for a model no endpoint serves: routed by load among all endpoints (`true`)
+    /// or refused (`PickError::UnknownModel`).
+    pub route_unknown_models: bool,
 }
 
 impl Default for BalancerConfig {
@@ -76,6 +82,8 @@ impl Default for BalancerConfig {
             critical_models: None,
             stale_after_ms: 2000,
             thresholds: Thresholds::default(),
+            affinity_keys: AffinityKey::DEFAULT_ORDER.to_vec(),
+            route_unknown_models: false,
         }
     }
 }
@@ -95,16 +103,25 @@ pub enum PickReason {
     LeastBusy,
     /// least_busy: every endpoint's metrics were stale; chosen by in-flight count.
     StaleMetrics,
+    /// The chosen endpoint served the request's affinity key (`prompt_cache_key`, ...).
+    AffinityKey,
+    /// The request refers to state one endpoint holds (a stored response): sent there.
+    StoredResponse,
+    /// No endpoint serves the request's model; chosen by load among all (`unknown_model: route`).
+    UnknownModel,
 }
 
 impl PickReason {
-    pub const ALL: [PickReason; 6] = [
+    pub const ALL: [PickReason; 9] = [
         PickReason::PrefixHit,
         PickReason::LeastRequest,
         PickReason::BadBody,
         PickReason::NoHealthy,
         PickReason::LeastBusy,
         PickReason::StaleMetrics,
+        PickReason::AffinityKey,
+        PickReason::StoredResponse,
+        PickReason::UnknownModel,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -115,6 +132,9 @@ impl PickReason {
             PickReason::NoHealthy => "no_healthy",
             PickReason::LeastBusy => "least_busy",
             PickReason::StaleMetrics => "stale_metrics",
+            PickReason::AffinityKey => "affinity_key",
+            PickReason::StoredResponse => "stored_response",
+            PickReason::UnknownModel => "unknown_model",
         }
     }
 
@@ -122,7 +142,10 @@ impl PickReason {
     pub fn is_fallback(self) -> bool {
         matches!(
             self,
-            PickReason::BadBody | PickReason::NoHealthy | PickReason::StaleMetrics
+            PickReason::BadBody
+                | PickReason::NoHealthy
+                | PickReason::StaleMetrics
+                | PickReason::UnknownModel
         )
     }
 }
@@ -147,6 +170,10 @@ pub enum PickError {
     },
     /// least_busy: a sheddable request and no endpoint has room for it.
     Shed,
+    /// No endpoint serves the request's model (and `route_unknown_models` is off).
+    UnknownModel {
+        model: String,
+    },
 }
 
 /// What a pick knows of the request. `None` where a pick is made from the headers alone.
@@ -156,8 +183,14 @@ pub struct Request<'a> {
     pub hashes: &'a [u64],
     /// The prompt's size (see `ParsedRequest::prompt_bytes`).
     pub prompt_bytes: u64,
-    /// The `model` field (least_busy: criticality and LoRA adapters).
+    /// The `model` field: only endpoints serving it are candidates (and least_busy:
+    /// criticality and LoRA adapters).
     pub model: Option<&'a str>,
+    /// The request's affinity key, hashed (see `affinity`; prefix_cache only).
+    pub key: Option<u64>,
+    /// The endpoint that holds state the request refers to (the stored response a Responses API
+    /// follow-up continues): it is sent there while that endpoint is in the pool and healthy.
+    pub pinned: Option<&'a str>,
 }
 
 /// A decision of the pipeline, not yet counted (see `Balancer::commit`).
@@ -174,6 +207,8 @@ pub struct Decision {
     pub tokens: u64,
     /// Whether the request's prefix levels are recorded for the endpoint.
     pub records_prefix: bool,
+    /// The affinity key recorded for the endpoint with the pick.
+    pub key: Option<u64>,
 }
 
 /// One endpoint's last scraped load (least_busy).
@@ -316,6 +351,8 @@ pub struct Balancer {
     scratch: Scratch,
     workers: Option<Workers>,
     loads: Vec<Option<Load>>,
+    /// The models each endpoint serves (`None`: not known, taken to serve any).
+    models: Vec<Option<Box<[Box<str>]>>>,
     /// least_busy: requests picked since the endpoint's last scrape and still in flight (the
     /// scrape could not see them yet). Releasing one picked before the scrape changes nothing.
     picks_since_scrape: Vec<u32>,
@@ -374,6 +411,7 @@ impl Balancer {
             scratch: Scratch::default(),
             workers: None,
             loads: Vec::new(),
+            models: Vec::new(),
             picks_since_scrape: Vec::new(),
             scrape_generation: Vec::new(),
         })
@@ -685,6 +723,7 @@ impl Balancer {
         self.healthy.push(true);
         self.pool_position.push(NOT_IN_POOL);
         self.loads.push(None);
+        self.models.push(None);
         self.picks_since_scrape.push(0);
         self.scrape_generation.push(0);
         if let Some(w) = self.workers.as_mut() {
@@ -725,6 +764,50 @@ impl Balancer {
         self.pool = pool;
     }
 
+    /// Sets the models (and LoRA adapters) an endpoint serves; `None`: not known (it is then a
+    /// candidate for a model no endpoint is known to serve).
+    pub fn set_models<S: AsRef<str>>(&mut self, address: &str, models: Option<&[S]>) {
+        let id = self.intern(address) as usize;
+        self.models[id] = models.map(|m| m.iter().map(|s| Box::from(s.as_ref())).collect());
+    }
+
+    /// The models an endpoint is known to serve.
+    pub fn models_of(&self, address: &str) -> Option<Vec<String>> {
+        let id = *self.ids.get(address)?;
+        self.models[id as usize]
+            .as_ref()
+            .map(|m| m.iter().map(ToString::to_string).collect())
+    }
+
+    /// Keeps the candidates that serve `model`: those known to serve it, else those whose models
+    /// are not known. `Ok(false)`: none could, and the request is routed among all anyway.
+    fn keep_serving(&mut self, model: Option<&str>) -> Result<bool, PickError> {
+        let Some(model) = model.filter(|m| !m.is_empty()) else {
+            return Ok(true);
+        };
+        let models = &self.models;
+        let serves = |c: &Candidate| {
+            models[c.id as usize]
+                .as_ref()
+                .map(|m| m.iter().any(|s| &**s == model))
+        };
+        if self.candidates.iter().all(|c| serves(c).is_none()) {
+            return Ok(true); // nothing known about any endpoint's models
+        }
+        if self.candidates.iter().any(|c| serves(c) == Some(true)) {
+            self.candidates.retain(|c| serves(c) == Some(true));
+        } else if self.candidates.iter().any(|c| serves(c).is_none()) {
+            self.candidates.retain(|c| serves(c).is_none());
+        } else if self.config.route_unknown_models {
+            return Ok(false);
+        } else {
+            return Err(PickError::UnknownModel {
+                model: model.to_owned(),
+            });
+        }
+        Ok(true)
+    }
+
     /// Marks an endpoint (in the pool or not) healthy or unhealthy.
     pub fn set_healthy(&mut self, address: &str, healthy: bool) {
         let id = self.intern(address);
@@ -755,6 +838,7 @@ impl Balancer {
             hashes,
             prompt_bytes: (hashes.len() * DEFAULT_BLOCK_SIZE) as u64,
             model,
+            ..Request::default()
         });
         self.pick_request(request.as_ref(), now_ms)
     }
@@ -778,6 +862,9 @@ impl Balancer {
         if self.pool.is_empty() {
             return Err(PickError::NoEndpoints);
         }
+        if let Some(decision) = request.and_then(|r| self.decide_pinned(r, now_ms)) {
+            return Ok(decision);
+        }
         let mut candidates = std::mem::take(&mut self.candidates);
         candidates.clear();
         let uses_backlog = self.config.policy.uses_prefix();
@@ -792,6 +879,7 @@ impl Balancer {
                 },
                 healthy: self.healthy[id as usize],
                 prefix_depth: 0,
+                key_held: false,
                 waiting: 0.0,
                 kv_cache: 0.0,
                 stale: false,
@@ -800,6 +888,7 @@ impl Balancer {
             });
         }
         self.candidates = candidates;
+        let model_served = self.keep_serving(request.and_then(|r| r.model))?;
         let mut fresh_metrics = true;
         if self.config.policy == Policy::LeastBusy && request.is_some() {
             fresh_metrics = self.least_busy(request.and_then(|r| r.model), now_ms)?;
@@ -815,6 +904,17 @@ impl Balancer {
                     .filter(|&&p| p != NOT_IN_POOL)
                 {
                     self.candidates[pos as usize].prefix_depth = depth;
+                }
+            }
+        }
+        let key = request
+            .and_then(|r| r.key)
+            .filter(|_| self.config.policy.uses_prefix());
+        if let Some(key) = key {
+            self.match_depths(&[key], now_ms);
+            for &(id, _) in &self.depths {
+                if let Some(c) = self.candidates.iter_mut().find(|c| c.id == id) {
+                    c.key_held = true;
                 }
             }
         }
@@ -851,10 +951,14 @@ impl Balancer {
             PickReason::BadBody
         } else if !chosen.healthy {
             PickReason::NoHealthy
+        } else if !model_served {
+            PickReason::UnknownModel
         } else if !fresh_metrics {
             PickReason::StaleMetrics
         } else if self.config.policy == Policy::LeastBusy {
             PickReason::LeastBusy
+        } else if chosen.key_held {
+            PickReason::AffinityKey
         } else if chosen.prefix_depth > 0 {
             PickReason::PrefixHit
         } else {
@@ -868,6 +972,39 @@ impl Balancer {
             inflight: chosen.inflight,
             tokens: prompt_tokens - cached,
             records_prefix: use_prefix,
+            key,
+        })
+    }
+
+    /// The decision for a request pinned to an endpoint (see `Request::pinned`), if that
+    /// endpoint can take it: in the pool and healthy. Its model and load are not checked: no
+    /// other endpoint could answer it.
+    fn decide_pinned(&mut self, request: &Request<'_>, now_ms: u64) -> Option<Decision> {
+        let id = *self.ids.get(request.pinned?)?;
+        if self.pool_position[id as usize] == NOT_IN_POOL || !self.healthy[id as usize] {
+            return None;
+        }
+        let use_prefix = self.config.policy.uses_prefix() && !request.hashes.is_empty();
+        let mut depth = 0;
+        if use_prefix {
+            self.match_depths(request.hashes, now_ms);
+            depth = self
+                .depths
+                .iter()
+                .find(|&&(holder, _)| holder == id)
+                .map_or(0, |&(_, d)| d);
+        }
+        let block_tokens = DEFAULT_BLOCK_SIZE as u64 / BYTES_PER_TOKEN;
+        let prompt_tokens = request.prompt_bytes.div_ceil(BYTES_PER_TOKEN);
+        let cached = (u64::from(depth) * block_tokens).min(prompt_tokens);
+        Some(Decision {
+            endpoint: id,
+            reason: PickReason::StoredResponse,
+            depth,
+            inflight: self.inflight_of(id),
+            tokens: prompt_tokens - cached,
+            records_prefix: use_prefix,
+            key: request.key.filter(|_| self.config.policy.uses_prefix()),
         })
     }
 
@@ -880,6 +1017,9 @@ impl Balancer {
         } else {
             None
         };
+        if let Some(key) = decision.key {
+            self.record(&[key], id, now_ms);
+        }
         self.count_in(id);
         self.add_backlog(id, decision.tokens, now_ms);
         self.picks_since_scrape[id as usize] += 1;
@@ -1098,6 +1238,155 @@ mod tests {
         // 1.5x the fair share of 10; the overflow goes elsewhere.
         assert!(max <= 15, "{per_endpoint:?}");
         assert!(per_endpoint.len() >= 2, "{per_endpoint:?}");
+    }
+
+    fn keyed(hashes: &[u64], key: u64) -> Request<'_> {
+        Request {
+            hashes,
+            prompt_bytes: 512 * hashes.len() as u64,
+            key: Some(key),
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn an_affinity_key_sticks_across_different_prompts_within_the_load_bound() {
+        let mut b = balancer(Policy::PrefixCache);
+        let first = b.pick_request(Some(&keyed(&[1, 2], 77)), 0).unwrap();
+        assert_eq!(first.reason, PickReason::LeastRequest);
+        // Different prompts, same key: same endpoint, even with the first still in flight.
+        for n in 0..5u64 {
+            let hashes = [100 + n, 200 + n];
+            let p = b.pick_request(Some(&keyed(&hashes, 77)), 0).unwrap();
+            assert_eq!(p.endpoint, first.endpoint);
+            assert_eq!(p.reason, PickReason::AffinityKey);
+        }
+        // Without the key the same prompts spread by load.
+        let other = b
+            .pick_request(
+                Some(&Request {
+                    hashes: &[300],
+                    prompt_bytes: 512,
+                    ..Request::default()
+                }),
+                0,
+            )
+            .unwrap();
+        assert_ne!(other.endpoint, first.endpoint);
+        // Past the load bound (floor 8 at this load) the session moves and the key follows.
+        let mut moved = None;
+        for n in 0..20u64 {
+            let p = b.pick_request(Some(&keyed(&[400 + n], 77)), 0).unwrap();
+            if p.endpoint != first.endpoint {
+                moved = Some(p.endpoint.clone());
+                break;
+            }
+        }
+        let moved = moved.expect("the key left its overloaded endpoint");
+        assert!(
+            b.endpoints(0).iter().all(|v| v.inflight <= 8),
+            "{:?}",
+            b.endpoints(0)
+        );
+        let next = b.pick_request(Some(&keyed(&[999], 77)), 0).unwrap();
+        assert!(next.endpoint == moved || next.endpoint == first.endpoint);
+        // A load policy ignores keys.
+        let mut g = balancer(Policy::GlobalLeastRequest);
+        let a = g.pick_request(Some(&keyed(&[], 5)), 0).unwrap();
+        let c = g.pick_request(Some(&keyed(&[], 5)), 0).unwrap();
+        assert_ne!(a.endpoint, c.endpoint);
+    }
+
+    #[test]
+    fn a_pinned_request_goes_to_its_endpoint_while_it_can_take_it() {
+        for policy in [
+            Policy::PrefixCache,
+            Policy::GlobalLeastRequest,
+            Policy::LeastBusy,
+        ] {
+            let mut b = balancer(policy);
+            for _ in 0..4 {
+                b.pick(Some(&[]), 0).unwrap();
+            }
+            let pinned = |address| Request {
+                pinned: Some(address),
+                ..Request::default()
+            };
+            for _ in 0..3 {
+                let p = b.pick_request(Some(&pinned("b:1")), 0).unwrap();
+                assert_eq!(
+                    (&*p.endpoint, p.reason),
+                    ("b:1", PickReason::StoredResponse)
+                );
+            }
+            b.set_healthy("b:1", false);
+            let p = b.pick_request(Some(&pinned("b:1")), 0).unwrap();
+            assert_ne!(&*p.endpoint, "b:1");
+            b.set_healthy("b:1", true);
+            b.set_endpoints(&["a:1", "c:1"]);
+            let p = b.pick_request(Some(&pinned("b:1")), 0).unwrap();
+            assert_ne!(&*p.endpoint, "b:1");
+            let p = b.pick_request(Some(&pinned("never-seen:1")), 0).unwrap();
+            assert_ne!(p.reason, PickReason::StoredResponse);
+        }
+    }
+
+    #[test]
+    fn requests_go_only_to_endpoints_serving_their_model() {
+        let mut b = balancer(Policy::PrefixCache);
+        let model = |m| Request {
+            model: Some(m),
+            ..Request::default()
+        };
+        // Nothing known: every endpoint may serve anything.
+        let seen: std::collections::HashSet<_> = (0..6)
+            .map(|_| b.pick_request(Some(&model("x")), 0).unwrap().endpoint)
+            .collect();
+        assert_eq!(seen.len(), 3);
+        b.set_models("a:1", Some(&["x", "x-lora"]));
+        b.set_models("b:1", Some(&["y"]));
+        for _ in 0..10 {
+            assert_eq!(
+                &*b.pick_request(Some(&model("x")), 0).unwrap().endpoint,
+                "a:1"
+            );
+            assert_eq!(
+                &*b.pick_request(Some(&model("x-lora")), 0).unwrap().endpoint,
+                "a:1"
+            );
+            assert_eq!(
+                &*b.pick_request(Some(&model("y")), 0).unwrap().endpoint,
+                "b:1"
+            );
+            // No known server: the one whose models are unknown may serve it.
+            assert_eq!(
+                &*b.pick_request(Some(&model("z")), 0).unwrap().endpoint,
+                "c:1"
+            );
+        }
+        assert_eq!(b.models_of("a:1").unwrap(), vec!["x", "x-lora"]);
+        b.set_models("c:1", Some(&["y"]));
+        assert_eq!(
+            b.pick_request(Some(&model("z")), 0),
+            Err(PickError::UnknownModel { model: "z".into() })
+        );
+        // Requests without a model go anywhere: by load (a:1 has twice the others' requests).
+        let p = b.pick_request(Some(&model("")), 0).unwrap();
+        assert_ne!(&*p.endpoint, "a:1");
+        assert_eq!(p.reason, PickReason::LeastRequest);
+        let mut routed = Balancer::with_rng(
+            BalancerConfig {
+                route_unknown_models: true,
+                ..BalancerConfig::default()
+            },
+            SmallRng::seed_from_u64(1),
+        );
+        routed.set_endpoints(&["a:1", "b:1"]);
+        routed.set_models("a:1", Some(&["x"]));
+        routed.set_models("b:1", Some(&["y"]));
+        let p = routed.pick_request(Some(&model("z")), 0).unwrap();
+        assert_eq!(p.reason, PickReason::UnknownModel);
+        assert!(p.reason.is_fallback());
     }
 
     #[test]

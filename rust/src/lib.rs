@@ -2,6 +2,7 @@
 //! hashing, the embedded picking state and the picking pipeline. Plain Rust; the optional
 //! `python` feature adds the PyO3 bindings.
 
+pub mod affinity;
 pub mod backlog;
 pub mod balancer;
 pub mod body_decode;

@@ -51,6 +51,23 @@ impl Filter for BoundedLoadFilter {
     }
 }
 
+/// Affinity keys (see `affinity`): when an endpoint that served the request's key is still a
+/// candidate, only such endpoints remain. Runs after the bounded-load filter, so a key never pins
+/// a session to an overloaded server: past the bound the session moves, and the key follows it.
+pub struct AffinityKeyFilter;
+
+impl Filter for AffinityKeyFilter {
+    fn name(&self) -> &'static str {
+        "affinity-key"
+    }
+
+    fn filter(&self, _request: &RequestInfo, candidates: &mut Vec<Candidate>) {
+        if candidates.iter().any(|c| c.key_held) {
+            candidates.retain(|c| c.key_held);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::cand;
@@ -73,6 +90,20 @@ mod tests {
         }];
         HealthyFilter.filter(&RequestInfo::default(), &mut none);
         assert_eq!(none.len(), 1);
+    }
+
+    #[test]
+    fn affinity_key_filter_keeps_holders_and_fails_open() {
+        let held = |id, inflight| Candidate {
+            key_held: true,
+            ..cand(id, inflight)
+        };
+        let mut c = vec![cand(1, 0), held(2, 3), cand(3, 1)];
+        AffinityKeyFilter.filter(&RequestInfo::default(), &mut c);
+        assert_eq!(c.iter().map(|c| c.id).collect::<Vec<_>>(), vec![2]);
+        let mut none = vec![cand(1, 0), cand(2, 0)];
+        AffinityKeyFilter.filter(&RequestInfo::default(), &mut none);
+        assert_eq!(none.len(), 2);
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct Candidate {
     pub healthy: bool,
     /// Leading prefix blocks of this request the endpoint is known to hold.
     pub prefix_depth: u32,
+    /// The endpoint served the request's affinity key recently (see `affinity`).
+    pub key_held: bool,
     /// Live load from the endpoint's metrics (least_busy; zero otherwise): queued requests,
     /// plus the picks made since the last scrape, and KV-cache usage in [0, 1].
     pub waiting: f64,
@@ -134,6 +136,7 @@ pub(crate) fn cand(id: u32, inflight: u32) -> Candidate {
         backlog: 0.0,
         healthy: true,
         prefix_depth: 0,
+        key_held: false,
         waiting: 0.0,
         kv_cache: 0.0,
         stale: false,

@@ -1,6 +1,6 @@
 //! The policies, each a profile composed of the pipeline pieces.
 
-use super::filters::{BoundedLoadFilter, HealthyFilter};
+use super::filters::{AffinityKeyFilter, BoundedLoadFilter, HealthyFilter};
 use super::pickers::MaxScorePicker;
 use super::scorers::{LeastInflightScorer, LoadCostScorer};
 use super::Profile;
@@ -72,8 +72,9 @@ impl LoadModel {
 }
 
 /// The endpoint where the request costs least (its requests in flight and prefill backlog, plus
-/// the prefill of what it does not hold), among endpoints that are healthy and not overloaded;
-/// ties take turns.
+/// the prefill of what it does not hold), among endpoints that are healthy and not overloaded,
+/// and among those the ones that served the request's affinity key if any still qualifies; ties
+/// take turns.
 pub fn prefix_cache(model: LoadModel, load_factor: f64, load_floor: u32) -> Profile {
     Profile {
         filters: vec![
@@ -82,6 +83,7 @@ pub fn prefix_cache(model: LoadModel, load_factor: f64, load_floor: u32) -> Prof
                 factor: load_factor,
                 floor: load_floor,
             }),
+            Box::new(AffinityKeyFilter),
         ],
         scorers: vec![(
             Box::new(LoadCostScorer {

@@ -36,14 +36,18 @@ pub struct OwnedRequest {
     pub hashes: Vec<u64>,
     pub prompt_bytes: u64,
     pub model: Option<String>,
+    pub key: Option<u64>,
+    pub pinned: Option<String>,
 }
 
 impl OwnedRequest {
-    fn borrow(&self) -> Request<'_> {
+    pub fn borrow(&self) -> Request<'_> {
         Request {
             hashes: &self.hashes,
             prompt_bytes: self.prompt_bytes,
             model: self.model.as_deref(),
+            key: self.key,
+            pinned: self.pinned.as_deref(),
         }
     }
 }
@@ -173,16 +177,18 @@ impl SharedPicks {
         } else {
             cap
         };
-        let levels = match (&pending.request, decision.records_prefix) {
-            (Some(request), true) => request.hashes.as_slice(),
-            _ => &[],
+        // The affinity key travels as one more level: the other replicas record it alike.
+        let mut levels: Vec<u64> = match (&pending.request, decision.records_prefix) {
+            (Some(request), true) => request.hashes.clone(),
+            _ => Vec::new(),
         };
+        levels.extend(decision.key);
         let commit = Commit {
             request_id: &pending.request_id,
             endpoint: balancer.address(decision.endpoint),
             guard,
             tokens: decision.tokens,
-            levels,
+            levels: &levels,
         };
         commit_call(
             &self.keys,
@@ -341,7 +347,7 @@ mod tests {
         Some(OwnedRequest {
             hashes: hashes.to_vec(),
             prompt_bytes: 512 * hashes.len() as u64,
-            model: None,
+            ..OwnedRequest::default()
         })
     }
 

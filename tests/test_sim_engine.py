@@ -105,6 +105,21 @@ def test_decoding_requests_add_to_the_step_time():
     run(test)
 
 
+def test_zero_output_tokens_is_a_prefill_only_request():
+    async def test(engine: Engine, vt: VirtualTime) -> None:
+        first = submit(engine, b"e" * 100, max_tokens=0)
+        await finish(first)
+        again = submit(engine, b"e" * 100, max_tokens=0)
+        await finish(again)
+        assert (first.generated, first.finish_reason) == (0, "length")
+        assert ms(first.ttft) == 1.0 + 0.01 * 100  # done when its prefill is
+        assert again.cached_tokens == 96
+        assert engine.stats.generation_tokens == 0
+        assert engine.cache.used_blocks == 0  # both released
+
+    run(test)
+
+
 def test_max_running_is_respected_and_the_rest_wait():
     async def test(engine: Engine, vt: VirtualTime) -> None:
         reqs = [submit(engine, bytes([65 + i]) * 40, max_tokens=5) for i in range(5)]

@@ -126,8 +126,15 @@ def _add_sim_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     add("--name", help="name in the x-sim-name header and /_sim/stats (default sim-PORT)")
     add(
         "--model",
-        default="sim-model",
-        help="served model name (requests naming another model get 404) (default %(default)s)",
+        help="the engine's model: in /metrics, and for requests that name none (default: the first of "
+        "--models, else sim-model)",
+    )
+    add(
+        "--models",
+        metavar="MODEL,...",
+        type=_names,
+        default=(),
+        help="model names served; a request naming another model (or adapter) gets 404 (default: --model)",
     )
     add(
         "--block-size",
@@ -183,7 +190,7 @@ def _add_sim_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         default=4,
         help="prompt bytes per token (default %(default)s)",
     )
-    add("--lora", metavar="ADAPTER,...", type=_adapters, default=(), help="LoRA adapter names to serve")
+    add("--lora", metavar="ADAPTER,...", type=_names, default=(), help="LoRA adapter names to serve")
     add(
         "--max-loras",
         type=_int_in(1, 10_000),
@@ -250,12 +257,12 @@ def _float_in(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
-def _adapters(text: str) -> tuple[str, ...]:
+def _names(text: str) -> tuple[str, ...]:
     names = tuple(text.split(","))
     if not all(names):
-        raise argparse.ArgumentTypeError(f"{text!r}: adapter names must be non-empty")
+        raise argparse.ArgumentTypeError(f"{text!r}: names must be non-empty")
     if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"{text!r}: an adapter is named twice")
+        raise argparse.ArgumentTypeError(f"{text!r}: a name is given twice")
     return names
 
 
@@ -413,10 +420,14 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from llmlb.sim.engine import EngineConfig
     from llmlb.sim.server import SimOptions, StartupError, run
 
-    if args.model in args.lora:
-        raise ConfigError("--lora", f"an adapter cannot be named like the model ({args.model})")
+    model = args.model or (args.models[0] if args.models else "sim-model")
+    if args.models and model not in args.models:
+        raise ConfigError("--models", f"must include --model ({model})")
+    for name in args.models or (model,):
+        if name in args.lora:
+            raise ConfigError("--lora", f"an adapter cannot be named like a served model ({name})")
     engine = EngineConfig(
-        model=args.model,
+        model=model,
         block_size=args.block_size,
         kv_blocks=args.kv_blocks,
         max_running=args.max_running,
@@ -433,6 +444,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         name=args.name or "",
         engine=engine,
         output_tokens=args.output_tokens,
+        models=args.models,
         loras=args.lora,
         fail_rate=args.fail_rate,
         slow_rate=args.slow_rate,

@@ -203,7 +203,7 @@ class Engine:
         end_reason: str = "length",
     ) -> Request:
         """A request for `prompt` (UTF-8 bytes), its tokens and block hashes computed; it ends with
-        `end_reason` once `max_tokens` are out."""
+        `end_reason` once `max_tokens` are out (0: when its prefill completes, with no token)."""
         prompt_tokens = -(-len(prompt) // self.config.chars_per_token)
         full = prompt_tokens // self.config.block_size
         hashes = block_hashes(prompt, root_hash(self.config.model, adapter), self._block_bytes, full)
@@ -362,8 +362,9 @@ class Engine:
                 stats.prompt_tokens += req.prompt_tokens
             elif req.computed < req.prompt_tokens:
                 continue  # no budget left for it this step
-            req.generated += 1
-            stats.generation_tokens += 1
+            if req.max_tokens:  # 0: prefill only (an embedding), done once the prompt is in
+                req.generated += 1
+                stats.generation_tokens += 1
             if req.generated >= req.max_tokens:
                 req.finished = True
                 done = True

@@ -1,13 +1,19 @@
-"""OpenAI request bodies in (the prompt as one string), vLLM-shaped response bodies out."""
+"""OpenAI request bodies in (the prompt as one string), vLLM-shaped response bodies out; and what every
+API's request has in common (:class:`Exchange`, :class:`BadRequest`, the filler words)."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from llmlb.sim.engine import Request
 
 # One word per generated token.
 # fmt: off
@@ -18,13 +24,53 @@ WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "a
 
 
 class BadRequest(ValueError):
-    """The body is not a usable request; answered 400 (or `status`) in OpenAI's error shape."""
+    """The body is not a usable request; answered 400 (or `status`) in the route's error shape.
+    `kind` overrides the error type the status implies."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+    def __init__(
+        self, message: str, param: str | None = None, status: int = 400, kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.status = status
+        self.kind = kind
+
+
+ErrorBody = Callable[[str, int, "str | None", "str | None"], bytes]
+"""An API's error body from (message, status, param, kind)."""
+
+
+class Exchange(ABC):
+    """One generation request in some API's dialect: what the engine runs and how the answer is
+    written, as one JSON body or as SSE events while the tokens come out."""
+
+    def __init__(
+        self, model: str | None, default_model: str, prompt: bytes, max_tokens: int | None, stream: bool
+    ) -> None:
+        self.name = model or default_model
+        """The model the answer names (the server has checked `model`)."""
+        self.prompt = prompt
+        """The rendered prompt, UTF-8."""
+        self.max_tokens = max_tokens
+        """As requested (None: the server's default, and the answer ends as a natural stop)."""
+        self.stream = stream
+
+    @abstractmethod
+    def full(self, req: Request) -> bytes:
+        """The JSON answer of a finished request."""
+
+    def head(self, req: Request) -> bytes:
+        """SSE events before the first token's (sent with it, once the cache hit is known)."""
+        return b""
+
+    @abstractmethod
+    def tokens(self, start: int, end: int, req: Request) -> bytes:
+        """SSE events of generated tokens `start` .. `end - 1`."""
+
+    @abstractmethod
+    def tail(self, req: Request) -> bytes:
+        """SSE events after the last token (the request finished, not aborted)."""
 
 
 @dataclass(frozen=True)
@@ -61,18 +107,58 @@ def render_chat(messages: Any) -> str:
             text = "\n".join(parts)  # type: ignore[arg-type]
         else:
             raise BadRequest("message content must be a string, a list of parts or null", "messages")
-        out.append(f"<|{role}|>\n{text}\n")
+        out.append(render_message(role, text))
     return "".join(out)
 
 
-def parse_request(body: bytes, chat: bool) -> ParsedRequest:
-    """A chat-completions (`chat`) or completions body. Raises BadRequest."""
+def render_message(role: str, text: str) -> str:
+    """One message as the sims' chat template renders it (every API's prompt uses it)."""
+    return f"<|{role}|>\n{text}\n"
+
+
+def render_system(system: str | None, tools: Any) -> str:
+    """What a chat template puts first: the system message, then the tools (as JSON)."""
+    out = "" if system is None else render_message("system", system)
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise BadRequest("tools must be a list", "tools")
+        if tools:
+            out += render_message("tools", canonical_json(tools))
+    return out
+
+
+def load_body(body: bytes) -> dict[str, Any]:
+    """A request body: a JSON object. Raises BadRequest."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise BadRequest(f"the body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
+    return data
+
+
+def model_field(data: dict[str, Any]) -> str | None:
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("model must be a string", "model")
+    return model
+
+
+def positive_int(data: dict[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if value is not None and (type(value) is not int or value < 1):
+        raise BadRequest(f"{key} must be a positive integer", key)
+    return value
+
+
+def parse_request(body: bytes, chat: bool) -> ParsedRequest:
+    """A chat-completions (`chat`) or completions body. Raises BadRequest."""
+    return parse_completion(load_body(body), chat)
+
+
+def parse_completion(data: dict[str, Any], chat: bool) -> ParsedRequest:
+    """A chat-completions (`chat`) or completions request. Raises BadRequest."""
     if chat:
         prompt = render_chat(data.get("messages"))
     else:
@@ -84,15 +170,10 @@ def parse_request(body: bytes, chat: bool) -> ParsedRequest:
         if not raw:
             raise BadRequest("the prompt cannot be empty", "prompt")
         prompt = raw
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequest("model must be a string", "model")
-    max_tokens = data.get("max_completion_tokens") if chat else None
-    param = "max_completion_tokens"
+    model = model_field(data)
+    max_tokens = positive_int(data, "max_completion_tokens") if chat else None
     if max_tokens is None:
-        max_tokens, param = data.get("max_tokens"), "max_tokens"
-    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-        raise BadRequest(f"{param} must be a positive integer", param)
+        max_tokens = positive_int(data, "max_tokens")
     stream = data.get("stream") is True
     options = data.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
@@ -107,8 +188,8 @@ ERROR_TYPES = {
 }
 
 
-def error_body(message: str, status: int, param: str | None = None) -> bytes:
-    kind = ERROR_TYPES.get(status, "InternalServerError")
+def error_body(message: str, status: int, param: str | None = None, kind: str | None = None) -> bytes:
+    kind = kind or ERROR_TYPES.get(status, "InternalServerError")
     return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}})
 
 
@@ -131,18 +212,20 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
-class Responder:
-    """Builds one request's response bodies (JSON, or SSE events)."""
+class Responder(Exchange):
+    """A chat-completions or completions request and its vLLM-shaped answers."""
 
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat = chat
-        self.model = model
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    def __init__(self, parsed: ParsedRequest, default_model: str) -> None:
+        super().__init__(parsed.model, default_model, parsed.prompt, parsed.max_tokens, parsed.stream)
+        self.chat = parsed.chat
+        self.include_usage = parsed.include_usage
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.object = "chat.completion" if chat else "text_completion"
+        self.object = "chat.completion" if self.chat else "text_completion"
 
-    def full(self, tokens: int, finish_reason: str, usage_: dict[str, Any]) -> bytes:
-        text = completion_text(tokens)
+    def full(self, req: Request) -> bytes:
+        text = completion_text(req.generated)
+        finish_reason = req.finish_reason
         choice: dict[str, Any]
         if self.chat:
             message = {"role": "assistant", "content": text, "tool_calls": []}
@@ -150,17 +233,21 @@ class Responder:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         choice["stop_reason"] = None
-        return orjson.dumps(self._envelope(self.object, [choice], usage=usage_))
+        return orjson.dumps(self._envelope(self.object, [choice], usage=request_usage(req)))
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": obj,
             "created": self.created,
-            "model": self.model,
+            "model": self.name,
             "choices": choices,
             **extra,
         }
+
+    def tokens(self, start: int, end: int, req: Request) -> bytes:
+        reason = req.finish_reason if req.finished else None
+        return b"".join(self.token_event(i, reason if i == end - 1 else None) for i in range(start, end))
 
     def token_event(self, i: int, finish_reason: str | None) -> bytes:
         """The SSE event of generated token `i` (the first also carries the assistant role)."""
@@ -177,9 +264,27 @@ class Responder:
             choice["stop_reason"] = None
         return b"data: " + orjson.dumps(self._envelope(obj, [choice])) + b"\n\n"
 
-    def usage_event(self, usage_: dict[str, Any]) -> bytes:
+    def tail(self, req: Request) -> bytes:
+        if not self.include_usage:
+            return DONE_EVENT
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return b"data: " + orjson.dumps(self._envelope(obj, [], usage=usage_)) + b"\n\n"
+        return (
+            b"data: " + orjson.dumps(self._envelope(obj, [], usage=request_usage(req))) + b"\n\n" + DONE_EVENT
+        )
+
+
+def request_usage(req: Request) -> dict[str, Any]:
+    return usage(req.prompt_tokens, req.generated, req.cached_tokens)
+
+
+def sse_event(event: str, data: dict[str, Any]) -> bytes:
+    """A named SSE event (`event:` then `data:`), as OpenAI's Responses and Anthropic's APIs send."""
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def canonical_json(value: Any) -> str:
+    """`value` as compact JSON with sorted keys: how the sims render structured prompt parts."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
 DONE_EVENT = b"data: [DONE]\n\n"

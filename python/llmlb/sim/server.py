@@ -1,5 +1,6 @@
-"""The HTTP face of ``llmlb sim``: vLLM's OpenAI routes and ``/metrics``, SGLang's info routes (for
-sglang-router), and ``/_sim/stats`` / ``/_sim/reset`` for benchmarks."""
+"""The HTTP face of ``llmlb sim``: vLLM's OpenAI routes (chat, completions, responses, embeddings),
+Anthropic's messages route and ``/metrics``, SGLang's info routes (for sglang-router), and
+``/_sim/stats`` / ``/_sim/reset`` for benchmarks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +20,21 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.log import access_logger
 
+from llmlb.sim.embeddings import embeddings_body, parse_embeddings
 from llmlb.sim.engine import Engine, EngineConfig, Request
+from llmlb.sim.messages import anthropic_error, parse_messages
 from llmlb.sim.metrics import CONTENT_TYPE, LoraInfo, render
-from llmlb.sim.protocol import DONE_EVENT, BadRequest, Responder, error_body, parse_request, usage
+from llmlb.sim.protocol import (
+    BadRequest,
+    ErrorBody,
+    Exchange,
+    Responder,
+    error_body,
+    load_body,
+    model_field,
+    parse_completion,
+)
+from llmlb.sim.responses import ResponseStore, not_found, parse_responses
 
 NAME_HEADER = "x-sim-name"
 SHUTDOWN_TIMEOUT_S = 2.0
@@ -34,6 +48,8 @@ class SimOptions:
     """Default ``sim-<port>``."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     output_tokens: int = 16
+    models: tuple[str, ...] = ()
+    """Model names served (default: just the engine's model); all of them are the engine's model."""
     loras: tuple[str, ...] = ()
     fail_rate: float = 0.0
     slow_rate: float = 0.0
@@ -54,7 +70,9 @@ class Sim:
         self.options = options
         self.name = options.display_name
         self.model = options.engine.model
+        self.served = options.models or (self.model,)
         self.engine = engine or Engine(options.engine)
+        self.responses = ResponseStore()
         self.lora = LoraInfo(options.engine.max_loras) if options.loras else None
         self.rng = random.Random(options.seed)
         self.created = time.time()
@@ -68,6 +86,10 @@ class Sim:
             [
                 web.post("/v1/chat/completions", self.chat),
                 web.post("/v1/completions", self.completions),
+                web.post("/v1/responses", self.create_response),
+                web.get("/v1/responses/{response_id}", self.get_response),
+                web.post("/v1/messages", self.messages),
+                web.post("/v1/embeddings", self.embeddings),
                 web.get("/v1/models", self.models),
                 web.get("/health", self.health),
                 web.get("/metrics", self.metrics),
@@ -94,9 +116,17 @@ class Sim:
             headers={NAME_HEADER: self.name},
         )
 
-    def _error(self, message: str, status: int, param: str | None = None) -> web.Response:
+    def _error(
+        self,
+        message: str,
+        status: int,
+        param: str | None = None,
+        kind: str | None = None,
+        shape: ErrorBody = error_body,
+    ) -> web.Response:
+        """An error answer, in OpenAI's shape unless the route gives its own."""
         return web.Response(
-            body=error_body(message, status, param),
+            body=shape(message, status, param, kind),
             status=status,
             content_type="application/json",
             headers={NAME_HEADER: self.name},
@@ -104,7 +134,7 @@ class Sim:
 
     def _adapter(self, model: str | None) -> str | None:
         """The LoRA adapter a request's `model` names (None: the base model). Raises BadRequest (404)."""
-        if model is None or model == self.model:
+        if model is None or model in self.served:
             return None
         if model in self.options.loras:
             return model
@@ -114,38 +144,72 @@ class Sim:
     # inference
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._infer(request, chat=True)
+        return await self._generate(request, lambda data: Responder(parse_completion(data, True), self.model))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._infer(request, chat=False)
+        return await self._generate(
+            request, lambda data: Responder(parse_completion(data, False), self.model)
+        )
 
-    async def _infer(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def create_response(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, lambda data: parse_responses(data, self.model, self.responses))
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, lambda data: parse_messages(data, self.model), anthropic_error)
+
+    async def _generate(
+        self,
+        request: web.Request,
+        parse: Callable[[dict[str, Any]], Exchange],
+        shape: ErrorBody = error_body,
+    ) -> web.StreamResponse:
+        """One generation request of any API: parsed by `parse`, errors in `shape`."""
         engine = self.engine
         engine.stats.requests_total += 1
         try:
-            parsed = parse_request(await request.read(), chat)
-            adapter = self._adapter(parsed.model)
-            max_tokens = parsed.max_tokens or self.options.output_tokens
+            data = load_body(await request.read())
+            adapter = self._adapter(model_field(data))  # first, as vLLM: a misrouted request gets 404
+            ex = parse(data)
             req = engine.new_request(
-                parsed.prompt,
-                max_tokens,
+                ex.prompt,
+                ex.max_tokens or self.options.output_tokens,
                 adapter,
-                stream=parsed.stream,
-                end_reason="length" if parsed.max_tokens else "stop",
+                stream=ex.stream,
+                end_reason="length" if ex.max_tokens else "stop",
             )
             self._check_length(req)
         except BadRequest as e:
             engine.stats.rejected += 1
-            return self._error(e.message, e.status, e.param)
-        # Three draws per request whatever the rates, so a seed gives the same outcome sequence.
+            return self._error(e.message, e.status, e.param, e.kind, shape)
+        refused = await self._refuse(request, shape)
+        if refused is not None:
+            return refused
+        engine.submit(req)
+        try:
+            if ex.stream:
+                return await self._stream(request, req, ex)
+            await req.done()
+            if req.finish_reason == "abort":
+                return self._error("the server is shutting down", 503, shape=shape)
+            return web.Response(
+                body=ex.full(req), content_type="application/json", headers={NAME_HEADER: self.name}
+            )
+        finally:
+            engine.abort(req)  # a no-op once finished; else the client went away
+
+    async def _refuse(self, request: web.Request, shape: ErrorBody) -> web.StreamResponse | None:
+        """Failure injection for a valid request: its answer if it is dropped or failed (or the
+        server is shutting down), else None once any --slow-ms delay is over."""
+        engine = self.engine
         opts = self.options
+        # Three draws per request whatever the rates, so a seed gives the same outcome sequence.
         drop, fail, slow = self.rng.random(), self.rng.random(), self.rng.random()
         if drop < opts.drop_rate:
             engine.stats.dropped += 1
             return _drop(request)
         if fail < opts.fail_rate:
             engine.stats.failed += 1
-            return self._error("simulated failure (--fail-rate)", 500)
+            return self._error("simulated failure (--fail-rate)", 500, shape=shape)
         if slow < opts.slow_rate:
             self.delayed += 1
             try:
@@ -153,19 +217,8 @@ class Sim:
             finally:
                 self.delayed -= 1
         if self.closing:
-            return self._error("the server is shutting down", 503)
-        engine.submit(req)
-        responder = Responder(chat, parsed.model or self.model)
-        try:
-            if parsed.stream:
-                return await self._stream(request, req, responder, parsed.include_usage)
-            await req.done()
-            if req.finish_reason == "abort":
-                return self._error("the server is shutting down", 503)
-            body = responder.full(req.generated, req.finish_reason, _usage(req))
-            return web.Response(body=body, content_type="application/json", headers={NAME_HEADER: self.name})
-        finally:
-            engine.abort(req)  # a no-op once finished; else the client went away
+            return self._error("the server is shutting down", 503, shape=shape)
+        return None
 
     def _check_length(self, req: Request) -> None:
         """Refuses, as vLLM does, a request whose prompt and output could never fit in the cache."""
@@ -178,9 +231,7 @@ class Sim:
             "completion."
         )
 
-    async def _stream(
-        self, request: web.Request, req: Request, responder: Responder, include_usage: bool
-    ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, req: Request, ex: Exchange) -> web.StreamResponse:
         """An SSE answer: each token's event as soon as the engine produces it."""
         resp = web.StreamResponse(
             headers={
@@ -194,21 +245,56 @@ class Sim:
         for _ in range(req.max_tokens + 1):  # each pass sends at least one token, or ends
             out = await req.progress(sent)
             if out > sent:
-                reason = req.finish_reason if req.finished else None
-                await resp.write(
-                    b"".join(
-                        responder.token_event(i, reason if i == out - 1 else None) for i in range(sent, out)
-                    )
-                )
+                await resp.write((ex.head(req) if sent == 0 else b"") + ex.tokens(sent, out, req))
                 sent = out
             if req.finished:
                 break
-        if req.finish_reason == "abort":  # shutting down: end the stream without [DONE]
+        if req.finish_reason == "abort":  # shutting down: end the stream unfinished
             resp.force_close()
             return resp
-        await resp.write((responder.usage_event(_usage(req)) if include_usage else b"") + DONE_EVENT)
+        await resp.write(ex.tail(req))
         await resp.write_eof()
         return resp
+
+    async def get_response(self, request: web.Request) -> web.Response:
+        response_id = request.match_info["response_id"]
+        stored = self.responses.get(response_id)
+        if stored is None:
+            e = not_found(response_id)
+            return self._error(e.message, e.status, e.param, e.kind)
+        return self._json(stored.response)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """Each input is a prefill-only request (no output tokens), so it hits and fills the cache."""
+        engine = self.engine
+        engine.stats.requests_total += 1
+        try:
+            data = load_body(await request.read())
+            adapter = self._adapter(model_field(data))
+            parsed = parse_embeddings(data, engine.config.chars_per_token)
+            reqs = [engine.new_request(p, 0, adapter, end_reason="stop") for p in parsed.prompts]
+            for req in reqs:
+                self._check_length(req)
+        except BadRequest as e:
+            engine.stats.rejected += 1
+            return self._error(e.message, e.status, e.param, e.kind)
+        refused = await self._refuse(request, error_body)
+        if refused is not None:
+            return refused
+        try:
+            for req in reqs:
+                engine.submit(req)
+            for req in reqs:
+                await req.done()
+            if any(req.finish_reason == "abort" for req in reqs):
+                return self._error("the server is shutting down", 503)
+            prompt_tokens = sum(req.prompt_tokens for req in reqs)
+            cached = sum(req.cached_tokens for req in reqs)
+            body = embeddings_body(parsed, parsed.model or self.model, prompt_tokens, cached)
+            return web.Response(body=body, content_type="application/json", headers={NAME_HEADER: self.name})
+        finally:
+            for req in reqs:
+                engine.abort(req)
 
     # ----------------------------------------------------------------------------------------------
     # the rest
@@ -222,7 +308,7 @@ class Sim:
             "max_model_len": cfg.max_model_len,
             "permission": [],
         }
-        data = [{"id": self.model, "root": self.model, "parent": None, **entry}]
+        data = [{"id": name, "root": self.model, "parent": None, **entry} for name in self.served]
         data += [
             {"id": name, "root": f"/loras/{name}", "parent": self.model, **entry}
             for name in self.options.loras
@@ -247,6 +333,7 @@ class Sim:
         return {
             "name": self.name,
             "model": self.model,
+            "models": list(self.served),
             "requests_total": s.requests_total,
             "requests_finished": sum(s.finished.values()) - s.finished.get("abort", 0),
             "requests_aborted": s.finished.get("abort", 0),
@@ -264,6 +351,7 @@ class Sim:
             "kv_blocks_cached": engine.cache.cached_blocks,
             "kv_blocks_total": engine.cache.capacity,
             "steps": s.steps,
+            "responses_stored": len(self.responses),
         }
 
     async def stats(self, _: web.Request) -> web.Response:
@@ -278,6 +366,7 @@ class Sim:
                 409,
             )
         engine.reset()
+        self.responses.clear()
         if self.lora is not None:
             self.lora.reset()
         self.rng = random.Random(self.options.seed)
@@ -337,10 +426,6 @@ class Sim:
                 }
             ]
         )
-
-
-def _usage(req: Request) -> dict[str, Any]:
-    return usage(req.prompt_tokens, req.generated, req.cached_tokens)
 
 
 def _not_http(record: logging.LogRecord) -> bool:

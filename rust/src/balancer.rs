@@ -865,29 +865,7 @@ impl Balancer {
         if let Some(decision) = request.and_then(|r| self.decide_pinned(r, now_ms)) {
             return Ok(decision);
         }
-        let mut candidates = std::mem::take(&mut self.candidates);
-        candidates.clear();
-        let uses_backlog = self.config.policy.uses_prefix();
-        for &id in &self.pool {
-            candidates.push(Candidate {
-                id,
-                inflight: self.inflight_of(id),
-                backlog: if uses_backlog {
-                    self.backlog_of(id, now_ms)
-                } else {
-                    0.0
-                },
-                healthy: self.healthy[id as usize],
-                prefix_depth: 0,
-                key_held: false,
-                waiting: 0.0,
-                kv_cache: 0.0,
-                stale: false,
-                lora: LoraFit::None,
-                last_picked: self.last_picked[id as usize],
-            });
-        }
-        self.candidates = candidates;
+        self.fill_candidates(now_ms);
         let model_served = self.keep_serving(request.and_then(|r| r.model))?;
         let mut fresh_metrics = true;
         if self.config.policy == Policy::LeastBusy && request.is_some() {
@@ -974,6 +952,33 @@ impl Balancer {
             records_prefix: use_prefix,
             key,
         })
+    }
+
+    /// One candidate per pool endpoint, with its load as the view has it now.
+    fn fill_candidates(&mut self, now_ms: u64) {
+        let mut candidates = std::mem::take(&mut self.candidates);
+        candidates.clear();
+        let uses_backlog = self.config.policy.uses_prefix();
+        for &id in &self.pool {
+            candidates.push(Candidate {
+                id,
+                inflight: self.inflight_of(id),
+                backlog: if uses_backlog {
+                    self.backlog_of(id, now_ms)
+                } else {
+                    0.0
+                },
+                healthy: self.healthy[id as usize],
+                prefix_depth: 0,
+                key_held: false,
+                waiting: 0.0,
+                kv_cache: 0.0,
+                stale: false,
+                lora: LoraFit::None,
+                last_picked: self.last_picked[id as usize],
+            });
+        }
+        self.candidates = candidates;
     }
 
     /// The decision for a request pinned to an endpoint (see `Request::pinned`), if that

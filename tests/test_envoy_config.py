@@ -265,7 +265,8 @@ def test_ext_proc_wiring(mode: str) -> None:
     assert proc["@type"] == "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
     assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == "llmlb_picker"
     assert proc["metadata_options"] == {"receiving_namespaces": {"untyped": ["envoy.lb"]}}
-    assert proc["allow_mode_override"] is False
+    # Buffered: the picker may ask for a Responses API answer's body (to learn its id).
+    assert proc["allow_mode_override"] is (mode == "buffered")
     assert [f["name"] for f in hcm(cfg)["http_filters"]] == [
         "envoy.filters.http.ext_proc",
         "envoy.filters.http.router",

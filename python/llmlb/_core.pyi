@@ -23,6 +23,7 @@ __all__ = [
     "RequestParseError",
     "RequestStream",
     "ShedError",
+    "UnknownModelError",
     "__version__",
     "balancer_defaults",
     "create_worker_state",
@@ -55,6 +56,9 @@ class NoEndpointsError(RuntimeError):
 
 class OverLimitError(RuntimeError):
     """The best endpoint already has ``maxRequestCount`` requests in flight."""
+
+class UnknownModelError(RuntimeError):
+    """No endpoint serves the request's model."""
 
 class ShedError(RuntimeError):
     """least_busy: the model is sheddable and no endpoint has room for it."""
@@ -215,14 +219,19 @@ class Balancer:
         kv_cache_threshold: float | None = None,
         lora_queue_threshold: float | None = None,
         lora_affinity: float | None = None,
+        affinity_keys: list[str] | None = None,
+        route_unknown_models: bool | None = None,
         seed: int | None = None,
     ) -> Self:
         """A setting left ``None`` takes its default (``balancer_defaults()``). ``seed`` makes the
-        draws among never-picked endpoints reproducible.
+        draws among never-picked endpoints reproducible. ``affinity_keys``: where a request's
+        affinity key comes from, first present wins (``prompt_cache_key``, ``conversation``,
+        ``session_header``, ``safety_identifier``, ``user``); ``route_unknown_models``: a model
+        no endpoint serves is routed by load instead of refused.
 
         Raises:
-            ValueError: an unknown policy, a load_factor below 1, a negative load weight, or a
-                prefill_rate that is not positive.
+            ValueError: an unknown policy or affinity key, a load_factor below 1, a negative load
+                weight, or a prefill_rate that is not positive.
             MemoryError: the prefix table cannot be reserved.
         """
     @property
@@ -239,17 +248,30 @@ class Balancer:
         such as prefill backlogs and prefix expiry, then repeat exactly); ``None`` unpins it."""
     def set_endpoints(self, addresses: list[str]) -> None: ...
     def set_healthy(self, address: str, healthy: bool) -> None: ...
-    def pick(self, request: ParsedRequest | bytes | None) -> tuple[int, str, str, int]:
+    def set_models(self, address: str, models: list[str] | None) -> None:
+        """Sets the models (and LoRA adapters) an endpoint serves; ``None``: not known."""
+    def models_of(self, address: str) -> list[str] | None:
+        """The models an endpoint is known to serve."""
+    def pick(
+        self,
+        request: ParsedRequest | bytes | None,
+        *,
+        session: str | None = None,
+        pinned: str | None = None,
+    ) -> tuple[int, str, str, int]:
         """Decides and counts a pick: ``(ticket, endpoint, reason, prefix_depth)``.
 
         ``request``: a ``ParsedRequest`` (read in place), a body (parsed here without a size
         limit, level cap or decoding), or ``None`` to pick from the headers alone. An unusable
-        body is picked by load with reason ``"bad_body"``.
+        body is picked by load with reason ``"bad_body"``. ``session``: the session header's
+        value (an affinity key); ``pinned``: the endpoint holding the stored response the
+        request refers to (picked while it is in the pool and healthy).
 
         Raises:
             NoEndpointsError: the pool is empty.
             OverLimitError: ``max_request_count`` is reached on the best endpoint.
             ShedError: least_busy, a sheddable model, and no endpoint has room.
+            UnknownModelError: no endpoint serves the request's model.
         """
     def set_load(
         self,
@@ -277,6 +299,9 @@ class Balancer:
         request: ParsedRequest | bytes | None,
         request_id: str,
         releases: list[tuple[str, int]] = ...,
+        *,
+        session: str | None = None,
+        pinned: str | None = None,
     ) -> tuple[int, bytes]:
         """Decides a shared pick and encodes its commit: ``(pending_id, RESP EVALSHA)``;
         ``releases`` (finished requests: ``(request id, tokens from release_tokens)``) ride on
@@ -284,7 +309,7 @@ class Balancer:
 
         Raises:
             RuntimeError: shared state is not enabled.
-            NoEndpointsError, OverLimitError: as ``pick``.
+            NoEndpointsError, OverLimitError, UnknownModelError: as ``pick``.
         """
     def complete_shared(self, pending_id: int, reply: list[Any]) -> tuple[int, str, str, int] | bytes:
         """Reads a commit's reply ``[committed, [requests...], stream id]``: the pick,

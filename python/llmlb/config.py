@@ -56,6 +56,10 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "passive_probe_after": (0, 3_600_000),
     "drain_grace": (0, 3600),
     "drain_timeout": (0, 86_400),
+    "models_refresh": (0, 3_600_000),
+    "response_ttl": (1, 31_536_000),
+    # About 150 bytes an entry.
+    "response_store_size": (1, 10_000_000),
     "lb_config.servicePort": (1, 65535),
     "lb_config.timeout": (0, 600_000),
     "lb_config.redisBudget": (1, 60_000),
@@ -90,6 +94,10 @@ FLOAT_BOUNDS: dict[str, tuple[float, float]] = {
 MAX_STRING = 4096
 #: Default ``max_body_bytes`` (64 MiB); ``llmlb envoy-config`` uses it too (one owner).
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: Where a request's affinity key may come from; ``affinity_keys`` lists them in precedence order.
+AFFINITY_KEYS = ("prompt_cache_key", "conversation", "session_header", "safety_identifier", "user")
+UNKNOWN_MODEL_CHOICES = ("reject", "route")
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
 
 class ConfigError(ValueError):
@@ -180,6 +188,16 @@ class Config:
     passive_probe_after: int = 10_000
     drain_grace: int = 5
     drain_timeout: int = DEFAULT_REQUEST_TIMEOUT_S
+    # Affinity keys, most binding first (see docs/configuration.md); "" turns the header off.
+    affinity_keys: tuple[str, ...] = AFFINITY_KEYS
+    session_header: str = "x-session-id"
+    # Multi-model pools: ms between GET /v1/models of each endpoint (0: off; label `models` wins),
+    # and what a request for a model no endpoint serves gets.
+    models_refresh: int = 30_000
+    unknown_model: str = "reject"
+    # Responses API: which endpoint holds a stored response, kept this many seconds / entries.
+    response_ttl: int = 86_400
+    response_store_size: int = 100_000
     # Set while loading: Higress fields that were accepted and ignored (warned once at start).
     ignored_fields: tuple[str, ...] = ()
 
@@ -521,6 +539,22 @@ def parse_config(raw: Any) -> Config:
     for key in _TOP_INTS:
         if key in raw:
             values[key] = _bounded_int(raw[key], key)
+    if "affinity_keys" in raw:
+        keys = raw["affinity_keys"]
+        if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
+            raise ConfigError("affinity_keys", f"must be a list of: {', '.join(AFFINITY_KEYS)}")
+        for i, key in enumerate(keys):
+            _choice(key, f"affinity_keys[{i}]", AFFINITY_KEYS)
+        if len(set(keys)) != len(keys):
+            raise ConfigError("affinity_keys", "lists a key twice")
+        values["affinity_keys"] = tuple(keys)
+    if "session_header" in raw:
+        header = "" if raw["session_header"] is None else _str(raw["session_header"], "session_header").lower()
+        if header and not _HEADER_NAME.match(header):
+            raise ConfigError("session_header", f"must be an HTTP header name, got {header!r}")
+        values["session_header"] = header
+    if "unknown_model" in raw:
+        values["unknown_model"] = _choice(raw["unknown_model"], "unknown_model", UNKNOWN_MODEL_CHOICES)
     if "health_check_path" in raw:
         # An empty path (or null) means TCP connect probes only.
         path = raw["health_check_path"]
@@ -618,6 +652,12 @@ def effective_dict(config: Config) -> dict[str, Any]:
         "passive_probe_after": config.passive_probe_after,
         "drain_grace": config.drain_grace,
         "drain_timeout": config.drain_timeout,
+        "affinity_keys": list(config.affinity_keys),
+        "session_header": config.session_header,
+        "models_refresh": config.models_refresh,
+        "unknown_model": config.unknown_model,
+        "response_ttl": config.response_ttl,
+        "response_store_size": config.response_store_size,
     }
 
 

@@ -23,9 +23,10 @@ from llmlb._core import Balancer
 from llmlb.admin import build_app
 from llmlb.config import Config, ConfigError, parse_listen
 from llmlb.endpoints import EndpointManager
-from llmlb.extproc import BodyLimits, ExtProcService
+from llmlb.extproc import Apis, BodyLimits, ExtProcService
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker
+from llmlb.responses import ResponseStore
 from llmlb.shared import SharedPicker, SharedState
 from llmlb.tls import TlsReloader, warn_if_exposed
 
@@ -115,6 +116,8 @@ def _new_balancer(config: Config) -> Balancer:
         kv_cache_threshold=lb.kvCacheThreshold,
         lora_queue_threshold=lb.queueingThresholdLoRA,
         lora_affinity=lb.loraAffinityThreshold,
+        affinity_keys=list(config.affinity_keys),
+        route_unknown_models=config.unknown_model == "route",
     )
 
 
@@ -135,6 +138,7 @@ class Daemon:
             health_interval_ms=config.health_check_interval,
             health_timeout_ms=config.health_check_timeout,
             health_path=config.health_check_path,
+            models_refresh_ms=config.models_refresh,
         )
         self.shared: SharedState | None = None
         self.scraper: MetricsScraper | None = None  # least_busy only
@@ -164,7 +168,15 @@ class Daemon:
         # Only prefix_cache reads prefix levels: the other policies skip hashing altogether.
         blocks = config.lb_config.maxPrefixBlocks if self.balancer.uses_prefix else 0
         limits = BodyLimits(max_bytes=config.max_body_bytes, max_blocks=blocks)
-        self.service = ExtProcService(picker, self.metrics, config.grpc_max_streams, limits)
+        self.stored_responses = ResponseStore(
+            config.response_ttl, config.response_store_size, self.metrics, self.shared
+        )
+        apis = Apis(
+            responses=self.stored_responses,
+            served_models=self.endpoints.served_models,
+            session_header=config.session_header,
+        )
+        self.service = ExtProcService(picker, self.metrics, config.grpc_max_streams, limits, apis)
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.admin_port = 0
@@ -312,6 +324,8 @@ class Daemon:
             await self.shared.start()
         if self.scraper is not None:
             self.scraper.start()
+        # Multi-model pools: know who serves what before the first request.
+        await self.endpoints.refresh_models_once()
         # Everything allocated so far lives as long as the process: keep it out of the cyclic
         # collector's full passes, which would otherwise walk it (milliseconds) mid-request.
         gc.freeze()

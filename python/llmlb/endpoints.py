@@ -16,6 +16,13 @@ Health (passive): Envoy's own replies about an upstream (502/503/504 without
 count as one failure and trigger a probe at once; a request still without response headers
 ``passive_probe_after`` ms after its pick triggers a probe at once. So a dead or hung server is
 out of rotation after one bad request and one confirming probe, not after two probe intervals.
+
+Models (multi-model pools): every ``models_refresh`` ms each endpoint gets ``GET /v1/models``; the
+ids it lists (served model names and loaded LoRA adapters) are what it serves, and requests for a
+model go only to endpoints serving it (see ``Balancer.set_models``). An endpoint label ``models``
+(comma-separated) overrides the listing. A failed listing keeps the last one; an endpoint never
+listed serves any model no listed endpoint serves. The first round runs before the picker reports
+ready.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
+import orjson
 
 from llmlb._core import Balancer
 from llmlb.config import ConfigError, Endpoint, load_endpoints_file
@@ -51,6 +60,7 @@ class EndpointManager:
         health_interval_ms: int,
         health_timeout_ms: int,
         health_path: str = "",
+        models_refresh_ms: int = 0,
     ) -> None:
         self.balancer = balancer
         self.metrics = metrics
@@ -69,6 +79,9 @@ class EndpointManager:
         self._tasks: list[asyncio.Task[None]] = []
         self._suspects: set[str] = set()
         self._probe_limit = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
+        self.models_refresh = models_refresh_ms / 1000
+        # What each endpoint serves, as last listed or labelled (absent: not known).
+        self.models: dict[str, tuple[str, ...]] = {}
 
     def load_initial(self) -> None:
         """Reads the endpoints file once at start; errors here are fatal (exit 2)."""
@@ -97,12 +110,20 @@ class EndpointManager:
                 # (Re-)joining endpoints start healthy until a probe says otherwise.
                 self.healthy[ep.address] = True
                 self.balancer.set_healthy(ep.address, True)
+            labelled = _labelled_models(ep.labels)
+            if labelled is not None:
+                self._set_models(ep.address, labelled)
+        for address in list(self.models):
+            if address not in self.labels:
+                del self.models[address]
 
     def start(self) -> None:
         if self.endpoints_file:
             self._tasks.append(asyncio.create_task(self._watch_file(), name="endpoints-file"))
         if self.health_interval > 0:
             self._tasks.append(asyncio.create_task(self._health_loop(), name="health-checks"))
+        if self.models_refresh > 0:
+            self._tasks.append(asyncio.create_task(self._models_loop(), name="model-listings"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -157,7 +178,7 @@ class EndpointManager:
                 return await self._probe_http(address)
             return await self._probe_tcp(address)
 
-    async def _probe_http(self, address: str) -> bool:
+    def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             # Probes of one endpoint reuse a kept-alive connection; a hung server then fails on
             # the request's timeout whether or not it still accepts connections.
@@ -165,8 +186,11 @@ class EndpointManager:
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=self.health_timeout)
             )
+        return self._session
+
+    async def _probe_http(self, address: str) -> bool:
         try:
-            async with self._session.get(f"http://{address}{self.health_path}") as reply:
+            async with self._http().get(f"http://{address}{self.health_path}") as reply:
                 await reply.read()
                 return 200 <= reply.status < 400
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
@@ -229,3 +253,67 @@ class EndpointManager:
             except Exception:  # a probe bug must not stop health checking for good
                 log.exception("health check round failed")
             await asyncio.sleep(self.health_interval)
+
+    # --- models ----------------------------------------------------------------------------
+
+    def _set_models(self, address: str, models: tuple[str, ...] | None) -> None:
+        if models is None:
+            self.models.pop(address, None)
+        else:
+            self.models[address] = models
+        self.balancer.set_models(address, None if models is None else list(models))
+
+    def served_models(self) -> list[str]:
+        """Every model some endpoint of the pool serves, sorted (``GET /v1/models``)."""
+        return sorted({m for address, models in self.models.items() if address in self.labels for m in models})
+
+    async def _list_models(self, address: str) -> tuple[str, ...] | None:
+        async with self._probe_limit:
+            try:
+                async with self._http().get(f"http://{address}/v1/models") as reply:
+                    body = await reply.read()
+                    if reply.status != 200:
+                        return None
+                return _model_ids(orjson.loads(body))
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+                return None
+
+    async def refresh_models_once(self) -> None:
+        """Lists the models of every endpoint not labelled with them."""
+        if self.models_refresh <= 0:
+            return
+        addresses = [ep.address for ep in self.pool if _labelled_models(ep.labels) is None]
+        results = await asyncio.gather(*(self._list_models(a) for a in addresses))
+        for address, models in zip(addresses, results, strict=True):
+            if address not in self.labels:
+                continue  # left the pool while listing
+            if models is None:
+                self.metrics.model_refreshes.inc(("error",))
+                continue  # keep what it served last
+            self.metrics.model_refreshes.inc(("ok",))
+            if self.models.get(address) != models:
+                log.info("endpoint %s serves %s", address, ", ".join(models) or "no models")
+                self._set_models(address, models)
+
+    async def _models_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.models_refresh)
+            try:
+                await self.refresh_models_once()
+            except Exception:  # a listing bug must not stop refreshing for good
+                log.exception("model listing round failed")
+
+
+def _labelled_models(labels: Mapping[str, str]) -> tuple[str, ...] | None:
+    value = labels.get("models")
+    if value is None:
+        return None
+    return tuple(m.strip() for m in str(value).split(",") if m.strip())
+
+
+def _model_ids(listing: Any) -> tuple[str, ...] | None:
+    """The ids of an OpenAI ``/v1/models`` answer (``{"data": [{"id": ...}, ...]}``)."""
+    if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+        return None
+    ids = {item["id"] for item in listing["data"] if isinstance(item, dict) and isinstance(item.get("id"), str)}
+    return tuple(sorted(ids))

@@ -718,8 +718,10 @@ def _ext_proc_filter(opts: EnvoyOptions) -> Json:
         failure_mode_allow=opts.fallback is not None,
         message_timeout=message_timeout,
         processing_mode=processing_mode,
-        # The picker must not switch modes per request: the mode is a contract both sides rely on.
-        allow_mode_override=False,
+        # Lets the picker ask for one stream's response body (a Responses API answer whose id
+        # it learns; see llmlb.extproc). It only ever switches the response body to STREAMED in
+        # BUFFERED mode; Envoy ignores overrides in FULL_DUPLEX_STREAMED mode.
+        allow_mode_override=opts.mode == "buffered",
         # Accept the picker's dynamic metadata in envoy.lb; without this Envoy drops it silently
         # and metadata-based routing finds no host.
         metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},

@@ -10,6 +10,15 @@ Envoy names its processing mode in the first message of every stream (``protocol
   response chunks are echoed.
 - NONE (headers only), or a request without a body: pick on the headers.
 
+What the body means comes from the ``:path`` header (``request_kind``): chat and legacy
+completions, the Responses API, Anthropic Messages, embeddings, rerank and score are parsed for
+their prompt and affinity keys; any other path is routed by load without reading its body. The
+picker answers ``GET /v1/models`` itself with the models the pool serves. A Responses API
+request that stores its response has its response body read until the response's id shows (in
+BUFFERED mode by switching that stream's response body to STREAMED with ``mode_override``, which
+needs ``allow_mode_override: true`` in the filter), so follow-ups naming it reach its server
+(see ``llmlb.responses``).
+
 The pick goes out as the ``x-gateway-destination-endpoint`` request header and as
 ``envoy.lb`` dynamic metadata. Whatever ends the stream (completion, client abort, upstream
 error, Envoy reset), the ``finally`` releases the pick's ticket exactly once.
@@ -35,9 +44,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from llmlb._core import BodyTooLargeError, ParsedRequest, RequestStream, parse_body
+from llmlb._core import BodyTooLargeError, ParsedRequest, RequestStream, parse_body, request_kind, stored_response_id
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker, Refusal
+from llmlb.responses import ResponseIdScanner, ResponseStore
 
 log = logging.getLogger("llmlb.extproc")
 
@@ -57,6 +67,16 @@ STREAM_CHUNK = 62_000
 OFFLOAD_BYTES = 1024 * 1024
 OFFLOAD_ENCODED_BYTES = 64 * 1024
 CONTENT_ENCODING = "content-encoding"
+
+
+@dataclass(frozen=True, slots=True)
+class Apis:
+    """What the picker knows of the APIs beyond a body: the session header to read (lowercase;
+    empty: none), where stored responses are, and the models the pool serves."""
+
+    responses: ResponseStore
+    served_models: Callable[[], list[str]]
+    session_header: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +119,10 @@ _HEADERS_STRIP = pb.ProcessingResponse(
 _BODY_CONTINUE = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _REQUEST_TRAILERS_CONTINUE = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 _RESPONSE_HEADERS_CONTINUE = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+# Asks Envoy for this stream's response body (BUFFERED request mode), to learn a response's id.
+_RESPONSE_HEADERS_SEND_BODY = pb.ProcessingResponse(
+    response_headers=pb.HeadersResponse(), mode_override=_Mode(response_body_mode=STREAMED)
+)
 _RESPONSE_BODY_CONTINUE = pb.ProcessingResponse(response_body=pb.BodyResponse())
 _RESPONSE_TRAILERS_CONTINUE = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
@@ -147,6 +171,32 @@ class _PickResponses:
             )
             self._body[endpoint] = response
         return response
+
+
+def models_response(models: list[str]) -> pb.ProcessingResponse:
+    """``GET /v1/models`` answered by the picker: every model the pool serves, OpenAI-shaped."""
+    created = int(time.time())
+    body = orjson.dumps(
+        {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": created, "owned_by": "llmlb"} for m in models],
+        }
+    )
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=200),
+            headers=pb.HeaderMutation(
+                set_headers=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+                        append_action=_OVERWRITE,
+                    )
+                ]
+            ),
+            body=body,
+            details="llmlb_models",
+        )
+    )
 
 
 def immediate_response(refusal: Refusal) -> pb.ProcessingResponse:
@@ -260,31 +310,46 @@ class _Stream:
     """Per-stream state machine. ``handle`` maps one Envoy message to the answers it needs."""
 
     __slots__ = (
+        "apis",
         "body_mode",
         "chunks",
         "closed_for_drain",
         "encoding",
         "endpoint",
         "failed",
+        "kind",
+        "learn_id",
         "limits",
         "parser",
         "picked",
         "picker",
+        "pinned",
         "refused",
         "response_mode",
         "responses",
+        "scanner",
+        "session",
         "task",
         "ticket",
         "watch",
     )
 
     def __init__(
-        self, picker: Picker, responses: _PickResponses, watch: HeaderWatch, limits: BodyLimits
+        self, picker: Picker, responses: _PickResponses, watch: HeaderWatch, limits: BodyLimits, apis: Apis
     ) -> None:
         self.picker = picker
         self.responses = responses
         self.watch = watch
         self.limits = limits
+        self.apis = apis
+        # What the body means, from :path (see request_kind).
+        self.kind = "chat"
+        self.session: str | None = None
+        # The endpoint holding the stored response this request continues or reads.
+        self.pinned: str | None = None
+        # A Responses API request that stores its response: its id is learned from the answer.
+        self.learn_id = False
+        self.scanner: ResponseIdScanner | None = None
         # The request's Content-Encoding (None: identity); the body is decoded to be read and
         # forwarded as it came.
         self.encoding: str | None = None
@@ -315,7 +380,12 @@ class _Stream:
         """The endpoint, or the immediate response that ends the request. ``None`` picks from
         the headers alone."""
         self.picked = True
-        outcome = await self.picker.pick(request)
+        if request is not None and self.kind == "responses" and request.ok:
+            self.learn_id = request.store
+            previous = request.previous_response_id
+            if previous is not None and self.pinned is None:
+                self.pinned = await self.apis.responses.lookup(previous)
+        outcome = await self.picker.pick(request, session=self.session, pinned=self.pinned)
         if isinstance(outcome, Refusal):
             self.refused = True
             return immediate_response(outcome)
@@ -337,9 +407,10 @@ class _Stream:
         if kind == "request_trailers":
             return await self._request_trailers()
         if kind == "response_headers":
-            self.on_response_headers(request.response_headers)
-            return [_RESPONSE_HEADERS_CONTINUE]
+            return [self.on_response_headers(request.response_headers)]
         if kind == "response_body":
+            if self.scanner is not None:
+                self._scan(request.response_body.body)
             if self.response_mode == FULL_DUPLEX:
                 return [_echo_response_chunk(request.response_body)]
             return [_RESPONSE_BODY_CONTINUE]
@@ -347,11 +418,40 @@ class _Stream:
             return [_RESPONSE_TRAILERS_CONTINUE]
         return []
 
+    def _scan(self, chunk: bytes) -> None:
+        scanner = self.scanner
+        assert scanner is not None
+        response_id = scanner.feed(chunk)
+        if response_id is not None:
+            self.apis.responses.remember(response_id, self.endpoint)
+        if scanner.done:
+            self.scanner = None
+
     async def _request_headers(self, headers: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
+        path = ""
+        method = ""
+        session_header = self.apis.session_header
         for header in headers.headers.headers:
-            if header.key == CONTENT_ENCODING:
+            key = header.key
+            if key == ":path":
+                path = header.raw_value.decode("latin-1")
+            elif key == ":method":
+                method = header.raw_value.decode("latin-1")
+            elif key == CONTENT_ENCODING:
                 self.encoding = header.raw_value.decode("latin-1")
-                break
+            elif key == session_header:
+                self.session = header.raw_value.decode("utf-8", "replace")
+        self.kind = request_kind(path)
+        if self.kind == "other":
+            if method == "GET" and path.split("?", 1)[0].rstrip("/") == "/v1/models":
+                models = self.apis.served_models()
+                if models:  # else a server answers (the pool's models are not known)
+                    self.refused = True
+                    self.picked = True
+                    return [models_response(models)]
+            stored = stored_response_id(path)
+            if stored is not None:
+                self.pinned = await self.apis.responses.lookup(stored)
         # No body to wait for (a GET, or Envoy sends none): pick now from headers alone.
         # STREAMED mode routes as soon as the headers are answered, so it can only pick here too.
         if headers.end_of_stream or self.body_mode in (NONE, STREAMED):
@@ -389,14 +489,14 @@ class _Stream:
         limits = self.limits
         offload = OFFLOAD_ENCODED_BYTES if self.encoding else OFFLOAD_BYTES
         if len(body) >= offload:
-            return await _off_loop(parse_body, body, self.encoding, limits.max_bytes, limits.max_blocks)
-        return parse_body(body, self.encoding, limits.max_bytes, limits.max_blocks)
+            return await _off_loop(parse_body, body, self.encoding, limits.max_bytes, limits.max_blocks, self.kind)
+        return parse_body(body, self.encoding, limits.max_bytes, limits.max_blocks, self.kind)
 
     async def _read_chunk(self, chunk: bytes) -> bool:
         """Feeds a full-duplex chunk to the parser and holds it for the echo; ``False`` once the
         body is over the limit (everything held is dropped at once)."""
         if self.parser is None:
-            self.parser = RequestStream(self.encoding, self.limits.max_bytes, self.limits.max_blocks)
+            self.parser = RequestStream(self.encoding, self.limits.max_bytes, self.limits.max_blocks, self.kind)
         offload = OFFLOAD_ENCODED_BYTES if self.encoding else OFFLOAD_BYTES
         try:
             if len(chunk) >= offload:
@@ -417,7 +517,7 @@ class _Stream:
 
     async def _finish_full_duplex(self, end_of_stream: bool) -> Iterable[pb.ProcessingResponse]:
         if self.parser is None:  # no body bytes at all
-            self.parser = RequestStream(self.encoding, self.limits.max_bytes, self.limits.max_blocks)
+            self.parser = RequestStream(self.encoding, self.limits.max_bytes, self.limits.max_blocks, self.kind)
         parsed = self.parser.finish()
         self.parser = None
         received, self.chunks = self.chunks, []
@@ -428,11 +528,12 @@ class _Stream:
             (self.responses.in_headers(endpoint),), _streamed_request_body(received, end_of_stream)
         )
 
-    def on_response_headers(self, headers: pb.HttpHeaders) -> None:
+    def on_response_headers(self, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
         """Notes whether the request failed (it then claims no prefix entries, see `release`)
-        and whether Envoy itself answered for an endpoint it could not get a response from."""
+        and whether Envoy itself answered for an endpoint it could not get a response from; the
+        answer asks for the response body when a stored response's id is to be learned."""
         if not self.endpoint:
-            return
+            return _RESPONSE_HEADERS_CONTINUE
         self.watch.answered(self)
         status = 0
         upstream_answered = False
@@ -440,12 +541,25 @@ class _Stream:
             if header.key == ":status":
                 status = _status(header.raw_value)
                 if status < 400:
-                    return  # the common case: the status comes first
+                    break  # the common case: the status comes first
             elif header.key == UPSTREAM_TIME_HEADER:
                 upstream_answered = True
-        self.failed = status >= 400
+        if status < 400:
+            if self.learn_id and status == 200:
+                return self._read_response_id()
+            return _RESPONSE_HEADERS_CONTINUE
+        self.failed = True
         if status in ENVOY_UPSTREAM_FAILURES and not upstream_answered:
             self.picker.on_upstream_failure(self.endpoint)
+        return _RESPONSE_HEADERS_CONTINUE
+
+    def _read_response_id(self) -> pb.ProcessingResponse:
+        self.scanner = ResponseIdScanner()
+        if self.response_mode in (FULL_DUPLEX, STREAMED):
+            return _RESPONSE_HEADERS_CONTINUE  # the chunks come anyway
+        # Every chunk of this response now passes the picker; the stream still ends with it.
+        self.response_mode = STREAMED
+        return _RESPONSE_HEADERS_SEND_BODY
 
     async def _request_trailers(self) -> Iterable[pb.ProcessingResponse]:
         if self.body_mode == FULL_DUPLEX and not self.picked:
@@ -458,8 +572,11 @@ class _Stream:
 
 
 class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, picker: Picker, metrics: Metrics, max_streams: int, limits: BodyLimits) -> None:
+    def __init__(
+        self, picker: Picker, metrics: Metrics, max_streams: int, limits: BodyLimits, apis: Apis
+    ) -> None:
         self.picker = picker
+        self.apis = apis
         self.metrics = metrics
         self.limits = limits
         self.responses = _PickResponses()
@@ -504,15 +621,14 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 f"llmlb: {self.open_streams} ext_proc streams open (grpc_max_streams)",
             )
         self.open_streams += 1
-        stream = _Stream(self.picker, self.responses, self.watch, self.limits)
+        stream = _Stream(self.picker, self.responses, self.watch, self.limits, self.apis)
         try:
             async for request in request_iterator:
                 # The two messages of every request that need no pick are answered here, without
                 # the coroutine hop through `handle` (a few µs each at thousands per second).
                 kind = request.WhichOneof("request")
                 if kind == "response_headers" and not request.HasField("protocol_config"):
-                    stream.on_response_headers(request.response_headers)
-                    yield _RESPONSE_HEADERS_CONTINUE
+                    yield stream.on_response_headers(request.response_headers)
                     if stream.done_with_picker:
                         if self.draining:
                             return

@@ -203,6 +203,20 @@ class Metrics:
             (),
             lambda: [],
         )
+        self.responses_learned = Counter(
+            "llmlb_responses_learned_total",
+            "Responses API: stored response ids learned from responses (id -> endpoint).",
+        )
+        self.response_lookups = Counter(
+            "llmlb_response_lookups_total",
+            "Responses API: follow-ups naming a stored response, by whether its endpoint was known.",
+            ("result",),
+        )
+        self.model_refreshes = Counter(
+            "llmlb_model_refreshes_total",
+            "GET /v1/models of endpoints (multi-model pools), by result.",
+            ("result",),
+        )
 
     def render(self) -> str:
         lines: list[str] = []
@@ -228,6 +242,9 @@ class Metrics:
             self.metrics_age,
             self.shed,
             self.prefix_entries,
+            self.responses_learned,
+            self.response_lookups,
+            self.model_refreshes,
         ):
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"

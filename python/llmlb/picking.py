@@ -14,6 +14,7 @@ from llmlb._core import (
     OverLimitError,
     ParsedRequest,
     ShedError,
+    UnknownModelError,
 )
 from llmlb.metrics import Metrics
 
@@ -52,17 +53,23 @@ class Picker:
         self.on_upstream_failure = on_upstream_failure
         self._debug = log.isEnabledFor(logging.DEBUG)
 
-    async def pick(self, request: ParsedRequest | None) -> tuple[int, str] | Refusal:
-        """``(ticket, endpoint)``, or a refusal. ``None`` picks from the headers alone."""
+    async def pick(
+        self, request: ParsedRequest | None, *, session: str | None = None, pinned: str | None = None
+    ) -> tuple[int, str] | Refusal:
+        """``(ticket, endpoint)``, or a refusal. ``None`` picks from the headers alone;
+        ``session`` is the session header's value, ``pinned`` the endpoint holding the stored
+        response the request continues."""
         started = time.perf_counter()
         try:
-            ticket, endpoint, reason, depth = self.balancer.pick(request)
+            ticket, endpoint, reason, depth = self.balancer.pick(request, session=session, pinned=pinned)
         except NoEndpointsError:
             return self._refuse_no_endpoints()
         except OverLimitError as e:
             return self._refuse_over_limit(str(e))
         except ShedError as e:
             return self._refuse_shed(str(e))
+        except UnknownModelError as e:
+            return self._refuse_unknown_model(str(e))
         self._record(endpoint, reason, depth, ticket, time.perf_counter() - started)
         return ticket, endpoint
 
@@ -85,6 +92,10 @@ class Picker:
     def _refuse_no_endpoints(self) -> Refusal:
         self.metrics.immediate.inc(("503",))
         return Refusal(503, "service_unavailable", "llmlb: no model-server endpoints are available")
+
+    def _refuse_unknown_model(self, message: str) -> Refusal:
+        self.metrics.immediate.inc(("404",))
+        return Refusal(404, "model_not_found", f"llmlb: {message}")
 
     def _refuse_over_limit(self, message: str) -> Refusal:
         self.metrics.immediate.inc(("429",))

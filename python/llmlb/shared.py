@@ -44,6 +44,7 @@ from llmlb._core import (
     NoEndpointsError,
     OverLimitError,
     ParsedRequest,
+    UnknownModelError,
     shared_scripts,
 )
 from llmlb.config import Config, LbConfig
@@ -132,6 +133,7 @@ class SharedState:
         balancer.enable_shared(config.pool, self.replica, self.lease_ms, self.keep_ms, self.shas["commit"])
         self.inflight_key = balancer.shared_key("inflight")
         self.picks_key = balancer.shared_key("picks")
+        self.response_prefix = balancer.shared_key("response:")
         # The last stream record applied (reading resumes after it).
         self._stream_at = "0-0"
         self._follower: asyncio.Task[None] | None = None
@@ -589,6 +591,30 @@ class SharedState:
         if isinstance(reply, hiredis.ReplyError):
             await self._recover(reply, command)
 
+    # --- stored responses (see llmlb.responses) -----------------------------------------------
+
+    async def set_response(self, response_id: str, endpoint: str, ttl_s: int) -> None:
+        """Records which endpoint holds a stored response (background work: the timeout, not the
+        pick budget, bounds it)."""
+        if self.client is None:
+            return
+        try:
+            await within(self.client.set(self.response_prefix + response_id, endpoint, ex=ttl_s), self.timeout)
+        except Exception as e:  # noqa: BLE001 - any Redis failure only loses this one entry
+            self._failure(e)
+
+    async def get_response(self, response_id: str) -> str | None:
+        """The endpoint holding a stored response, if the pool knows; waits at most redisBudget."""
+        if self.client is None:
+            return None
+        try:
+            value = await within(self.client.get(self.response_prefix + response_id), self.budget)
+        except Exception as e:  # noqa: BLE001 - a miss: the request is routed like any other
+            self._failure(e)
+            return None
+        self._success()
+        return None if value is None else _text(value)
+
     async def pool_inflight(self, endpoints: list[str]) -> dict[str, int] | None:
         """Pool-wide counts for /debug, or None when Redis does not answer in time."""
         if not self.up or self.client is None or not endpoints:
@@ -610,9 +636,11 @@ class SharedPicker(Picker):
         self._request_ids: dict[int, str] = {}
         self._next_request = 0
 
-    async def pick(self, request: ParsedRequest | None) -> tuple[int, str] | Refusal:
+    async def pick(
+        self, request: ParsedRequest | None, *, session: str | None = None, pinned: str | None = None
+    ) -> tuple[int, str] | Refusal:
         if not self.shared.up:
-            local = await super().pick(request)
+            local = await super().pick(request, session=session, pinned=pinned)
             if not isinstance(local, Refusal):
                 self.metrics.fallbacks.inc(("redis_down",))
             return local
@@ -621,10 +649,15 @@ class SharedPicker(Picker):
         request_id = str(self._next_request)
         releases = self.shared.take_releases()
         try:
-            pending, command = self.balancer.prepare_shared(request, request_id, releases)
+            pending, command = self.balancer.prepare_shared(
+                request, request_id, releases, session=session, pinned=pinned
+            )
         except NoEndpointsError:
             self.shared.requeue(releases)
             return self._refuse_no_endpoints()
+        except UnknownModelError as e:
+            self.shared.requeue(releases)
+            return self._refuse_unknown_model(str(e))
         except OverLimitError as e:
             self.shared.requeue(releases)
             return self._refuse_over_limit(str(e))
@@ -652,6 +685,8 @@ class SharedPicker(Picker):
             return self._refuse_no_endpoints()
         except OverLimitError as e:
             return self._refuse_over_limit(str(e))
+        except UnknownModelError as e:
+            return self._refuse_unknown_model(str(e))
         finally:
             self.balancer.discard_shared(pending)
         self._record(endpoint, reason, depth, ticket, time.perf_counter() - started)

@@ -23,6 +23,7 @@ use pyo3::pybacked::PyBackedBytes;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
+use crate::affinity::{AffinityKey, KeySources};
 use crate::balancer::{Balancer, BalancerConfig, Load, Pick, PickError, PickReason, Request};
 use crate::body_decode::{parse_body, BodyParser};
 use crate::engine_metrics::{parse_engine_metrics, Engine, EngineMetrics, MetricsError};
@@ -67,6 +68,12 @@ create_exception!(
     ShedError,
     PyRuntimeError,
     "least_busy: the request's model is sheddable and no endpoint has room for it."
+);
+create_exception!(
+    _core,
+    UnknownModelError,
+    PyRuntimeError,
+    "No endpoint serves the request's model."
 );
 create_exception!(
     _core,
@@ -334,6 +341,9 @@ fn pick_error(error: PickError) -> PyErr {
         PickError::Shed => ShedError::new_err(
             "every endpoint is saturated and this model is not critical; retry later",
         ),
+        PickError::UnknownModel { model } => UnknownModelError::new_err(format!(
+            "the model `{model}` does not exist: no endpoint of this pool serves it"
+        )),
     }
 }
 
@@ -350,8 +360,38 @@ fn pick_result(result: Result<Pick, PickError>) -> PyResult<PickTuple> {
     result.map(|p| pick_tuple(&p)).map_err(pick_error)
 }
 
+/// What a pick knows besides the body: the session header's value and the endpoint holding
+/// the state the request refers to (see `Request::pinned`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Context<'a> {
+    session: Option<&'a str>,
+    pinned: Option<&'a str>,
+}
+
+/// The request's affinity key by the configured order (see `affinity`).
+fn key_of(parsed: Option<&ParsedRequest>, session: Option<&str>, order: &[AffinityKey]) -> Option<u64> {
+    let affinity = parsed.map(|r| &r.affinity);
+    let field = |f: fn(&crate::request::Affinity) -> &Option<String>| {
+        affinity.and_then(|a| f(a).as_deref())
+    };
+    KeySources {
+        prompt_cache_key: field(|a| &a.prompt_cache_key),
+        conversation: field(|a| &a.conversation),
+        session,
+        safety_identifier: field(|a| &a.safety_identifier),
+        user: field(|a| &a.user),
+    }
+    .choose(order)
+    .map(|(_, hash)| hash)
+}
+
 /// A request argument as the engine needs it, owned: `None` for a bad body.
-fn owned_request(py: Python<'_>, request: RequestArg<'_>) -> Option<OwnedRequest> {
+fn owned_request(
+    py: Python<'_>,
+    request: RequestArg<'_>,
+    context: Context<'_>,
+    order: &[AffinityKey],
+) -> Option<OwnedRequest> {
     let parsed;
     let result = match &request {
         RequestArg::Parsed(p) => p.get().result.as_ref().ok(),
@@ -364,6 +404,8 @@ fn owned_request(py: Python<'_>, request: RequestArg<'_>) -> Option<OwnedRequest
         hashes: r.prefix_hashes.clone(),
         prompt_bytes: r.prompt_bytes,
         model: Some(r.model.clone()),
+        key: key_of(Some(r), context.session, order),
+        pinned: context.pinned.map(str::to_owned),
     })
 }
 
@@ -439,7 +481,7 @@ impl PyBalancer {
         load_floor = None, request_tokens = None, affinity_weight = None, prefill_rate = None,
         max_request_count = None, critical_models = None, stale_after_ms = None,
         queue_threshold = None, kv_cache_threshold = None, lora_queue_threshold = None,
-        lora_affinity = None, seed = None
+        lora_affinity = None, affinity_keys = None, route_unknown_models = None, seed = None
     ))]
     #[allow(clippy::too_many_arguments)] // keyword-only settings, mirrored from the config
     fn new(
@@ -458,6 +500,8 @@ impl PyBalancer {
         kv_cache_threshold: Option<f64>,
         lora_queue_threshold: Option<f64>,
         lora_affinity: Option<f64>,
+        affinity_keys: Option<Vec<String>>,
+        route_unknown_models: Option<bool>,
         seed: Option<u64>,
     ) -> PyResult<Self> {
         let policy = Policy::from_name(policy)
@@ -473,6 +517,17 @@ impl PyBalancer {
             prefill_rate: prefill_rate.unwrap_or(d.load_model.prefill_rate),
         };
         load_model.validate().map_err(PyValueError::new_err)?;
+        let affinity_keys = match affinity_keys {
+            None => d.affinity_keys.clone(),
+            Some(names) => names
+                .iter()
+                .map(|n| {
+                    AffinityKey::from_name(n).ok_or_else(|| {
+                        PyValueError::new_err(format!("unknown affinity key {n:?}"))
+                    })
+                })
+                .collect::<PyResult<_>>()?,
+        };
         let config = BalancerConfig {
             policy,
             prefix_ttl_s: prefix_ttl_s.unwrap_or(d.prefix_ttl_s),
@@ -489,6 +544,8 @@ impl PyBalancer {
                 lora_queue: lora_queue_threshold.unwrap_or(d.thresholds.lora_queue),
                 lora_affinity: lora_affinity.unwrap_or(d.thresholds.lora_affinity),
             },
+            affinity_keys,
+            route_unknown_models: route_unknown_models.unwrap_or(d.route_unknown_models),
         };
         let capacity = config.prefix_capacity;
         // A seed makes the draws among never-picked endpoints reproducible (tests).
@@ -536,14 +593,41 @@ impl PyBalancer {
         self.lock().set_healthy(address, healthy);
     }
 
+    /// Sets the models an endpoint serves (`None`: not known).
+    #[pyo3(signature = (address, models))]
+    fn set_models(&self, address: &str, models: Option<Vec<String>>) {
+        self.lock().set_models(address, models.as_deref());
+    }
+
+    /// The models an endpoint is known to serve.
+    fn models_of(&self, address: &str) -> Option<Vec<String>> {
+        self.lock().models_of(address)
+    }
+
     /// Picks an endpoint for a parsed request (or a body, parsed here without size limit,
     /// level cap or decoding): `(ticket, endpoint, reason, prefix_depth)`. An unusable body is
     /// picked by load with reason `"bad_body"`; `None` picks from headers alone.
-    #[pyo3(signature = (request))]
-    fn pick(&self, py: Python<'_>, request: Option<RequestArg<'_>>) -> PyResult<PickTuple> {
+    /// `session`: the session header's value; `pinned`: the endpoint holding the stored
+    /// response the request refers to (see `Request::pinned`).
+    #[pyo3(signature = (request, *, session = None, pinned = None))]
+    fn pick(
+        &self,
+        py: Python<'_>,
+        request: Option<RequestArg<'_>>,
+        session: Option<&str>,
+        pinned: Option<&str>,
+    ) -> PyResult<PickTuple> {
         let now = self.now_ms();
+        let mut balancer = self.lock();
+        let order = &balancer.config().affinity_keys;
         let Some(request) = request else {
-            return pick_result(self.lock().pick_request(Some(&Request::default()), now));
+            // From headers alone: no prompt, but the session and the pin still count.
+            let headers_only = Request {
+                key: key_of(None, session, order),
+                pinned,
+                ..Request::default()
+            };
+            return pick_result(balancer.pick_request(Some(&headers_only), now));
         };
         if let RequestArg::Parsed(parsed) = &request {
             // No copy of the levels: read in place.
@@ -552,16 +636,14 @@ impl PyBalancer {
                 hashes: &r.prefix_hashes,
                 prompt_bytes: r.prompt_bytes,
                 model: Some(&r.model),
+                key: key_of(Some(r), session, order),
+                pinned,
             });
-            return pick_result(self.lock().pick_request(borrowed.as_ref(), now));
+            return pick_result(balancer.pick_request(borrowed.as_ref(), now));
         }
-        let owned = owned_request(py, request);
-        let borrowed = owned.as_ref().map(|r| Request {
-            hashes: &r.hashes,
-            prompt_bytes: r.prompt_bytes,
-            model: r.model.as_deref(),
-        });
-        pick_result(self.lock().pick_request(borrowed.as_ref(), now))
+        let context = Context { session, pinned };
+        let owned = owned_request(py, request, context, order);
+        pick_result(balancer.pick_request(owned.as_ref().map(OwnedRequest::borrow).as_ref(), now))
     }
 
     /// Records an endpoint's freshly scraped load (least_busy), stamped now.
@@ -660,17 +742,24 @@ impl PyBalancer {
     /// Decides a shared pick and encodes its commit: `(pending_id, RESP EVALSHA)`. `releases`
     /// (finished requests: `(request id, tokens from release_tokens)`) ride on it. Raises like
     /// `pick`.
-    #[pyo3(signature = (request, request_id, releases = Vec::new()))]
+    #[pyo3(signature = (request, request_id, releases = Vec::new(), *, session = None, pinned = None))]
     fn prepare_shared(
         &self,
         py: Python<'_>,
         request: Option<RequestArg<'_>>,
         request_id: String,
         releases: Vec<Release>,
+        session: Option<&str>,
+        pinned: Option<&str>,
     ) -> PyResult<(u64, Cow<'static, [u8]>)> {
+        let order = self.lock().config().affinity_keys.clone();
         let owned = match request {
-            None => Some(OwnedRequest::default()),
-            Some(arg) => owned_request(py, arg),
+            None => Some(OwnedRequest {
+                key: key_of(None, session, &order),
+                pinned: pinned.map(str::to_owned),
+                ..OwnedRequest::default()
+            }),
+            Some(arg) => owned_request(py, arg, Context { session, pinned }, &order),
         };
         let now = self.now_ms();
         let (id, command) = self
@@ -756,6 +845,8 @@ impl PyBalancer {
                 "inflight" => Some(keys.inflight.clone()),
                 "leases" => Some(keys.leases.clone()),
                 "picks" => Some(keys.picks.clone()),
+                // A prefix: the response id follows it.
+                "response:" => Some(keys.response("")),
                 _ => None,
             }
         })?
@@ -930,6 +1021,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MetricsParseError", py.get_type::<MetricsParseError>())?;
     m.add("NoEndpointsError", py.get_type::<NoEndpointsError>())?;
     m.add("OverLimitError", py.get_type::<OverLimitError>())?;
+    m.add("UnknownModelError", py.get_type::<UnknownModelError>())?;
     m.add("ShedError", py.get_type::<ShedError>())?;
     Ok(())
 }

@@ -36,6 +36,11 @@ pub struct ReplicaKeys {
 }
 
 impl Keys {
+    /// The key naming which endpoint holds a stored response (Responses API), in the pool's slot.
+    pub fn response(&self, response_id: &str) -> String {
+        format!("{}response:{response_id}", self.prefix)
+    }
+
     pub fn new(pool: &str, replica: &str) -> Self {
         let prefix = format!("llmlb:{{{pool}}}:");
         let mut keys = Self {

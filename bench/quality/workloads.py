@@ -9,11 +9,16 @@ one turn, so their arrivals are exactly the session starts (open loop, Poisson).
 Assistant messages in the history are the workload's own fixed text (as if the model had answered
 with it), not what the server streamed back, so every configuration sends byte-identical prompts.
 
+A workload speaks one API (``Workload.api``): chat completions (``POST /v1/chat/completions``,
+``messages``), or OpenAI's Responses API (``POST /v1/responses``: the system prompt as
+``instructions``, the conversation as ``input`` items, ``max_output_tokens``). The simulator renders
+both to the same bytes (docs/sim.md), so the same conversation is the same prompt either way.
+
 Sizes are in characters; the simulator counts about 4 characters per token and caches blocks of 16
 tokens (64 characters). Every workload's text starts with a marker unique to the workload and the
 session (or group), so no two workloads, and no two unrelated sessions, share a prefix by accident.
 
-Five workloads (the sizes assume the runner's default fleet: 4 simulators with 2048 KV blocks of 16
+Six workloads (the sizes assume the runner's default fleet: 4 simulators with 2048 KV blocks of 16
 tokens each, i.e. 32k tokens ~ 128 KB of prompt per server; see README.md):
 
 - ``multi_turn``: sticky chat sessions (4.5/s), each with its own ~2 KB system prompt, 3-8 turns,
@@ -26,10 +31,14 @@ tokens each, i.e. 32k tokens ~ 128 KB of prompt per server; see README.md):
 - ``hot_prompt``: every session shares ONE ~4 KB system prompt; 20 sessions/s of 1-3 turns, each
   turn a unique user question: tens of requests in flight at once, all sharing one prefix, so
   every server can (and should) hold it: the case where prefix affinity piles up on its holders.
+- ``multi_turn_responses``: ``multi_turn``'s conversations (built by ``multi_turn`` itself, so the
+  same sessions, turns, text and arrival times), each turn a Responses API request that re-sends
+  the conversation as input items.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -37,6 +46,9 @@ from dataclasses import dataclass
 from typing import Any
 
 MODEL = "sim-model"
+CHAT = "chat"  # POST /v1/chat/completions
+RESPONSES = "responses"  # POST /v1/responses, the whole conversation re-sent as input items
+PATHS = {CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses"}
 
 # --------------------------------------------------------------------------------------------------
 # text
@@ -116,6 +128,35 @@ class Session:
             body["stream_options"] = {"include_usage": True}
         return body
 
+    def input_items(self, k: int) -> list[dict[str, Any]]:
+        """Turn `k`'s conversation as Responses API input items (the system prompt is not an item:
+        it goes in `instructions`). Earlier answers are assistant message items with one
+        `output_text` part, as a Responses client re-sends the output items it got back."""
+        items: list[dict[str, Any]] = []
+        for turn in self.turns[:k]:
+            items.append({"role": "user", "content": turn.user})
+            items.append(
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": turn.assistant}],
+                }
+            )
+        items.append({"role": "user", "content": self.turns[k].user})
+        return items
+
+    def responses_body(self, k: int, max_tokens: int = 16, stream: bool = True) -> dict[str, Any]:
+        """The Responses API body of turn `k`: the same conversation as `body(k)` (the simulator
+        renders both to the same prompt), streamed (usage in the `response.completed` event)."""
+        body: dict[str, Any] = {"model": MODEL}
+        if self.system is not None:
+            body["instructions"] = self.system
+        body["input"] = self.input_items(k)
+        body["max_output_tokens"] = max_tokens
+        if stream:
+            body["stream"] = True
+        return body
+
 
 @dataclass(frozen=True)
 class TimedRequest:
@@ -134,6 +175,18 @@ class Workload:
     duration: float  # no request is sent after this many seconds
     max_requests: int  # nor more than this many
     sessions: tuple[Session, ...]
+    api: str = CHAT  # CHAT or RESPONSES: which route the requests go to, in which shape
+
+    @property
+    def path(self) -> str:
+        """The route the requests are posted to."""
+        return PATHS[self.api]
+
+    def body(self, s: Session, k: int, max_tokens: int = 16, stream: bool = True) -> dict[str, Any]:
+        """Turn `k` of session `s` in this workload's API."""
+        if self.api == RESPONSES:
+            return s.responses_body(k, max_tokens, stream)
+        return s.body(k, max_tokens, stream)
 
     @property
     def n_requests(self) -> int:
@@ -154,7 +207,7 @@ class Workload:
                 timed.append((t, i, k))
         for t, i, k in sorted(timed):
             s = self.sessions[i]
-            yield TimedRequest(t, s.sid, k, s.body(k, max_tokens))
+            yield TimedRequest(t, s.sid, k, self.body(s, k, max_tokens))
 
     def prompt_chars(self) -> int:
         """Characters of message content over all requests (a size check, not what is sent)."""
@@ -215,6 +268,21 @@ def multi_turn(
         duration,
         max_requests,
         _cap(sessions, max_requests),
+    )
+
+
+def multi_turn_responses(**kwargs: Any) -> Workload:
+    """`multi_turn` itself (same arguments, so the same sessions, turns, text and arrival times),
+    each turn sent to the Responses API re-sending the whole conversation as input items:
+    `instructions` = the system prompt, earlier answers as assistant output_text items. The prompts
+    the simulator renders are byte-identical to `multi_turn`'s, so the hit rates must agree."""
+    chat = multi_turn(**kwargs)
+    return dataclasses.replace(
+        chat,
+        name="multi_turn_responses",
+        description=chat.description.replace("chat sessions", "Responses API sessions", 1)
+        + " as input items",
+        api=RESPONSES,
     )
 
 
@@ -355,6 +423,7 @@ BUILDERS: dict[str, Callable[..., Workload]] = {
     "shared_prefix": shared_prefix,
     "random": random_prompts,
     "hot_prompt": hot_prompt,
+    "multi_turn_responses": multi_turn_responses,
 }
 RATE_KEYS = {
     "multi_turn": "session_rate",
@@ -362,6 +431,7 @@ RATE_KEYS = {
     "shared_prefix": "rate",
     "random": "rate",
     "hot_prompt": "session_rate",
+    "multi_turn_responses": "session_rate",
 }
 DEFAULT_RATES = {
     "multi_turn": 4.5,
@@ -369,6 +439,7 @@ DEFAULT_RATES = {
     "shared_prefix": 30.0,
     "random": 20.0,
     "hot_prompt": 20.0,
+    "multi_turn_responses": 4.5,
 }
 
 

@@ -30,7 +30,9 @@ __all__ = [
     "parse_body",
     "parse_engine_metrics",
     "parse_request",
+    "request_kind",
     "shared_scripts",
+    "stored_response_id",
     "wait_readable",
 ]
 
@@ -79,31 +81,72 @@ class ParsedRequest:
         """The raw or the decoded body passed ``max_bytes`` (a decompression bomb included)."""
     @property
     def kind(self) -> str | None:
-        """``"chat"`` or ``"completion"``; ``None`` when not ``ok``."""
+        """The body's shape: ``"chat"`` or ``"completion"`` (a chat-shaped parse says which of
+        the two the body is), ``"responses"``, ``"messages"``, ``"embeddings"``, ``"rerank"``,
+        ``"score"`` or ``"other"``; ``None`` when not ``ok``."""
     @property
     def model(self) -> str:
         """The ``model`` field, empty when absent (or not ``ok``)."""
     @property
     def prompt_bytes(self) -> int:
         """The prompt's size: its canonical bytes (every message, past the level cap too) plus the
-        ``tools`` JSON; 0 when not ``ok``. The load model estimates tokens from it."""
+        ``tools`` JSON and the system part (Messages ``system``, Responses ``instructions``); 0
+        when not ``ok``. The load model estimates tokens from it."""
     @property
     def stream(self) -> bool:
         """The ``stream`` field (``False`` when absent or not ``ok``)."""
     @property
     def prefix_hashes(self) -> list[int]:
-        """``prefix_hashes[i]`` identifies the model, the tools and the first ``i + 1`` prompt
-        blocks (xxh3-64, chained); empty when not ``ok``. A new list on each access."""
+        """``prefix_hashes[i]`` identifies the model, the tools, the system part and the first
+        ``i + 1`` prompt blocks (xxh3-64, chained); empty when not ``ok``. A new list on each
+        access."""
 
-def parse_request(body: bytes) -> ParsedRequest:
-    """Parses a whole chat-completions or completions body (no size limit, no level cap, no
-    decoding).
+    # Affinity fields, as given: ``None`` when absent, ``null``, longer than 1024 bytes (UTF-8),
+    # or not ``ok``. A repeated key: the last value counts.
+    @property
+    def prompt_cache_key(self) -> str | None:
+        """``prompt_cache_key`` (chat, completion, responses)."""
+    @property
+    def conversation(self) -> str | None:
+        """Responses ``conversation``: the string, or the object's ``id``."""
+    @property
+    def safety_identifier(self) -> str | None:
+        """``safety_identifier`` (chat, completion, responses)."""
+    @property
+    def user(self) -> str | None:
+        """``user`` (chat, completion, responses, embeddings, rerank, score); for messages,
+        ``metadata.user_id``."""
+    @property
+    def previous_response_id(self) -> str | None:
+        """Responses ``previous_response_id``."""
+    @property
+    def store(self) -> bool:
+        """Responses ``store`` (``True`` when absent or ``null``); ``True`` for every other kind
+        and when not ``ok``."""
+
+def request_kind(path: str) -> str:
+    """The request kind of a path (query string and a trailing ``/`` ignored):
+    ``/v1/chat/completions`` ``"chat"``, ``/v1/completions`` ``"completion"``, ``/v1/responses``
+    ``"responses"``, ``/v1/messages`` ``"messages"``, ``/v1/embeddings`` ``"embeddings"``,
+    ``/v1/rerank``, ``/rerank``, ``/v2/rerank`` ``"rerank"``, ``/v1/score``, ``/score``
+    ``"score"``; anything else ``"other"``."""
+
+def stored_response_id(path: str) -> str | None:
+    """The ``{id}`` of ``/v1/responses/{id}`` or ``/v1/responses/{id}/...`` (query string
+    ignored); ``None`` for any other path."""
+
+def parse_request(body: bytes, kind: str = "chat") -> ParsedRequest:
+    """Parses a whole body of the ``kind`` shape (a ``request_kind`` name; ``"chat"`` parses
+    chat-completions and completions bodies) with no size limit, no level cap, no decoding.
 
     Raises:
         RequestParseError: the body is not a usable request.
+        ValueError: an unknown ``kind``.
     """
 
-def parse_body(body: bytes, encoding: str | None, max_bytes: int, max_blocks: int) -> ParsedRequest:
+def parse_body(
+    body: bytes, encoding: str | None, max_bytes: int, max_blocks: int, kind: str = "chat"
+) -> ParsedRequest:
     """Decodes and parses a whole body (Envoy's buffered mode): the same code as a
     ``RequestStream`` fed the body in one chunk. Never raises for a bad body: the result is then
     not ``ok`` (too large, unsupported or corrupt encoding, not a usable request).
@@ -112,6 +155,14 @@ def parse_body(body: bytes, encoding: str | None, max_bytes: int, max_blocks: in
     ``x-gzip``, ``deflate`` (zlib or raw), ``zstd``, ``identity``, or a list of up to two of them
     in the order applied. ``max_bytes`` bounds the raw and the decoded bytes alike;
     ``max_blocks`` the prefix levels.
+
+    ``kind`` (a ``request_kind`` name) picks the body's shape: which keys are read and how the
+    prompt is hashed. ``"chat"`` (or ``"completion"``: the same shape) reads chat-completions and
+    completions bodies; an ``"other"`` body is neither decoded nor parsed, only counted against
+    ``max_bytes``.
+
+    Raises:
+        ValueError: an unknown ``kind`` (never for a bad body).
     """
 
 @final
@@ -121,9 +172,10 @@ class RequestStream:
 
     Raises:
         OverflowError: a negative ``max_bytes`` or ``max_blocks``.
+        ValueError: an unknown ``kind``.
     """
 
-    def __new__(cls, encoding: str | None, max_bytes: int, max_blocks: int) -> Self: ...
+    def __new__(cls, encoding: str | None, max_bytes: int, max_blocks: int, kind: str = "chat") -> Self: ...
     def feed(self, chunk: bytes) -> None:
         """Decodes and parses the next chunk (GIL released for chunks of 64 KiB or more). A
         problem in the body itself is kept for ``finish``.

@@ -25,11 +25,14 @@ use rand::SeedableRng;
 
 use crate::affinity::{AffinityKey, KeySources};
 use crate::balancer::{Balancer, BalancerConfig, Load, Pick, PickError, PickReason, Request};
-use crate::body_decode::{parse_body, BodyParser};
+use crate::body_decode::{parse_body_for, BodyParser};
 use crate::engine_metrics::{parse_engine_metrics, Engine, EngineMetrics, MetricsError};
 use crate::fd_wait;
 use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
-use crate::request::{parse_request, ParseError, ParsedRequest, TooLarge};
+use crate::request::{
+    parse_request_for, stored_response_id, Affinity, Limits, ParseError, ParsedRequest,
+    RequestKind, TooLarge,
+};
 use crate::scheduling::least_busy::Thresholds;
 use crate::scheduling::policies::{LoadModel, Policy};
 use crate::shared::picks::{CommitReply, Outcome, OwnedRequest, SharedPicks};
@@ -86,11 +89,31 @@ create_exception!(
 const DETACH_BYTES: usize = 64 * 1024;
 
 fn parse(py: Python<'_>, body: &PyBackedBytes) -> Result<ParsedRequest, ParseError> {
+    parse_as(py, RequestKind::Chat, body)
+}
+
+fn parse_as(
+    py: Python<'_>,
+    kind: RequestKind,
+    body: &PyBackedBytes,
+) -> Result<ParsedRequest, ParseError> {
+    let parse = || parse_request_for(kind, body, Limits::default());
     if body.len() >= DETACH_BYTES {
-        py.detach(|| parse_request(body))
+        py.detach(parse)
     } else {
-        parse_request(body)
+        parse()
     }
+}
+
+/// The `RequestKind` named `name` ("chat", "responses", ...).
+fn request_kind_named(name: &str) -> PyResult<RequestKind> {
+    RequestKind::from_name(name).ok_or_else(|| {
+        let known: Vec<&str> = RequestKind::ALL.map(RequestKind::as_str).to_vec();
+        PyValueError::new_err(format!(
+            "unknown request kind {name:?} (known: {})",
+            known.join(", ")
+        ))
+    })
 }
 
 /// Metrics pages at least this large are parsed with the GIL released (a vLLM page runs
@@ -164,6 +187,37 @@ impl PyParsedRequest {
             .unwrap_or_default()
     }
 
+    #[getter]
+    fn prompt_cache_key(&self) -> Option<&str> {
+        self.affinity(|a| a.prompt_cache_key.as_deref())
+    }
+
+    #[getter]
+    fn conversation(&self) -> Option<&str> {
+        self.affinity(|a| a.conversation.as_deref())
+    }
+
+    #[getter]
+    fn safety_identifier(&self) -> Option<&str> {
+        self.affinity(|a| a.safety_identifier.as_deref())
+    }
+
+    #[getter]
+    fn user(&self) -> Option<&str> {
+        self.affinity(|a| a.user.as_deref())
+    }
+
+    #[getter]
+    fn previous_response_id(&self) -> Option<&str> {
+        self.affinity(|a| a.previous_response_id.as_deref())
+    }
+
+    /// Responses `store` (`True` when absent); `True` for other kinds and when not ok.
+    #[getter]
+    fn store(&self) -> bool {
+        self.result.as_ref().map_or(true, |r| r.store)
+    }
+
     fn __repr__(&self) -> String {
         match &self.result {
             Ok(r) => format!(
@@ -178,29 +232,57 @@ impl PyParsedRequest {
     }
 }
 
-/// Parses an OpenAI chat-completions or completions body.
+impl PyParsedRequest {
+    fn affinity<'a>(
+        &'a self,
+        field: impl FnOnce(&'a Affinity) -> Option<&'a str>,
+    ) -> Option<&'a str> {
+        self.result.as_ref().ok().and_then(|r| field(&r.affinity))
+    }
+}
+
+/// Parses a whole body of the `kind` shape (default: chat completions or completions).
 #[pyfunction(name = "parse_request")]
-fn py_parse_request(py: Python<'_>, body: PyBackedBytes) -> PyResult<PyParsedRequest> {
-    let parsed = parse(py, &body).map_err(|e| RequestParseError::new_err(e.to_string()))?;
+#[pyo3(signature = (body, kind = "chat"))]
+fn py_parse_request(py: Python<'_>, body: PyBackedBytes, kind: &str) -> PyResult<PyParsedRequest> {
+    let kind = request_kind_named(kind)?;
+    let parsed =
+        parse_as(py, kind, &body).map_err(|e| RequestParseError::new_err(e.to_string()))?;
     Ok(PyParsedRequest { result: Ok(parsed) })
 }
 
 /// Decodes (`Content-Encoding`) and parses a whole body, with the size limit and level cap;
 /// a bad body gives a result that is not `ok`.
 #[pyfunction(name = "parse_body")]
+#[pyo3(signature = (body, encoding, max_bytes, max_blocks, kind = "chat"))]
 fn py_parse_body(
     py: Python<'_>,
     body: PyBackedBytes,
     encoding: Option<&str>,
     max_bytes: u64,
     max_blocks: usize,
-) -> PyParsedRequest {
+    kind: &str,
+) -> PyResult<PyParsedRequest> {
+    let kind = request_kind_named(kind)?;
+    let parse = || parse_body_for(kind, &body, encoding, max_bytes, max_blocks);
     let result = if body.len() >= DETACH_BYTES {
-        py.detach(|| parse_body(&body, encoding, max_bytes, max_blocks))
+        py.detach(parse)
     } else {
-        parse_body(&body, encoding, max_bytes, max_blocks)
+        parse()
     };
-    PyParsedRequest { result }
+    Ok(PyParsedRequest { result })
+}
+
+/// The request kind of a path (`RequestKind::from_path`): "chat", ..., "other".
+#[pyfunction(name = "request_kind")]
+fn py_request_kind(path: &str) -> &'static str {
+    RequestKind::from_path(path).as_str()
+}
+
+/// The `{id}` of `/v1/responses/{id}[/...]`, else `None`.
+#[pyfunction(name = "stored_response_id")]
+fn py_stored_response_id(path: &str) -> Option<&str> {
+    stored_response_id(path)
 }
 
 /// A body fed chunk by chunk (Envoy's FULL_DUPLEX_STREAMED mode).
@@ -221,11 +303,22 @@ impl PyRequestStream {
 #[pymethods]
 impl PyRequestStream {
     #[new]
-    #[pyo3(signature = (encoding, max_bytes, max_blocks))]
-    fn new(encoding: Option<&str>, max_bytes: u64, max_blocks: usize) -> Self {
-        Self {
-            inner: Mutex::new(Some(BodyParser::new(encoding, max_bytes, max_blocks))),
-        }
+    #[pyo3(signature = (encoding, max_bytes, max_blocks, kind = "chat"))]
+    fn new(
+        encoding: Option<&str>,
+        max_bytes: u64,
+        max_blocks: usize,
+        kind: &str,
+    ) -> PyResult<Self> {
+        let limits = Limits {
+            max_bytes,
+            max_blocks,
+            ..Limits::default()
+        };
+        let parser = BodyParser::for_kind(request_kind_named(kind)?, encoding, limits);
+        Ok(Self {
+            inner: Mutex::new(Some(parser)),
+        })
     }
 
     fn feed(&self, py: Python<'_>, chunk: PyBackedBytes) -> PyResult<()> {
@@ -1010,6 +1103,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngineMetrics>()?;
     m.add_function(wrap_pyfunction!(py_parse_request, m)?)?;
     m.add_function(wrap_pyfunction!(py_parse_body, m)?)?;
+    m.add_function(wrap_pyfunction!(py_request_kind, m)?)?;
+    m.add_function(wrap_pyfunction!(py_stored_response_id, m)?)?;
     m.add_function(wrap_pyfunction!(py_parse_engine_metrics, m)?)?;
     m.add_function(wrap_pyfunction!(shared_scripts, m)?)?;
     m.add_function(wrap_pyfunction!(balancer_defaults, m)?)?;

@@ -25,7 +25,7 @@ use std::io::Read as _;
 use flate2::{Crc, Decompress, FlushDecompress, Status};
 use ruzstd::decoding::FrameDecoder;
 
-use crate::request::{Limits, ParseError, ParsedRequest, RequestParser, TooLarge};
+use crate::request::{Limits, ParseError, ParsedRequest, RequestKind, RequestParser, TooLarge};
 
 /// Content codings accepted in one `Content-Encoding` list (`identity` not counted).
 pub const MAX_CODINGS: usize = 2;
@@ -609,7 +609,15 @@ impl BodyParser {
         )
     }
 
+    /// A chat-completions or completions body.
     pub fn with_limits(encoding: Option<&str>, limits: Limits) -> Self {
+        Self::for_kind(RequestKind::Chat, encoding, limits)
+    }
+
+    /// A body of `kind`'s shape. An `Other` body is neither decoded nor parsed (its encoding is
+    /// not even read): only its raw bytes are counted against `max_bytes`.
+    pub fn for_kind(kind: RequestKind, encoding: Option<&str>, limits: Limits) -> Self {
+        let encoding = encoding.filter(|_| kind != RequestKind::Other);
         let (stages, error) = match encoding.map(parse_content_encoding) {
             None => (Vec::new(), None),
             Some(Ok(codings)) => (codings.into_iter().rev().map(Stage::new).collect(), None),
@@ -617,7 +625,7 @@ impl BodyParser {
         };
         Self {
             stages,
-            parser: RequestParser::new(limits),
+            parser: RequestParser::for_kind(kind, limits),
             max_bytes: limits.max_bytes,
             raw_fed: 0,
             dead: false,
@@ -687,14 +695,31 @@ impl BodyParser {
     }
 }
 
-/// Decodes and parses a whole body (the buffered mode): one `BodyParser`, one feed.
+/// Decodes and parses a whole chat-completions or completions body (the buffered mode).
 pub fn parse_body(
     body: &[u8],
     encoding: Option<&str>,
     max_bytes: u64,
     max_blocks: usize,
 ) -> Result<ParsedRequest, ParseError> {
-    let mut parser = BodyParser::new(encoding, max_bytes, max_blocks);
+    parse_body_for(RequestKind::Chat, body, encoding, max_bytes, max_blocks)
+}
+
+/// Decodes and parses a whole body of `kind`'s shape (the buffered mode): one `BodyParser`, one
+/// feed.
+pub fn parse_body_for(
+    kind: RequestKind,
+    body: &[u8],
+    encoding: Option<&str>,
+    max_bytes: u64,
+    max_blocks: usize,
+) -> Result<ParsedRequest, ParseError> {
+    let limits = Limits {
+        max_bytes,
+        max_blocks,
+        ..Limits::default()
+    };
+    let mut parser = BodyParser::for_kind(kind, encoding, limits);
     // A failed feed leaves the parser dead; `finish` reports it.
     let _ = parser.feed(body);
     parser.finish()

@@ -1,8 +1,9 @@
 //! Chained prefix hashes of a prompt (construction v3).
 //!
-//! The prompt is a sequence of segments (one per chat message, or per completions prompt). Each
-//! segment is serialised canonically as `tag, bytes, u32 little-endian length` per field (role
-//! first, then content, then the rest), so `[A, B]` and `[B, A]` differ and no field can run
+//! The prompt is a sequence of segments (one per chat or Messages message, per completions
+//! prompt or embeddings input, per Responses input item, per rerank / score field). Each segment
+//! is serialised canonically as `tag, bytes, u32 little-endian length` per field (role first,
+//! then content, then the rest), so `[A, B]` and `[B, A]` differ and no field can run
 //! into the next (a segment decodes uniquely from its end, which the end flag marks), while
 //! prompts that share the start of a long field share its leading blocks. The serialisation is
 //! cut into blocks of at most `block_size` bytes; a segment's last block is closed at the
@@ -12,10 +13,25 @@
 //! ```text
 //! c_0   = PROMPT_SEED                                  (a constant: "llmlb/v3")
 //! c_i   = xxh3_64(le64(c_{i-1}) || block_i || flag_i)
-//! ctx   = xxh3_64_with_seed(model, xxh3_64_with_seed(tools framing, CONTEXT_SEED))
-//!         (tools framing: absent, or `T, le64(len), le64(xxh3_64(raw tools JSON))`)
+//! t     = xxh3_64_with_seed(tools framing, CONTEXT_SEED)
+//!         (tools framing: absent (17 zero bytes), or `T, le64(len), le64(xxh3_64(raw tools JSON))`)
+//! s     = t                                            when there is no system part
+//!       = xxh3_64_with_seed(S, le64(len), le64(xxh3_64(system)), t)    when there is one
+//!         (system: a string's decoded bytes, or an array's raw JSON)
+//! ctx   = xxh3_64_with_seed(model, s)
 //! key_i = xxh3_64_with_seed(le64(c_i), ctx)
 //! ```
+//!
+//! The system part is a Messages `system` or a Responses `instructions`: SDKs serialise it after
+//! the conversation (alphabetical or parameter order), so, like the tools, it is kept out of the
+//! chain; a different system prompt gives disjoint keys. A body without one (every chat and
+//! completions body) has the `ctx` it had before system parts existed.
+//!
+//! Segment tags by shape: chat / Messages message fields `r` (role), `c` (text content), `p`
+//! (non-text content part, raw JSON), `i`, `n`, `x` (tool_call_id, name, tool_calls); a
+//! completions or embeddings string `P`, token ids `K`; a Responses string `input` `P`, an
+//! `input` item `I` (raw JSON); rerank / score fields (raw JSON) `Q` query, `U` queries, `D`
+//! documents, `M` items, `1` / `2` text_1 / text_2, `3` / `4` data_1 / data_2, `N` input.
 //!
 //! Every `c_i` identifies the whole prompt up to its block; order matters and repeated blocks do
 //! not cancel (unlike an XOR chain). The chain does not depend on the model or the tools, so a
@@ -200,30 +216,50 @@ impl PrefixHasher {
     }
 }
 
-/// The context every key is namespaced by: the model and the raw `tools` JSON value, which may
-/// arrive before or after the prompt and in either order. Tools are hashed as they arrive.
+/// The context every key is namespaced by: the model, the raw `tools` JSON value and the system
+/// part (Messages `system`, Responses `instructions`), which may arrive before or after the
+/// prompt and in any order. Tools and the system part are hashed as they arrive.
 #[derive(Clone, Default)]
 pub struct ContextHasher {
     /// The streaming hash of the current `tools` value and its length so far (boxed: the
     /// streaming state is about 600 bytes and most requests have no tools).
     tools: Option<Box<(Xxh3, u64)>>,
+    /// The same for the system part.
+    system: Option<Box<(Xxh3, u64)>>,
 }
 
 impl std::fmt::Debug for ContextHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ContextHasher")
             .field("tools_len", &self.tools.as_ref().map(|t| t.1))
+            .field("system_len", &self.system.as_ref().map(|t| t.1))
             .finish()
     }
+}
+
+/// Starts a streamed part afresh (a repeated key replaces the earlier value).
+fn begin_part(part: &mut Option<Box<(Xxh3, u64)>>) {
+    match part {
+        Some(t) => **t = (Xxh3::new(), 0),
+        None => *part = Some(Box::new((Xxh3::new(), 0))),
+    }
+}
+
+/// `tag, le64(len), le64(xxh3_64(bytes))` of a present part; all zeros when absent.
+fn framing(tag: u8, part: Option<&(Xxh3, u64)>) -> [u8; 17] {
+    let mut framed = [0u8; 17];
+    if let Some(t) = part {
+        framed[0] = tag;
+        framed[1..9].copy_from_slice(&t.1.to_le_bytes());
+        framed[9..].copy_from_slice(&t.0.digest().to_le_bytes());
+    }
+    framed
 }
 
 impl ContextHasher {
     /// A `tools` value starts (a repeated key replaces the earlier value).
     pub fn begin_tools(&mut self) {
-        match &mut self.tools {
-            Some(t) => **t = (Xxh3::new(), 0),
-            None => self.tools = Some(Box::new((Xxh3::new(), 0))),
-        }
+        begin_part(&mut self.tools);
     }
 
     /// Length of the `tools` value (rendered into the prompt by chat templates), 0 when absent.
@@ -240,18 +276,42 @@ impl ContextHasher {
         }
     }
 
-    /// `ctx` for `model`: `xxh3_64_with_seed(model, tools_seed)`, where `tools_seed` hashes the
-    /// fixed-size framing of the tools (absent, or present with their length and xxh3 digest).
-    /// The model is the whole input of the outer hash, so the two cannot run into each other.
-    pub fn ctx(&self, model: &[u8]) -> u64 {
-        let mut framed = [0u8; 17];
-        if let Some(t) = &self.tools {
-            framed[0] = b'T';
-            framed[1..9].copy_from_slice(&t.1.to_le_bytes());
-            framed[9..].copy_from_slice(&t.0.digest().to_le_bytes());
+    /// A system part starts (a repeated key replaces the earlier value).
+    pub fn begin_system(&mut self) {
+        begin_part(&mut self.system);
+    }
+
+    /// The system part is absent after all (a later `null`).
+    pub fn clear_system(&mut self) {
+        self.system = None;
+    }
+
+    /// Length of the system part, 0 when absent.
+    pub fn system_len(&self) -> u64 {
+        self.system.as_ref().map_or(0, |t| t.1)
+    }
+
+    /// Bytes of the system part, in order: a string's decoded bytes, or an array's raw JSON.
+    #[inline]
+    pub fn system_bytes(&mut self, bytes: &[u8]) {
+        if let Some(t) = &mut self.system {
+            t.0.update(bytes);
+            t.1 += bytes.len() as u64;
         }
-        let tools_seed = xxh3_64_with_seed(&framed, CONTEXT_SEED);
-        xxh3_64_with_seed(model, tools_seed)
+    }
+
+    /// `ctx` for `model`: `xxh3_64_with_seed(model, seed)`, where `seed` hashes the fixed-size
+    /// framing of the tools (absent, or present with their length and xxh3 digest), then, only
+    /// when a system part is present, its framing the same way. The model is the whole input of
+    /// the outer hash, so the parts cannot run into each other; without a system part `ctx` is
+    /// what it was before system parts existed.
+    pub fn ctx(&self, model: &[u8]) -> u64 {
+        let tools_seed = xxh3_64_with_seed(&framing(b'T', self.tools.as_deref()), CONTEXT_SEED);
+        let seed = match self.system.as_deref() {
+            Some(system) => xxh3_64_with_seed(&framing(b'S', Some(system)), tools_seed),
+            None => tools_seed,
+        };
+        xxh3_64_with_seed(model, seed)
     }
 }
 

@@ -1,4 +1,5 @@
-//! OpenAI request parsing, incremental: chat completions and completions, fed chunk by chunk.
+//! Request parsing, incremental: OpenAI chat completions, completions, Responses, embeddings,
+//! rerank / score, and Anthropic Messages bodies, fed chunk by chunk.
 //!
 //! `RequestParser` is a resumable JSON state machine that pulls out the routing fields (`model`,
 //! `stream`) and streams the prompt straight into the prefix hasher (`prefix_hash`) as string
@@ -28,24 +29,151 @@
 //!
 //! UTF-8 is validated per chunk (SIMD), carrying an incomplete trailing sequence to the next;
 //! an invalid body reports `NotUtf8` whatever other error it also has.
+//!
+//! Shapes (`RequestKind`, usually `RequestKind::from_path`; `RequestParser::new` is the chat /
+//! completions shape). Every shape validates the whole body (JSON, UTF-8, nesting) and reads
+//! `model`; other keys by shape:
+//! - Chat / Completion: as above, plus the affinity strings `prompt_cache_key`, `user`,
+//!   `safety_identifier`. Keys and errors are exactly what they were before the other shapes.
+//! - Responses: `stream`, `tools`, `store`; `input` a string (one segment, like a completions
+//!   string prompt) or an array whose every item is one segment of its raw JSON, so a
+//!   conversation's levels grow item by item; `instructions` goes into the context (`ctx`), not
+//!   the chain, since SDKs send it after `input`; affinity `previous_response_id`, `conversation`
+//!   (a string, or an object's `id`), `prompt_cache_key`, `user`, `safety_identifier`. No
+//!   `input` is valid (no levels).
+//! - Messages (Anthropic): `stream`, `tools`, `messages` exactly as chat messages; `system` (a
+//!   string, or blocks as raw JSON) into the context; `metadata.user_id` as `user`.
+//! - Embeddings: `input` exactly as a completions `prompt`, `messages` as chat (and taking
+//!   precedence), `user`.
+//! - Rerank / Score: each of `query`, `documents`, `text_1`, `text_2`, `queries`, `items`,
+//!   `data_1`, `data_2`, `input` is one segment of its raw JSON with a tag of its own, in body
+//!   order (a repeated key is hashed again); `user`.
+//! - Other: not parsed at all, only counted against `max_bytes`.
+//!
+//! Affinity values are kept up to `MAX_AFFINITY_BYTES` decoded bytes (a longer one is `None`),
+//! so memory stays bounded; `null` means absent, any other non-string is `WrongType`.
 
 use memchr::memchr2;
 
 use crate::prefix_hash::{ContextHasher, PrefixHasher, DEFAULT_BLOCK_SIZE};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The API a body is for: picks the body's shape (which keys are read, how the prompt is hashed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RequestKind {
+    /// `/v1/chat/completions`. Chat and Completion share one shape (`messages` takes
+    /// precedence over `prompt`); a result says which of the two the body used.
     Chat,
+    /// `/v1/completions`.
     Completion,
+    /// `/v1/responses` (OpenAI Responses API).
+    Responses,
+    /// `/v1/messages` (Anthropic Messages API).
+    Messages,
+    /// `/v1/embeddings`.
+    Embeddings,
+    /// `/v1/rerank`, `/rerank`, `/v2/rerank`.
+    Rerank,
+    /// `/v1/score`, `/score`.
+    Score,
+    /// Any other path: the body is not parsed, only counted against `max_bytes`.
+    Other,
 }
 
 impl RequestKind {
+    pub const ALL: [RequestKind; 8] = [
+        RequestKind::Chat,
+        RequestKind::Completion,
+        RequestKind::Responses,
+        RequestKind::Messages,
+        RequestKind::Embeddings,
+        RequestKind::Rerank,
+        RequestKind::Score,
+        RequestKind::Other,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RequestKind::Chat => "chat",
             RequestKind::Completion => "completion",
+            RequestKind::Responses => "responses",
+            RequestKind::Messages => "messages",
+            RequestKind::Embeddings => "embeddings",
+            RequestKind::Rerank => "rerank",
+            RequestKind::Score => "score",
+            RequestKind::Other => "other",
         }
     }
+
+    /// The kind named `name` (an `as_str` name).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+
+    /// The kind of a request path (the one owner of the path table); a query string and a
+    /// trailing `/` are ignored.
+    pub fn from_path(path: &str) -> Self {
+        match trim_path(path) {
+            "/v1/chat/completions" => RequestKind::Chat,
+            "/v1/completions" => RequestKind::Completion,
+            "/v1/responses" => RequestKind::Responses,
+            "/v1/messages" => RequestKind::Messages,
+            "/v1/embeddings" => RequestKind::Embeddings,
+            "/v1/rerank" | "/rerank" | "/v2/rerank" => RequestKind::Rerank,
+            "/v1/score" | "/score" => RequestKind::Score,
+            _ => RequestKind::Other,
+        }
+    }
+
+    /// What a body of this kind lacks when it has no prompt (the `NoPrompt` message).
+    fn missing_prompt(self) -> &'static str {
+        match self {
+            RequestKind::Chat | RequestKind::Completion => "neither 'messages' nor 'prompt'",
+            RequestKind::Messages => "no 'messages'",
+            RequestKind::Embeddings => "neither 'input' nor 'messages'",
+            RequestKind::Rerank | RequestKind::Score => {
+                "none of 'query', 'documents', 'text_1', 'text_2', 'queries', 'items', 'data_1', \
+                 'data_2', 'input'"
+            }
+            // A Responses body without `input` is valid, and an Other body is not parsed.
+            RequestKind::Responses | RequestKind::Other => "no prompt",
+        }
+    }
+}
+
+/// `path` without its query string and one trailing `/`.
+fn trim_path(path: &str) -> &str {
+    let path = path.split_once('?').map_or(path, |(path, _)| path);
+    path.strip_suffix('/').unwrap_or(path)
+}
+
+/// The `{id}` of `/v1/responses/{id}` or `/v1/responses/{id}/...` (a stored response, or its
+/// input items), query string ignored; `None` for any other path.
+pub fn stored_response_id(path: &str) -> Option<&str> {
+    let path = path.split_once('?').map_or(path, |(path, _)| path);
+    let rest = path.strip_prefix("/v1/responses/")?;
+    let id = rest.split_once('/').map_or(rest, |(id, _)| id);
+    (!id.is_empty()).then_some(id)
+}
+
+/// The longest affinity value kept, in decoded bytes: a longer one is ignored (`None`), so what
+/// a parse holds stays bounded whatever the body.
+pub const MAX_AFFINITY_BYTES: usize = 1024;
+
+/// Fields a client sets to keep related requests together (on one endpoint, or one cache), as
+/// given; `None` when absent, `null`, or longer than `MAX_AFFINITY_BYTES`. A repeated key: the
+/// last value counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Affinity {
+    /// `prompt_cache_key` (Chat, Completion, Responses).
+    pub prompt_cache_key: Option<String>,
+    /// Responses `conversation`: the string, or the object's `id`.
+    pub conversation: Option<String>,
+    /// `safety_identifier` (Chat, Completion, Responses).
+    pub safety_identifier: Option<String>,
+    /// `user`; for Messages, `metadata.user_id`.
+    pub user: Option<String>,
+    /// Responses `previous_response_id`.
+    pub previous_response_id: Option<String>,
 }
 
 /// What the picker needs from a request.
@@ -59,8 +187,12 @@ pub struct ParsedRequest {
     /// `max_blocks` of them).
     pub prefix_hashes: Vec<u64>,
     /// Size of the prompt: its canonical bytes (every message, past `max_blocks` too) plus the
-    /// `tools` JSON. The load model estimates prompt tokens from it.
+    /// `tools` JSON and the system part (Messages `system`, Responses `instructions`). The load
+    /// model estimates prompt tokens from it.
     pub prompt_bytes: u64,
+    pub affinity: Affinity,
+    /// Responses `store` (`true` when absent or `null`); `true` for every other kind.
+    pub store: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,8 +213,10 @@ pub enum ParseError {
     NotUtf8,
     Json(JsonError),
     NotAnObject,
-    /// Neither `messages` nor `prompt` is present.
+    /// A Chat or Completion body has neither `messages` nor `prompt`.
     NoPrompt,
+    /// A body of another kind lacks its prompt fields (the message names them).
+    NoPromptIn(RequestKind),
     WrongType {
         field: &'static str,
         expected: &'static str,
@@ -107,7 +241,10 @@ impl std::fmt::Display for ParseError {
             ParseError::NotUtf8 => write!(f, "body is not valid UTF-8"),
             ParseError::Json(e) => write!(f, "body is not valid JSON: {e}"),
             ParseError::NotAnObject => write!(f, "body is not a JSON object"),
-            ParseError::NoPrompt => write!(f, "body has neither 'messages' nor 'prompt'"),
+            ParseError::NoPrompt => {
+                write!(f, "body has {}", RequestKind::Chat.missing_prompt())
+            }
+            ParseError::NoPromptIn(kind) => write!(f, "body has {}", kind.missing_prompt()),
             ParseError::WrongType { field, expected } => write!(f, "'{field}' must be {expected}"),
             ParseError::DuplicateKey { field } => write!(f, "'{field}' appears twice"),
             ParseError::TooLarge { max_bytes } => {
@@ -162,8 +299,14 @@ pub fn parse_request(body: &[u8]) -> PResult<ParsedRequest> {
     parse_request_with(body, Limits::default())
 }
 
+/// Parses a whole chat-completions or completions body.
 pub fn parse_request_with(body: &[u8], limits: Limits) -> PResult<ParsedRequest> {
-    let mut parser = RequestParser::new(limits);
+    parse_request_for(RequestKind::Chat, body, limits)
+}
+
+/// Parses a whole body of `kind`'s shape.
+pub fn parse_request_for(kind: RequestKind, body: &[u8], limits: Limits) -> PResult<ParsedRequest> {
+    let mut parser = RequestParser::for_kind(kind, limits);
     // A failed feed leaves the parser dead; `finish` reports it.
     let _ = parser.feed(body);
     parser.finish()
@@ -222,6 +365,32 @@ impl Stack {
     }
 }
 
+/// What a top-level value means in a body of `kind`'s shape.
+fn root_slot(kind: RequestKind, key: Key) -> Slot {
+    use RequestKind::{Chat, Completion, Embeddings, Messages, Other, Rerank, Responses, Score};
+    match (kind, key) {
+        (Other, _) => Slot::Skip,
+        (_, Key::Model) => Slot::Model,
+        (Chat | Completion | Responses | Messages, Key::Stream) => Slot::Stream,
+        (Chat | Completion | Responses | Messages, Key::Tools) => Slot::Tools,
+        (Chat | Completion | Messages | Embeddings, Key::Messages) => Slot::Messages,
+        // An embeddings `input` reads like a completions `prompt`.
+        (Chat | Completion, Key::Prompt) | (Embeddings, Key::Input) => Slot::Prompt,
+        (Responses, Key::Input) => Slot::Input,
+        (Responses, Key::Instructions) | (Messages, Key::System) => Slot::System,
+        (Responses, Key::Store) => Slot::Store,
+        (Responses, Key::Conversation) => Slot::Conversation,
+        (Messages, Key::Metadata) => Slot::Metadata,
+        (Chat | Completion | Responses, Key::PromptCache | Key::SafetyIdentifier)
+        | (Responses, Key::PreviousResponseId)
+        | (Chat | Completion | Responses | Embeddings | Rerank | Score, Key::User) => {
+            Slot::Affinity
+        }
+        (Rerank | Score, Key::Scored(_) | Key::Input) => Slot::Scored,
+        _ => Slot::Skip,
+    }
+}
+
 /// The byte a one-character escape (`\\n`, `\\"`, ...) stands for.
 #[inline]
 fn short_escape(b: u8) -> Option<u8> {
@@ -255,6 +424,12 @@ enum Ctx {
     Parts,
     Part,
     Prompt,
+    /// A Responses `input` array.
+    InputItems,
+    /// A Responses `conversation` object.
+    Conversation,
+    /// A Messages `metadata` object.
+    Metadata,
     OtherObject,
     OtherArray,
 }
@@ -263,7 +438,20 @@ impl Ctx {
     fn is_object(self) -> bool {
         matches!(
             self,
-            Ctx::Root | Ctx::Message | Ctx::Part | Ctx::OtherObject
+            Ctx::Root
+                | Ctx::Message
+                | Ctx::Part
+                | Ctx::Conversation
+                | Ctx::Metadata
+                | Ctx::OtherObject
+        )
+    }
+
+    /// Whether the parser reads this object's keys.
+    fn reads_keys(self) -> bool {
+        matches!(
+            self,
+            Ctx::Root | Ctx::Message | Ctx::Part | Ctx::Conversation | Ctx::Metadata
         )
     }
 }
@@ -283,6 +471,21 @@ enum Key {
     ToolCalls,
     Type,
     Text,
+    Input,
+    Instructions,
+    System,
+    Store,
+    Metadata,
+    UserId,
+    Id,
+    Conversation,
+    PreviousResponseId,
+    /// `prompt_cache_key`.
+    PromptCache,
+    SafetyIdentifier,
+    User,
+    /// A rerank / score field hashed as its raw JSON; the byte is its segment tag.
+    Scored(u8),
     Other,
 }
 
@@ -301,6 +504,26 @@ impl Key {
             b"tool_calls" => Key::ToolCalls,
             b"type" => Key::Type,
             b"text" => Key::Text,
+            b"input" => Key::Input,
+            b"instructions" => Key::Instructions,
+            b"system" => Key::System,
+            b"store" => Key::Store,
+            b"metadata" => Key::Metadata,
+            b"user_id" => Key::UserId,
+            b"id" => Key::Id,
+            b"conversation" => Key::Conversation,
+            b"previous_response_id" => Key::PreviousResponseId,
+            b"prompt_cache_key" => Key::PromptCache,
+            b"safety_identifier" => Key::SafetyIdentifier,
+            b"user" => Key::User,
+            b"query" => Key::Scored(b'Q'),
+            b"documents" => Key::Scored(b'D'),
+            b"text_1" => Key::Scored(b'1'),
+            b"text_2" => Key::Scored(b'2'),
+            b"queries" => Key::Scored(b'U'),
+            b"items" => Key::Scored(b'M'),
+            b"data_1" => Key::Scored(b'3'),
+            b"data_2" => Key::Scored(b'4'),
             _ => Key::Other,
         }
     }
@@ -325,6 +548,19 @@ enum Slot {
     PartType,
     PartText,
     PromptItem,
+    /// Responses `input`.
+    Input,
+    /// An item of a Responses `input` array.
+    InputItem,
+    /// Messages `system`, Responses `instructions`.
+    System,
+    Store,
+    /// A string kept in `Affinity` (which one: `RequestParser::capture_field`).
+    Affinity,
+    Conversation,
+    Metadata,
+    /// A rerank / score field.
+    Scored,
 }
 
 /// Where the lexer is.
@@ -378,6 +614,10 @@ enum StrTo {
     TypeName,
     /// A content part's `text` before its type is known.
     Text,
+    /// An affinity value (bounded).
+    Capture,
+    /// Into the context's system part.
+    System,
 }
 
 /// Where raw JSON bytes of a captured value go.
@@ -391,6 +631,8 @@ enum RawTo {
     Deferred,
     /// Into the part buffer (a part not yet known to be text or not).
     PartBuffer,
+    /// Into the context's system part (a Messages `system` array).
+    System,
 }
 
 /// A value whose raw JSON text is being captured.
@@ -474,6 +716,12 @@ enum PartMode {
     Text,
 }
 
+/// Segment tag of one Responses `input` item (raw JSON), unlike any chat or completions tag.
+const INPUT_ITEM_TAG: u8 = b'I';
+
+/// Segment tag of a rerank / score `input` (the other fields' tags are in `Key::from_bytes`).
+const SCORED_INPUT_TAG: u8 = b'N';
+
 /// The longest `type` value kept (only `"text"` matters).
 const TYPE_NAME_MAX: usize = 8;
 
@@ -518,6 +766,33 @@ struct PromptState {
     /// Flat token ids, and the bytes of their canonical form (`ids joined by ' '`).
     tokens: u32,
     token_bytes: u64,
+}
+
+/// Which `Affinity` field a captured string goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AffinityField {
+    PromptCacheKey,
+    Conversation,
+    SafetyIdentifier,
+    User,
+    PreviousResponseId,
+}
+
+impl Affinity {
+    fn slot(&mut self, field: AffinityField) -> &mut Option<String> {
+        match field {
+            AffinityField::PromptCacheKey => &mut self.prompt_cache_key,
+            AffinityField::Conversation => &mut self.conversation,
+            AffinityField::SafetyIdentifier => &mut self.safety_identifier,
+            AffinityField::User => &mut self.user,
+            AffinityField::PreviousResponseId => &mut self.previous_response_id,
+        }
+    }
+}
+
+/// Valid UTF-8 bytes as a `String` (the body was checked, and escapes decode to UTF-8).
+fn into_string(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// UTF-8 validation across chunks.
@@ -578,6 +853,8 @@ impl Utf8 {
 /// The incremental request parser; see the module docs.
 #[allow(clippy::struct_excessive_bools)] // independent facts about one request
 pub struct RequestParser {
+    /// The shape asked for (Chat and Completion are one shape).
+    kind: RequestKind,
     max_bytes: u64,
     /// Bytes fed before the current chunk.
     fed: u64,
@@ -589,7 +866,7 @@ pub struct RequestParser {
     stack: Stack,
     /// The current object member's key.
     key: Key,
-    key_buf: [u8; 16],
+    key_buf: [u8; 24],
     /// Bytes of the key; `key_buf.len() + 1` when longer (no key of interest is).
     key_len: usize,
     in_key: bool,
@@ -614,11 +891,20 @@ pub struct RequestParser {
     message: MessageState,
     part: PartState,
     prompt: PromptState,
+    /// A rerank / score field was hashed.
+    has_scored: bool,
+    store: bool,
+    affinity: Affinity,
+    /// The affinity string being read, up to `MAX_AFFINITY_BYTES`.
+    capture: Vec<u8>,
+    capture_too_long: bool,
+    capture_field: AffinityField,
 }
 
 impl std::fmt::Debug for RequestParser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RequestParser")
+            .field("kind", &self.kind)
             .field("fed", &self.fed)
             .field("lex", &self.lex)
             .field("depth", &self.stack.len())
@@ -628,8 +914,15 @@ impl std::fmt::Debug for RequestParser {
 }
 
 impl RequestParser {
+    /// A parser of chat-completions and completions bodies.
     pub fn new(limits: Limits) -> Self {
+        Self::for_kind(RequestKind::Chat, limits)
+    }
+
+    /// A parser of bodies of `kind`'s shape (`Chat` and `Completion` are the same shape).
+    pub fn for_kind(kind: RequestKind, limits: Limits) -> Self {
         Self {
+            kind,
             max_bytes: limits.max_bytes,
             fed: 0,
             dead: false,
@@ -638,7 +931,7 @@ impl RequestParser {
             lex: Lex::Start,
             stack: Stack::new(),
             key: Key::Other,
-            key_buf: [0; 16],
+            key_buf: [0; 24],
             key_len: 0,
             in_key: false,
             slot: Slot::Skip,
@@ -658,6 +951,12 @@ impl RequestParser {
             message: MessageState::default(),
             part: PartState::default(),
             prompt: PromptState::default(),
+            has_scored: false,
+            store: true,
+            affinity: Affinity::default(),
+            capture: Vec::new(),
+            capture_too_long: false,
+            capture_field: AffinityField::User,
         }
     }
 
@@ -672,6 +971,11 @@ impl RequestParser {
         if total > self.max_bytes {
             self.die();
             return Err(TooLarge);
+        }
+        if self.kind == RequestKind::Other {
+            // Not parsed at all: only counted.
+            self.fed = total;
+            return Ok(());
         }
         self.utf8.check(chunk);
         if self.lex != Lex::Failed {
@@ -708,12 +1012,14 @@ impl RequestParser {
         self.message = MessageState::default();
         self.part = PartState::default();
         self.raw = None;
+        self.capture = Vec::new();
     }
 
     /// Heap bytes the parser holds now: its buffers and the prefix levels so far (the nesting
     /// stack is inline, `MAX_DEPTH` bytes).
     pub fn retained_bytes(&self) -> usize {
         self.model.capacity()
+            + self.capture.capacity()
             + self.message.retained_bytes()
             + self.part.retained_bytes()
             + self.hasher.retained_bytes()
@@ -724,6 +1030,17 @@ impl RequestParser {
         if self.dead {
             return Err(ParseError::TooLarge {
                 max_bytes: self.max_bytes,
+            });
+        }
+        if self.kind == RequestKind::Other {
+            return Ok(ParsedRequest {
+                kind: RequestKind::Other,
+                model: String::new(),
+                stream: false,
+                prefix_hashes: Vec::new(),
+                prompt_bytes: 0,
+                affinity: Affinity::default(),
+                store: true,
             });
         }
         if !self.utf8.is_valid_end() {
@@ -742,23 +1059,36 @@ impl RequestParser {
                 }))
             }
         }
-        let kind = if self.has_messages {
-            RequestKind::Chat
-        } else if self.has_prompt {
-            RequestKind::Completion
-        } else {
-            return Err(ParseError::NoPrompt);
+        let has_prompt = match self.kind {
+            RequestKind::Chat | RequestKind::Completion | RequestKind::Embeddings => {
+                self.has_messages || self.has_prompt
+            }
+            RequestKind::Messages => self.has_messages,
+            RequestKind::Rerank | RequestKind::Score => self.has_scored,
+            RequestKind::Responses | RequestKind::Other => true,
+        };
+        let kind = match self.kind {
+            _ if !has_prompt => {
+                return Err(match self.kind {
+                    RequestKind::Chat | RequestKind::Completion => ParseError::NoPrompt,
+                    kind => ParseError::NoPromptIn(kind),
+                })
+            }
+            RequestKind::Chat | RequestKind::Completion if self.has_messages => RequestKind::Chat,
+            RequestKind::Chat | RequestKind::Completion => RequestKind::Completion,
+            kind => kind,
         };
         let ctx = self.context.ctx(&self.model);
-        let prompt_bytes = self.hasher.prompt_bytes() + self.context.tools_len();
+        let prompt_bytes =
+            self.hasher.prompt_bytes() + self.context.tools_len() + self.context.system_len();
         Ok(ParsedRequest {
             kind,
-            // Valid UTF-8: the body was checked and escapes decode to UTF-8.
-            model: String::from_utf8(self.model)
-                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            model: into_string(self.model),
             stream: self.stream,
             prefix_hashes: self.hasher.finish(ctx),
             prompt_bytes,
+            affinity: self.affinity,
+            store: self.store,
         })
     }
 
@@ -877,7 +1207,7 @@ impl RequestParser {
                     self.in_key = true;
                     self.key_len = 0;
                     self.str_to = match self.stack.last() {
-                        Some(Ctx::Root | Ctx::Message | Ctx::Part) => StrTo::Key,
+                        Some(ctx) if ctx.reads_keys() => StrTo::Key,
                         _ => StrTo::Discard,
                     };
                     self.lex = Lex::Str;
@@ -924,11 +1254,7 @@ impl RequestParser {
     /// What the value about to be read means.
     fn slot_here(&self) -> Slot {
         match (self.stack.last(), self.key) {
-            (Some(Ctx::Root), Key::Model) => Slot::Model,
-            (Some(Ctx::Root), Key::Stream) => Slot::Stream,
-            (Some(Ctx::Root), Key::Messages) => Slot::Messages,
-            (Some(Ctx::Root), Key::Prompt) => Slot::Prompt,
-            (Some(Ctx::Root), Key::Tools) => Slot::Tools,
+            (Some(Ctx::Root), key) => root_slot(self.kind, key),
             (Some(Ctx::Messages), _) => Slot::Message,
             (Some(Ctx::Message), Key::Role) => Slot::Role,
             (Some(Ctx::Message), Key::Content) => Slot::Content,
@@ -939,6 +1265,10 @@ impl RequestParser {
             (Some(Ctx::Part), Key::Type) => Slot::PartType,
             (Some(Ctx::Part), Key::Text) => Slot::PartText,
             (Some(Ctx::Prompt), _) => Slot::PromptItem,
+            (Some(Ctx::InputItems), _) => Slot::InputItem,
+            (Some(Ctx::Conversation), Key::Id) | (Some(Ctx::Metadata), Key::UserId) => {
+                Slot::Affinity
+            }
             _ => Slot::Skip,
         }
     }
@@ -967,6 +1297,7 @@ impl RequestParser {
             },
             RawTo::Deferred => self.message.deferred.extend_from_slice(bytes),
             RawTo::PartBuffer => self.part.raw.extend_from_slice(bytes),
+            RawTo::System => self.context.system_bytes(bytes),
         }
     }
 
@@ -982,6 +1313,48 @@ impl RequestParser {
 
     fn emit_len(&mut self, len: u64) {
         self.emit(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
+    }
+
+    /// The name of the completions-style prompt field (embeddings call it `input`).
+    fn prompt_name(&self) -> &'static str {
+        if self.kind == RequestKind::Embeddings {
+            "input"
+        } else {
+            "prompt"
+        }
+    }
+
+    fn prompt_item_name(&self) -> &'static str {
+        if self.kind == RequestKind::Embeddings {
+            "input[]"
+        } else {
+            "prompt[]"
+        }
+    }
+
+    /// An affinity string (or `null`) for `field` starts; `name` is for errors.
+    fn begin_affinity(
+        &mut self,
+        field: AffinityField,
+        name: &'static str,
+        pos: usize,
+        b: u8,
+    ) -> PResult<usize> {
+        self.capture_field = field;
+        match b {
+            b'"' => {
+                self.capture.clear();
+                self.capture_too_long = false;
+                self.begin_string(StrTo::Capture, Slot::Affinity);
+                Ok(pos + 1)
+            }
+            b'n' => {
+                *self.affinity.slot(field) = None;
+                self.begin_literal(Slot::Skip);
+                Ok(pos)
+            }
+            _ => Err(wrong(name, "a string")),
+        }
     }
 
     /// A `prompt` value starts: it replaces an earlier prompt, and is parsed but not hashed when
@@ -1087,7 +1460,7 @@ impl RequestParser {
                     self.push(pos, Ctx::Prompt)?;
                     Ok(pos + 1)
                 }
-                _ => Err(wrong("prompt", "a string or an array")),
+                _ => Err(wrong(self.prompt_name(), "a string or an array")),
             },
             Slot::Tools => {
                 self.context.begin_tools();
@@ -1231,10 +1604,132 @@ impl RequestParser {
                     Ok(pos)
                 }
                 _ => Err(wrong(
-                    "prompt[]",
+                    self.prompt_item_name(),
                     "a string, a token id or an array of token ids",
                 )),
             },
+            _ => self.begin_other_value(slot, pos, b),
+        }
+    }
+
+    /// A Messages `system` or a Responses `instructions` value starts: the context's system
+    /// part.
+    fn begin_system(&mut self, pos: usize, b: u8) -> PResult<usize> {
+        match b {
+            b'"' => {
+                self.context.begin_system();
+                self.begin_string(StrTo::System, Slot::System);
+                Ok(pos + 1)
+            }
+            b'[' if self.kind == RequestKind::Messages => {
+                self.context.begin_system();
+                self.start_raw(RawTo::System, pos);
+                self.begin_skipped(pos, b)
+            }
+            b'n' => {
+                self.context.clear_system();
+                self.begin_literal(Slot::Skip);
+                Ok(pos)
+            }
+            _ if self.kind == RequestKind::Messages => {
+                Err(wrong("system", "a string, an array or null"))
+            }
+            _ => Err(wrong("instructions", "a string or null")),
+        }
+    }
+
+    /// The values only the non-chat shapes read.
+    fn begin_other_value(&mut self, slot: Slot, pos: usize, b: u8) -> PResult<usize> {
+        match slot {
+            Slot::Input => {
+                // A repeated `input` replaces the earlier one.
+                self.hasher.reset();
+                match b {
+                    b'"' => {
+                        // Like a completions string prompt.
+                        self.hasher.feed(b"P");
+                        self.begin_string(StrTo::Hash, slot);
+                        Ok(pos + 1)
+                    }
+                    b'[' => {
+                        self.push(pos, Ctx::InputItems)?;
+                        Ok(pos + 1)
+                    }
+                    b'n' => {
+                        self.begin_literal(Slot::Skip);
+                        Ok(pos)
+                    }
+                    _ => Err(wrong("input", "a string, an array or null")),
+                }
+            }
+            Slot::InputItem => {
+                // Any item (message, function call, its output, reasoning...) is one segment of
+                // its raw JSON, so a conversation's prefix grows item by item.
+                self.hasher.feed(&[INPUT_ITEM_TAG]);
+                self.start_raw(RawTo::Hash, pos);
+                self.begin_skipped(pos, b)
+            }
+            Slot::System => self.begin_system(pos, b),
+            Slot::Store => {
+                if !matches!(b, b't' | b'f' | b'n') {
+                    return Err(wrong("store", "a boolean"));
+                }
+                self.begin_literal(slot);
+                Ok(pos)
+            }
+            Slot::Affinity => {
+                let (field, name) = match (self.stack.last(), self.key) {
+                    (Some(Ctx::Conversation), _) => {
+                        (AffinityField::Conversation, "conversation.id")
+                    }
+                    (Some(Ctx::Metadata), _) => (AffinityField::User, "metadata.user_id"),
+                    (_, Key::PromptCache) => (AffinityField::PromptCacheKey, "prompt_cache_key"),
+                    (_, Key::SafetyIdentifier) => {
+                        (AffinityField::SafetyIdentifier, "safety_identifier")
+                    }
+                    (_, Key::PreviousResponseId) => {
+                        (AffinityField::PreviousResponseId, "previous_response_id")
+                    }
+                    _ => (AffinityField::User, "user"),
+                };
+                self.begin_affinity(field, name, pos, b)
+            }
+            Slot::Conversation => match b {
+                b'{' => {
+                    // `{"id": ...}`; without an `id` there is no conversation.
+                    self.affinity.conversation = None;
+                    self.push(pos, Ctx::Conversation)?;
+                    Ok(pos + 1)
+                }
+                b'"' | b'n' => {
+                    self.begin_affinity(AffinityField::Conversation, "conversation", pos, b)
+                }
+                _ => Err(wrong("conversation", "a string, an object or null")),
+            },
+            Slot::Metadata => match b {
+                b'{' => {
+                    self.affinity.user = None;
+                    self.push(pos, Ctx::Metadata)?;
+                    Ok(pos + 1)
+                }
+                b'n' => {
+                    self.affinity.user = None;
+                    self.begin_literal(Slot::Skip);
+                    Ok(pos)
+                }
+                _ => Err(wrong("metadata", "an object or null")),
+            },
+            Slot::Scored => {
+                let tag = match self.key {
+                    Key::Scored(tag) => tag,
+                    _ => SCORED_INPUT_TAG,
+                };
+                self.has_scored = true;
+                self.hasher.feed(&[tag]);
+                self.start_raw(RawTo::Hash, pos);
+                self.begin_skipped(pos, b)
+            }
+            _ => unreachable!("begin_value handles the chat slots"),
         }
     }
 
@@ -1322,7 +1817,7 @@ impl RequestParser {
         let p = self.prompt;
         if p.tokens > 0 {
             if p.segments > 0 {
-                return Err(wrong("prompt", "token ids or strings, not both"));
+                return Err(wrong(self.prompt_name(), "token ids or strings, not both"));
             }
             self.hasher.feed_len(p.token_bytes);
             self.hasher.end_segment();
@@ -1343,7 +1838,7 @@ impl RequestParser {
                         self.hasher.end_segment();
                     }
                     RawTo::Deferred => self.message.deferred_end(),
-                    RawTo::Tools | RawTo::Emit | RawTo::PartBuffer => {}
+                    RawTo::Tools | RawTo::Emit | RawTo::PartBuffer | RawTo::System => {}
                 }
             }
         }
@@ -1389,6 +1884,14 @@ impl RequestParser {
                 }
             }
             StrTo::Text => self.part.text.extend_from_slice(bytes),
+            StrTo::Capture => {
+                if self.capture.len() + bytes.len() <= MAX_AFFINITY_BYTES {
+                    self.capture.extend_from_slice(bytes);
+                } else {
+                    self.capture_too_long = true;
+                }
+            }
+            StrTo::System => self.context.system_bytes(bytes),
         }
     }
 
@@ -1479,7 +1982,7 @@ impl RequestParser {
                 }
             }
             Slot::Content => self.emit_len(self.field_len),
-            Slot::Prompt | Slot::PromptItem => {
+            Slot::Prompt | Slot::PromptItem | Slot::Input => {
                 self.hasher.feed_len(self.field_len);
                 self.hasher.end_segment();
                 if self.slot == Slot::Prompt {
@@ -1505,6 +2008,11 @@ impl RequestParser {
                 StrTo::Text => self.part.text_ready = true,
                 _ => {}
             },
+            Slot::Affinity => {
+                let value = (!self.capture_too_long)
+                    .then(|| into_string(std::mem::take(&mut self.capture)));
+                *self.affinity.slot(self.capture_field) = value;
+            }
             _ => {}
         }
         self.end_value(chunk, after);
@@ -1538,17 +2046,23 @@ impl RequestParser {
         } else {
             return Err(self.json_err(pos, "invalid literal"));
         };
-        if self.slot == Slot::Stream {
-            match value {
+        match self.slot {
+            Slot::Stream => match value {
                 Some(b't') => self.stream = true,
                 Some(b'f') => self.stream = false,
                 _ => {}
-            }
+            },
+            // `null` is the default.
+            Slot::Store => self.store = value != Some(b'f'),
+            _ => {}
         }
         self.end_value(chunk, pos);
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod shape_tests;
 
 #[cfg(test)]
 mod tests {
@@ -1559,7 +2073,17 @@ mod tests {
     }
 
     fn chunked(body: &[u8], sizes: &[usize], limits: Limits) -> PResult<ParsedRequest> {
-        let mut p = RequestParser::new(limits);
+        chunked_for(RequestKind::Chat, body, sizes, limits)
+    }
+
+    /// `body` fed to a parser of `kind` in pieces of `sizes` (cycled).
+    pub(super) fn chunked_for(
+        kind: RequestKind,
+        body: &[u8],
+        sizes: &[usize],
+        limits: Limits,
+    ) -> PResult<ParsedRequest> {
+        let mut p = RequestParser::for_kind(kind, limits);
         let mut rest = body;
         let mut i = 0;
         while !rest.is_empty() {
@@ -1573,15 +2097,28 @@ mod tests {
 
     /// Every split into two pieces, and 1-byte pieces, give the one-shot result.
     fn assert_split_invariant(body: &str) {
-        let whole = parse_request(body.as_bytes());
+        let _ = assert_split_invariant_for(RequestKind::Chat, body);
+    }
+
+    /// The same for a parser of `kind`; returns the one-shot result.
+    pub(super) fn assert_split_invariant_for(
+        kind: RequestKind,
+        body: &str,
+    ) -> PResult<ParsedRequest> {
+        let whole = parse_request_for(kind, body.as_bytes(), Limits::default());
         let bytes = body.as_bytes();
         for cut in 0..=bytes.len() {
-            let mut p = RequestParser::new(Limits::default());
+            let mut p = RequestParser::for_kind(kind, Limits::default());
             p.feed(&bytes[..cut]).unwrap();
             p.feed(&bytes[cut..]).unwrap();
             assert_eq!(p.finish(), whole, "cut at {cut} of {body}");
         }
-        assert_eq!(chunked(bytes, &[1], Limits::default()), whole, "{body}");
+        assert_eq!(
+            chunked_for(kind, bytes, &[1], Limits::default()),
+            whole,
+            "{body}"
+        );
+        whole
     }
 
     #[test]

@@ -1,9 +1,11 @@
 """The routing-quality benchmark (bench/quality).
 
 Unit checks of its pure parts: the oracle hit rate (on a hand-made workload, and against the
-simulator's own KV cache on every workload), the idle-while-queued metric, the targets and the
-hot_prompt workload. Then the smoke run (marker e2e): 2 simulators, the sticky multi-turn workload,
-round robin vs prefix_cache, a few seconds of load, into a temporary directory. It must write the
+simulator's own KV cache on every workload), the idle-while-queued metric, the targets, the
+hot_prompt workload, the multi_turn_responses workload (multi_turn's conversations as Responses API
+requests) and how the client reads chat and Responses answers. Then the smoke run (marker e2e):
+2 simulators, the sticky multi-turn workload, round robin vs prefix_cache, a few seconds of load,
+into a temporary directory. It must write the
 report and show prefix_cache reusing the KV cache more than round robin, and no more than the
 oracle allows."""
 
@@ -16,12 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import orjson
 import pytest
 
 from llmlb.sim.kv_cache import KVCache, block_hashes, root_hash
 from llmlb.sim.protocol import parse_request
+from llmlb.sim.responses import ResponseStore, parse_responses
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY = ROOT / "bench" / "quality"
@@ -74,7 +78,7 @@ def test_oracle_partial_tokens() -> None:
     assert oracle.oracle([], block_size=16, chars_per_token=4).hit_rate is None
 
 
-@pytest.mark.parametrize("name", ["multi_turn", "shared_system", "shared_prefix", "random", "hot_prompt"])
+@pytest.mark.parametrize("name", list(workloads.BUILDERS))
 def test_oracle_matches_the_simulators_cache(name: str) -> None:
     """Per request, the oracle equals what the simulator's own KV cache (llmlb.sim.kv_cache, infinite
     capacity, one cache per key, requests one after another) reports as cached, starting from the
@@ -87,8 +91,11 @@ def test_oracle_matches_the_simulators_cache(name: str) -> None:
     by_sid = {s.sid: s for s in w.sessions}
     for req in w.requests():
         key = by_sid[req.session].key
-        prompt = parse_request(orjson.dumps(req.body), chat=True).prompt
-        assert prompt == oracle.prompt_bytes(req.body["messages"])
+        if w.api == workloads.RESPONSES:
+            prompt = parse_responses(orjson.loads(orjson.dumps(req.body)), model, ResponseStore()).prompt
+        else:
+            prompt = parse_request(orjson.dumps(req.body), chat=True).prompt
+        assert prompt == oracle.prompt_bytes(by_sid[req.session].messages(req.turn))
         tokens = -(-len(prompt) // cpt)
         hashes = block_hashes(prompt, root_hash(model, None), block_size * cpt, tokens // block_size)
         cache = caches.setdefault(key, KVCache(10**7, block_size))
@@ -188,6 +195,99 @@ def test_hot_prompt_workload() -> None:
     users = [t.user for s in w.sessions for t in s.turns]
     assert len(set(users)) == len(users)  # a unique question per turn
     assert w.n_requests / w.duration > 30  # tens of requests per second
+
+
+def test_multi_turn_responses_workload() -> None:
+    """multi_turn's conversations, turn for turn, as Responses API requests: the same sessions and
+    arrivals (at any load), the system prompt as `instructions`, the history as input items with
+    the same fixed answers, and the very prompt the simulator renders for the chat request."""
+    for kwargs in (
+        {"seed": 1, "duration": 10.0},
+        {"seed": 2, "duration": 5.0, "max_requests": 40, "load": 2.0},
+    ):
+        chat = workloads.build("multi_turn", **kwargs)
+        resp = workloads.build("multi_turn_responses", **kwargs)
+        assert resp.sessions == chat.sessions
+        assert (resp.duration, resp.max_requests, resp.n_requests) == (
+            chat.duration,
+            chat.max_requests,
+            chat.n_requests,
+        )
+        assert (chat.api, chat.path) == (workloads.CHAT, "/v1/chat/completions")
+        assert (resp.api, resp.path) == (workloads.RESPONSES, "/v1/responses")
+        chat_requests, resp_requests = list(chat.requests(max_tokens=16)), list(resp.requests(max_tokens=16))
+        assert [(r.arrival, r.session, r.turn) for r in resp_requests] == [
+            (r.arrival, r.session, r.turn) for r in chat_requests
+        ]
+    by_sid = {s.sid: s for s in resp.sessions}
+    assert max(len(s.turns) for s in resp.sessions) >= 3
+    for c, r in zip(chat_requests, resp_requests, strict=True):
+        s = by_sid[r.session]
+        assert r.body["model"] == c.body["model"] == workloads.MODEL
+        assert r.body["instructions"] == s.system == c.body["messages"][0]["content"]
+        assert r.body["max_output_tokens"] == c.body["max_tokens"] == 16
+        assert r.body["stream"] is c.body["stream"] is True
+        assert "messages" not in r.body
+        assert "previous_response_id" not in r.body
+        items = r.body["input"]
+        assert len(items) == 2 * r.turn + 1 == len(c.body["messages"]) - 1
+        for item, message in zip(items, c.body["messages"][1:], strict=True):
+            if message["role"] == "user":
+                assert item == {"role": "user", "content": message["content"]}
+            else:  # an earlier answer: the workload's fixed text, as an output item
+                assert item == {
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": message["content"]}],
+                }
+        prompt = parse_responses(r.body, workloads.MODEL, ResponseStore()).prompt
+        assert prompt == parse_request(orjson.dumps(c.body), chat=True).prompt
+    stream_off = resp.body(resp.sessions[0], 0, max_tokens=7, stream=False)
+    assert stream_off["max_output_tokens"] == 7
+    assert "stream" not in stream_off
+
+
+def test_the_client_reads_chat_and_responses_answers() -> None:
+    """TTFT at the first content, token counts from the usage, for both APIs, streamed or not."""
+    run = _load("run")
+
+    def record() -> Any:
+        return run.Record("s", "k", 0, 0.0)
+
+    chat = record()
+    assert not run.read_event(chat, {"choices": [{"delta": {"role": "assistant"}}]}, 0.1)
+    assert chat.ttft is None
+    assert not run.read_event(chat, {"choices": [{"delta": {"content": "Hi"}}]}, 0.2)
+    assert not run.read_event(chat, {"choices": [{"delta": {"content": " there"}}]}, 0.3)
+    usage = {"prompt_tokens": 100, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 64}}
+    assert not run.read_event(chat, {"choices": [], "usage": usage}, 0.4)
+    assert (chat.ttft, chat.prompt_tokens, chat.cached_tokens, chat.completion_tokens) == (0.2, 100, 64, 2)
+
+    resp = record()
+    response = {"id": "resp_1", "status": "in_progress", "usage": None}
+    for kind in ("response.created", "response.in_progress"):
+        assert not run.read_event(resp, {"type": kind, "response": response}, 0.1)
+    assert not run.read_event(resp, {"type": "response.content_part.added", "part": {"text": ""}}, 0.1)
+    assert resp.ttft is None
+    assert not run.read_event(resp, {"type": "response.output_text.delta", "delta": "Hi"}, 0.2)
+    assert not run.read_event(resp, {"type": "response.output_text.delta", "delta": " there"}, 0.3)
+    assert not run.read_event(resp, {"type": "response.output_text.done", "text": "Hi there"}, 0.3)
+    usage = {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 48}, "output_tokens": 2}
+    done = {**response, "status": "completed", "usage": usage}
+    assert run.read_event(resp, {"type": "response.completed", "response": done}, 0.4)  # the end
+    assert (resp.ttft, resp.prompt_tokens, resp.cached_tokens, resp.completion_tokens) == (0.2, 100, 48, 2)
+    assert resp.error == "unfinished"  # send() settles it once the stream is over
+
+    failed = record()
+    assert run.read_event(failed, {"type": "response.failed", "response": {"error": {"code": "x"}}}, 0.2)
+    assert failed.error.startswith("response.failed")
+
+    whole = record()
+    run.read_answer(whole, {"id": "resp_2", "status": "completed", "usage": usage}, 0.5)
+    assert (whole.ttft, whole.prompt_tokens, whole.cached_tokens) == (0.5, 100, 48)
+    whole_chat = record()
+    run.read_answer(whole_chat, {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 1}}, 0.5)
+    assert (whole_chat.ttft, whole_chat.prompt_tokens, whole_chat.cached_tokens) == (0.5, 9, 0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 Starts N ``llmlb sim`` servers (a paged KV cache with prefix caching and a continuous-batching
 step model), then for each configuration and each workload: resets the simulators, drives the
-workload open loop (asyncio + aiohttp, SSE streaming with ``include_usage``) through the
-configuration's front door, and records per request the time to first token, the latency, prompt
-and cached tokens and which simulator served it. Writes ``results.json``, ``results.md`` and
-``results.png`` (see README.md).
+workload open loop (asyncio + aiohttp, SSE streaming: chat completions with ``include_usage``, or
+the Responses API) through the configuration's front door, and records per request the time to
+first token, the latency, prompt and cached tokens and which simulator served it. Writes
+``results.json``, ``results.md`` and ``results.png`` (see README.md).
 
 Configurations:
 
@@ -122,7 +122,7 @@ def start_quality_sims(n: int, work: Path, knobs: dict[str, float], seed: int) -
 @dataclass
 class Front:
     config: str
-    url: str  # the chat-completions URL the client posts to
+    url: str  # the gateway the client posts to (scheme://host:port; the workload adds its path)
     procs: list[ManagedProcess] = field(default_factory=list)
     note: str = ""
     more_urls: list[str] = field(default_factory=list)  # further gateways, used in turn with `url`
@@ -150,7 +150,7 @@ def start_envoy_front(config: str, sims: list[Sim], work: Path, lb_config: dict[
         text, listen_port, admin_port = front_envoy_yaml(endpoints, picker_port, "buffered")
         envoy = launch_envoy(text, listen_port, admin_port, "buffered", work, name=f"envoy-{config}")
         front.procs.append(envoy.proc)
-        front.url = f"{envoy.url}/v1/chat/completions"
+        front.url = envoy.url
     except BaseException:
         stop_all(reversed(front.procs))
         raise
@@ -197,7 +197,7 @@ def start_redis_front(
             text, listen_port, admin_port = front_envoy_yaml(endpoints, daemon.grpc_port, "buffered")
             envoy = launch_envoy(text, listen_port, admin_port, "buffered", work, name=f"envoy-{config}-{r}")
             front.procs.append(envoy.proc)
-            urls.append(f"{envoy.url}/v1/chat/completions")
+            urls.append(envoy.url)
         for daemon in front.daemons:
             wait_until(
                 lambda d=daemon: metric_sum(d.metrics(), "llmlb_redis_up") == 1,
@@ -278,7 +278,7 @@ def start_sglang_front(config: str, sims: list[Sim], work: Path, py: str) -> Fro
         "warn",
     ]
     proc = ManagedProcess(config, argv, work / f"{config}.log").start()
-    front = Front(config, f"http://{HOST}:{port}/v1/chat/completions", [proc])
+    front = Front(config, f"http://{HOST}:{port}", [proc])
     try:
         proc.wait_ready(f"http://{HOST}:{port}/health", timeout=60.0, interval=0.2)
     except BaseException:
@@ -302,7 +302,8 @@ def fallbacks(front: Front) -> dict[str, float]:
 def preflight(front: Front, sims: list[Sim]) -> None:
     """A few small requests through the front door: each must answer 200 (then the sims are reset)."""
     body = {"model": workloads.MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
-    for url in front.urls:
+    for base in front.urls:
+        url = base + workloads.PATHS[workloads.CHAT]
         for _ in range(2 * len(sims)):
             wait_until(
                 lambda url=url: _ok(post(url, body, timeout=10.0)),
@@ -333,7 +334,7 @@ class Record:
     sent: float  # s since the start of the cell
     status: int = 0
     error: str | None = "unfinished"
-    ttft: float | None = None  # s to the first content chunk
+    ttft: float | None = None  # s to the first content chunk (to the whole answer if not streamed)
     latency: float | None = None  # s to the end of the stream
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -342,7 +343,59 @@ class Record:
     gateway: int = 0  # which of the front door's URLs it was sent to
 
 
+def read_usage(rec: Record, usage: dict[str, Any]) -> None:
+    """Prompt, cached and completion tokens from a chat `usage` (`prompt_tokens`,
+    `prompt_tokens_details.cached_tokens`) or a Responses one (`input_tokens`,
+    `input_tokens_details.cached_tokens`)."""
+    responses = "input_tokens" in usage
+    rec.prompt_tokens = int(usage.get("input_tokens" if responses else "prompt_tokens") or 0)
+    rec.completion_tokens = int(usage.get("output_tokens" if responses else "completion_tokens") or 0)
+    details = usage.get("input_tokens_details" if responses else "prompt_tokens_details") or {}
+    rec.cached_tokens = int(details.get("cached_tokens") or 0)
+
+
+def read_event(rec: Record, event: dict[str, Any], elapsed: float) -> bool:
+    """One SSE `data` object of a chat-completions or Responses stream, `elapsed` s after the
+    request was sent: the first content (a chat chunk's `delta.content`, a Responses
+    `response.output_text.delta`) sets the TTFT, the usage (a chat chunk's `usage`, or
+    `response.completed`'s) the token counts. True at the end of a Responses stream (which has no
+    `[DONE]`). A failed Response sets `rec.error`."""
+    kind = event.get("type")
+    if isinstance(kind, str) and kind.startswith("response."):
+        if kind == "response.output_text.delta":
+            if rec.ttft is None and event.get("delta"):
+                rec.ttft = elapsed
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            response = event.get("response") or {}
+            read_usage(rec, response.get("usage") or {})
+            if kind == "response.failed":
+                rec.error = f"response.failed: {response.get('error')}"[:200]
+            return True
+        return False
+    if kind == "error":  # a Responses stream's error event
+        rec.error = f"error event: {event}"[:200]
+        return True
+    choices = event.get("choices") or []
+    if rec.ttft is None and choices and (choices[0].get("delta") or {}).get("content"):
+        rec.ttft = elapsed
+    usage = event.get("usage")
+    if usage:
+        read_usage(rec, usage)
+    return False
+
+
+def read_answer(rec: Record, answer: dict[str, Any], elapsed: float) -> None:
+    """A whole (not streamed) chat completion or Response: its usage; the TTFT is the time to the
+    answer (there is no earlier token to see). A failed Response sets `rec.error`."""
+    read_usage(rec, answer.get("usage") or {})
+    if answer.get("status") not in (None, "completed", "incomplete"):
+        rec.error = f"response status {answer.get('status')}"
+        return
+    rec.ttft = elapsed
+
+
 async def send(http: aiohttp.ClientSession, url: str, body: dict[str, Any], rec: Record, t0: float) -> None:
+    """Posts `body` (chat completions or Responses API, streamed or not) and fills `rec`."""
     start = time.monotonic()
     rec.sent = start - t0
     try:
@@ -355,25 +408,21 @@ async def send(http: aiohttp.ClientSession, url: str, body: dict[str, Any], rec:
                 text = (await resp.read())[:200].decode("utf-8", "replace")
                 rec.error = f"HTTP {resp.status}: {text}"
                 return
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                chunk = orjson.loads(data)
-                choices = chunk.get("choices") or []
-                if rec.ttft is None and choices and (choices[0].get("delta") or {}).get("content"):
-                    rec.ttft = time.monotonic() - start
-                usage = chunk.get("usage")
-                if usage:
-                    rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    rec.completion_tokens = int(usage.get("completion_tokens") or 0)
-                    details = usage.get("prompt_tokens_details") or {}
-                    rec.cached_tokens = int(details.get("cached_tokens") or 0)
+            if not body.get("stream"):
+                read_answer(rec, orjson.loads(await resp.read()), time.monotonic() - start)
+            else:
+                async for raw in resp.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
+                        continue  # blank lines, and the Responses stream's `event:` lines
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        break
+                    if read_event(rec, orjson.loads(data), time.monotonic() - start):
+                        break
             rec.latency = time.monotonic() - start
-            rec.error = None if rec.ttft is not None else "no content chunk"
+            if rec.error == "unfinished":  # else a failed Response said why
+                rec.error = None if rec.ttft is not None else "no content chunk"
     except asyncio.CancelledError:
         rec.error = "cancelled (still running at the drain deadline)"
         raise
@@ -418,8 +467,9 @@ async def drive(
     progress: Callable[[float, int, int], None],
 ) -> tuple[list[Record], list[dict[str, Any]], float]:
     """Runs one cell: every session's turns on its own schedule, request n going to `urls[n % len]`
-    (one URL but for the multi-gateway configurations). Returns the records, the samples of the
-    simulators' running/waiting counts and the wall time from the start to the last answer."""
+    (one gateway but for the multi-gateway configurations) + the workload's path. Returns the
+    records, the samples of the simulators' running/waiting counts and the wall time from the start
+    to the last answer."""
     records: list[Record] = []
     samples: list[dict[str, Any]] = []
     t0 = time.monotonic()
@@ -436,7 +486,8 @@ async def drive(
                     return
                 rec = Record(s.sid, s.key, k, 0.0, gateway=len(records) % len(urls))
                 records.append(rec)
-                await send(http, urls[rec.gateway], s.body(k, max_tokens), rec, t0)
+                body = workload.body(s, k, max_tokens)
+                await send(http, urls[rec.gateway] + workload.path, body, rec, t0)
 
         tasks = [asyncio.create_task(session(s)) for s in workload.sessions]
         sampler = asyncio.create_task(sample_sims(sims, samples, SAMPLE_INTERVAL, t0))

@@ -431,7 +431,6 @@ RATE_KEYS = {
     "shared_prefix": "rate",
     "random": "rate",
     "hot_prompt": "session_rate",
-    "multi_turn_responses": "session_rate",
 }
 DEFAULT_RATES = {
     "multi_turn": 4.5,
@@ -439,8 +438,10 @@ DEFAULT_RATES = {
     "shared_prefix": 30.0,
     "random": 20.0,
     "hot_prompt": 20.0,
-    "multi_turn_responses": 4.5,
 }
+# Variants: another API over the same conversations, at the same rate.
+RATE_KEYS["multi_turn_responses"] = RATE_KEYS["multi_turn"]
+DEFAULT_RATES["multi_turn_responses"] = DEFAULT_RATES["multi_turn"]
 
 
 def build(

@@ -549,7 +549,9 @@ def parse_config(raw: Any) -> Config:
             raise ConfigError("affinity_keys", "lists a key twice")
         values["affinity_keys"] = tuple(keys)
     if "session_header" in raw:
-        header = "" if raw["session_header"] is None else _str(raw["session_header"], "session_header").lower()
+        header = (
+            "" if raw["session_header"] is None else _str(raw["session_header"], "session_header").lower()
+        )
         if header and not _HEADER_NAME.match(header):
             raise ConfigError("session_header", f"must be an HTTP header name, got {header!r}")
         values["session_header"] = header

@@ -265,7 +265,9 @@ class EndpointManager:
 
     def served_models(self) -> list[str]:
         """Every model some endpoint of the pool serves, sorted (``GET /v1/models``)."""
-        return sorted({m for address, models in self.models.items() if address in self.labels for m in models})
+        return sorted(
+            {m for address, models in self.models.items() if address in self.labels for m in models}
+        )
 
     async def _list_models(self, address: str) -> tuple[str, ...] | None:
         async with self._probe_limit:
@@ -315,5 +317,7 @@ def _model_ids(listing: Any) -> tuple[str, ...] | None:
     """The ids of an OpenAI ``/v1/models`` answer (``{"data": [{"id": ...}, ...]}``)."""
     if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
         return None
-    ids = {item["id"] for item in listing["data"] if isinstance(item, dict) and isinstance(item.get("id"), str)}
+    ids = {
+        item["id"] for item in listing["data"] if isinstance(item, dict) and isinstance(item.get("id"), str)
+    }
     return tuple(sorted(ids))

@@ -44,7 +44,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from llmlb._core import BodyTooLargeError, ParsedRequest, RequestStream, parse_body, request_kind, stored_response_id
+from llmlb._core import (
+    BodyTooLargeError,
+    ParsedRequest,
+    RequestStream,
+    parse_body,
+    request_kind,
+    stored_response_id,
+)
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker, Refusal
 from llmlb.responses import ResponseIdScanner, ResponseStore
@@ -489,14 +496,18 @@ class _Stream:
         limits = self.limits
         offload = OFFLOAD_ENCODED_BYTES if self.encoding else OFFLOAD_BYTES
         if len(body) >= offload:
-            return await _off_loop(parse_body, body, self.encoding, limits.max_bytes, limits.max_blocks, self.kind)
+            return await _off_loop(
+                parse_body, body, self.encoding, limits.max_bytes, limits.max_blocks, self.kind
+            )
         return parse_body(body, self.encoding, limits.max_bytes, limits.max_blocks, self.kind)
 
     async def _read_chunk(self, chunk: bytes) -> bool:
         """Feeds a full-duplex chunk to the parser and holds it for the echo; ``False`` once the
         body is over the limit (everything held is dropped at once)."""
         if self.parser is None:
-            self.parser = RequestStream(self.encoding, self.limits.max_bytes, self.limits.max_blocks, self.kind)
+            self.parser = RequestStream(
+                self.encoding, self.limits.max_bytes, self.limits.max_blocks, self.kind
+            )
         offload = OFFLOAD_ENCODED_BYTES if self.encoding else OFFLOAD_BYTES
         try:
             if len(chunk) >= offload:
@@ -517,7 +528,9 @@ class _Stream:
 
     async def _finish_full_duplex(self, end_of_stream: bool) -> Iterable[pb.ProcessingResponse]:
         if self.parser is None:  # no body bytes at all
-            self.parser = RequestStream(self.encoding, self.limits.max_bytes, self.limits.max_blocks, self.kind)
+            self.parser = RequestStream(
+                self.encoding, self.limits.max_bytes, self.limits.max_blocks, self.kind
+            )
         parsed = self.parser.finish()
         self.parser = None
         received, self.chunks = self.chunks, []

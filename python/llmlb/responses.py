@@ -85,7 +85,9 @@ class ResponseStore:
         self.metrics.responses_learned.inc()
         shared = self.shared
         if shared is not None and shared.up:
-            task = asyncio.get_running_loop().create_task(shared.set_response(response_id, endpoint, self.ttl_s))
+            task = asyncio.get_running_loop().create_task(
+                shared.set_response(response_id, endpoint, self.ttl_s)
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -462,7 +462,11 @@ struct Context<'a> {
 }
 
 /// The request's affinity key by the configured order (see `affinity`).
-fn key_of(parsed: Option<&ParsedRequest>, session: Option<&str>, order: &[AffinityKey]) -> Option<u64> {
+fn key_of(
+    parsed: Option<&ParsedRequest>,
+    session: Option<&str>,
+    order: &[AffinityKey],
+) -> Option<u64> {
     let affinity = parsed.map(|r| &r.affinity);
     let field = |f: fn(&crate::request::Affinity) -> &Option<String>| {
         affinity.and_then(|a| f(a).as_deref())
@@ -615,9 +619,8 @@ impl PyBalancer {
             Some(names) => names
                 .iter()
                 .map(|n| {
-                    AffinityKey::from_name(n).ok_or_else(|| {
-                        PyValueError::new_err(format!("unknown affinity key {n:?}"))
-                    })
+                    AffinityKey::from_name(n)
+                        .ok_or_else(|| PyValueError::new_err(format!("unknown affinity key {n:?}")))
                 })
                 .collect::<PyResult<_>>()?,
         };

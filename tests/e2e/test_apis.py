@@ -65,13 +65,17 @@ class Fleet:
 
     def picks(self, reason: str) -> float:
         return sum(
-            metric_sum(parse_metrics(get(f"{d.admin_url}/metrics").text()), "llmlb_picks_total", reason=reason)
+            metric_sum(
+                parse_metrics(get(f"{d.admin_url}/metrics").text()), "llmlb_picks_total", reason=reason
+            )
             for d in self.daemons
         )
 
     def fallbacks(self, reason: str) -> float:
         return sum(
-            metric_sum(parse_metrics(get(f"{d.admin_url}/metrics").text()), "llmlb_fallbacks_total", reason=reason)
+            metric_sum(
+                parse_metrics(get(f"{d.admin_url}/metrics").text()), "llmlb_fallbacks_total", reason=reason
+            )
             for d in self.daemons
         )
 
@@ -96,7 +100,9 @@ def _start_fleet(
         daemons = []
         envoys = []
         for n in range(replicas):
-            daemon = start_daemon(endpoints, "prefix_cache", workdir, name=f"llmlb-{mode}-{n}", extra_args=extra)
+            daemon = start_daemon(
+                endpoints, "prefix_cache", workdir, name=f"llmlb-{mode}-{n}", extra_args=extra
+            )
             owned.append(daemon.proc)
             daemons.append(daemon)
             envoy = start_envoy(endpoints, daemon.grpc_port, mode, workdir, name=f"envoy-{mode}-{n}")
@@ -179,7 +185,13 @@ def test_a_responses_conversation_resent_as_items_sticks_and_hits_the_cache(flee
     home = None
     for turn in range(5):
         items.append({"role": "user", "content": f"question {turn} about replicated logs, please"})
-        body = {"model": "sim-model", "instructions": SYSTEM, "input": items, "max_output_tokens": 8, "store": False}
+        body = {
+            "model": "sim-model",
+            "instructions": SYSTEM,
+            "input": items,
+            "max_output_tokens": 8,
+            "store": False,
+        }
         reply = post(f"{fleet.url()}/v1/responses", body)
         served = _served(reply)
         home = home or served
@@ -218,7 +230,9 @@ def test_a_messages_conversation_sticks_and_hits_the_cache(fleet: Fleet) -> None
     messages: list[dict[str, Any]] = []
     home = None
     for turn in range(5):
-        messages.append({"role": "user", "content": [{"type": "text", "text": f"turn {turn}: explain quorum reads"}]})
+        messages.append(
+            {"role": "user", "content": [{"type": "text", "text": f"turn {turn}: explain quorum reads"}]}
+        )
         body = {"model": "sim-model", "system": SYSTEM, "messages": messages, "max_tokens": 8}
         reply = post(f"{fleet.url()}/v1/messages", body)
         served = _served(reply)
@@ -291,7 +305,11 @@ def test_other_paths_are_routed_by_load_and_are_not_bad_bodies(fleet: Fleet) -> 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_two_model_pool_never_misroutes(mode: str, tmp_path: Path) -> None:
-    sims = {"one-a": ["--models", "model-one"], "one-b": ["--models", "model-one"], "two": ["--models", "model-two"]}
+    sims = {
+        "one-a": ["--models", "model-one"],
+        "one-b": ["--models", "model-one"],
+        "two": ["--models", "model-two"],
+    }
     fleet, owned = _start_fleet(tmp_path, sims, mode)
     try:
         serving = {"model-one": {"one-a", "one-b"}, "model-two": {"two"}}
@@ -305,7 +323,10 @@ def test_a_two_model_pool_never_misroutes(mode: str, tmp_path: Path) -> None:
         assert seen["model-one"] == serving["model-one"]  # spread over both of its servers
         assert seen["model-two"] == serving["model-two"]
         for path, body in (
-            ("/v1/chat/completions", {"model": "model-three", "messages": [{"role": "user", "content": "x"}]}),
+            (
+                "/v1/chat/completions",
+                {"model": "model-three", "messages": [{"role": "user", "content": "x"}]},
+            ),
             ("/v1/responses", {"model": "model-three", "input": "x"}),
             ("/v1/embeddings", {"model": "model-three", "input": "x"}),
         ):

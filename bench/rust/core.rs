@@ -4,6 +4,9 @@
 //!
 //! Benchmark ids (criterion writes `target/criterion/<id>/new/estimates.json`):
 //! - `parse_hash/{1KB,32KB,1MB}`: `parse_request` of a generated OpenAI chat body.
+//! - `parse_hash/{responses,messages,embeddings}_1MB`: `parse_request_for` of a generated ~1 MB
+//!   Responses body (input items of every type), Anthropic Messages body (content blocks, a
+//!   system prompt) and embeddings body (passages); Rust only.
 //! - `parse_hash_chunked/1MB`: the 1 MB body fed to a `RequestParser` in 64 KiB chunks.
 //! - `pick/<policy>/<endpoints>`: one `pick` + one `release` (state stays steady).
 //! - `pick_only/<policy>/<endpoints>`: `pick` alone, in bursts of outstanding picks whose
@@ -29,7 +32,7 @@ use rand::SeedableRng;
 use _core::balancer::{Balancer, BalancerConfig, PickReason};
 use _core::engine_metrics::{parse_engine_metrics, Engine};
 use _core::prefix_table::PrefixTable;
-use _core::request::{parse_request, Limits, RequestParser};
+use _core::request::{parse_request, parse_request_for, Limits, RequestKind, RequestParser};
 use _core::scheduling::policies::Policy;
 use _core::worker_state::{Layout, WorkerState};
 
@@ -150,6 +153,12 @@ fn message(out: &mut Vec<u8>, rng: &mut Mix, role: &str, len: usize) {
     out.extend_from_slice(br#"{"role":""#);
     out.extend_from_slice(role.as_bytes());
     out.extend_from_slice(br#"","content":""#);
+    text(out, rng, len);
+    out.extend_from_slice(br#""}"#);
+}
+
+/// Appends about `len` bytes of escaped text (no quotes).
+fn text(out: &mut Vec<u8>, rng: &mut Mix, len: usize) {
     let mut text = TextGen::new();
     let mut tok = Vec::new();
     let mut written = 0;
@@ -161,7 +170,6 @@ fn message(out: &mut Vec<u8>, rng: &mut Mix, role: &str, len: usize) {
         out.extend_from_slice(&tok);
         written += tok.len();
     }
-    out.extend_from_slice(br#""}"#);
 }
 
 const fn message_overhead(role: &str) -> usize {
@@ -211,6 +219,199 @@ fn bodies() -> Vec<(&'static str, Vec<u8>)> {
         .collect()
 }
 
+/// Writes `pieces` joined with `text(len)` runs: `pieces[0], text, pieces[1], text, ...`.
+fn templated(out: &mut Vec<u8>, rng: &mut Mix, pieces: &[&str], lens: &[usize]) {
+    for (i, piece) in pieces.iter().enumerate() {
+        out.extend_from_slice(piece.as_bytes());
+        if let Some(&len) = lens.get(i) {
+            text(out, rng, len);
+        }
+    }
+}
+
+/// A Responses body of about `target` bytes: instructions, then input items of every type (user
+/// messages as strings and as parts, assistant output, function calls and outputs, reasoning).
+fn responses_body(target: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Mix(seed);
+    let mut out = Vec::with_capacity(target + 4096);
+    templated(
+        &mut out,
+        &mut rng,
+        &[r#"{"model":"gpt-4.1","instructions":""#, r#"","input":["#],
+        &[2000],
+    );
+    let mut call = 0;
+    while out.len() < target {
+        if call > 0 {
+            out.push(b',');
+        }
+        call += 1;
+        let id = format!("call_{call}");
+        let len = 200 + rng.below(3000) as usize;
+        match rng.below(6) {
+            0 => templated(
+                &mut out,
+                &mut rng,
+                &[r#"{"role":"user","content":""#, r#""}"#],
+                &[len],
+            ),
+            1 => templated(
+                &mut out,
+                &mut rng,
+                &[
+                    r#"{"role":"user","content":[{"type":"input_text","text":""#,
+                    r#""}]}"#,
+                ],
+                &[len],
+            ),
+            2 => templated(
+                &mut out,
+                &mut rng,
+                &[
+                    r#"{"type":"message","role":"assistant","status":"completed","content":[{"type":"output_text","annotations":[],"text":""#,
+                    r#""}]}"#,
+                ],
+                &[len],
+            ),
+            3 => templated(
+                &mut out,
+                &mut rng,
+                &[
+                    &format!(
+                        r#"{{"type":"function_call","call_id":"{id}","name":"search","arguments":"{{\"query\":\""#
+                    ),
+                    r#"\"}"}"#,
+                ],
+                &[len / 8],
+            ),
+            4 => templated(
+                &mut out,
+                &mut rng,
+                &[
+                    &format!(r#"{{"type":"function_call_output","call_id":"{id}","output":""#),
+                    r#""}"#,
+                ],
+                &[len],
+            ),
+            _ => templated(
+                &mut out,
+                &mut rng,
+                &[
+                    &format!(
+                        r#"{{"type":"reasoning","id":"rs_{call}","summary":[{{"type":"summary_text","text":""#
+                    ),
+                    r#""}]}"#,
+                ],
+                &[len / 2],
+            ),
+        }
+    }
+    out.extend_from_slice(
+        br#"],"tools":[{"type":"function","name":"search","parameters":{"type":"object"}}],"store":false,"stream":true}"#,
+    );
+    out
+}
+
+/// An Anthropic Messages body of about `target` bytes: text, tool_use and tool_result blocks,
+/// the system prompt (blocks) last, as the SDK sends it.
+fn messages_body(target: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Mix(seed);
+    let mut out = Vec::with_capacity(target + 4096);
+    out.extend_from_slice(br#"{"max_tokens":1024,"messages":["#);
+    let mut turn = 0;
+    while out.len() < target {
+        if turn > 0 {
+            out.push(b',');
+        }
+        turn += 1;
+        let len = 200 + rng.below(3000) as usize;
+        match rng.below(3) {
+            0 => templated(
+                &mut out,
+                &mut rng,
+                &[
+                    r#"{"role":"user","content":[{"type":"text","text":""#,
+                    r#""}]}"#,
+                ],
+                &[len],
+            ),
+            1 => templated(
+                &mut out,
+                &mut rng,
+                &[
+                    r#"{"role":"assistant","content":[{"type":"text","text":""#,
+                    &format!(
+                        r#""}},{{"type":"tool_use","id":"toolu_{turn}","name":"search","input":{{"query":""#
+                    ),
+                    r#""}}]}"#,
+                ],
+                &[len, 40],
+            ),
+            _ => templated(
+                &mut out,
+                &mut rng,
+                &[
+                    &format!(
+                        r#"{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"toolu_{turn}","content":""#
+                    ),
+                    r#""}]}"#,
+                ],
+                &[len],
+            ),
+        }
+    }
+    templated(
+        &mut out,
+        &mut rng,
+        &[
+            r#"],"model":"claude-sonnet-4-5","stream":true,"system":[{"type":"text","text":""#,
+            r#"","cache_control":{"type":"ephemeral"}}]}"#,
+        ],
+        &[4000],
+    );
+    out
+}
+
+/// An embeddings body of about `target` bytes: an array of passages.
+fn embeddings_body(target: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Mix(seed);
+    let mut out = Vec::with_capacity(target + 4096);
+    out.extend_from_slice(br#"{"model":"BAAI/bge-m3","input":["#);
+    let mut first = true;
+    while out.len() < target {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        let len = 200 + rng.below(2000) as usize;
+        templated(&mut out, &mut rng, &["\"", "\""], &[len]);
+    }
+    out.extend_from_slice(br#"],"encoding_format":"float"}"#);
+    out
+}
+
+/// The other request shapes, about 1 MB each: (label, kind, body).
+fn shape_bodies() -> Vec<(&'static str, RequestKind, Vec<u8>)> {
+    const SIZE: usize = 1024 * 1024;
+    vec![
+        (
+            "responses_1MB",
+            RequestKind::Responses,
+            responses_body(SIZE, 7),
+        ),
+        (
+            "messages_1MB",
+            RequestKind::Messages,
+            messages_body(SIZE, 8),
+        ),
+        (
+            "embeddings_1MB",
+            RequestKind::Embeddings,
+            embeddings_body(SIZE, 9),
+        ),
+    ]
+}
+
 fn hashes_of(body: &[u8]) -> Vec<u64> {
     parse_request(body)
         .expect("generated bodies parse")
@@ -237,6 +438,20 @@ fn bench_parse(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_with_input(BenchmarkId::from_parameter(label), &body, |b, body| {
             b.iter(|| parse_request(black_box(body)).expect("parses"));
+        });
+    }
+    for (label, kind, body) in shape_bodies() {
+        let parsed = parse_request_for(kind, &body, Limits::default()).expect("generated");
+        assert_eq!(parsed.kind, kind);
+        assert!(parsed.prefix_hashes.len() > 1000, "{label}");
+        println!(
+            "llmlb-bench-shape {label} bytes={} levels={}",
+            body.len(),
+            parsed.prefix_hashes.len()
+        );
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(label), &body, |b, body| {
+            b.iter(|| parse_request_for(kind, black_box(body), Limits::default()).expect("parses"));
         });
     }
     group.finish();

@@ -788,3 +788,127 @@ fn body_parser_takes_a_kind() {
         Err(ParseError::TooLarge { max_bytes: 10 })
     );
 }
+
+/// Generated bodies of the new shapes: any split gives the one-shot result, and the order of
+/// the top-level keys does not matter (a rerank body's fields excepted: they are in body order).
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn pick(values: &[&'static str]) -> impl Strategy<Value = &'static str> {
+        prop::sample::select(values.to_vec())
+    }
+
+    fn responses_item() -> impl Strategy<Value = &'static str> {
+        pick(&[
+            r#"{"role":"user","content":"h\u00e9llo \"there\""}"#,
+            r#"{"role":"user","content":[{"type":"input_text","text":"a\nb 😀"}]}"#,
+            r#"{"type":"message","role":"assistant","content":[{"type":"output_text","text":"ok"}]}"#,
+            r#"{"type":"function_call","call_id":"c1","name":"f","arguments":"{\"x\":[1,2]}"}"#,
+            r#"{"type":"function_call_output","call_id":"c1","output":"\ud83d\ude00"}"#,
+            r#"{"type":"reasoning","summary":[]}"#,
+            r#""plain""#,
+        ])
+    }
+
+    fn chat_message() -> impl Strategy<Value = &'static str> {
+        pick(&[
+            r#"{"role":"user","content":"hi \u00e9"}"#,
+            r#"{"content":[{"text":"a\"b","type":"text"}],"role":"user"}"#,
+            r#"{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"f","input":{"q":"x"}}]}"#,
+            r#"{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":"42"}]}"#,
+        ])
+    }
+
+    fn array(items: &[&str]) -> String {
+        format!("[{}]", items.join(", "))
+    }
+
+    /// Top-level fields of a body of `kind`.
+    fn body() -> impl Strategy<Value = (RequestKind, Vec<(&'static str, String)>)> {
+        let responses = (
+            prop::collection::vec(responses_item(), 0..6),
+            any::<bool>(),
+            prop::option::of(pick(&[r#""be brief""#, r#""\u00e9\n""#, "null"])),
+            prop::option::of(pick(&[r#""conv""#, r#"{"id":"c","x":[1]}"#])),
+        )
+            .prop_map(|(items, as_string, instructions, conversation)| {
+                let input = if as_string {
+                    r#""a \"string\" input""#.to_string()
+                } else {
+                    array(&items)
+                };
+                let mut fields = vec![
+                    ("model", r#""m""#.to_string()),
+                    ("input", input),
+                    ("tools", r#"[{"type":"function"}]"#.to_string()),
+                    ("store", "false".to_string()),
+                    ("user", r#""u""#.to_string()),
+                ];
+                fields.extend(instructions.map(|i| ("instructions", i.to_string())));
+                fields.extend(conversation.map(|c| ("conversation", c.to_string())));
+                (Responses, fields)
+            });
+        let messages = (
+            prop::collection::vec(chat_message(), 0..5),
+            prop::option::of(pick(&[
+                r#""sys""#,
+                r#"[{"type":"text","text":"s"}]"#,
+                "null",
+            ])),
+        )
+            .prop_map(|(messages, system)| {
+                let mut fields = vec![
+                    ("model", r#""claude""#.to_string()),
+                    ("messages", array(&messages)),
+                    ("metadata", r#"{"user_id":"u"}"#.to_string()),
+                    ("stream", "true".to_string()),
+                ];
+                fields.extend(system.map(|s| ("system", s.to_string())));
+                (Messages, fields)
+            });
+        let embeddings = pick(&[r#""text""#, r#"["a","b\n"]"#, "[1, 2, 3]", "[[1], [2, 3]]"])
+            .prop_map(|input| {
+                (
+                    Embeddings,
+                    vec![
+                        ("model", r#""e""#.to_string()),
+                        ("input", input.to_string()),
+                        ("dimensions", "8".to_string()),
+                    ],
+                )
+            });
+        prop_oneof![responses, messages, embeddings]
+    }
+
+    fn render(fields: &[(&str, String)], mut seed: u64) -> String {
+        let mut order: Vec<usize> = (0..fields.len()).collect();
+        for i in (1..order.len()).rev() {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            order.swap(i, (seed >> 33) as usize % (i + 1));
+        }
+        let members: Vec<String> = order
+            .iter()
+            .map(|&i| format!(r#""{}": {}"#, fields[i].0, fields[i].1))
+            .collect();
+        format!("{{{}}}", members.join(", "))
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_and_any_key_order_give_the_one_shot_result(
+            (kind, fields) in body(),
+            seeds in (any::<u64>(), any::<u64>()),
+            sizes in prop::collection::vec(1usize..200, 1..8),
+            block_size in prop::sample::select(vec![7usize, 64, 512]),
+        ) {
+            let limits = Limits { block_size, ..Limits::default() };
+            let (a, b) = (render(&fields, seeds.0), render(&fields, seeds.1));
+            let one_shot = parse_request_for(kind, a.as_bytes(), limits);
+            prop_assert!(one_shot.is_ok(), "{a}: {one_shot:?}");
+            prop_assert_eq!(&chunked_for(kind, a.as_bytes(), &sizes, limits), &one_shot, "{}", a);
+            prop_assert_eq!(&parse_request_for(kind, b.as_bytes(), limits), &one_shot, "{}\n{}", a, b);
+        }
+    }
+}

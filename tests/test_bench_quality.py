@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import orjson
@@ -46,6 +46,7 @@ def _load(name: str) -> ModuleType:
 oracle = _load("oracle")
 report = _load("report")
 workloads = _load("workloads")
+run = _load("run")
 
 # --------------------------------------------------------------------------------------------------
 # the oracle
@@ -82,20 +83,36 @@ def test_oracle_partial_tokens() -> None:
 def test_oracle_matches_the_simulators_cache(name: str) -> None:
     """Per request, the oracle equals what the simulator's own KV cache (llmlb.sim.kv_cache, infinite
     capacity, one cache per key, requests one after another) reports as cached, starting from the
-    body the client sends (parsed and rendered by the simulator's own protocol code)."""
+    body the client sends (parsed and rendered by the simulator's own protocol code; a chained
+    turn continues the response the simulator's own code stored for the turn before)."""
     w = workloads.build(name, seed=3, duration=3.0, max_requests=150)
-    block_size, cpt, model = 16, 4, workloads.MODEL
+    block_size, cpt, model, max_tokens = 16, 4, workloads.MODEL, 16
     caches: dict[str, KVCache] = {}
     keyed: list[tuple[str, bytes]] = []
     expected: list[int] = []
     by_sid = {s.sid: s for s in w.sessions}
-    for req in w.requests():
+    store = ResponseStore()
+    chain: dict[str, tuple[str, list[str]]] = {}  # session -> (last response id, answers so far)
+    for req in w.requests(max_tokens):
         key = by_sid[req.session].key
-        if w.api == workloads.RESPONSES:
-            prompt = parse_responses(orjson.loads(orjson.dumps(req.body)), model, ResponseStore()).prompt
-        else:
+        answers = None
+        if w.api == workloads.CHAT:
             prompt = parse_request(orjson.dumps(req.body), chat=True).prompt
-        assert prompt == oracle.prompt_bytes(by_sid[req.session].messages(req.turn))
+        else:
+            body = orjson.loads(orjson.dumps(req.body))
+            if w.chained:
+                assert body["store"] is True
+                if req.turn:
+                    assert body["previous_response_id"] == f"resp_{req.session}_turn{req.turn - 1}"
+                    body["previous_response_id"], answers = chain[req.session]
+            exchange = parse_responses(body, model, store)
+            prompt = exchange.prompt
+            if w.chained:  # the simulator stores the response once it completes
+                done = SimpleNamespace(generated=max_tokens, prompt_tokens=1, cached_tokens=0)
+                response = exchange.completed(done)
+                said = [*(answers or []), response["output"][0]["content"][0]["text"]]
+                chain[req.session] = (response["id"], said)
+        assert prompt == oracle.prompt_bytes(by_sid[req.session].messages(req.turn, answers))
         tokens = -(-len(prompt) // cpt)
         hashes = block_hashes(prompt, root_hash(model, None), block_size * cpt, tokens // block_size)
         cache = caches.setdefault(key, KVCache(10**7, block_size))
@@ -107,6 +124,10 @@ def test_oracle_matches_the_simulators_cache(name: str) -> None:
         keyed.append((key, prompt))
     result = oracle.oracle(keyed, block_size=block_size, chars_per_token=cpt)
     assert result.per_request == expected
+    # the runner's oracle of the planned requests (for a chained workload it assumes the
+    # simulator's answer of --output-tokens tokens) is this one
+    knobs = {"block-size": block_size, "chars-per-token": cpt, "output-tokens": max_tokens}
+    assert run.workload_oracle(w, None, knobs).per_request == expected
     if name == "random":
         assert result.cached_tokens == 0
     else:
@@ -184,6 +205,47 @@ def test_targets() -> None:
         assert verdict in table
 
 
+def test_targets_of_the_responses_variants() -> None:
+    """multi_turn_responses: the hit rate of multi_turn in the same configuration, within 2 points
+    either way; the chained variant: no failed request, and no TTFT comparison with round robin
+    (whose follow-ups fail)."""
+
+    def cell(config: str, workload: str, **figures: float | None) -> dict[str, object]:
+        base = {
+            "config": config,
+            "workload": workload,
+            "idle_while_queued_max_s": 0.0,
+            "oracle_hit_rate": 0.7,
+        }
+        return {**base, "hit_over_oracle": 1.0, "ttft_p99_ms": 100, "ttft_mean_ms": 50, **figures}
+
+    cells = [
+        cell("round_robin", "multi_turn", hit_rate=0.3, ttft_p99_ms=600, ttft_mean_ms=200),
+        cell("round_robin", "multi_turn_responses", hit_rate=0.35, ttft_p99_ms=600, ttft_mean_ms=200),
+        cell("round_robin", "multi_turn_responses_chained", errors=80, ttft_p99_ms=90),
+        cell("prefix_cache", "multi_turn", hit_rate=0.70),
+        cell("prefix_cache", "multi_turn_responses", hit_rate=0.685),
+        cell("least_busy", "multi_turn", hit_rate=0.40),
+        cell("least_busy", "multi_turn_responses", hit_rate=0.43),
+        cell("prefix_cache", "multi_turn_responses_chained", errors=0),
+        cell("least_busy", "multi_turn_responses_chained", errors=3),
+    ]
+    rows = report.targets(cells)
+    got = {(t["workload"], t["config"], t["target"]): t["pass"] for t in rows}
+    same = "KV hit - multi_turn's"
+    assert got[("multi_turn_responses", "prefix_cache", same)] is True  # -0.015
+    assert got[("multi_turn_responses", "least_busy", same)] is False  # +0.03: either way counts
+    assert ("multi_turn", "prefix_cache", same) not in got
+    assert got[("multi_turn_responses_chained", "prefix_cache", "failed requests")] is True
+    assert got[("multi_turn_responses_chained", "least_busy", "failed requests")] is False
+    assert not [
+        t for t in rows if t["workload"] == "multi_turn_responses_chained" and "round robin" in t["target"]
+    ]
+    assert got[("multi_turn_responses", "prefix_cache", "TTFT p99 ÷ round robin")] is True
+    bounds = {t["bound"] for t in rows if t["target"] == same}
+    assert bounds == {"within ±0.02"}
+
+
 def test_hot_prompt_workload() -> None:
     w = workloads.build("hot_prompt", seed=1, duration=10.0)
     assert w == workloads.build("hot_prompt", seed=1, duration=10.0)  # deterministic
@@ -245,11 +307,45 @@ def test_multi_turn_responses_workload() -> None:
     stream_off = resp.body(resp.sessions[0], 0, max_tokens=7, stream=False)
     assert stream_off["max_output_tokens"] == 7
     assert "stream" not in stream_off
+    assert resp.family == chat.family == "multi_turn"  # one text: the runner restarts the pickers
+
+
+def test_multi_turn_responses_chained_workload() -> None:
+    """multi_turn's sessions again, each turn only its new user message naming the previous turn's
+    response (store: true)."""
+    chat = workloads.build("multi_turn", seed=1, duration=10.0)
+    chained = workloads.build("multi_turn_responses_chained", seed=1, duration=10.0)
+    assert chained.sessions == chat.sessions
+    assert (chained.api, chained.path, chained.chained, chained.family) == (
+        workloads.RESPONSES_CHAINED,
+        "/v1/responses",
+        True,
+        "multi_turn",
+    )
+    s = chained.sessions[0]
+    first = chained.body(s, 0, max_tokens=16)
+    assert first == {
+        **workloads.build("multi_turn_responses", seed=1, duration=10.0).body(s, 0),
+        "store": True,
+    }
+    second = chained.body(s, 1, max_tokens=16, previous_response_id="resp_abc")
+    assert second == {
+        "model": workloads.MODEL,
+        "instructions": s.system,
+        "input": [{"role": "user", "content": s.turns[1].user}],
+        "previous_response_id": "resp_abc",
+        "store": True,
+        "max_output_tokens": 16,
+        "stream": True,
+    }
+    with pytest.raises(ValueError, match="previous response"):
+        chained.body(s, 1)
+    with pytest.raises(ValueError, match="previous response"):
+        chained.body(s, 0, previous_response_id="resp_abc")
 
 
 def test_the_client_reads_chat_and_responses_answers() -> None:
     """TTFT at the first content, token counts from the usage, for both APIs, streamed or not."""
-    run = _load("run")
 
     def record() -> Any:
         return run.Record("s", "k", 0, 0.0)
@@ -276,6 +372,13 @@ def test_the_client_reads_chat_and_responses_answers() -> None:
     done = {**response, "status": "completed", "usage": usage}
     assert run.read_event(resp, {"type": "response.completed", "response": done}, 0.4)  # the end
     assert (resp.ttft, resp.prompt_tokens, resp.cached_tokens, resp.completion_tokens) == (0.2, 100, 48, 2)
+    assert resp.response_id == "resp_1"  # what the next turn of a chain names
+    assert resp.answer is None  # the completed event above has no output
+    output = [
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi there"}]}
+    ]
+    assert run.read_event(resp, {"type": "response.completed", "response": {**done, "output": output}}, 0.4)
+    assert resp.answer == "Hi there"  # what the stored conversation holds
     assert resp.error == "unfinished"  # send() settles it once the stream is over
 
     failed = record()
@@ -283,8 +386,10 @@ def test_the_client_reads_chat_and_responses_answers() -> None:
     assert failed.error.startswith("response.failed")
 
     whole = record()
-    run.read_answer(whole, {"id": "resp_2", "status": "completed", "usage": usage}, 0.5)
+    answer = {"id": "resp_2", "object": "response", "status": "completed", "usage": usage, "output": output}
+    run.read_answer(whole, answer, 0.5)
     assert (whole.ttft, whole.prompt_tokens, whole.cached_tokens) == (0.5, 100, 48)
+    assert (whole.response_id, whole.answer) == ("resp_2", "Hi there")
     whole_chat = record()
     run.read_answer(whole_chat, {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 1}}, 0.5)
     assert (whole_chat.ttft, whole_chat.prompt_tokens, whole_chat.cached_tokens) == (0.5, 9, 0)

@@ -178,7 +178,7 @@ def _fmt(value: Any, digits: int = 0, pct: bool = False) -> str:
 
 def one_line(c: dict[str, Any]) -> str:
     return (
-        f"{c['config']:22} {c['workload']:14} {c['ok']:4d}/{c['requests']:<4d} ok  "
+        f"{c['config']:22} {c['workload']:20} {c['ok']:4d}/{c['requests']:<4d} ok  "
         f"hit {_fmt(c['hit_rate'], pct=True):>6} (sims {_fmt(c['hit_rate_sims'], pct=True)})  "
         f"TTFT p50 {_fmt(c['ttft_p50_ms'])} ms p99 {_fmt(c['ttft_p99_ms'])} ms  {c['rps']:.1f} req/s  "
         f"req max/mean {_fmt(c['requests_max_over_mean'], 2)}  "
@@ -227,6 +227,10 @@ REDIS_P99_OF_PC = 1.1  # prefix_cache_redis2's TTFT p99 <= 1.1 x prefix_cache's
 # the simulator renders both to the same prompts, so the hit rates must agree.
 SAME_CONVERSATIONS = {"multi_turn_responses": "multi_turn"}
 SAME_HIT_POINTS = 0.02  # |hit rate - the chat workload's| <= 2 points, same configuration
+# Turn k names turn k - 1's stored response: only the server holding it can answer (others: 404).
+# A picker must route every turn there (no failed request); round robin's answered requests are
+# mostly first turns, so TTFT against it compares different requests and is not a target.
+CHAINED = ("multi_turn_responses_chained",)
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -265,8 +269,16 @@ def targets(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rr = by_key.get((c["workload"], "round_robin"), {})
         if c.get("oracle_hit_rate"):  # reuse exists (not `random`)
             add("KV hit ÷ oracle", c.get("hit_over_oracle"), ">=", HIT_OF_ORACLE)
-        add("TTFT p99 ÷ round robin", _div(c.get("ttft_p99_ms"), rr.get("ttft_p99_ms")), "<=", P99_OF_RR)
-        add("TTFT mean ÷ round robin", _div(c.get("ttft_mean_ms"), rr.get("ttft_mean_ms")), "<=", MEAN_OF_RR)
+        if c["workload"] in CHAINED:
+            add("failed requests", c.get("errors"), "<=", 0)
+        else:
+            add("TTFT p99 ÷ round robin", _div(c.get("ttft_p99_ms"), rr.get("ttft_p99_ms")), "<=", P99_OF_RR)
+            add(
+                "TTFT mean ÷ round robin",
+                _div(c.get("ttft_mean_ms"), rr.get("ttft_mean_ms")),
+                "<=",
+                MEAN_OF_RR,
+            )
         add("idle-while-queued max (s)", c.get("idle_while_queued_max_s"), "<=", IDLE_MAX_S)
         if c["config"] == "prefix_cache_redis2":
             pc = by_key.get((c["workload"], "prefix_cache"), {})
@@ -421,7 +433,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
             ax.axhline(IDLE_MAX_S, color="grey", linestyle="--", linewidth=1)
         ax.set_title(f"{title} ({unit})", fontsize=10)
         ax.set_xticks(range(len(workloads)))
-        tilt = len(workloads) > 5  # long names would overlap
+        tilt = max(map(len, workloads), default=0) > 16  # long names would overlap
         ax.set_xticklabels(
             workloads, fontsize=8, rotation=20 if tilt else 0, ha="right" if tilt else "center"
         )

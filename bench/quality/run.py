@@ -56,6 +56,7 @@ import report  # noqa: E402
 import workloads  # noqa: E402
 import yaml  # noqa: E402
 
+from llmlb.sim.protocol import completion_text  # noqa: E402
 from tests.support.procs import (  # noqa: E402
     HOST,
     Daemon,
@@ -287,15 +288,18 @@ def start_sglang_front(config: str, sims: list[Sim], work: Path, py: str) -> Fro
     return front
 
 
-def fallbacks(front: Front) -> dict[str, float]:
-    """llmlb_fallbacks_total by reason, summed over the front door's pickers (e.g. `redis_slow`:
-    picks a replica made from local state because Redis did not answer within redisBudget)."""
-    totals: dict[str, float] = {}
+def picker_counts(front: Front) -> dict[str, dict[str, float]]:
+    """The pickers' counters by reason, summed over the front door's pickers: `fallbacks`
+    (llmlb_fallbacks_total, e.g. `redis_slow`: picks made from local state because Redis did not
+    answer within redisBudget) and `picks` (llmlb_picks_total, e.g. `prefix_hit`)."""
+    totals: dict[str, dict[str, float]] = {"fallbacks": {}, "picks": {}}
+    names = {"llmlb_fallbacks_total": "fallbacks", "llmlb_picks_total": "picks"}
     for daemon in front.daemons:
         for sample in daemon.metrics():
-            if sample.name == "llmlb_fallbacks_total":
+            kind = names.get(sample.name)
+            if kind is not None:
                 reason = sample.labels.get("reason", "?")
-                totals[reason] = totals.get(reason, 0.0) + sample.value
+                totals[kind][reason] = totals[kind].get(reason, 0.0) + sample.value
     return totals
 
 
@@ -341,6 +345,8 @@ class Record:
     completion_tokens: int = 0
     sim: str | None = None
     gateway: int = 0  # which of the front door's URLs it was sent to
+    response_id: str | None = None  # a Response's id (what the next turn of a chain names)
+    answer: str | None = None  # a Response's output text (what a chained conversation holds)
 
 
 def read_usage(rec: Record, usage: dict[str, Any]) -> None:
@@ -354,20 +360,39 @@ def read_usage(rec: Record, usage: dict[str, Any]) -> None:
     rec.cached_tokens = int(details.get("cached_tokens") or 0)
 
 
+def read_response(rec: Record, response: dict[str, Any]) -> None:
+    """A Response object's id, output text and (once completed) usage."""
+    if isinstance(response.get("id"), str):
+        rec.response_id = response["id"]
+    texts = [
+        part.get("text") or ""
+        for item in response.get("output") or []
+        if item.get("type") == "message"
+        for part in item.get("content") or []
+        if part.get("type") == "output_text"
+    ]
+    if texts:
+        rec.answer = "\n".join(texts)
+    if response.get("usage"):
+        read_usage(rec, response["usage"])
+
+
 def read_event(rec: Record, event: dict[str, Any], elapsed: float) -> bool:
     """One SSE `data` object of a chat-completions or Responses stream, `elapsed` s after the
     request was sent: the first content (a chat chunk's `delta.content`, a Responses
     `response.output_text.delta`) sets the TTFT, the usage (a chat chunk's `usage`, or
     `response.completed`'s) the token counts. True at the end of a Responses stream (which has no
-    `[DONE]`). A failed Response sets `rec.error`."""
+    `[DONE]`). The Response's id and output text are kept too. A failed Response sets `rec.error`."""
     kind = event.get("type")
     if isinstance(kind, str) and kind.startswith("response."):
         if kind == "response.output_text.delta":
             if rec.ttft is None and event.get("delta"):
                 rec.ttft = elapsed
+        elif kind == "response.created":
+            read_response(rec, event.get("response") or {})
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
             response = event.get("response") or {}
-            read_usage(rec, response.get("usage") or {})
+            read_response(rec, response)
             if kind == "response.failed":
                 rec.error = f"response.failed: {response.get('error')}"[:200]
             return True
@@ -385,9 +410,13 @@ def read_event(rec: Record, event: dict[str, Any], elapsed: float) -> bool:
 
 
 def read_answer(rec: Record, answer: dict[str, Any], elapsed: float) -> None:
-    """A whole (not streamed) chat completion or Response: its usage; the TTFT is the time to the
-    answer (there is no earlier token to see). A failed Response sets `rec.error`."""
-    read_usage(rec, answer.get("usage") or {})
+    """A whole (not streamed) chat completion or Response: its usage (and a Response's id and
+    text); the TTFT is the time to the answer (there is no earlier token to see). A failed Response
+    sets `rec.error`."""
+    if answer.get("object") == "response":
+        read_response(rec, answer)
+    else:
+        read_usage(rec, answer.get("usage") or {})
     if answer.get("status") not in (None, "completed", "incomplete"):
         rec.error = f"response status {answer.get('status')}"
         return
@@ -467,7 +496,8 @@ async def drive(
     progress: Callable[[float, int, int], None],
 ) -> tuple[list[Record], list[dict[str, Any]], float]:
     """Runs one cell: every session's turns on its own schedule, request n going to `urls[n % len]`
-    (one gateway but for the multi-gateway configurations) + the workload's path. Returns the
+    (one gateway but for the multi-gateway configurations) + the workload's path. A chained
+    session names each turn's response in the next and ends at its first failed turn. Returns the
     records, the samples of the simulators' running/waiting counts and the wall time from the start
     to the last answer."""
     records: list[Record] = []
@@ -479,6 +509,7 @@ async def drive(
 
         async def session(s: workloads.Session) -> None:
             await asyncio.sleep(max(0.0, s.start - (time.monotonic() - t0)))
+            previous: str | None = None  # a chain's last response id
             for k, turn in enumerate(s.turns):
                 if k:
                     await asyncio.sleep(turn.think)
@@ -486,8 +517,12 @@ async def drive(
                     return
                 rec = Record(s.sid, s.key, k, 0.0, gateway=len(records) % len(urls))
                 records.append(rec)
-                body = workload.body(s, k, max_tokens)
+                body = workload.body(s, k, max_tokens, previous_response_id=previous)
                 await send(http, urls[rec.gateway] + workload.path, body, rec, t0)
+                if workload.chained:
+                    if rec.error is not None or rec.response_id is None or rec.answer is None:
+                        return  # the chain is broken: no later turn can name this one
+                    previous = rec.response_id
 
         tasks = [asyncio.create_task(session(s)) for s in workload.sessions]
         sampler = asyncio.create_task(sample_sims(sims, samples, SAMPLE_INTERVAL, t0))
@@ -511,16 +546,33 @@ async def drive(
 
 
 def workload_oracle(
-    w: workloads.Workload, sent: list[tuple[str, int]] | None, knobs: dict[str, float]
+    w: workloads.Workload,
+    sent: list[tuple[str, int]] | None,
+    knobs: dict[str, float],
+    answers: dict[tuple[str, int], str] | None = None,
 ) -> oracle.Oracle:
     """The oracle hit rate (oracle.py) of `sent`, the (session, turn) of requests in the order they
     were sent, keyed by each session's affinity key; `None`: every planned request, in the order
-    of their nominal arrival (multi-turn sessions as if answers were instant)."""
+    of their nominal arrival (multi-turn sessions as if answers were instant).
+
+    A chained workload's history holds the server's answers: `answers[(session, turn)]` (the
+    answered turns' output text); without them (the planned requests) the simulator's answer of
+    `--output-tokens` tokens is assumed."""
     by_sid = {s.sid: s for s in w.sessions}
     if sent is None:
         sent = [(r.session, r.turn) for r in w.requests()]
+
+    def prompt(sid: str, k: int) -> bytes:
+        if not w.chained:
+            return oracle.prompt_bytes(by_sid[sid].messages(k))
+        if answers is None:
+            said = [completion_text(int(knobs["output-tokens"]))] * k
+        else:
+            said = [answers[(sid, i)] for i in range(k)]
+        return oracle.prompt_bytes(by_sid[sid].messages(k, said))
+
     return oracle.oracle(
-        ((by_sid[sid].key, oracle.prompt_bytes(by_sid[sid].messages(k))) for sid, k in sent),
+        ((by_sid[sid].key, prompt(sid, k)) for sid, k in sent),
         block_size=int(knobs["block-size"]),
         chars_per_token=int(knobs["chars-per-token"]),
     )
@@ -551,7 +603,7 @@ class Progress:
             filled = min(width, int(width * elapsed / max(duration, 1e-9)))
             bar = "#" * filled + "." * (width - filled)
             line = (
-                f"[{index}/{self.total}] {config:22} {workload:14} [{bar}] {elapsed:5.1f}/{duration:g}s "
+                f"[{index}/{self.total}] {config:22} {workload:20} [{bar}] {elapsed:5.1f}/{duration:g}s "
                 f"{done}/{sent} answered, {now - self.start:5.0f}s total"
             )
             print(
@@ -661,21 +713,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sims = start_quality_sims(args.sims, work, knobs, args.seed)
         for config in configs:
+
+            def open_front(config: str = config) -> Front:
+                """The configuration's front door, started and checked (stopped if the check fails)."""
+                front: Front | None = None
+                try:
+                    if config in SGLANG_CONFIGS:
+                        assert sgl_py is not None
+                        front = start_sglang_front(config, sims, work, sgl_py)
+                    elif config in REDIS_CONFIGS:
+                        assert redis_bin is not None
+                        policy = REDIS_CONFIGS[config][0]
+                        front = start_redis_front(config, sims, work, lb_configs.get(policy, {}), redis_bin)
+                    else:
+                        front = start_envoy_front(config, sims, work, lb_configs.get(config, {}))
+                    preflight(front, sims)
+                except BaseException:
+                    if front is not None:
+                        stop_all(reversed(front.procs))
+                    raise
+                return front
+
             front: Front | None = None
             try:
-                if config in SGLANG_CONFIGS:
-                    assert sgl_py is not None
-                    front = start_sglang_front(config, sims, work, sgl_py)
-                elif config in REDIS_CONFIGS:
-                    assert redis_bin is not None
-                    policy = REDIS_CONFIGS[config][0]
-                    front = start_redis_front(config, sims, work, lb_configs.get(policy, {}), redis_bin)
-                else:
-                    front = start_envoy_front(config, sims, work, lb_configs.get(config, {}))
-                preflight(front, sims)
+                front = open_front()
             except (AssertionError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                if front is not None:
-                    stop_all(reversed(front.procs))
                 if config not in OPTIONAL_CONFIGS:
                     raise
                 notes.append(f"skipped {config}: could not start it ({str(exc).splitlines()[0][:200]})")
@@ -683,10 +745,19 @@ def main(argv: list[str] | None = None) -> int:
                 index += len(names)
                 continue
             try:
-                fallbacks_before = fallbacks(front)
+                counts_before = picker_counts(front)
+                families: set[str] = set()
                 for name in names:
                     index += 1
                     w = loads[name]
+                    if w.family in families:
+                        # The same text went through this front door in an earlier cell: a fresh
+                        # one, so that no picker state points at where those prompts went.
+                        stop_all(reversed(front.procs))
+                        front = None
+                        front = open_front()
+                        counts_before = picker_counts(front)
+                    families.add(w.family)
                     for s in sims:
                         s.reset()
                     records, samples, span = asyncio.run(
@@ -708,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     sim_stats = {s.name: s.stats() for s in sims}
                     answered = sorted((r for r in records if r.error is None), key=lambda r: r.sent)
-                    best = workload_oracle(w, [(r.session, r.turn) for r in answered], knobs)
+                    said = {(r.session, r.turn): r.answer for r in answered if r.answer is not None}
+                    best = workload_oracle(w, [(r.session, r.turn) for r in answered], knobs, said)
                     cell = report.summarize(
                         config=config,
                         workload=name,
@@ -720,18 +792,21 @@ def main(argv: list[str] | None = None) -> int:
                         max_running=int(knobs["max-running"]),
                         sample_interval=SAMPLE_INTERVAL,
                     )
-                    fallbacks_now = fallbacks(front)
-                    cell["picker_fallbacks"] = {
-                        reason: int(n - fallbacks_before.get(reason, 0.0))
-                        for reason, n in fallbacks_now.items()
-                        if n > fallbacks_before.get(reason, 0.0)
-                    }
-                    fallbacks_before = fallbacks_now
+                    counts_now = picker_counts(front)
+                    for kind, now in counts_now.items():
+                        before = counts_before[kind]
+                        cell[f"picker_{kind}"] = {
+                            reason: int(n - before.get(reason, 0.0))
+                            for reason, n in now.items()
+                            if n > before.get(reason, 0.0)
+                        }
+                    counts_before = counts_now
                     cells.append(cell)
                     raw.extend({"config": config, "workload": name, **asdict(r)} for r in records)
                     progress.done(report.one_line(cell))
             finally:
-                stop_all(reversed(front.procs))
+                if front is not None:
+                    stop_all(reversed(front.procs))
     finally:
         stop_all(s.proc for s in sims)
         if args.keep_logs:

@@ -12,13 +12,14 @@ with it), not what the server streamed back, so every configuration sends byte-i
 A workload speaks one API (``Workload.api``): chat completions (``POST /v1/chat/completions``,
 ``messages``), or OpenAI's Responses API (``POST /v1/responses``: the system prompt as
 ``instructions``, the conversation as ``input`` items, ``max_output_tokens``). The simulator renders
-both to the same bytes (docs/sim.md), so the same conversation is the same prompt either way.
+both to the same bytes (docs/sim.md), so the same conversation is the same prompt either way. Or
+chained Responses: only the new message and ``previous_response_id``.
 
 Sizes are in characters; the simulator counts about 4 characters per token and caches blocks of 16
 tokens (64 characters). Every workload's text starts with a marker unique to the workload and the
 session (or group), so no two workloads, and no two unrelated sessions, share a prefix by accident.
 
-Six workloads (the sizes assume the runner's default fleet: 4 simulators with 2048 KV blocks of 16
+Seven workloads (the sizes assume the runner's default fleet: 4 simulators with 2048 KV blocks of 16
 tokens each, i.e. 32k tokens ~ 128 KB of prompt per server; see README.md):
 
 - ``multi_turn``: sticky chat sessions (4.5/s), each with its own ~2 KB system prompt, 3-8 turns,
@@ -34,6 +35,9 @@ tokens each, i.e. 32k tokens ~ 128 KB of prompt per server; see README.md):
 - ``multi_turn_responses``: ``multi_turn``'s conversations (built by ``multi_turn`` itself, so the
   same sessions, turns, text and arrival times), each turn a Responses API request that re-sends
   the conversation as input items.
+- ``multi_turn_responses_chained``: ``multi_turn``'s sessions again, each turn after the first
+  sending only its new user message with the previous turn's ``previous_response_id`` (the
+  history, with the server's own answers, is in the store of the server that answered it).
 """
 
 from __future__ import annotations
@@ -41,14 +45,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 MODEL = "sim-model"
 CHAT = "chat"  # POST /v1/chat/completions
 RESPONSES = "responses"  # POST /v1/responses, the whole conversation re-sent as input items
-PATHS = {CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses"}
+# POST /v1/responses, only the new user message and the previous turn's previous_response_id: the
+# history (with the server's own answers) is in the store of the server that answered
+RESPONSES_CHAINED = "responses_chained"
+PATHS = {CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses", RESPONSES_CHAINED: "/v1/responses"}
 
 # --------------------------------------------------------------------------------------------------
 # text
@@ -111,12 +118,15 @@ class Session:
     turns: tuple[Turn, ...]
     key: str = ""  # what the requests share: the session, system prompt or prefix group
 
-    def messages(self, k: int) -> list[dict[str, str]]:
-        """The conversation sent as turn `k` (0-based)."""
+    def messages(self, k: int, answers: Sequence[str] | None = None) -> list[dict[str, str]]:
+        """The conversation sent as turn `k` (0-based); `answers[i]`, if given, is turn i's answer
+        instead of the workload's fixed text (what a chained conversation holds)."""
         messages = [{"role": "system", "content": self.system}] if self.system is not None else []
-        for turn in self.turns[:k]:
+        for i, turn in enumerate(self.turns[:k]):
             messages.append({"role": "user", "content": turn.user})
-            messages.append({"role": "assistant", "content": turn.assistant})
+            messages.append(
+                {"role": "assistant", "content": turn.assistant if answers is None else answers[i]}
+            )
         messages.append({"role": "user", "content": self.turns[k].user})
         return messages
 
@@ -157,6 +167,25 @@ class Session:
             body["stream"] = True
         return body
 
+    def chained_body(
+        self, k: int, previous_response_id: str | None, max_tokens: int = 16, stream: bool = True
+    ) -> dict[str, Any]:
+        """Turn `k` continuing the stored response `previous_response_id` (turn k - 1's answer): only
+        the new user message, the instructions again (they do not carry over), `store: true`."""
+        if (previous_response_id is None) != (k == 0):
+            raise ValueError("turn 0 starts the chain; every later turn names the previous response")
+        body: dict[str, Any] = {"model": MODEL}
+        if self.system is not None:
+            body["instructions"] = self.system
+        body["input"] = [{"role": "user", "content": self.turns[k].user}]
+        if previous_response_id is not None:
+            body["previous_response_id"] = previous_response_id
+        body["store"] = True
+        body["max_output_tokens"] = max_tokens
+        if stream:
+            body["stream"] = True
+        return body
+
 
 @dataclass(frozen=True)
 class TimedRequest:
@@ -175,17 +204,40 @@ class Workload:
     duration: float  # no request is sent after this many seconds
     max_requests: int  # nor more than this many
     sessions: tuple[Session, ...]
-    api: str = CHAT  # CHAT or RESPONSES: which route the requests go to, in which shape
+    api: str = CHAT  # CHAT, RESPONSES or RESPONSES_CHAINED: the route, and the body's shape
+    conversations: str = ""  # the workload whose text this one sends (empty: its own)
+
+    @property
+    def family(self) -> str:
+        """Workloads of one family send the same text (another API over the same conversations):
+        a picker that served one remembers where the other's prefixes went."""
+        return self.conversations or self.name
 
     @property
     def path(self) -> str:
         """The route the requests are posted to."""
         return PATHS[self.api]
 
-    def body(self, s: Session, k: int, max_tokens: int = 16, stream: bool = True) -> dict[str, Any]:
-        """Turn `k` of session `s` in this workload's API."""
+    @property
+    def chained(self) -> bool:
+        """Turn k names turn k - 1's response: it needs that answer's id, and its history holds the
+        server's own answers, not the workload's fixed text."""
+        return self.api == RESPONSES_CHAINED
+
+    def body(
+        self,
+        s: Session,
+        k: int,
+        max_tokens: int = 16,
+        stream: bool = True,
+        previous_response_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Turn `k` of session `s` in this workload's API (`previous_response_id`: turn k - 1's
+        response id, for a chained workload)."""
         if self.api == RESPONSES:
             return s.responses_body(k, max_tokens, stream)
+        if self.api == RESPONSES_CHAINED:
+            return s.chained_body(k, previous_response_id, max_tokens, stream)
         return s.body(k, max_tokens, stream)
 
     @property
@@ -198,7 +250,9 @@ class Workload:
 
     def requests(self, max_tokens: int = 16) -> Iterator[TimedRequest]:
         """Every request in order of nominal arrival. For multi-turn sessions the real arrival of
-        turn k > 0 is later: the runner sends it `think` seconds after the previous answer."""
+        turn k > 0 is later: the runner sends it `think` seconds after the previous answer. (In a
+        chained workload, `previous_response_id` is a placeholder naming the turn it continues:
+        the real id is known once that turn is answered.)"""
         timed: list[tuple[float, int, int]] = []
         for i, s in enumerate(self.sessions):
             t = s.start
@@ -207,7 +261,8 @@ class Workload:
                 timed.append((t, i, k))
         for t, i, k in sorted(timed):
             s = self.sessions[i]
-            yield TimedRequest(t, s.sid, k, self.body(s, k, max_tokens))
+            previous = f"resp_{s.sid}_turn{k - 1}" if self.chained and k else None
+            yield TimedRequest(t, s.sid, k, self.body(s, k, max_tokens, previous_response_id=previous))
 
     def prompt_chars(self) -> int:
         """Characters of message content over all requests (a size check, not what is sent)."""
@@ -283,6 +338,26 @@ def multi_turn_responses(**kwargs: Any) -> Workload:
         description=chat.description.replace("chat sessions", "Responses API sessions", 1)
         + " as input items",
         api=RESPONSES,
+        conversations=chat.name,
+    )
+
+
+def multi_turn_responses_chained(**kwargs: Any) -> Workload:
+    """`multi_turn`'s sessions (same arguments: same sessions, user messages and arrival times),
+    each turn after the first sending only its user message with `previous_response_id`: the
+    server answering turn k - 1 holds the conversation, so turn k must reach it (a picker that
+    learns response ids pins it there; any other server answers 404). The history holds the
+    server's own answers (`--output-tokens` filler words), not the workload's fixed text, so the
+    prompts are shorter than `multi_turn`'s and the hit rate is not comparable with it."""
+    chat = multi_turn(**kwargs)
+    return dataclasses.replace(
+        chat,
+        name="multi_turn_responses_chained",
+        description=chat.description.replace("chat sessions", "Responses API sessions", 1).replace(
+            "each turn resends the conversation", "each turn only its new message + previous_response_id"
+        ),
+        api=RESPONSES_CHAINED,
+        conversations=chat.name,
     )
 
 
@@ -424,6 +499,7 @@ BUILDERS: dict[str, Callable[..., Workload]] = {
     "random": random_prompts,
     "hot_prompt": hot_prompt,
     "multi_turn_responses": multi_turn_responses,
+    "multi_turn_responses_chained": multi_turn_responses_chained,
 }
 RATE_KEYS = {
     "multi_turn": "session_rate",
@@ -440,8 +516,9 @@ DEFAULT_RATES = {
     "hot_prompt": 20.0,
 }
 # Variants: another API over the same conversations, at the same rate.
-RATE_KEYS["multi_turn_responses"] = RATE_KEYS["multi_turn"]
-DEFAULT_RATES["multi_turn_responses"] = DEFAULT_RATES["multi_turn"]
+for _variant in ("multi_turn_responses", "multi_turn_responses_chained"):
+    RATE_KEYS[_variant] = RATE_KEYS["multi_turn"]
+    DEFAULT_RATES[_variant] = DEFAULT_RATES["multi_turn"]
 
 
 def build(

@@ -448,7 +448,8 @@ class _Stream:
                 self.encoding = header.raw_value.decode("latin-1")
             elif key == session_header:
                 self.session = header.raw_value.decode("utf-8", "replace")
-        self.kind = request_kind(path)
+        # Envoy always sends :path; a client that does not gets today's chat/completions reading.
+        self.kind = request_kind(path) if path else "chat"
         if self.kind == "other":
             if method == "GET" and path.split("?", 1)[0].rstrip("/") == "/v1/models":
                 models = self.apis.served_models()

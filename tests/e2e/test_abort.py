@@ -47,7 +47,7 @@ def test_abort_while_backend_thinks_releases_inflight(lr_gateway: Gateway) -> No
     assert daemon is not None
     conn = http.client.HTTPConnection(HOST, lr_gateway.envoy.port, timeout=5)
     try:
-        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "think hard"}]})
+        body = json.dumps({"model": "test-model", "messages": [{"role": "user", "content": "think hard"}]})
         conn.request("POST", "/v1/chat/completions", body, {"x-test-delay-ms": "1000"})
         wait_until(lambda: sum(daemon.inflight().values()) == 1, 3.0, message="the request to be in flight")
     finally:

@@ -79,7 +79,7 @@ def test_compressed_and_plain_turns_share_one_prefix(pc_gateway: Gateway) -> Non
 def test_a_decompression_bomb_gets_413(make_gateway: MakeGateway, mode: str) -> None:
     gw = make_gateway("prefix_cache", mode, daemon_config={"max_body_bytes": 8 * 1024 * 1024})
     # 64 MiB of JSON whitespace inside a valid request: about 64 KiB compressed.
-    inflated = b'{"model": "m", "messages": [' + b" " * (64 * 1024 * 1024) + b"]}"
+    inflated = b'{"model": "test-model", "messages": [' + b" " * (64 * 1024 * 1024) + b"]}"
     bomb = gzip.compress(inflated, compresslevel=9)
     assert len(bomb) < 1024 * 1024
     reply = gw.post("/v1/chat/completions", bomb, headers={"content-encoding": "gzip"}, timeout=30)

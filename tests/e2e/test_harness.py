@@ -71,7 +71,7 @@ def plain_envoy(envoy_binary: str, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def chat_body(text: str, stream: bool = False) -> dict[str, object]:
-    return {"model": "m", "messages": [{"role": "user", "content": text}], "stream": stream}
+    return {"model": "test-model", "messages": [{"role": "user", "content": text}], "stream": stream}
 
 
 def test_backend_answers_and_counts(backends: list[Backend]) -> None:

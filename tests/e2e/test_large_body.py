@@ -17,7 +17,7 @@ SIZE = 8 * 1024 * 1024
 
 def test_8mib_body_routes_intact(pc_gateway: Gateway) -> None:
     text = os.urandom(SIZE // 2).hex()
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
+    body = json.dumps({"model": "test-model", "messages": [{"role": "user", "content": text}]}).encode()
     assert len(body) > SIZE
     reply = pc_gateway.post("/v1/chat/completions", body, timeout=60)
     assert reply.status == 200, reply

@@ -38,7 +38,11 @@ def _config(tmp_path: Path, name: str, **lb: Any) -> Path:
     path = tmp_path / f"{name}.yaml"
     lb_config = {"scrapeInterval": 50, "staleAfter": STALE_AFTER_MS, **lb}
     path.write_text(
-        json.dumps({"health_check_interval": 0, "lb_policy": "least_busy", "lb_config": lb_config})
+        # models_refresh 0: the fake backends answer any model name these tests use (critical,
+        # sheddable, adapters), while their /v1/models lists only one.
+        json.dumps(
+            {"health_check_interval": 0, "models_refresh": 0, "lb_policy": "least_busy", "lb_config": lb_config}
+        )
     )
     return path
 

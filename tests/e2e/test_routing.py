@@ -28,9 +28,9 @@ def test_served_by_matches_the_pick(lr_gateway: Gateway) -> None:
     for i in range(24):
         path = "/v1/chat/completions" if i % 2 else "/v1/completions"
         body = (
-            {"model": "m", "messages": [{"role": "user", "content": f"routing check {i}"}]}
+            {"model": "test-model", "messages": [{"role": "user", "content": f"routing check {i}"}]}
             if i % 2
-            else {"model": "m", "prompt": f"routing check {i}"}
+            else {"model": "test-model", "prompt": f"routing check {i}"}
         )
         reply = gw.post(path, body)
         assert reply.status == 200, reply

@@ -48,7 +48,7 @@ def test_workers_are_replicas_with_exact_pool_wide_counts(redis_server: RedisSer
             )
             stream = ExtProcStream(channel)
             body = orjson.dumps(
-                {"model": "m", "messages": [{"role": "user", "content": f"{nonce} {len(held)}"}]}
+                {"model": "test-model", "messages": [{"role": "user", "content": f"{nonce} {len(held)}"}]}
             )
             stream.pick(body)
             held.append((stream, channel))

@@ -40,7 +40,7 @@ def make_certificates(directory: Path) -> Path:
 
 def one_pick(grpc_address: str) -> str:
     mode = processing_mode_pb2.ProcessingMode
-    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "over tls"}]})
+    body = orjson.dumps({"model": "test-model", "messages": [{"role": "user", "content": "over tls"}]})
     requests = [
         pb.ProcessingRequest(
             request_headers=pb.HttpHeaders(),

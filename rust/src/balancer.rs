@@ -181,8 +181,10 @@ pub enum PickError {
 pub struct Request<'a> {
     /// The prompt's chained prefix keys (empty when the policy needs none).
     pub hashes: &'a [u64],
-    /// The prompt's size (see `ParsedRequest::prompt_bytes`).
+    /// The prompt's size (see `ParsedRequest::prompt_bytes`), and its part outside the blocks
+    /// (`ParsedRequest::context_bytes`).
     pub prompt_bytes: u64,
+    pub context_bytes: u64,
     /// The `model` field: only endpoints serving it are candidates (and least_busy:
     /// criticality and LoRA adapters).
     pub model: Option<&'a str>,
@@ -191,6 +193,19 @@ pub struct Request<'a> {
     /// The endpoint that holds state the request refers to (the stored response a Responses API
     /// follow-up continues): it is sent there while that endpoint is in the pool and healthy.
     pub pinned: Option<&'a str>,
+}
+
+impl Request<'_> {
+    /// What the pipeline knows of the request's size.
+    fn info(&self) -> RequestInfo {
+        RequestInfo {
+            prefix_levels: self.hashes.len() as u32,
+            prompt_tokens: self.prompt_bytes.div_ceil(BYTES_PER_TOKEN),
+            block_tokens: DEFAULT_BLOCK_SIZE as u64 / BYTES_PER_TOKEN,
+            context_tokens: self.context_bytes.div_ceil(BYTES_PER_TOKEN),
+            ..RequestInfo::default()
+        }
+    }
 }
 
 /// A decision of the pipeline, not yet counted (see `Balancer::commit`).
@@ -896,14 +911,7 @@ impl Balancer {
                 }
             }
         }
-        let block_tokens = DEFAULT_BLOCK_SIZE as u64 / BYTES_PER_TOKEN;
-        let prompt_tokens = request.map_or(0, |r| r.prompt_bytes.div_ceil(BYTES_PER_TOKEN));
-        let info = RequestInfo {
-            prefix_levels: hashes.len() as u32,
-            prompt_tokens,
-            block_tokens,
-            ..RequestInfo::default()
-        };
+        let info = request.map_or_else(RequestInfo::default, Request::info);
         let profile = if request.is_some() {
             &self.profile
         } else {
@@ -942,13 +950,13 @@ impl Balancer {
         } else {
             PickReason::LeastRequest
         };
-        let cached = (u64::from(chosen.prefix_depth) * block_tokens).min(prompt_tokens);
+        let cached = info.cached_tokens(chosen.prefix_depth);
         Ok(Decision {
             endpoint: chosen.id,
             reason,
             depth: chosen.prefix_depth,
             inflight: chosen.inflight,
-            tokens: prompt_tokens - cached,
+            tokens: info.prompt_tokens - cached,
             records_prefix: use_prefix,
             key,
         })
@@ -999,9 +1007,9 @@ impl Balancer {
                 .find(|&&(holder, _)| holder == id)
                 .map_or(0, |&(_, d)| d);
         }
-        let block_tokens = DEFAULT_BLOCK_SIZE as u64 / BYTES_PER_TOKEN;
-        let prompt_tokens = request.prompt_bytes.div_ceil(BYTES_PER_TOKEN);
-        let cached = (u64::from(depth) * block_tokens).min(prompt_tokens);
+        let info = request.info();
+        let prompt_tokens = info.prompt_tokens;
+        let cached = info.cached_tokens(depth);
         Some(Decision {
             endpoint: id,
             reason: PickReason::StoredResponse,

@@ -500,6 +500,7 @@ fn owned_request(
     result.map(|r| OwnedRequest {
         hashes: r.prefix_hashes.clone(),
         prompt_bytes: r.prompt_bytes,
+        context_bytes: r.context_bytes,
         model: Some(r.model.clone()),
         key: key_of(Some(r), context.session, order),
         pinned: context.pinned.map(str::to_owned),
@@ -731,6 +732,7 @@ impl PyBalancer {
             let borrowed = parsed.result.as_ref().ok().map(|r| Request {
                 hashes: &r.prefix_hashes,
                 prompt_bytes: r.prompt_bytes,
+                context_bytes: r.context_bytes,
                 model: Some(&r.model),
                 key: key_of(Some(r), session, order),
                 pinned,

@@ -190,6 +190,9 @@ pub struct ParsedRequest {
     /// `tools` JSON and the system part (Messages `system`, Responses `instructions`). The load
     /// model estimates prompt tokens from it.
     pub prompt_bytes: u64,
+    /// The part of `prompt_bytes` folded into every prefix level rather than cut into blocks
+    /// (`tools` and the system part): an endpoint holding any level holds it too.
+    pub context_bytes: u64,
     pub affinity: Affinity,
     /// Responses `store` (`true` when absent or `null`); `true` for every other kind.
     pub store: bool,
@@ -1039,6 +1042,7 @@ impl RequestParser {
                 stream: false,
                 prefix_hashes: Vec::new(),
                 prompt_bytes: 0,
+                context_bytes: 0,
                 affinity: Affinity::default(),
                 store: true,
             });
@@ -1079,14 +1083,15 @@ impl RequestParser {
             kind => kind,
         };
         let ctx = self.context.ctx(&self.model);
-        let prompt_bytes =
-            self.hasher.prompt_bytes() + self.context.tools_len() + self.context.system_len();
+        let context_bytes = self.context.tools_len() + self.context.system_len();
+        let prompt_bytes = self.hasher.prompt_bytes() + context_bytes;
         Ok(ParsedRequest {
             kind,
             model: into_string(self.model),
             stream: self.stream,
             prefix_hashes: self.hasher.finish(ctx),
             prompt_bytes,
+            context_bytes,
             affinity: self.affinity,
             store: self.store,
         })

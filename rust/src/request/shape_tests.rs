@@ -697,6 +697,7 @@ fn other_bodies_are_only_counted() {
                 stream: false,
                 prefix_hashes: Vec::new(),
                 prompt_bytes: 0,
+                context_bytes: 0,
                 affinity: Affinity::default(),
                 store: true,
             }

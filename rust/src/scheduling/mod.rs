@@ -55,12 +55,25 @@ pub struct RequestInfo {
     /// body gave none: the load model then weighs requests only).
     pub prompt_tokens: u64,
     pub block_tokens: u64,
+    /// Prompt tokens outside the blocks (tools, system prompt) that every level's holder has.
+    pub context_tokens: u64,
     /// The request's model is critical (least_busy never sheds it).
     pub critical: bool,
     /// The request's model is a LoRA adapter some endpoint has loaded.
     pub lora: bool,
     /// A uniform random draw for filters that decide by chance.
     pub entropy: u64,
+}
+
+impl RequestInfo {
+    /// Prompt tokens an endpoint holding `depth` leading levels has cached: those blocks, plus
+    /// the context folded into every level (so any match means it is cached too).
+    pub fn cached_tokens(&self, depth: u32) -> u64 {
+        if depth == 0 {
+            return 0;
+        }
+        (u64::from(depth) * self.block_tokens + self.context_tokens).min(self.prompt_tokens)
+    }
 }
 
 pub trait Filter: Send + Sync {

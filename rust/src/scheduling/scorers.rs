@@ -42,7 +42,7 @@ pub struct LoadCostScorer {
 
 impl LoadCostScorer {
     pub fn cost(&self, request: &RequestInfo, c: &Candidate) -> f64 {
-        let cached = (u64::from(c.prefix_depth) * request.block_tokens).min(request.prompt_tokens);
+        let cached = request.cached_tokens(c.prefix_depth);
         self.request_tokens * f64::from(c.inflight) + c.backlog + request.prompt_tokens as f64
             - self.affinity_weight * cached as f64
     }
@@ -83,6 +83,22 @@ mod tests {
         let mut out = [0.0; 2];
         LeastInflightScorer.score(&RequestInfo::default(), &c, &mut out);
         assert_eq!(out, [1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_matched_level_means_its_context_is_cached_too() {
+        // A 500-token system prompt folded into the levels, then 3 blocks of 128 tokens.
+        let request = RequestInfo {
+            prefix_levels: 3,
+            prompt_tokens: 500 + 3 * 128,
+            block_tokens: 128,
+            context_tokens: 500,
+            ..RequestInfo::default()
+        };
+        assert_eq!(request.cached_tokens(0), 0);
+        assert_eq!(request.cached_tokens(1), 628);
+        assert_eq!(request.cached_tokens(3), 884);
+        assert_eq!(request.cached_tokens(9), 884, "never more than the prompt");
     }
 
     #[test]

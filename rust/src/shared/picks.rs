@@ -35,6 +35,7 @@ pub const MAX_ATTEMPTS: u32 = 3;
 pub struct OwnedRequest {
     pub hashes: Vec<u64>,
     pub prompt_bytes: u64,
+    pub context_bytes: u64,
     pub model: Option<String>,
     pub key: Option<u64>,
     pub pinned: Option<String>,
@@ -45,6 +46,7 @@ impl OwnedRequest {
         Request {
             hashes: &self.hashes,
             prompt_bytes: self.prompt_bytes,
+            context_bytes: self.context_bytes,
             model: self.model.as_deref(),
             key: self.key,
             pinned: self.pinned.as_deref(),

@@ -6,7 +6,6 @@ picker, and paths that are routed by load without reading the body."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import orjson
@@ -42,7 +41,9 @@ def channel(daemon: Daemon) -> Iterator[grpc.Channel]:
 
 
 def _picks(daemon: Daemon, reason: str) -> float:
-    return metric_sum(parse_metrics(get(f"{daemon.admin_url}/metrics").text()), "llmlb_picks_total", reason=reason)
+    return metric_sum(
+        parse_metrics(get(f"{daemon.admin_url}/metrics").text()), "llmlb_picks_total", reason=reason
+    )
 
 
 def _fallbacks(daemon: Daemon, reason: str) -> float:
@@ -54,7 +55,9 @@ def _fallbacks(daemon: Daemon, reason: str) -> float:
 def _response_headers(status: int) -> pb.ProcessingRequest:
     return pb.ProcessingRequest(
         response_headers=pb.HttpHeaders(
-            headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status", raw_value=str(status).encode())])
+            headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=":status", raw_value=str(status).encode())]
+            )
         )
     )
 
@@ -81,7 +84,9 @@ def _first_turn(model: str = "alpha", store: bool | None = None) -> bytes:
     return orjson.dumps(request)
 
 
-def test_buffered_asks_for_a_stored_response_s_body_and_learns_its_id(channel: grpc.Channel, daemon: Daemon) -> None:
+def test_buffered_asks_for_a_stored_response_s_body_and_learns_its_id(
+    channel: grpc.Channel, daemon: Daemon
+) -> None:
     call, endpoint = _buffered_pick(channel, "/v1/responses", _first_turn())
     call.send(_response_headers(200))
     answer = call.recv()
@@ -103,7 +108,11 @@ def test_buffered_asks_for_a_stored_response_s_body_and_learns_its_id(channel: g
     call.close()
     # GET /v1/responses/{id} too (a headers-only request).
     call = ExtProcCall(channel, TIMEOUT)
-    call.send(headers(Mode.BUFFERED, end_of_stream=True, extra={":method": "GET", ":path": "/v1/responses/resp_abc123"}))
+    call.send(
+        headers(
+            Mode.BUFFERED, end_of_stream=True, extra={":method": "GET", ":path": "/v1/responses/resp_abc123"}
+        )
+    )
     assert picked_header(call.recv().request_headers.response.header_mutation) == endpoint
     call.close()
 
@@ -175,7 +184,9 @@ def test_get_models_is_answered_by_the_picker(channel: grpc.Channel) -> None:
     call.close()
 
 
-def test_other_paths_are_routed_by_load_without_reading_the_body(channel: grpc.Channel, daemon: Daemon) -> None:
+def test_other_paths_are_routed_by_load_without_reading_the_body(
+    channel: grpc.Channel, daemon: Daemon
+) -> None:
     before = _fallbacks(daemon, "bad_body")
     for path in ("/v1/audio/transcriptions", "/tokenize", "/v1/images/generations"):
         call, _ = _buffered_pick(channel, path, b"--boundary\r\nnot json\x00\xff")

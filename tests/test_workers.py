@@ -205,7 +205,9 @@ def test_workers_behind_envoy_route_every_request(tmp_path: Path) -> None:
     try:
         served = set()
         for i in range(30):
-            reply = post(f"{envoy.url}/v1/chat/completions", {"model": "test-model", "messages": opening(i, "envoy")})
+            reply = post(
+                f"{envoy.url}/v1/chat/completions", {"model": "test-model", "messages": opening(i, "envoy")}
+            )
             assert reply.status == 200, reply
             served.add(reply.served_by)
         assert served == {b.name for b in backends}

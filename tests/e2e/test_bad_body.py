@@ -32,7 +32,9 @@ def test_bad_body_is_routed_and_counted(pc_gateway: Gateway, kind: str) -> None:
 
 def test_good_bodies_are_not_counted_as_bad(pc_gateway: Gateway) -> None:
     before = bad_body_count(pc_gateway)
-    assert pc_gateway.post("/v1/completions", {"model": "test-model", "prompt": "a fine prompt"}).status == 200
+    assert (
+        pc_gateway.post("/v1/completions", {"model": "test-model", "prompt": "a fine prompt"}).status == 200
+    )
     assert pc_gateway.chat([{"role": "user", "content": "a fine message"}]).status == 200
     assert bad_body_count(pc_gateway) == before
 

@@ -41,7 +41,12 @@ def _config(tmp_path: Path, name: str, **lb: Any) -> Path:
         # models_refresh 0: the fake backends answer any model name these tests use (critical,
         # sheddable, adapters), while their /v1/models lists only one.
         json.dumps(
-            {"health_check_interval": 0, "models_refresh": 0, "lb_policy": "least_busy", "lb_config": lb_config}
+            {
+                "health_check_interval": 0,
+                "models_refresh": 0,
+                "lb_policy": "least_busy",
+                "lb_config": lb_config,
+            }
         )
     )
     return path

@@ -369,3 +369,23 @@ def test_two_replicas_share_stored_responses_through_redis(mode: str, tmp_path: 
                     previous = response["id"]
         finally:
             stop_all(reversed(owned))
+
+
+def test_the_official_openai_sdk_chains_responses_through_the_gateway(fleet: Fleet) -> None:
+    """As a new user would: the SDK's defaults (store, previous_response_id, base64 embeddings)."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{fleet.url()}/v1", api_key="unused", max_retries=0, timeout=10)
+    response = client.responses.create(model="sim-model", instructions=SYSTEM, input="first question")
+    for turn in range(5):  # before llmlb learned ids, turns 1, 3 and 5 of such a chain got 404
+        response = client.responses.create(
+            model="sim-model",
+            instructions=SYSTEM,
+            input=f"follow-up {turn}",
+            previous_response_id=response.id,
+        )
+        assert response.usage is not None
+        assert response.usage.input_tokens_details.cached_tokens > 0
+    assert client.responses.retrieve(response.id).id == response.id
+    vectors = client.embeddings.create(model="sim-model", input=["a", "b"])
+    assert len(vectors.data) == 2
+    assert [m.id for m in client.models.list()] == ["sim-model"]

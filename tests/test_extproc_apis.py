@@ -14,7 +14,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from tests.support.extproc_client import ExtProcCall, picked_header
-from tests.support.procs import Daemon, get, metric_sum, parse_metrics
+from tests.support.procs import Daemon, metric_sum
 from tests.test_extproc import ENDPOINTS, TIMEOUT, Mode, _start, body, headers
 
 LABELLED = [
@@ -41,15 +41,11 @@ def channel(daemon: Daemon) -> Iterator[grpc.Channel]:
 
 
 def _picks(daemon: Daemon, reason: str) -> float:
-    return metric_sum(
-        parse_metrics(get(f"{daemon.admin_url}/metrics").text()), "llmlb_picks_total", reason=reason
-    )
+    return metric_sum(daemon.metrics(), "llmlb_picks_total", reason=reason)
 
 
 def _fallbacks(daemon: Daemon, reason: str) -> float:
-    return metric_sum(
-        parse_metrics(get(f"{daemon.admin_url}/metrics").text()), "llmlb_fallbacks_total", reason=reason
-    )
+    return metric_sum(daemon.metrics(), "llmlb_fallbacks_total", reason=reason)
 
 
 def _response_headers(status: int) -> pb.ProcessingRequest:

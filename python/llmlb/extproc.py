@@ -180,30 +180,38 @@ class _PickResponses:
         return response
 
 
+def _json_reply(
+    status: int, body: bytes, details: str, retry_after: int | None = None
+) -> pb.ProcessingResponse:
+    """A JSON answer Envoy gives on the picker's behalf (ImmediateResponse)."""
+    headers = [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+            append_action=_OVERWRITE,
+        )
+    ]
+    if retry_after is not None:
+        headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="retry-after", raw_value=str(retry_after).encode()),
+                append_action=_OVERWRITE,
+            )
+        )
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=pb.HeaderMutation(set_headers=headers),
+            body=body,
+            details=details,
+        )
+    )
+
+
 def models_response(models: list[str]) -> pb.ProcessingResponse:
     """``GET /v1/models`` answered by the picker: every model the pool serves, OpenAI-shaped."""
     created = int(time.time())
-    body = orjson.dumps(
-        {
-            "object": "list",
-            "data": [{"id": m, "object": "model", "created": created, "owned_by": "llmlb"} for m in models],
-        }
-    )
-    return pb.ProcessingResponse(
-        immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=200),
-            headers=pb.HeaderMutation(
-                set_headers=[
-                    base_pb2.HeaderValueOption(
-                        header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
-                        append_action=_OVERWRITE,
-                    )
-                ]
-            ),
-            body=body,
-            details="llmlb_models",
-        )
-    )
+    listing = [{"id": m, "object": "model", "created": created, "owned_by": "llmlb"} for m in models]
+    return _json_reply(200, orjson.dumps({"object": "list", "data": listing}), "llmlb_models")
 
 
 def immediate_response(refusal: Refusal) -> pb.ProcessingResponse:
@@ -211,27 +219,7 @@ def immediate_response(refusal: Refusal) -> pb.ProcessingResponse:
     body = orjson.dumps(
         {"error": {"message": refusal.message, "type": refusal.error_type, "code": refusal.status}}
     )
-    headers = [
-        base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
-            append_action=_OVERWRITE,
-        )
-    ]
-    if refusal.retry_after is not None:
-        headers.append(
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key="retry-after", raw_value=str(refusal.retry_after).encode()),
-                append_action=_OVERWRITE,
-            )
-        )
-    return pb.ProcessingResponse(
-        immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=refusal.status),
-            headers=pb.HeaderMutation(set_headers=headers),
-            body=body,
-            details=f"llmlb_{refusal.error_type}",
-        )
-    )
+    return _json_reply(refusal.status, body, f"llmlb_{refusal.error_type}", refusal.retry_after)
 
 
 def _status(raw: bytes) -> int:

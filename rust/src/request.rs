@@ -198,6 +198,22 @@ pub struct ParsedRequest {
     pub store: bool,
 }
 
+impl ParsedRequest {
+    /// A body of a path whose shape is not read (`RequestKind::Other`): no model, no prompt.
+    pub fn unread() -> Self {
+        Self {
+            kind: RequestKind::Other,
+            model: String::new(),
+            stream: false,
+            prefix_hashes: Vec::new(),
+            prompt_bytes: 0,
+            context_bytes: 0,
+            affinity: Affinity::default(),
+            store: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonError {
     /// Offset in the (decoded) body.
@@ -1036,16 +1052,7 @@ impl RequestParser {
             });
         }
         if self.kind == RequestKind::Other {
-            return Ok(ParsedRequest {
-                kind: RequestKind::Other,
-                model: String::new(),
-                stream: false,
-                prefix_hashes: Vec::new(),
-                prompt_bytes: 0,
-                context_bytes: 0,
-                affinity: Affinity::default(),
-                store: true,
-            });
+            return Ok(ParsedRequest::unread());
         }
         if !self.utf8.is_valid_end() {
             return Err(ParseError::NotUtf8);

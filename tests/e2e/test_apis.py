@@ -35,7 +35,6 @@ from tests.support.procs import (
     SSEStream,
     get,
     metric_sum,
-    parse_metrics,
     post,
     start_daemon,
     start_envoy,
@@ -63,21 +62,15 @@ class Fleet:
         for sim in self.sims.values():
             sim.reset()
 
+    def count(self, name: str, reason: str) -> float:
+        """``name``'s samples with this reason, summed over the replicas."""
+        return sum(metric_sum(d.metrics(), name, reason=reason) for d in self.daemons)
+
     def picks(self, reason: str) -> float:
-        return sum(
-            metric_sum(
-                parse_metrics(get(f"{d.admin_url}/metrics").text()), "llmlb_picks_total", reason=reason
-            )
-            for d in self.daemons
-        )
+        return self.count("llmlb_picks_total", reason)
 
     def fallbacks(self, reason: str) -> float:
-        return sum(
-            metric_sum(
-                parse_metrics(get(f"{d.admin_url}/metrics").text()), "llmlb_fallbacks_total", reason=reason
-            )
-            for d in self.daemons
-        )
+        return self.count("llmlb_fallbacks_total", reason)
 
 
 def _start_fleet(

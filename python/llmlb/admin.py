@@ -1,4 +1,5 @@
-"""The admin HTTP server: /healthz, /readyz, /metrics, /debug/endpoints, /debug/config."""
+"""The admin HTTP server: /healthz, /readyz, /metrics, /debug/endpoints, /debug/config,
+/debug/discovery."""
 
 from __future__ import annotations
 
@@ -79,10 +80,23 @@ def build_app(
         body = orjson.dumps(effective_dict(config), option=orjson.OPT_INDENT_2)
         return web.Response(body=body, content_type="application/json")
 
+    async def debug_discovery(_: web.Request) -> web.Response:
+        # Static pools answer too (kind "static"), so a probe of this path needs no config check.
+        status = endpoints.discovery_status
+        view: dict[str, Any] = (
+            status.view()
+            if status is not None
+            else {"kind": "static", "up": True, "endpoints": len(endpoints.pool)}
+        )
+        view["addresses"] = [ep.address for ep in endpoints.pool]
+        body = orjson.dumps(view, option=orjson.OPT_INDENT_2)
+        return web.Response(body=body, content_type="application/json")
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/debug/endpoints", debug_endpoints)
     app.router.add_get("/debug/config", debug_config)
+    app.router.add_get("/debug/discovery", debug_discovery)
     return app

@@ -56,6 +56,7 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "passive_probe_after": (0, 3_600_000),
     "drain_grace": (0, 3600),
     "drain_timeout": (0, 86_400),
+    "discovery.interval": (100, 3_600_000),
     "models_refresh": (0, 3_600_000),
     "response_ttl": (1, 31_536_000),
     # About 150 bytes an entry.
@@ -165,6 +166,42 @@ class GrpcTls:
     client_ca: str | None = None
 
 
+DISCOVERY_KINDS = ("dns", "kubernetes", "inferencePool")
+#: Which ``discovery`` fields each kind takes (``labels`` is for every kind).
+DISCOVERY_FIELDS: dict[str, tuple[str, ...]] = {
+    "dns": ("name", "port", "interval", "nameservers"),
+    "kubernetes": ("namespace", "service", "port", "kubeconfig"),
+    "inferencePool": ("namespace", "pool", "kubeconfig"),
+}
+_DISCOVERY_REQUIRED: dict[str, tuple[str, ...]] = {
+    "dns": ("name", "port"),
+    "kubernetes": ("service",),
+    "inferencePool": ("pool",),
+}
+_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """``discovery``: where the pool's endpoints come from instead of a static list."""
+
+    kind: str
+    # dns: the name re-resolved every `interval` ms (A and AAAA), the port every address gets,
+    # and the servers asked ("ip" or "ip:port"; none: the system's resolv.conf).
+    name: str | None = None
+    port: int | str | None = None
+    interval: int = 5000
+    nameservers: tuple[str, ...] = ()
+    # kubernetes / inferencePool: namespace (default: the pod's own, else "default").
+    namespace: str | None = None
+    service: str | None = None
+    pool: str | None = None
+    # Default: in-cluster service account, then $KUBECONFIG, then ~/.kube/config.
+    kubeconfig: str | None = None
+    # Labels every discovered endpoint gets (the pod's own labels win for inferencePool).
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Config:
     grpc_listen: str = "0.0.0.0:9002"
@@ -177,6 +214,7 @@ class Config:
     pool: str = "default"
     endpoints: tuple[Endpoint, ...] = ()
     endpoints_file: str | None = None
+    discovery: Discovery | None = None
     lb_type: str = "endpoint"
     lb_policy: str = "prefix_cache"
     lb_config: LbConfig = field(default_factory=LbConfig)
@@ -493,6 +531,84 @@ def parse_grpc_tls(raw: Any) -> GrpcTls | None:
     )
 
 
+# --- discovery ---------------------------------------------------------------------------------
+
+
+def parse_discovery(raw: Any) -> Discovery | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("discovery", f"must be a mapping with a kind ({', '.join(DISCOVERY_KINDS)})")
+    kind = _choice(raw.get("kind"), "discovery.kind", DISCOVERY_KINDS)
+    allowed = ("kind", "labels", *DISCOVERY_FIELDS[kind])
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(
+                f"discovery.{key}", f"unknown key for kind {kind} (allowed: {', '.join(allowed)})"
+            )
+    for key in _DISCOVERY_REQUIRED[kind]:
+        if raw.get(key) is None:
+            raise ConfigError(f"discovery.{key}", f"is required for kind {kind}")
+    values: dict[str, Any] = {"kind": kind}
+    for key in ("name", "service", "pool", "namespace", "kubeconfig"):
+        if raw.get(key) is not None:
+            values[key] = _str(raw[key], f"discovery.{key}")
+    for key in ("service", "pool", "namespace"):
+        if key in values and not _K8S_NAME.match(values[key]):
+            raise ConfigError(f"discovery.{key}", f"must be a Kubernetes object name, got {values[key]!r}")
+    if "name" in values:
+        name = values["name"].rstrip(".")
+        if len(name) > 253 or not all(re.fullmatch(r"[A-Za-z0-9_-]{1,63}", p) for p in name.split(".")):
+            raise ConfigError("discovery.name", f"must be a DNS name, got {values['name']!r}")
+    if raw.get("port") is not None:
+        values["port"] = _discovery_port(raw["port"], kind)
+    if raw.get("interval") is not None:
+        values["interval"] = _bounded_int(raw["interval"], "discovery.interval")
+    if raw.get("nameservers") is not None:
+        servers = raw["nameservers"]
+        if not isinstance(servers, list) or not servers:
+            raise ConfigError("discovery.nameservers", 'must be a list of "ip" or "ip:port"')
+        values["nameservers"] = tuple(
+            _nameserver(v, f"discovery.nameservers[{i}]") for i, v in enumerate(servers)
+        )
+    labels = raw.get("labels") or {}
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in labels.items()
+    ):
+        raise ConfigError("discovery.labels", "must be a mapping of strings to scalars")
+    values["labels"] = {k: str(v) for k, v in labels.items()}
+    return Discovery(**values)
+
+
+def _discovery_port(value: Any, kind: str) -> int | str:
+    """A port number, or for ``kubernetes`` also the name of the EndpointSlice port."""
+    if isinstance(value, str) and kind == "kubernetes" and not value.isdigit():
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?", value):
+            raise ConfigError("discovery.port", f"must be a port number or a port name, got {value!r}")
+        return value
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    what = "a port number or a port name" if kind == "kubernetes" else "a port number"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError("discovery.port", f"must be {what} (1..65535), got {value!r}")
+    return value
+
+
+def _nameserver(value: Any, name: str) -> str:
+    text = _str(value, name)
+    host, port = (text, "53")
+    m = _HOST_PORT.match(text)
+    if m:
+        host, port = m["v6"] or m["host"], m["port"]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(name, f'must be "ip" or "ip:port", got {text!r}') from None
+    if not 1 <= int(port) <= 65535:
+        raise ConfigError(name, f"port must be 1..65535, got {port}")
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
 # --- the whole file ---------------------------------------------------------------------------
 
 _TOP_FIELDS = {f.name for f in dataclasses.fields(Config)} - {"ignored_fields"}
@@ -534,6 +650,11 @@ def parse_config(raw: Any) -> Config:
     values["endpoints"] = parse_endpoints(raw.get("endpoints"), "endpoints")
     if raw.get("endpoints_file") is not None:
         values["endpoints_file"] = _str(raw["endpoints_file"], "endpoints_file")
+    values["discovery"] = parse_discovery(raw.get("discovery"))
+    if values["discovery"] is not None:
+        for key in ("endpoints", "endpoints_file"):
+            if values.get(key):
+                raise ConfigError(key, "cannot be combined with discovery (one source of endpoints)")
     if "log_level" in raw:
         values["log_level"] = _choice(str(raw["log_level"]).lower(), "log_level", LOG_LEVELS)
     for key in _TOP_INTS:
@@ -574,6 +695,11 @@ def load_config(path: str) -> Config:
         # Relative endpoint files are relative to the config file, not the working directory.
         resolved = Path(path).parent / config.endpoints_file
         config = dataclasses.replace(config, endpoints_file=str(resolved))
+    if config.discovery is not None and config.discovery.kubeconfig:
+        resolved = Path(path).parent / Path(config.discovery.kubeconfig).expanduser()
+        config = dataclasses.replace(
+            config, discovery=dataclasses.replace(config.discovery, kubeconfig=str(resolved))
+        )
     if config.grpc_tls is not None:
         tls = config.grpc_tls
         here = Path(path).parent
@@ -602,6 +728,8 @@ def with_overrides(
     if endpoints is not None:
         items = [e for e in endpoints.split(",") if e.strip()]
         changes["endpoints"] = parse_endpoints(items, "--endpoints")
+        # The flag replaces the file's discovery (endpoints_file still adds to it, as before).
+        changes["discovery"] = None
     if policy is not None:
         changes["lb_policy"] = _choice(policy, "--policy", POLICIES)
         lb = dataclasses.asdict(config.lb_config)
@@ -643,6 +771,7 @@ def effective_dict(config: Config) -> dict[str, Any]:
             for e in config.endpoints
         ],
         "endpoints_file": config.endpoints_file,
+        "discovery": _discovery_dict(config.discovery),
         "lb_type": config.lb_type,
         "lb_policy": config.lb_policy,
         "lb_config": lb,
@@ -661,6 +790,18 @@ def effective_dict(config: Config) -> dict[str, Any]:
         "response_ttl": config.response_ttl,
         "response_store_size": config.response_store_size,
     }
+
+
+def _discovery_dict(discovery: Discovery | None) -> dict[str, Any] | None:
+    """Only the fields the kind takes, so the effective view shows what applies."""
+    if discovery is None:
+        return None
+    view = dataclasses.asdict(discovery)
+    out: dict[str, Any] = {"kind": discovery.kind}
+    for key in DISCOVERY_FIELDS[discovery.kind]:
+        out[key] = list(view[key]) if key == "nameservers" else view[key]
+    out["labels"] = dict(discovery.labels)
+    return out
 
 
 def effective_yaml(config: Config) -> str:

@@ -46,6 +46,8 @@ MESSAGE_OVERHEAD = 1024 * 1024
 MESSAGE_LIMIT_FACTOR = 2
 # The drain decides when to cut open streams; gRPC's own stop grace only backs it up.
 STOP_BACKSTOP_SECONDS = 5
+# How long a start waits for the discovery source's first answer before serving without one.
+DISCOVERY_FIRST_SYNC_S = 10.0
 
 
 class StartupError(Exception):
@@ -139,6 +141,7 @@ class Daemon:
             health_timeout_ms=config.health_check_timeout,
             health_path=config.health_check_path,
             models_refresh_ms=config.models_refresh,
+            discovery=config.discovery,
         )
         self.shared: SharedState | None = None
         self.scraper: MetricsScraper | None = None  # least_busy only
@@ -196,7 +199,7 @@ class Daemon:
             log.warning(
                 "least_busy decides from the servers' metrics; lb_config.serviceFQDN (Redis) is not used"
             )
-        if not self.endpoints.pool:
+        if not self.endpoints.pool and self.config.discovery is None:
             log.warning("no endpoints configured: requests get 503 until endpoints appear")
 
     async def _start_grpc(self) -> grpc.aio.Server:
@@ -305,6 +308,7 @@ class Daemon:
 
     async def run(self) -> int:
         self.endpoints.load_initial()
+        await self.endpoints.start_discovery()
         self._warn_about_config()
         admin = await self._start_admin()
         try:
@@ -324,6 +328,7 @@ class Daemon:
             await self.shared.start()
         if self.scraper is not None:
             self.scraper.start()
+        await self.endpoints.wait_discovered(DISCOVERY_FIRST_SYNC_S)
         # Multi-model pools: know who serves what before the first request.
         await self.endpoints.refresh_models_once()
         # Everything allocated so far lives as long as the process: keep it out of the cyclic

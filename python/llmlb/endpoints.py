@@ -1,7 +1,10 @@
 """Endpoint discovery and health.
 
 The pool is the static ``endpoints`` list plus the ``endpoints_file`` list (re-read when the file
-changes; a broken file keeps the last good pool and is counted).
+changes; a broken file keeps the last good pool and is counted), or what a ``discovery`` source
+(DNS, EndpointSlices, InferencePool: ``llmlb.discovery``) finds, applied as it changes. An
+endpoint that leaves gets no new picks; requests already sent to it finish and are released as
+usual. An endpoint that joins starts healthy and has its models listed at once.
 
 Health (active): every ``health_check_interval`` ms each endpoint gets ``GET health_check_path``
 (vLLM, SGLang and trtllm-serve all answer ``/health``); a 2xx/3xx answer within
@@ -38,7 +41,8 @@ import aiohttp
 import orjson
 
 from llmlb._core import Balancer
-from llmlb.config import ConfigError, Endpoint, load_endpoints_file
+from llmlb.config import ConfigError, Discovery, Endpoint, load_endpoints_file
+from llmlb.discovery import DiscoveryStatus, Source, build_source, target_of
 from llmlb.metrics import Metrics
 
 log = logging.getLogger("llmlb.endpoints")
@@ -61,6 +65,7 @@ class EndpointManager:
         health_timeout_ms: int,
         health_path: str = "",
         models_refresh_ms: int = 0,
+        discovery: Discovery | None = None,
     ) -> None:
         self.balancer = balancer
         self.metrics = metrics
@@ -82,6 +87,14 @@ class EndpointManager:
         self.models_refresh = models_refresh_ms / 1000
         # What each endpoint serves, as last listed or labelled (absent: not known).
         self.models: dict[str, tuple[str, ...]] = {}
+        self.discovered: tuple[Endpoint, ...] = ()
+        self.discovery = discovery
+        self.discovery_status: DiscoveryStatus | None = None
+        self._source: Source | None = None
+        self._synced = asyncio.Event()
+        if discovery is not None:
+            self.discovery_status = DiscoveryStatus(discovery.kind, target_of(discovery))
+            self._export_discovery(self.discovery_status)
 
     def load_initial(self) -> None:
         """Reads the endpoints file once at start; errors here are fatal (exit 2)."""
@@ -93,12 +106,14 @@ class EndpointManager:
     @property
     def pool(self) -> list[Endpoint]:
         merged: dict[str, Endpoint] = {}
-        for ep in (*self.static, *self.from_file):
+        for ep in (*self.static, *self.from_file, *self.discovered):
             merged.setdefault(ep.address, ep)
         return list(merged.values())
 
-    def _apply(self) -> None:
+    def _apply(self) -> list[str]:
+        """Hands the pool to the balancer; returns the addresses that joined."""
         pool = self.pool
+        joined: list[str] = []
         self.labels = {ep.address: ep.labels for ep in pool}
         self.balancer.set_endpoints([ep.address for ep in pool])
         for address in list(self.healthy):
@@ -110,12 +125,14 @@ class EndpointManager:
                 # (Re-)joining endpoints start healthy until a probe says otherwise.
                 self.healthy[ep.address] = True
                 self.balancer.set_healthy(ep.address, True)
+                joined.append(ep.address)
             labelled = _labelled_models(ep.labels)
             if labelled is not None:
                 self._set_models(ep.address, labelled)
         for address in list(self.models):
             if address not in self.labels:
                 del self.models[address]
+        return joined
 
     def start(self) -> None:
         if self.endpoints_file:
@@ -126,9 +143,12 @@ class EndpointManager:
             self._tasks.append(asyncio.create_task(self._models_loop(), name="model-listings"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        if self._source is not None:
+            await self._source.close()
+        tasks = list(self._tasks)  # finishing tasks remove themselves from the list
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
@@ -169,6 +189,74 @@ class EndpointManager:
         while True:
             await asyncio.sleep(FILE_POLL_SECONDS)
             self.reload_if_changed()
+
+    # --- discovery ---------------------------------------------------------------------------
+
+    async def start_discovery(self) -> None:
+        """Opens the source (credentials: a ConfigError here stops the daemon) and starts it."""
+        if self.discovery is None or self.discovery_status is None:
+            return
+        source = build_source(self.discovery, self._discovered, self.discovery_status)
+        await source.open()
+        self._source = source
+        self._tasks.append(
+            asyncio.create_task(source.run(), name=f"discovery {self.discovery_status.target}")
+        )
+
+    async def wait_discovered(self, first_sync_s: float) -> None:
+        """Waits up to ``first_sync_s`` for the source's first set, so the picker does not turn
+        ready with an empty pool only because it asked a moment too early. A source still out of
+        touch after that starts empty and fills the pool when it gets an answer."""
+        status = self.discovery_status
+        if status is None:
+            return
+        try:
+            await asyncio.wait_for(self._synced.wait(), first_sync_s)
+        except TimeoutError:
+            log.warning(
+                "discovery: no answer from %s within %.0f s (%s); starting with no endpoints",
+                status.target,
+                first_sync_s,
+                status.last_error or "no error yet",
+            )
+
+    def _discovered(self, endpoints: tuple[Endpoint, ...]) -> None:
+        """A source's new set: applied at once when it differs (order and labels included)."""
+        status = self.discovery_status
+        assert status is not None
+        status.synced = True
+        self._synced.set()
+        if endpoints == self.discovered:
+            return
+        before = {ep.address for ep in self.discovered}
+        self.discovered = endpoints
+        joined = self._apply()
+        status.updates += 1
+        status.endpoints = len(endpoints)
+        after = {ep.address for ep in endpoints}
+        log.info(
+            "discovery: %d endpoints (+%d -%d) from %s",
+            len(endpoints),
+            len(after - before),
+            len(before - after),
+            status.target,
+        )
+        if joined and self.models_refresh > 0:
+            task = asyncio.create_task(self._list_joined(joined), name="list joined endpoints")
+            self._tasks.append(task)
+            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _list_joined(self, addresses: list[str]) -> None:
+        """A joining endpoint serves nothing until its models are known, so list them now."""
+        await self.refresh_models_once(addresses)
+
+    def _export_discovery(self, status: DiscoveryStatus) -> None:
+        kind = (status.kind,)
+        self.metrics.discovery_up.collect = lambda: [(kind, 1.0 if status.up else 0.0)]
+        self.metrics.discovery_endpoints.collect = lambda: [(kind, float(status.endpoints))]
+        self.metrics.discovery_last_success.collect = lambda: [(kind, status.last_success or 0.0)]
+        self.metrics.discovery_updates.collect = lambda: [(kind, float(status.updates))]
+        self.metrics.discovery_errors.collect = lambda: [(kind, float(status.errors))]
 
     # --- health ----------------------------------------------------------------------------
 
@@ -280,11 +368,15 @@ class EndpointManager:
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
                 return None
 
-    async def refresh_models_once(self) -> None:
-        """Lists the models of every endpoint not labelled with them."""
+    async def refresh_models_once(self, only: list[str] | None = None) -> None:
+        """Lists the models of every endpoint (or of ``only`` these) not labelled with them."""
         if self.models_refresh <= 0:
             return
-        addresses = [ep.address for ep in self.pool if _labelled_models(ep.labels) is None]
+        addresses = [
+            ep.address
+            for ep in self.pool
+            if _labelled_models(ep.labels) is None and (only is None or ep.address in only)
+        ]
         results = await asyncio.gather(*(self._list_models(a) for a in addresses))
         for address, models in zip(addresses, results, strict=True):
             if address not in self.labels:

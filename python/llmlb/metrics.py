@@ -71,6 +71,16 @@ class Gauge:
             yield f"{self.name}{_labels(self.label_names, labels)} {_num(value)}"
 
 
+class CollectedCounter(Gauge):
+    """A counter whose owner keeps the count (read at scrape time)."""
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} counter"
+        for labels, value in self.collect():
+            yield f"{self.name}{_labels(self.label_names, labels)} {_num(value)}"
+
+
 class ValueGauge:
     """A gauge holding one value, set by the code that knows it."""
 
@@ -218,6 +228,39 @@ class Metrics:
             ("result",),
         )
 
+        # Discovery (`discovery`): filled in by the EndpointManager when a source runs.
+        self.discovery_up = Gauge(
+            "llmlb_discovery_up",
+            "1 while the discovery source is in touch with what it watches; 0 while the last known "
+            "endpoints are kept through an outage.",
+            ("kind",),
+            lambda: [],
+        )
+        self.discovery_endpoints = Gauge(
+            "llmlb_discovery_endpoints",
+            "Endpoints the discovery source found, last time.",
+            ("kind",),
+            lambda: [],
+        )
+        self.discovery_last_success = Gauge(
+            "llmlb_discovery_last_success_timestamp_seconds",
+            "Unix time of the discovery source's last good answer (0: none yet).",
+            ("kind",),
+            lambda: [],
+        )
+        self.discovery_updates = CollectedCounter(
+            "llmlb_discovery_updates_total",
+            "Changes of the discovered endpoint set applied.",
+            ("kind",),
+            lambda: [],
+        )
+        self.discovery_errors = CollectedCounter(
+            "llmlb_discovery_errors_total",
+            "Discovery reads that failed (DNS errors, API errors, broken watches).",
+            ("kind",),
+            lambda: [],
+        )
+
     def render(self) -> str:
         lines: list[str] = []
         for metric in (
@@ -245,6 +288,11 @@ class Metrics:
             self.responses_learned,
             self.response_lookups,
             self.model_refreshes,
+            self.discovery_up,
+            self.discovery_endpoints,
+            self.discovery_last_success,
+            self.discovery_updates,
+            self.discovery_errors,
         ):
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"

@@ -135,17 +135,18 @@ def test_a_huge_full_duplex_body_is_refused_in_bounded_memory(make_gateway: Make
     assert gw.chat([{"role": "user", "content": "still fine"}]).status == 200
 
 
-def small_latencies(gw: Gateway, stop: threading.Event) -> list[float]:
-    took = []
+def small_requests(gw: Gateway, stop: threading.Event) -> list[tuple[float, float]]:
+    """(start, end) of each small request sent, one after another, until told to stop."""
+    spans = []
     for i in range(2000):
         if stop.is_set():
             break
         started = time.monotonic()
         reply = gw.chat([{"role": "user", "content": f"small {i}"}], timeout=10)
         assert reply.status == 200
-        took.append(time.monotonic() - started)
+        spans.append((started, time.monotonic()))
         time.sleep(0.01)
-    return took
+    return spans
 
 
 @pytest.mark.parametrize(("mode", "size"), [("full-duplex", 60 << 20), ("buffered", 15 << 20)])
@@ -154,18 +155,26 @@ def test_a_big_body_does_not_hold_up_small_requests(make_gateway: MakeGateway, m
     body = chat_body(size)
     stop = threading.Event()
     with ThreadPoolExecutor(2) as pool:
-        small = pool.submit(small_latencies, gw, stop)
+        small = pool.submit(small_requests, gw, stop)
         time.sleep(0.3)
-        started = time.monotonic()
+        big_started = time.monotonic()
         big = gw.post("/v1/chat/completions", body, timeout=60)
-        big_took = time.monotonic() - started
+        big_ended = time.monotonic()
         time.sleep(0.3)
         stop.set()
-        took = small.result(timeout=30)
+        spans = small.result(timeout=30)
     assert big.status == 200, big
-    worst = max(took)
+    big_took = big_ended - big_started
+    took = sorted(end - start for start, end in spans)
+    during = [s for s in spans if s[0] >= big_started and s[1] <= big_ended]
     print(
-        f"{mode}: big body {size >> 20} MiB in {big_took:.2f} s; {len(took)} small requests, "
-        f"median {sorted(took)[len(took) // 2] * 1000:.1f} ms, worst {worst * 1000:.1f} ms"
+        f"{mode}: big body {size >> 20} MiB in {big_took:.2f} s; {len(spans)} small requests "
+        f"({len(during)} inside it), median {took[len(took) // 2] * 1000:.1f} ms, "
+        f"worst {took[-1] * 1000:.1f} ms"
     )
-    assert worst < 0.25, f"a small request waited {worst * 1000:.0f} ms behind the big body"
+    # Behaviour, not a latency budget (bench/stall holds that): small requests keep being answered
+    # while the big body is read and parsed, and none waits anywhere near the big body's own time.
+    # Serialised behind it, none would finish inside its span and the worst would be about big_took.
+    assert during, f"no small request finished during the {big_took:.2f} s big body"
+    worst = took[-1]
+    assert worst < max(0.5, big_took / 2), f"a small request waited {worst * 1000:.0f} ms behind the big body"

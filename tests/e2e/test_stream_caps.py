@@ -83,10 +83,14 @@ def test_the_stream_beyond_grpc_max_streams_is_refused(total_capped: Daemon) -> 
 def test_a_third_stream_on_one_connection_is_held_back_not_failed(connection_capped: Daemon) -> None:
     daemon = connection_capped
     with grpc.insecure_channel(daemon.grpc_address) as channel:
-        first, second, third = (ExtProcCall(channel, timeout=10.0) for _ in range(3))
+        # Streams opened while the channel still connects are started in no set order once it is
+        # ready, so the third could take a slot first: connect, then open them one by one.
+        grpc.channel_ready_future(channel).result(timeout=10.0)
+        first, second = ExtProcCall(channel, timeout=10.0), ExtProcCall(channel, timeout=10.0)
         for call in (first, second):
             call.send(bodyless_request())
             assert call.recv().HasField("request_headers")
+        third = ExtProcCall(channel, timeout=10.0)
         third.send(bodyless_request())
         # The client's HTTP/2 stack keeps the third stream waiting: the daemon never sees it.
         assert third.nothing_within(1.0)

@@ -352,9 +352,14 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
         endpoints += [
             ep.address for ep in load_endpoints_file(config.endpoints_file) if ep.address not in endpoints
         ]
+    if config.discovery is not None and config.discovery.kind == "dns":
+        # Envoy follows the same name itself (STRICT_DNS), so its fallback hosts are the picker's.
+        endpoints.append(f"{config.discovery.name}:{config.discovery.port}")
     if args.fallback and not endpoints:
         raise ConfigError(
-            "--fallback", "needs endpoints (--endpoints or --config) to list in the Envoy cluster"
+            "--fallback",
+            "needs endpoints (--endpoints, or --config with endpoints or dns discovery) to list in the "
+            "Envoy cluster",
         )
     pickers = [p for value in args.picker or () for p in value.split(",") if p.strip()]
     if args.picker and not pickers:

@@ -31,6 +31,7 @@ from llmlb.metrics import Metrics
 log = logging.getLogger("llmlb.scraper")
 
 ENGINE_LABELS = ("engine", "llm-d.ai/engine-type")
+METRICS_PORT_LABEL = "metrics_port"
 # Connections to all endpoints together; each endpoint has at most one scrape in flight.
 MAX_CONNECTIONS = 256
 # A metrics page larger than this is refused rather than read (vLLM's is ~100 KB).
@@ -70,7 +71,13 @@ class MetricsScraper:
     def url(self, address: str) -> str:
         host, port = parse_listen(address, "endpoint")
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port or port}{self.path}"
+        # An endpoint label (a pod annotation, with discovery) names its own metrics port.
+        labelled = self.endpoints.labels.get(address, {}).get(METRICS_PORT_LABEL, "")
+        if labelled.isdigit() and 1 <= int(labelled) <= 65535:
+            port = int(labelled)
+        elif self.port:
+            port = self.port
+        return f"http://{host}:{port}{self.path}"
 
     def engine_for(self, address: str) -> str | None:
         labels = self.endpoints.labels.get(address, {})

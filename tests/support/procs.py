@@ -599,10 +599,10 @@ def start_daemon(
     """`llmlb serve` on fresh ports; returns once /readyz answers 200."""
     endpoints = list(endpoints)
     grpc_port, admin_port = free_ports(2)
+    # No endpoints: none on the command line, so a --config's discovery is not overridden.
     argv = llmlb_argv(
         "serve",
-        "--endpoints",
-        ",".join(endpoints),
+        *(["--endpoints", ",".join(endpoints)] if endpoints else []),
         "--policy",
         policy,
         "--grpc-listen",

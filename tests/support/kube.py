@@ -6,7 +6,7 @@ from there with RBAC, a static token file (an admin in ``system:masters`` and a 
 with no groups), service-account keys and certificates made in memory. There is no controller
 manager, scheduler or kubelet: tests write Pod status and EndpointSlices themselves.
 
-What such an API server accepts (each was hit, see docs/kubernetes-test-cluster.md):
+What such an API server accepts (each of these was hit):
 - EndpointSlice addresses must not be loopback; Pod ``status.podIP`` may be ``127.0.0.N``.
 - Namespaces never finish deleting (no namespace controller): use a fresh namespace per test.
 - A CRD in a ``*.k8s.io`` group needs the ``api-approved.kubernetes.io`` annotation.

@@ -21,6 +21,10 @@ deps: ## System packages the tests need (Debian's redis-server; idempotent)
 dev: deps ## Install llmlb editable plus everything the tests, lints and benchmarks need
 	$(PIP) install -e '.[test]'
 
+.PHONY: kube-bin
+kube-bin: ## Build the test Kubernetes API server, etcd and kubectl once into a cache dir (~6 min cold)
+	bash scripts/build-kube-test-binaries.sh
+
 .PHONY: build
 build: ## Rebuild the Rust extension in place after Rust changes (editable install)
 	$(PIP) install --no-build-isolation --no-deps -e .
@@ -59,7 +63,7 @@ test-bench-smoke: ## The Python benchmarks, once each, as smoke tests
 	$(PYTHON) -m pytest bench/python --benchmark-disable -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 .PHONY: test
-test: dev lint test-rust test-python test-bench-smoke ## Install what tests need, lint, run every test
+test: dev kube-bin lint test-rust test-python test-bench-smoke ## Install what tests need, lint, run every test
 
 .PHONY: bench
 bench: ## Criterion (Rust) and pytest-benchmark (Python) benchmarks

@@ -536,9 +536,18 @@ class KubeCluster:
 
     def restart_apiserver(self) -> None:
         """Stop the API server and start it again on the same port with the same etcd; wait ready."""
+        self.stop_apiserver()
+        self.start_apiserver()
+
+    def stop_apiserver(self) -> None:
+        """Stop only the API server (etcd keeps the state): an outage, until start_apiserver()."""
         assert self.apiserver is not None, "not started"
         self.apiserver.stop(timeout=10.0)
         self.apiserver = None
+
+    def start_apiserver(self) -> None:
+        """Start the API server again on the same port with the same etcd; wait ready."""
+        assert self.apiserver is None, "already running"
         self._start_apiserver(self.binary("kube-apiserver"))
 
     def stop(self) -> None:

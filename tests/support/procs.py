@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import http.client
+import ipaddress
 import itertools
 import json
 import os
@@ -80,13 +81,21 @@ class Reply:
         return f"Reply(status={self.status}, served_by={self.served_by!r}, body={self.body[:300]!r})"
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _split(url: str) -> tuple[str, int, str]:
     parts = urlsplit(url)
-    assert parts.hostname == HOST, f"tests only talk to {HOST}, not {url}"
+    # Loopback only: 127.0.0.1, other 127/8 addresses (pods' IPs in tests/kube) and ::1.
+    assert is_loopback(parts.hostname or ""), f"tests only talk to loopback, not {url}"
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return parts.hostname, parts.port or 80, path
+    return parts.hostname or "", parts.port or 80, path
 
 
 def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:

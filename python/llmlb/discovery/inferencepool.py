@@ -45,6 +45,8 @@ class InferencePoolSource:
         self.ports: tuple[int, ...] = ()
         self.pods: dict[str, KubeObject] = {}
         self._pods_task: asyncio.Task[None] | None = None
+        # Each pod's endpoints by its resourceVersion: a change re-derives one pod, not all.
+        self._derived: dict[str, tuple[str, tuple[Endpoint, ...]]] = {}
 
     async def open(self) -> None:
         self.client = await KubeClient.connect(self.discovery.kubeconfig)
@@ -97,7 +99,9 @@ class InferencePoolSource:
         if selector != self.selector:
             self.selector = selector
             self._restart_pods()
-        self.ports = ports
+        if ports != self.ports:
+            self.ports = ports
+            self._derived.clear()
         self._publish()
 
     def _restart_pods(self) -> None:
@@ -136,33 +140,47 @@ class InferencePoolSource:
         if not self.selector:
             self.publish(())
             return
-        self.publish(endpoints_of_pods(self.pods.values(), self.ports, self.labels))
+        found: dict[str, Endpoint] = {}
+        derived: dict[str, tuple[str, tuple[Endpoint, ...]]] = {}
+        for key, pod in self.pods.items():
+            version = str((pod.get("metadata") or {}).get("resourceVersion", ""))
+            known = self._derived.get(key)
+            if known is None or known[0] != version or not version:
+                known = (version, endpoints_of_pod(pod, self.ports, self.labels))
+            derived[key] = known
+            found.update((ep.address, ep) for ep in known[1])
+        self._derived = derived
+        self.publish(tuple(found[address] for address in sorted(found)))
 
 
 def endpoints_of_pods(
     pods: Iterable[KubeObject], ports: Iterable[int], labels: Mapping[str, str]
 ) -> tuple[Endpoint, ...]:
     ports = tuple(ports)
-    found: dict[str, Endpoint] = {}
-    for pod in pods:
-        meta = pod.get("metadata") or {}
-        status = pod.get("status") or {}
-        ip = status.get("podIP")
-        if meta.get("deletionTimestamp") or not isinstance(ip, str) or not ip or not pod_ready(status):
-            continue
-        own = dict(labels)
-        own.update({str(k): str(v) for k, v in (meta.get("labels") or {}).items()})
-        annotations = meta.get("annotations") or {}
-        for key, value in annotations.items():
-            if isinstance(key, str) and key.startswith(LABEL_ANNOTATION_PREFIX):
-                own[key[len(LABEL_ANNOTATION_PREFIX) :]] = str(value)
-        if "metrics_port" not in own and str(annotations.get("prometheus.io/port", "")).isdigit():
-            own["metrics_port"] = str(annotations["prometheus.io/port"])
-        own["pod"] = str(meta.get("name", ""))
-        for port in ports:
-            address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-            found[address] = Endpoint(address, own)
+    found = {ep.address: ep for pod in pods for ep in endpoints_of_pod(pod, ports, labels)}
     return tuple(found[address] for address in sorted(found))
+
+
+def endpoints_of_pod(
+    pod: KubeObject, ports: tuple[int, ...], labels: Mapping[str, str]
+) -> tuple[Endpoint, ...]:
+    """The pod's endpoints (one per target port), or none while it is not Ready, has no IP or is
+    being deleted."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    ip = status.get("podIP")
+    if meta.get("deletionTimestamp") or not isinstance(ip, str) or not ip or not pod_ready(status):
+        return ()
+    own = dict(labels)
+    own.update({str(k): str(v) for k, v in (meta.get("labels") or {}).items()})
+    annotations = meta.get("annotations") or {}
+    for key, value in annotations.items():
+        if isinstance(key, str) and key.startswith(LABEL_ANNOTATION_PREFIX):
+            own[key[len(LABEL_ANNOTATION_PREFIX) :]] = str(value)
+    if "metrics_port" not in own and str(annotations.get("prometheus.io/port", "")).isdigit():
+        own["metrics_port"] = str(annotations["prometheus.io/port"])
+    own["pod"] = str(meta.get("name", ""))
+    return tuple(Endpoint(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}", own) for port in ports)
 
 
 def pod_ready(status: Mapping[str, object]) -> bool:

@@ -30,7 +30,7 @@ export CGO_ENABLED=0
 log() { printf '[kube-bin %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-command -v go >/dev/null || die "go is not installed (need Go >= 1.24 for Kubernetes ${KUBE_VERSION})"
+command -v go >/dev/null || die "go is not installed (need Go >= 1.26 for Kubernetes ${KUBE_VERSION})"
 command -v timeout >/dev/null || die "timeout (coreutils) is not installed"
 
 # Does the cached binary exist and answer its version? (bounded: a broken binary must not hang us)

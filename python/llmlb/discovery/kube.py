@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,20 @@ LIST_PAGE = 500
 # Retries after an error wait from the first to the last of these (jittered): short, so a
 # restarted API server is read again within about a second.
 BACKOFF_S = (0.1, 1.0)
+# An answer that retrying will not change soon (401, 403, 404: rights or a CRD missing) is asked
+# again less often, so a misconfigured replica does not poll the API server every second.
+REFUSED_BACKOFF_S = 5.0
+# A watch that ends sooner than this without error waits BACKOFF_S[0] before the next one, so a
+# proxy that cuts watches at once cannot make the loop spin.
+MIN_WATCH_S = 1.0
 # One watch event (an object) may be at most this large; a longer line means a broken stream.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 KubeObject = dict[str, Any]
+
+
+class RequestRefused(DiscoveryError):
+    """The API server answered, and the answer is no (401, 403, 404)."""
 
 
 class Gone(Exception):
@@ -103,7 +114,12 @@ class KubeClient:
         if response.status != 200:
             body = await response.read()
             response.release()
-            raise DiscoveryError(f"GET {path}: {response.status} {_api_message(body)}")
+            message = f"GET {path}: {response.status} {_api_message(body)}"
+            if response.status == 404 and "/apis/inference.networking.k8s.io/" in path:
+                message += " (is the InferencePool CRD, inference.networking.k8s.io/v1, installed?)"
+            if response.status in (401, 403, 404):
+                raise RequestRefused(message)
+            raise DiscoveryError(message)
         return response
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> KubeObject:
@@ -217,8 +233,11 @@ class Reflector:
                     self.objects = {object_key(item): item for item in items}
                     self._ok()
                     self.on_change(self.objects)
+                watched = time.monotonic()
                 version = await self._watch(version)
                 delay = BACKOFF_S[0]
+                if time.monotonic() - watched < MIN_WATCH_S:
+                    await asyncio.sleep(BACKOFF_S[0])
             except Gone:
                 log.info("discovery: %s version expired, listing again", self.part)
                 version = ""
@@ -229,6 +248,8 @@ class Reflector:
                 if self.status.parts.get(self.part, "") is None:
                     log.warning("discovery: lost %s (keeping the last set): %s", self.part, message)
                 self.status.failed(f"{self.part}: {message}", self.part)
+                if isinstance(e, RequestRefused):
+                    delay = REFUSED_BACKOFF_S
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, BACKOFF_S[1])
 

@@ -87,6 +87,10 @@ bench-redis: ## What shared state in Redis adds per pick, through Envoy at a fix
 bench-stall: ## How long one big request body holds up other streams in the picker (both Envoy modes)
 	$(PYTHON) bench/stall/bench_stall.py
 
+.PHONY: bench-churn
+bench-churn: ## What pod churn costs the picker (CPU, lag, RSS) against the test API server (needs kube-bin)
+	$(PYTHON) bench/discovery/bench_churn.py
+
 .PHONY: bench-quality
 bench-quality: ## Routing quality (KV hit rate, TTFT, hot spots) of each policy over simulated vLLM servers
 	$(PYTHON) bench/quality/run.py

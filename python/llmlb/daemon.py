@@ -328,27 +328,8 @@ class Daemon:
             await self.shared.start()
         if self.scraper is not None:
             self.scraper.start()
-        await self.endpoints.wait_discovered(DISCOVERY_FIRST_SYNC_S)
-        # Multi-model pools: know who serves what before the first request.
-        await self.endpoints.refresh_models_once()
-        # Everything allocated so far lives as long as the process: keep it out of the cyclic
-        # collector's full passes, which would otherwise walk it (milliseconds) mid-request.
-        gc.freeze()
-        self.ready = True
-        if self.role is not None:
-            announce = Path(self.role.announce)
-            announce.with_suffix(".tmp").write_text(str(self.admin_port))
-            announce.with_suffix(".tmp").replace(announce)
-        admin_address = (
-            self.config.admin_listen if self.role is None else f"127.0.0.1:{self.admin_port} (internal)"
-        )
-        log.info(
-            "serving ext_proc on %s (policy %s, %d endpoints), admin on %s",
-            self.config.grpc_listen,
-            self.config.lb_policy,
-            len(self.endpoints.pool),
-            admin_address,
-        )
+        if await self._unless_stopped(self._first_sync()):
+            self._turn_ready()
         await self._stop.wait()
         for watch in (orphan_watch, header_watch):
             if watch is not None:
@@ -368,21 +349,64 @@ class Daemon:
                 state.parent.rmdir()
         return 0
 
+    async def _first_sync(self) -> None:
+        await self.endpoints.wait_discovered(DISCOVERY_FIRST_SYNC_S)
+        # Multi-model pools: know who serves what before the first request.
+        await self.endpoints.refresh_models_once()
+
+    async def _unless_stopped(self, work: Coroutine[None, None, None]) -> bool:
+        """Runs ``work`` unless a stop signal comes first: a SIGTERM while the first discovery
+        sync or model listing still waits ends the process at once instead of after the wait."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("stop signal while starting: not turning ready")
+        return False
+
+    def _turn_ready(self) -> None:
+        # Everything allocated so far lives as long as the process: keep it out of the cyclic
+        # collector's full passes, which would otherwise walk it (milliseconds) mid-request.
+        gc.freeze()
+        self.ready = True
+        if self.role is not None:
+            announce = Path(self.role.announce)
+            announce.with_suffix(".tmp").write_text(str(self.admin_port))
+            announce.with_suffix(".tmp").replace(announce)
+        admin_address = (
+            self.config.admin_listen if self.role is None else f"127.0.0.1:{self.admin_port} (internal)"
+        )
+        log.info(
+            "serving ext_proc on %s (policy %s, %d endpoints), admin on %s",
+            self.config.grpc_listen,
+            self.config.lb_policy,
+            len(self.endpoints.pool),
+            admin_address,
+        )
+
     async def _drain(self, server: grpc.aio.Server) -> None:
         """SIGTERM: not ready at once, new streams still served for ``drain_grace`` (so health
         checkers move traffic away first), then no new streams and up to ``drain_timeout`` for
         the open ones. Streams that need nothing more from the picker end at once (see
         ``ExtProcService.start_draining``); a second signal cuts the wait short."""
-        self.ready = False
+        was_ready, self.ready = self.ready, False
         await self.health.enter_graceful_shutdown()
         config = self.config
+        # A picker that never turned ready was never sent traffic: nothing to move away.
+        grace = config.drain_grace if was_ready else 0
         log.info(
             "draining: health NOT_SERVING; new streams served for %d s more, then up to %d s for open ones",
-            config.drain_grace,
+            grace,
             config.drain_timeout,
         )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._cut.wait(), config.drain_grace)
+            await asyncio.wait_for(self._cut.wait(), grace)
         service = self.service
         service.start_draining()
         # No new streams from here on. The stop's own grace is a backstop: the wait below

@@ -158,6 +158,8 @@ class Supervisor:
         """Until the worker has written its internal admin port (it does once it serves)."""
         assert worker.process is not None
         while time.monotonic() < deadline:
+            if self._stop.is_set():
+                return  # a stop signal while starting: the workers are stopped next
             if worker.process.returncode is not None:
                 raise WorkerFailed(worker.index, worker.process.returncode)
             with contextlib.suppress(OSError, ValueError):
@@ -303,17 +305,24 @@ class Supervisor:
         watchers: list[asyncio.Task[None]] = []
         try:
             admin = await self._start_admin()
+            # Before the workers start: a SIGTERM while they start stops them all cleanly.
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal)
             for worker in self.workers:
                 await self._spawn(worker)
             deadline = time.monotonic() + WORKER_START_TIMEOUT_S
             for worker in self.workers:
                 await self._wait_announced(worker, deadline)
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._on_signal)
-            watchers = [asyncio.create_task(self._watch(w)) for w in self.workers]
-            log.info("%d workers serving ext_proc on %s, admin on %s", self.count, self.config.grpc_listen,
-                     self.config.admin_listen)  # fmt: skip
+            if not self._stop.is_set():
+                watchers = [asyncio.create_task(self._watch(w)) for w in self.workers]
+                config = self.config
+                log.info(
+                    "%d workers serving ext_proc on %s, admin on %s",
+                    self.count,
+                    config.grpc_listen,
+                    config.admin_listen,
+                )
             await self._stop.wait()
         finally:
             await self._stop_workers()

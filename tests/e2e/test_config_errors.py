@@ -102,6 +102,8 @@ def _extremes(pick: int) -> dict[str, Any]:
     for name, bounds in {**INT_BOUNDS, **FLOAT_BOUNDS}.items():
         if name in ("max_body_bytes",) and pick == 1:
             continue  # a 1 GiB gRPC receive limit is legal but says nothing more here
+        if name.startswith("discovery."):
+            continue  # discovery replaces the static endpoints this test serves (its own tests)
         section, _, key = name.rpartition(".")
         (config["lb_config"] if section else config)[key or name] = bounds[pick]
     config["lb_config"] = {
@@ -134,11 +136,13 @@ def test_every_value_in_bounds_serves_and_stops_cleanly(
         extra_args=["--config", str(path), "--workers", str(workers)],
         ready_timeout=60.0,
     )
-    # drain_grace may be an hour here: the second signal cuts the drain short (with the lowest
-    # values the first one is already enough, and the daemon may be gone before /readyz answers).
     daemon.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: not _ready(daemon.admin_url), 10.0, message="draining")
-    daemon.proc.send_signal(signal.SIGTERM)
+    if pick == 1:
+        # drain_grace is an hour here: the second signal cuts the drain short. With the lowest
+        # values the first one is enough, and a second one could land after the event loop has
+        # closed (default action: killed by the signal).
+        daemon.proc.send_signal(signal.SIGTERM)
     try:
         code = daemon.proc.wait(30.0)
     finally:

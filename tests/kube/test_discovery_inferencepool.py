@@ -255,7 +255,9 @@ def test_an_inferencepool_routes_envoy_traffic_through_every_change(
         e = pods.add("vllm-e", {"app": "vllm-next"})
         wait_pool(daemon, [d, e], "change after API server restart", took)
         wait_traffic_reaches(daemon, e, "traffic after the restart", took)
-        assert discovery(daemon)["up"] is True
+        # The pods watch may be back before the pool's (each retries on its own backoff; a
+        # restarting API server may refuse for a moment, retried every 2.5-5 s).
+        wait_until(lambda: discovery(daemon)["up"] is True, 10.0, interval=0.05, message="discovery up")
     finally:
         replies = traffic.finish() if traffic is not None else []
         if envoy is not None:

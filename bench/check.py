@@ -53,6 +53,8 @@ OVERHEAD_BUDGET_US = 2.0
 OVERHEAD_CHECKED_UP_TO_US = 10.0
 
 SIZES = ["1KB", "32KB", "1MB"]
+# The other API shapes the picker reads (Responses, Anthropic Messages, embeddings), ~1 MB each.
+OTHER_SHAPES = ["responses", "messages", "embeddings"]
 POLICIES = ["global_least_request", "prefix_cache"]
 BODY_LINE = re.compile(r"llmlb-bench-body size=(\S+) bytes=(\d+) levels=(\d+) last_hash=(\d+)")
 BODIES_FILE = "llmlb-bench-bodies.json"
@@ -212,6 +214,7 @@ def rust_rows(r: Results) -> list[Row]:
     section = "Rust (criterion)"
     parses = [(f"parse_hash/{size}", f"parse+hash, {size} chat body") for size in SIZES]
     parses.append(("parse_hash_chunked/1MB", "parse+hash, 1MB chat body in 64 KiB chunks"))
+    parses += [(f"parse_hash/{shape}_1MB", f"parse+hash, 1MB {shape} body") for shape in OTHER_SHAPES]
     for bench_id, figure in parses:
         ns, nbytes = r.rust_ns(bench_id), r.rust_bytes(bench_id)
         if ns is None or not nbytes:

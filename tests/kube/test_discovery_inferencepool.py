@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.kube.test_discovery_endpointslices import REFLECTED_WITHIN_S, discovery, grant
+from tests.kube.test_discovery_endpointslices import REFLECTED_WITHIN_S, discovery, grant, wait_for_pool
 from tests.support.kube import KubeApi, KubeCluster, inferencepools_path
 from tests.support.procs import (
     Daemon,
@@ -137,14 +137,7 @@ def pods(kube_api: KubeApi, kube_namespace: str, tmp_path: Path) -> Iterator[Pod
 
 
 def wait_pool(daemon: Daemon, expected: list[str], what: str, took: dict[str, float]) -> None:
-    started = time.monotonic()
-    wait_until(
-        lambda: sorted(discovery(daemon)["addresses"]) == sorted(expected),
-        REFLECTED_WITHIN_S,
-        interval=0.02,
-        message=f"{what}: pool {sorted(expected)} (have {discovery(daemon)['addresses']})",
-    )
-    took[what] = time.monotonic() - started
+    took[what] = wait_for_pool(daemon, expected, what)
 
 
 def picks(daemon: Daemon) -> dict[str, float]:

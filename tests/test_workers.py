@@ -268,3 +268,12 @@ def test_workers_of_a_killed_supervisor_drain_exit_and_remove_the_state(tmp_path
     wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=15,
                message="orphaned workers exit")  # fmt: skip
     assert not any(Path(p).exists() for p in state_files), state_files
+
+
+def test_the_supervisor_answers_debug_discovery_for_every_worker(daemon: Daemon) -> None:
+    view = get(f"{daemon.admin_url}/debug/discovery", timeout=TIMEOUT).json()
+    assert view["kind"] == "static", view
+    assert view["up"] is True, view
+    assert sorted(view["addresses"]) == sorted(ENDPOINTS), view
+    assert [w["worker"] for w in view["workers"]] == [0, 1], view
+    assert all(sorted(w["addresses"]) == sorted(ENDPOINTS) and w["up"] is True for w in view["workers"]), view

@@ -12,9 +12,10 @@ no Redis. With Redis configured, each worker is also one Redis replica, and the 
 holds the local fallback state.
 
 The supervisor owns the public admin address: ``/metrics`` sums the workers' series (except
-``llmlb_redis_up``, the minimum), ``/readyz`` is ready when every worker is, and
-``/debug/endpoints`` adds the workers' own counts. A worker that dies is started again with the
-same index; the new process zeroes that index's counts, so a crash leaves no phantom load.
+``llmlb_redis_up``, the minimum), ``/readyz`` is ready when every worker is,
+``/debug/endpoints`` adds the workers' own counts and ``/debug/discovery`` shows each worker's
+source. A worker that dies is started again with the same index; the new process zeroes that
+index's counts, so a crash leaves no phantom load.
 SIGTERM drains every worker, then the supervisor exits.
 """
 
@@ -246,6 +247,27 @@ class Supervisor:
                 return web.Response(body=reply[1], content_type="application/json")
         return web.json_response({"error": "no worker answered"}, status=503)
 
+    async def _debug_discovery(self, _: web.Request) -> web.Response:
+        """Worker 0's view (the first that answers), ``up`` only when every worker's source is
+        up, and each worker's own state under ``workers`` (each runs its own source)."""
+        replies = await self._fetch_all("/debug/discovery")
+        views = [
+            (w.index, orjson.loads(r[1]))
+            for w, r in zip(self.workers, replies, strict=True)
+            if r and r[0] == 200
+        ]
+        if not views:
+            return web.json_response({"error": "no worker answered"}, status=503)
+        merged = dict(views[0][1])
+        merged["up"] = all(view.get("up") is True for _, view in views)
+        merged["workers"] = [
+            {"worker": index, **{k: view.get(k) for k in ("up", "last_error", "endpoints", "addresses")}}
+            for index, view in views
+        ]
+        return web.Response(
+            body=orjson.dumps(merged, option=orjson.OPT_INDENT_2), content_type="application/json"
+        )
+
     async def _start_admin(self) -> web.AppRunner:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
@@ -253,6 +275,7 @@ class Supervisor:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/debug/endpoints", self._debug_endpoints)
         app.router.add_get("/debug/config", self._debug_config)
+        app.router.add_get("/debug/discovery", self._debug_discovery)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = parse_listen(self.config.admin_listen, "admin_listen")

@@ -246,6 +246,23 @@ def test_merged_metrics_sum_series_and_take_the_minimum_of_redis_up() -> None:
     assert "not a sample line" not in merged
 
 
+def test_merged_discovery_gauges_are_the_least_any_worker_has() -> None:
+    from llmlb.workers import merge_metrics
+
+    def worker(up: int, endpoints: int, success: float, errors: int) -> str:
+        return (
+            f'llmlb_discovery_up{{kind="dns"}} {up}\nllmlb_discovery_endpoints{{kind="dns"}} {endpoints}\n'
+            f'llmlb_discovery_last_success_timestamp_seconds{{kind="dns"}} {success}\n'
+            f'llmlb_discovery_errors_total{{kind="dns"}} {errors}\n'
+        )
+
+    lines = merge_metrics([worker(1, 3, 1000.0, 0), worker(0, 2, 900.0, 4)]).splitlines()
+    assert 'llmlb_discovery_up{kind="dns"} 0' in lines, "one worker out of touch: not up"
+    assert 'llmlb_discovery_endpoints{kind="dns"} 2' in lines
+    assert 'llmlb_discovery_last_success_timestamp_seconds{kind="dns"} 900' in lines
+    assert 'llmlb_discovery_errors_total{kind="dns"} 4' in lines
+
+
 def test_merged_endpoint_views_sum_the_workers_own_counts() -> None:
     from llmlb.workers import merge_endpoint_views
 

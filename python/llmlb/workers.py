@@ -51,8 +51,17 @@ RESTART_LIMIT = 5
 RESTART_WINDOW_S = 60.0
 WORKER_START_TIMEOUT_S = 30.0
 FETCH_TIMEOUT_S = 2.0
-# Series whose value is the same fact in every worker: their minimum, not their sum.
-MIN_ACROSS_WORKERS = frozenset({"llmlb_redis_up", "llmlb_endpoint_metrics_age_seconds"})
+# Series whose value is the same fact in every worker: their minimum, not their sum (each worker
+# runs its own discovery source: the pool is up only while every worker's is).
+MIN_ACROSS_WORKERS = frozenset(
+    {
+        "llmlb_redis_up",
+        "llmlb_endpoint_metrics_age_seconds",
+        "llmlb_discovery_up",
+        "llmlb_discovery_endpoints",
+        "llmlb_discovery_last_success_timestamp_seconds",
+    }
+)
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$")
 _STREAMS = re.compile(r"^llmlb_extproc_streams_total (\S+)$", re.MULTILINE)

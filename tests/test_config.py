@@ -217,6 +217,18 @@ def test_duplicate_keys_are_refused(tmp_path, text, field):
     assert err.value.field == field
 
 
+@pytest.mark.parametrize("labels", [[], "", False, 0, ["zone"], {"zone": ["a"]}, {1: "a"}])
+def test_endpoint_labels_of_a_wrong_type_are_refused(labels):
+    with pytest.raises(ConfigError, match="mapping of strings to scalars") as err:
+        parse_config({"endpoints": [{"address": "10.0.0.1:1", "labels": labels}]})
+    assert err.value.field == "endpoints[0].labels"
+
+
+def test_endpoint_labels_absent_or_null_mean_none():
+    for entry in ({"address": "10.0.0.1:1"}, {"address": "10.0.0.1:1", "labels": None}):
+        assert parse_config({"endpoints": [entry]}).endpoints[0].labels == {}
+
+
 def test_duplicate_keys_in_the_endpoints_file_are_refused(tmp_path):
     (tmp_path / "eps.yaml").write_text("endpoints: [10.0.0.1:1]\nendpoints: [10.0.0.2:1]\n")
     (tmp_path / "c.yaml").write_text("endpoints_file: eps.yaml\n")

@@ -327,16 +327,22 @@ def parse_endpoint(value: Any, name: str) -> Endpoint:
             raise ConfigError(f"{name}.{sorted(unknown)[0]}", "unknown key (allowed: address, labels)")
         if "address" not in value:
             raise ConfigError(f"{name}.address", "is required")
-        labels = value.get("labels") or {}
-        if not isinstance(labels, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in labels.items()
-        ):
-            raise ConfigError(f"{name}.labels", "must be a mapping of strings to scalars")
         return Endpoint(
             parse_endpoint_address(value["address"], f"{name}.address"),
-            {k: str(v) for k, v in labels.items()},
+            parse_labels(value.get("labels"), f"{name}.labels"),
         )
     raise ConfigError(name, f'must be "ip:port" or {{address: ip:port, labels: {{...}}}}, got {value!r}')
+
+
+def parse_labels(value: Any, name: str) -> dict[str, str]:
+    """Endpoint labels: a mapping of strings to scalars, kept as strings. Only an absent (null)
+    value means none: ``[]``, ``""`` or ``false`` is a mistake, not an empty mapping."""
+    labels = {} if value is None else value
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in labels.items()
+    ):
+        raise ConfigError(name, "must be a mapping of strings to scalars")
+    return {k: str(v) for k, v in labels.items()}
 
 
 def parse_endpoints(value: Any, name: str) -> tuple[Endpoint, ...]:
@@ -571,13 +577,7 @@ def parse_discovery(raw: Any) -> Discovery | None:
         values["nameservers"] = tuple(
             _nameserver(v, f"discovery.nameservers[{i}]") for i, v in enumerate(servers)
         )
-    # Only an absent (or null) labels means none: `labels: []`, "" or false is a mistake.
-    labels = {} if raw.get("labels") is None else raw["labels"]
-    if not isinstance(labels, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in labels.items()
-    ):
-        raise ConfigError("discovery.labels", "must be a mapping of strings to scalars")
-    values["labels"] = {k: str(v) for k, v in labels.items()}
+    values["labels"] = parse_labels(raw.get("labels"), "discovery.labels")
     return Discovery(**values)
 
 

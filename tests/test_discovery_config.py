@@ -505,3 +505,31 @@ def test_serve_refuses_a_kubeconfig_it_cannot_load_with_exit_2(tmp_path: Path, k
     assert len(errors) == 1, result.stderr[-2000:]
     assert errors[0].startswith("llmlb: error: discovery.kubeconfig: cannot load Kubernetes credentials")
     assert str(tmp_path / "missing" / "kubeconfig") in errors[0]  # resolved next to the config
+
+
+@pytest.mark.parametrize("kind", ["kubernetes", "inferencePool"])
+def test_check_config_loads_the_kubeconfig_it_names(tmp_path: Path, kind: str) -> None:
+    """check-config catches what serve would refuse: a named kubeconfig that cannot be loaded."""
+    path = tmp_path / "llmlb.yaml"
+    path.write_text(yaml.safe_dump({"discovery": with_kind(kind, kubeconfig="missing/kubeconfig")}))
+    result = run_llmlb("check-config", str(path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert one_line_error(result.stderr).startswith(
+        "llmlb: error: discovery.kubeconfig: cannot load Kubernetes credentials"
+    )
+    kubeconfig = tmp_path / "missing" / "kubeconfig"
+    kubeconfig.parent.mkdir()
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    result = run_llmlb("check-config", str(path))
+    assert result.returncode == 0, result.stderr[-2000:]

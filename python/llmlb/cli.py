@@ -326,11 +326,30 @@ def _check_tls_files(config: Config) -> None:
         check_files(config.grpc_tls)
 
 
+def _check_kubeconfig(config: Config) -> None:
+    """A kubeconfig named in the config is loaded as ``serve`` would (no API call is made): one
+    that cannot be stops here, exit 2. The in-cluster/``$KUBECONFIG`` default depends on where
+    the picker runs, so it is left to ``serve``."""
+    discovery = config.discovery
+    if discovery is None or discovery.kind == "dns" or not discovery.kubeconfig:
+        return
+    import asyncio
+
+    from llmlb.discovery.kube import KubeClient
+
+    async def load() -> None:
+        client = await KubeClient.connect(discovery.kubeconfig)
+        await client.close()
+
+    asyncio.run(load())
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     if config.endpoints_file:
         load_endpoints_file(config.endpoints_file)
     _check_tls_files(config)
+    _check_kubeconfig(config)
     sys.stdout.write(effective_yaml(config))
     return EXIT_OK
 

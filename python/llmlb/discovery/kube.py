@@ -77,8 +77,9 @@ class KubeClient:
 
         configuration = client.Configuration()
         try:
-            if kubeconfig and not os.path.isfile(kubeconfig):
-                # Said here in one line; the library would also log a warning of its own.
+            # Said here in one line; the library would also log a warning of its own. (Once, at
+            # start: the loader below reads the file as blockingly.)
+            if kubeconfig and not os.path.isfile(kubeconfig):  # noqa: ASYNC240
                 raise OSError("no such file")
             if kubeconfig:
                 await kube_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)

@@ -509,7 +509,13 @@ def test_real_apply_grants_the_service_account_exactly_its_reads(
     kubeconfig: Path,
     kube_namespace: str,
 ) -> None:
+    # Pod Security Admission: the namespace enforces and warns at `restricted`.
+    levels = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn")}
+    cluster_ready.patch(f"/api/v1/namespaces/{kube_namespace}", {"metadata": {"labels": levels}})
     objs = retarget(rendered[example], kube_namespace)
+    done = kubectl("apply", "--dry-run=server", "-f", "-", kubeconfig=kubeconfig, stdin=as_stream(objs))
+    assert done.returncode == 0, done.stderr
+    assert "violate" not in done.stderr, done.stderr
     created = apply(objs, kubeconfig, dry_run=False)
     assert len(created) == len(objs)
     assert cluster_ready.exists(f"/apis/apps/v1/namespaces/{kube_namespace}/deployments/llmlb")

@@ -234,7 +234,7 @@ def test_missing_rights_are_reported_not_fatal(
     )
     kube_api.create_endpointslice(ns, "vllm-a", "vllm", [("10.0.3.1", True, True, False)], [("http", 8000)])
     wait_until(
-        # Refusals (403) are asked again every 2.5-5 s, not every second.
+        # Refusals (403) are asked again less and less often, at most every 5 s.
         lambda: discovery(picker)["addresses"] == ["10.0.3.1:8000"],
         10.0,
         message="rights granted later",

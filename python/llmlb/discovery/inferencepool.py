@@ -45,6 +45,8 @@ class InferencePoolSource:
         self.ports: tuple[int, ...] = ()
         self.pods: dict[str, KubeObject] = {}
         self._pods_task: asyncio.Task[None] | None = None
+        # A new selector's pods are being listed: the last published set stands meanwhile.
+        self._listing = False
         # Each pod's endpoints by its resourceVersion: a change re-derives one pod, not all.
         self._derived: dict[str, tuple[str, tuple[Endpoint, ...]]] = {}
 
@@ -111,7 +113,11 @@ class InferencePoolSource:
         self.pods = {}
         self.status.parts.pop(PODS_PART, None)
         if not self.selector:
+            self._listing = False
             return
+        # Until the new selector's pods are listed the pool keeps its last set: a selector change
+        # moves traffic from the old pods to the new ones without a moment of no endpoints.
+        self._listing = True
         assert self.client is not None
         label_selector = ",".join(f"{k}={v}" for k, v in self.selector)
         reflector = Reflector(
@@ -133,10 +139,13 @@ class InferencePoolSource:
 
     def _pods_changed(self, pods: dict[str, KubeObject]) -> None:
         self.pods = pods
+        self._listing = False
         self._publish()
 
     def _publish(self) -> None:
         self.status.details["pods"] = len(self.pods)
+        if self._listing:
+            return
         if not self.selector:
             self.publish(())
             return

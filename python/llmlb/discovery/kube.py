@@ -36,9 +36,10 @@ LIST_PAGE = 500
 # Retries after an error wait from the first to the last of these (jittered): short, so a
 # restarted API server is read again within about a second.
 BACKOFF_S = (0.1, 1.0)
-# An answer that retrying will not change soon (401, 403, 404: rights or a CRD missing) is asked
-# again less often, so a misconfigured replica does not poll the API server every second.
-REFUSED_BACKOFF_S = 5.0
+# An answer that retrying will not change soon (401, 403, 404: rights or a CRD missing) backs off
+# further, up to this, so a misconfigured replica does not poll the API server every second. It
+# starts as short as any retry: an API server that is still starting refuses for a moment too.
+REFUSED_BACKOFF_MAX_S = 5.0
 # A watch that ends sooner than this without error waits BACKOFF_S[0] before the next one, so a
 # proxy that cuts watches at once cannot make the loop spin.
 MIN_WATCH_S = 1.0
@@ -252,10 +253,9 @@ class Reflector:
                 if self.status.parts.get(self.part, "") is None:
                     log.warning("discovery: lost %s (keeping the last set): %s", self.part, message)
                 self.status.failed(f"{self.part}: {message}", self.part)
-                if isinstance(e, RequestRefused):
-                    delay = REFUSED_BACKOFF_S
                 await asyncio.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, BACKOFF_S[1])
+                cap = REFUSED_BACKOFF_MAX_S if isinstance(e, RequestRefused) else BACKOFF_S[1]
+                delay = min(delay * 2, cap)
 
     def _ok(self) -> None:
         if self.status.parts.get(self.part):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import yaml
 from tests.support.dns_server import ZONE, DnsServer, find_dnsmasq, free_dns_port, ipv6_loopback_usable
 from tests.support.procs import (
     BACKEND_SCRIPT,
+    Backend,
     Daemon,
     Envoy,
     ManagedProcess,
@@ -26,7 +26,6 @@ from tests.support.procs import (
     get,
     http_request,
     metric_sum,
-    post,
     start_daemon,
     start_envoy,
     stop_all,
@@ -49,34 +48,7 @@ pytestmark = pytest.mark.skipif(find_dnsmasq() is None, reason="no dnsmasq (make
 # model servers on several loopback addresses, one port
 
 
-@dataclass
-class HostBackend:
-    """tests/support/backend.py bound to ``host``; answers carry ``x-served-by: name``."""
-
-    name: str
-    host: str
-    port: int
-    proc: ManagedProcess
-
-    @property
-    def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-    def stats(self) -> dict[str, Any]:
-        reply = get(f"{self.url}/_stats", timeout=5.0)
-        assert reply.status == 200, reply
-        data: dict[str, Any] = reply.json()
-        return data
-
-    def reset(self) -> None:
-        assert post(f"{self.url}/_reset", {}, timeout=5.0).status == 200
-
-
-def start_host_backends(hosts: Sequence[str], workdir: Path) -> list[HostBackend]:
+def start_host_backends(hosts: Sequence[str], workdir: Path) -> list[Backend]:
     port = free_dns_port(hosts)  # free for TCP on every host
     started = []
     try:
@@ -84,7 +56,7 @@ def start_host_backends(hosts: Sequence[str], workdir: Path) -> list[HostBackend
             name = "b" + host.replace(":", "").split(".")[-1]  # 127.0.0.2 -> b2, ::1 -> b1
             argv = [sys.executable, str(BACKEND_SCRIPT), "--host", host, "--port", str(port), "--name", name]
             proc = ManagedProcess(f"backend {name}", argv, workdir / f"backend-{name}.log").start()
-            started.append(HostBackend(name, host, port, proc))
+            started.append(Backend(name, port, proc, host))
         for b in started:
             b.proc.wait_ready(f"{b.url}/health", timeout=15.0)
     except BaseException:
@@ -94,14 +66,14 @@ def start_host_backends(hosts: Sequence[str], workdir: Path) -> list[HostBackend
 
 
 @pytest.fixture(scope="module")
-def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[HostBackend]]:
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Backend]]:
     started = start_host_backends(HOSTS, tmp_path_factory.mktemp("dns-backends"))
     yield started
     stop_all(b.proc for b in started)
 
 
 @pytest.fixture
-def fresh_backends(backends: list[HostBackend]) -> list[HostBackend]:
+def fresh_backends(backends: list[Backend]) -> list[Backend]:
     wait_until(lambda: all(b.stats()["concurrent"] == 0 for b in backends), 10.0, message="backends idle")
     for b in backends:
         b.reset()
@@ -231,7 +203,7 @@ def traffic_reaches(envoy: Envoy, expected: set[str], tag: str) -> dict[str, int
 
 def test_a_name_with_two_addresses_is_two_endpoints_and_both_get_traffic(
     dns_server: DnsServer,
-    fresh_backends: list[HostBackend],
+    fresh_backends: list[Backend],
     picker_factory: Callable[..., Daemon],
     envoy_factory: Callable[[Daemon, list[str]], Envoy],
 ) -> None:
@@ -261,7 +233,7 @@ def test_a_name_with_two_addresses_is_two_endpoints_and_both_get_traffic(
 
 def test_added_and_removed_records_are_followed_without_a_restart(
     dns_server: DnsServer,
-    fresh_backends: list[HostBackend],
+    fresh_backends: list[Backend],
     picker_factory: Callable[..., Daemon],
     envoy_factory: Callable[[Daemon, list[str]], Envoy],
 ) -> None:
@@ -314,7 +286,7 @@ def test_added_and_removed_records_are_followed_without_a_restart(
 
 
 def test_nxdomain_and_a_name_without_addresses_empty_the_pool_and_stay_up(
-    dns_server: DnsServer, fresh_backends: list[HostBackend], picker_factory: Callable[..., Daemon]
+    dns_server: DnsServer, fresh_backends: list[Backend], picker_factory: Callable[..., Daemon]
 ) -> None:
     b2, b3, _ = fresh_backends
     # Two pickers on one server: one follows NAME (removed: NXDOMAIN), one NODATA_NAME, which
@@ -350,7 +322,7 @@ def test_nxdomain_and_a_name_without_addresses_empty_the_pool_and_stay_up(
 
 
 def test_a_name_unknown_at_start_starts_empty_and_fills_when_it_appears(
-    dns_server: DnsServer, fresh_backends: list[HostBackend], picker_factory: Callable[..., Daemon]
+    dns_server: DnsServer, fresh_backends: list[Backend], picker_factory: Callable[..., Daemon]
 ) -> None:
     b2 = fresh_backends[0]
     picker = picker_factory(discovery_config(dns_server, port=b2.port))
@@ -365,7 +337,7 @@ def test_a_name_unknown_at_start_starts_empty_and_fills_when_it_appears(
 def test_a_dns_outage_keeps_the_last_set_and_recovers(
     outage: str,
     dns_server: DnsServer,
-    fresh_backends: list[HostBackend],
+    fresh_backends: list[Backend],
     picker_factory: Callable[..., Daemon],
     envoy_factory: Callable[[Daemon, list[str]], Envoy],
 ) -> None:
@@ -416,7 +388,7 @@ def test_a_dns_outage_keeps_the_last_set_and_recovers(
 
 
 def test_a_refused_name_is_an_outage_not_an_empty_pool(
-    dns_server: DnsServer, fresh_backends: list[HostBackend], picker_factory: Callable[..., Daemon]
+    dns_server: DnsServer, fresh_backends: list[Backend], picker_factory: Callable[..., Daemon]
 ) -> None:
     """A name outside the server's zone gets REFUSED: the picker has no answer, so it must not
     conclude the name has no addresses. Never in touch at start, it waits its 10 s for a first
@@ -466,7 +438,7 @@ def test_aaaa_records_and_an_ipv6_nameserver(
 
 
 def test_the_command_line_endpoints_replace_dns_discovery(
-    dns_server: DnsServer, fresh_backends: list[HostBackend], tmp_path: Path
+    dns_server: DnsServer, fresh_backends: list[Backend], tmp_path: Path
 ) -> None:
     b2, b3, _ = fresh_backends
     dns_server.set_records({NAME: [b2.host]})

@@ -230,6 +230,7 @@ class Reflector:
     async def run(self) -> None:
         version = ""
         delay = BACKOFF_S[0]
+        refused = False
         while True:
             try:
                 if not version:
@@ -237,10 +238,11 @@ class Reflector:
                     self.lists += 1
                     self.objects = {object_key(item): item for item in items}
                     self._ok()
+                    refused = False
                     self.on_change(self.objects)
                 watched = time.monotonic()
                 version = await self._watch(version)
-                delay = BACKOFF_S[0]
+                delay, refused = BACKOFF_S[0], False
                 if time.monotonic() - watched < MIN_WATCH_S:
                     await asyncio.sleep(BACKOFF_S[0])
             except Gone:
@@ -253,9 +255,13 @@ class Reflector:
                 if self.status.parts.get(self.part, "") is None:
                     log.warning("discovery: lost %s (keeping the last set): %s", self.part, message)
                 self.status.failed(f"{self.part}: {message}", self.part)
+                if isinstance(e, RequestRefused) and not refused:
+                    # The server answers again (one that is still starting refuses for a moment):
+                    # ask again soon, then less and less often.
+                    delay = BACKOFF_S[0]
+                refused = isinstance(e, RequestRefused)
                 await asyncio.sleep(random.uniform(delay / 2, delay))
-                cap = REFUSED_BACKOFF_MAX_S if isinstance(e, RequestRefused) else BACKOFF_S[1]
-                delay = min(delay * 2, cap)
+                delay = min(delay * 2, REFUSED_BACKOFF_MAX_S if refused else BACKOFF_S[1])
 
     def _ok(self) -> None:
         if self.status.parts.get(self.part):

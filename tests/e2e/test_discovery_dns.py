@@ -6,7 +6,6 @@ picks. The records change while everything runs; nothing is restarted but the DN
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -17,14 +16,12 @@ import yaml
 
 from tests.support.dns_server import ZONE, DnsServer, find_dnsmasq, free_dns_port, ipv6_loopback_usable
 from tests.support.procs import (
-    BACKEND_SCRIPT,
     Backend,
     Daemon,
     Envoy,
-    ManagedProcess,
     Reply,
-    get,
     http_request,
+    launch_backends,
     metric_sum,
     start_daemon,
     start_envoy,
@@ -50,19 +47,8 @@ pytestmark = pytest.mark.skipif(find_dnsmasq() is None, reason="no dnsmasq (make
 
 def start_host_backends(hosts: Sequence[str], workdir: Path) -> list[Backend]:
     port = free_dns_port(hosts)  # free for TCP on every host
-    started = []
-    try:
-        for host in hosts:
-            name = "b" + host.replace(":", "").split(".")[-1]  # 127.0.0.2 -> b2, ::1 -> b1
-            argv = [sys.executable, str(BACKEND_SCRIPT), "--host", host, "--port", str(port), "--name", name]
-            proc = ManagedProcess(f"backend {name}", argv, workdir / f"backend-{name}.log").start()
-            started.append(Backend(name, port, proc, host))
-        for b in started:
-            b.proc.wait_ready(f"{b.url}/health", timeout=15.0)
-    except BaseException:
-        stop_all(b.proc for b in started)
-        raise
-    return started
+    names = ["b" + host.replace(":", "").split(".")[-1] for host in hosts]  # 127.0.0.2 -> b2, ::1 -> b1
+    return launch_backends([(name, host, port) for name, host in zip(names, hosts, strict=True)], workdir)
 
 
 @pytest.fixture(scope="module")
@@ -137,21 +123,8 @@ def envoy_factory(envoy_binary: str, tmp_path: Path) -> Iterator[Callable[[Daemo
     stop_all(e.proc for e in started)
 
 
-def discovery(daemon: Daemon) -> dict[str, Any]:
-    reply = get(f"{daemon.admin_url}/debug/discovery", timeout=5.0)
-    assert reply.status == 200, reply
-    data: dict[str, Any] = reply.json()
-    return data
-
-
 def wait_for_pool(daemon: Daemon, expected: Sequence[str], what: str) -> dict[str, Any]:
-    """Waits until the picker's pool is exactly ``expected``; returns /debug/discovery then."""
-    return wait_until(  # type: ignore[no-any-return]
-        lambda: (view := discovery(daemon)) and sorted(view["addresses"]) == sorted(expected) and view,
-        FOLLOW_S,
-        interval=0.05,
-        message=f"{what}: pool {sorted(expected)} (have {discovery(daemon)['addresses']})",
-    )
+    return daemon.wait_for_pool(expected, what, FOLLOW_S)
 
 
 def chat(envoy: Envoy, tag: str, delay_ms: int = 0) -> Reply:
@@ -212,7 +185,7 @@ def test_a_name_with_two_addresses_is_two_endpoints_and_both_get_traffic(
     picker = picker_factory(discovery_config(dns_server, port=b2.port))
 
     # Ready only once the first answer is in: the pool is there at once.
-    view = discovery(picker)
+    view = picker.debug_discovery()
     assert sorted(view["addresses"]) == sorted([b2.address, b3.address]), view
     assert view["kind"] == "dns", view
     assert view["up"] is True, view
@@ -280,7 +253,7 @@ def test_added_and_removed_records_are_followed_without_a_restart(
     )
     assert picker.proc.running, "the picker died"
     assert picker.proc.pid == pid  # followed, not restarted
-    view = discovery(picker)
+    view = picker.debug_discovery()
     assert view["up"] is True, view
     assert view["errors"] == 0, view
 
@@ -326,7 +299,7 @@ def test_a_name_unknown_at_start_starts_empty_and_fills_when_it_appears(
 ) -> None:
     b2 = fresh_backends[0]
     picker = picker_factory(discovery_config(dns_server, port=b2.port))
-    view = discovery(picker)
+    view = picker.debug_discovery()
     assert view["addresses"] == [], view
     assert view["up"] is True, view
     dns_server.set_records({NAME: [b2.host]})
@@ -355,8 +328,10 @@ def test_a_dns_outage_keeps_the_last_set_and_recovers(
     else:
         dns_server.stop()
     try:
-        wait_until(lambda: discovery(picker)["up"] is False, FOLLOW_S, message="discovery to report down")
-        view = discovery(picker)
+        wait_until(
+            lambda: picker.debug_discovery()["up"] is False, FOLLOW_S, message="discovery to report down"
+        )
+        view = picker.debug_discovery()
         assert sorted(view["addresses"]) == sorted([b2.address, b3.address]), view  # the last set stays
         assert NAME in (view["last_error"] or ""), view
         samples = picker.metrics()
@@ -380,8 +355,10 @@ def test_a_dns_outage_keeps_the_last_set_and_recovers(
         else:
             dns_server.start()
     view = wait_for_pool(picker, [b3.address, b4.address], "the records after the outage")
-    wait_until(lambda: discovery(picker)["up"] is True, FOLLOW_S, message="discovery to report up again")
-    view = discovery(picker)
+    wait_until(
+        lambda: picker.debug_discovery()["up"] is True, FOLLOW_S, message="discovery to report up again"
+    )
+    view = picker.debug_discovery()
     assert view["last_error"] is None, view
     assert metric_sum(picker.metrics(), "llmlb_discovery_up", kind="dns") == 1
     traffic_reaches(envoy, {b3.name, b4.name}, f"after-{outage}")
@@ -396,8 +373,8 @@ def test_a_refused_name_is_an_outage_not_an_empty_pool(
     b2 = fresh_backends[0]
     assert dns_server.query("vllm.example", "A").rcode() == 5  # REFUSED
     picker = picker_factory(discovery_config(dns_server, name="vllm.example", port=b2.port))
-    wait_until(lambda: discovery(picker)["up"] is False, FOLLOW_S, message="discovery to report down")
-    view = discovery(picker)
+    wait_until(lambda: picker.debug_discovery()["up"] is False, FOLLOW_S, message="discovery to report down")
+    view = picker.debug_discovery()
     assert view["addresses"] == [], view
     assert "vllm.example" in (view["last_error"] or ""), view
     assert metric_sum(picker.metrics(), "llmlb_discovery_up", kind="dns") == 0
@@ -424,7 +401,7 @@ def test_aaaa_records_and_an_ipv6_nameserver(
         v4, v6 = backends
         assert v6.address == f"[::1]:{v6.port}"
         picker = picker_factory(discovery_config(server, port=v4.port))
-        view = discovery(picker)
+        view = picker.debug_discovery()
         assert sorted(view["addresses"]) == sorted([v4.address, v6.address]), view
         assert view["up"] is True, view
         envoy = envoy_factory(picker, [v4.address, v6.address])
@@ -448,7 +425,7 @@ def test_the_command_line_endpoints_replace_dns_discovery(
     )
     daemon = start_daemon([b3.address], "global_least_request", tmp_path, extra_args=["--config", str(path)])
     try:
-        view = discovery(daemon)
+        view = daemon.debug_discovery()
         # No dns source at all (not one that happens to agree): the pool is the flag's.
         assert view["kind"] == "static", view
         assert view["addresses"] == [b3.address], view

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.procs import HOST, ManagedProcess, free_ports, get, llmlb_argv, wait_until
+from tests.support.procs import HOST, ManagedProcess, free_ports, get, serve_argv, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -63,17 +63,7 @@ def test_sigterm_during_the_first_discovery_sync_exits_at_once(
         )
     )
     grpc_port, admin_port = free_ports(2)
-    argv = llmlb_argv(
-        "serve",
-        "--config",
-        str(config),
-        "--grpc-listen",
-        f"{HOST}:{grpc_port}",
-        "--admin-listen",
-        f"{HOST}:{admin_port}",
-        "--workers",
-        str(workers),
-    )
+    argv = serve_argv(grpc_port, admin_port, "--config", str(config), "--workers", str(workers))
     proc = ManagedProcess("llmlb", argv, tmp_path / "llmlb.log").start()
     try:
         admin = f"http://{HOST}:{admin_port}"

@@ -16,10 +16,14 @@ import pytest
 import yaml
 
 from tests.support.kube import KubeApi, KubeCluster, endpointslices_path
-from tests.support.procs import Daemon, get, metric_sum, start_daemon, wait_until
+from tests.support.procs import Daemon, metric_sum, start_daemon, wait_until
 
 # Every change must show in the picker's pool within this long (the issue's bound).
 REFLECTED_WITHIN_S = 2.0
+# The rights `discovery.kind: kubernetes` needs (docs/kubernetes.md#rbac).
+SLICE_RULES = [
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}
+]
 
 
 def grant(
@@ -47,22 +51,10 @@ def grant(
     )
 
 
-def discovery(daemon: Daemon) -> dict[str, Any]:
-    reply = get(f"{daemon.admin_url}/debug/discovery", timeout=5.0)
-    assert reply.status == 200, reply
-    data: dict[str, Any] = reply.json()
-    return data
-
-
 def wait_for_pool(daemon: Daemon, expected: list[str], what: str) -> float:
     """Waits until the picker's pool is exactly ``expected``; returns how long that took."""
     started = time.monotonic()
-    wait_until(
-        lambda: sorted(discovery(daemon)["addresses"]) == sorted(expected),
-        REFLECTED_WITHIN_S,
-        interval=0.02,
-        message=f"{what}: pool {sorted(expected)} (have {discovery(daemon)['addresses']})",
-    )
+    daemon.wait_for_pool(expected, what, REFLECTED_WITHIN_S)
     return time.monotonic() - started
 
 
@@ -107,7 +99,7 @@ def test_endpointslices_are_followed_with_only_list_and_watch_rights(
         kube_api,
         ns,
         "llmlb",
-        [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}],
+        SLICE_RULES,
     )
     kube_api.create_service(ns, "vllm", None, [("http", 8000), ("metrics", 9400)])
     kube_api.create_endpointslice(
@@ -129,7 +121,7 @@ def test_endpointslices_are_followed_with_only_list_and_watch_rights(
         }
     )
     # Ready at start: the first list happened before /readyz said so.
-    view = discovery(picker)
+    view = picker.debug_discovery()
     assert view["addresses"] == ["10.0.1.1:8000"], view
     assert view["up"] is True, view
     assert view["kind"] == "kubernetes"
@@ -168,7 +160,7 @@ def test_endpointslices_are_followed_with_only_list_and_watch_rights(
     # Another service's slices in the same namespace are not ours.
     kube_api.create_endpointslice(ns, "other-a", "other", [("10.0.9.9", True, True, False)], [("http", 8000)])
     time.sleep(0.3)
-    assert discovery(picker)["addresses"] == ["10.0.1.1:8000"]
+    assert picker.debug_discovery()["addresses"] == ["10.0.1.1:8000"]
     print("reflected after: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in took.items()))
 
 
@@ -182,15 +174,18 @@ def test_an_api_server_outage_keeps_the_last_set_and_says_so(
     picker = picker_factory(
         {"kind": "kubernetes", "namespace": ns, "service": "vllm", "kubeconfig": str(kubeconfig)}
     )
-    assert discovery(picker)["addresses"] == ["10.0.2.1:8000"]
+    assert picker.debug_discovery()["addresses"] == ["10.0.2.1:8000"]
     errors_before = metric_sum(picker.metrics(), "llmlb_discovery_errors_total", kind="kubernetes")
 
     kube_cluster.stop_apiserver()
     try:
         wait_until(
-            lambda: discovery(picker)["up"] is False, 5.0, interval=0.05, message="discovery to report down"
+            lambda: picker.debug_discovery()["up"] is False,
+            5.0,
+            interval=0.05,
+            message="discovery to report down",
         )
-        view = discovery(picker)
+        view = picker.debug_discovery()
         assert view["addresses"] == ["10.0.2.1:8000"], view  # the last known set stays
         assert view["last_error"], view
         samples = picker.metrics()
@@ -205,7 +200,7 @@ def test_an_api_server_outage_keeps_the_last_set_and_says_so(
     took = wait_for_pool(
         picker, ["10.0.2.1:8000", "10.0.2.2:8000"], "a change after the API server restarted"
     )
-    assert discovery(picker)["up"] is True
+    assert picker.debug_discovery()["up"] is True
     assert metric_sum(picker.metrics(), "llmlb_discovery_up", kind="kubernetes") == 1
     print(f"after the restart, a change showed in {took * 1000:.0f} ms")
 
@@ -220,7 +215,7 @@ def test_missing_rights_are_reported_not_fatal(
     picker = picker_factory(
         {"kind": "kubernetes", "namespace": ns, "service": "vllm", "kubeconfig": str(kubeconfig)}
     )
-    view = discovery(picker)
+    view = picker.debug_discovery()
     assert view["up"] is False, view
     assert "403" in view["last_error"], view
     assert view["addresses"] == []
@@ -230,16 +225,16 @@ def test_missing_rights_are_reported_not_fatal(
         kube_api,
         ns,
         "llmlb",
-        [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}],
+        SLICE_RULES,
     )
     kube_api.create_endpointslice(ns, "vllm-a", "vllm", [("10.0.3.1", True, True, False)], [("http", 8000)])
     wait_until(
         # Refusals (403) are asked again less and less often, at most every 5 s.
-        lambda: discovery(picker)["addresses"] == ["10.0.3.1:8000"],
+        lambda: picker.debug_discovery()["addresses"] == ["10.0.3.1:8000"],
         10.0,
         message="rights granted later",
     )
-    assert discovery(picker)["up"] is True
+    assert picker.debug_discovery()["up"] is True
 
 
 def test_a_kubeconfig_that_cannot_be_loaded_is_a_config_error(tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.kube.test_discovery_endpointslices import discovery, grant, wait_for_pool
+from tests.kube.test_discovery_endpointslices import SLICE_RULES, grant, wait_for_pool
 from tests.support.kube import KubeApi, KubeCluster
-from tests.support.procs import HOST, Daemon, ManagedProcess, free_ports, llmlb_argv
+from tests.support.procs import HOST, Daemon, ManagedProcess, free_ports, serve_argv
 
 SERVICE_ACCOUNT_DIR = "/run/secrets/kubernetes.io/serviceaccount"  # /var/run -> /run
 
@@ -39,7 +39,7 @@ def test_in_cluster_credentials_and_the_pods_own_namespace(
         kube_api,
         ns,
         "llmlb",
-        [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}],
+        SLICE_RULES,
     )
     kube_api.create_service(ns, "vllm", None, [("http", 8000)])
     kube_api.create_endpointslice(ns, "vllm-a", "vllm", [("10.0.9.1", True, True, False)], [("http", 8000)])
@@ -61,15 +61,7 @@ def test_in_cluster_credentials_and_the_pods_own_namespace(
         )
     )
     grpc_port, admin_port = free_ports(2)
-    serve = llmlb_argv(
-        "serve",
-        "--config",
-        str(config),
-        "--grpc-listen",
-        f"{HOST}:{grpc_port}",
-        "--admin-listen",
-        f"{HOST}:{admin_port}",
-    )
+    serve = serve_argv(grpc_port, admin_port, "--config", str(config))
     script = (
         f"mount -t tmpfs tmpfs /run && mkdir -p {SERVICE_ACCOUNT_DIR} "
         f"&& cp {shlex.quote(str(secrets))}/* {SERVICE_ACCOUNT_DIR}/ && exec {shlex.join(serve)}"
@@ -85,7 +77,7 @@ def test_in_cluster_credentials_and_the_pods_own_namespace(
     try:
         proc.wait_ready(f"http://{HOST}:{admin_port}/readyz", timeout=30.0)
         picker = Daemon(proc, grpc_port, admin_port, [], "prefix_cache")
-        view = discovery(picker)
+        view = picker.debug_discovery()
         assert view["addresses"] == ["10.0.9.1:8000"], view
         assert view["up"] is True, view
         kube_api.create_endpointslice(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.kube.test_discovery_endpointslices import REFLECTED_WITHIN_S, discovery, grant, wait_for_pool
+from tests.kube.test_discovery_endpointslices import REFLECTED_WITHIN_S, grant, wait_for_pool
 from tests.support.kube import KubeApi, KubeCluster, inferencepools_path
 from tests.support.procs import (
     Daemon,
@@ -205,7 +205,7 @@ def test_an_inferencepool_routes_envoy_traffic_through_every_change(
     traffic: Traffic | None = None
     took: dict[str, float] = {}
     try:
-        assert sorted(discovery(daemon)["addresses"]) == sorted([a, b])
+        assert sorted(daemon.debug_discovery()["addresses"]) == sorted([a, b])
         envoy = start_envoy([], daemon.grpc_port, "full-duplex", tmp_path, name="envoy-gateway")
         traffic = Traffic(envoy.url).start()
         wait_traffic_reaches(daemon, a, "first traffic to a", took)
@@ -240,8 +240,10 @@ def test_an_inferencepool_routes_envoy_traffic_through_every_change(
         # The API server restarts: the last set carries traffic meanwhile, then changes flow again.
         kube_cluster.stop_apiserver()
         try:
-            wait_until(lambda: discovery(daemon)["up"] is False, 5.0, interval=0.05, message="discovery down")
-            assert sorted(discovery(daemon)["addresses"]) == [d]
+            wait_until(
+                lambda: daemon.debug_discovery()["up"] is False, 5.0, interval=0.05, message="discovery down"
+            )
+            assert sorted(daemon.debug_discovery()["addresses"]) == [d]
             wait_traffic_reaches(daemon, d, "traffic while the API server is down", took)
         finally:
             kube_cluster.start_apiserver()
@@ -250,7 +252,9 @@ def test_an_inferencepool_routes_envoy_traffic_through_every_change(
         wait_traffic_reaches(daemon, e, "traffic after the restart", took)
         # The pods watch may be back before the pool's (each retries on its own backoff; a
         # restarting API server may refuse for a moment: refusals back off further).
-        wait_until(lambda: discovery(daemon)["up"] is True, 10.0, interval=0.05, message="discovery up")
+        wait_until(
+            lambda: daemon.debug_discovery()["up"] is True, 10.0, interval=0.05, message="discovery up"
+        )
     finally:
         replies = traffic.finish() if traffic is not None else []
         if envoy is not None:
@@ -292,7 +296,7 @@ def test_a_pool_that_does_not_exist_yet_has_no_endpoints_until_it_does(
         [], "prefix_cache", tmp_path, name="llmlb-later", extra_args=["--config", str(config)]
     )
     try:
-        view = discovery(daemon)
+        view = daemon.debug_discovery()
         assert view["addresses"] == [], view
         assert view["up"] is True, view
         assert view["pool_found"] is False, view

@@ -435,13 +435,29 @@ def start_backends(n: int, workdir: Path, prefix: str = "b", engine: str = "vllm
 
     `engine` picks the /metrics format (vllm, vllm-old, sglang, trtllm-serve, triton; none = no /metrics).
     """
-    backends = []
-    for i, port in enumerate(free_ports(n), start=1):
-        name = f"{prefix}{i}"
-        argv = [sys.executable, str(BACKEND_SCRIPT), "--port", str(port), "--name", name, "--engine", engine]
-        proc = ManagedProcess(f"backend {name}", argv, workdir / f"backend-{name}.log").start()
-        backends.append(Backend(name, port, proc))
+    places = [(f"{prefix}{i}", HOST, port) for i, port in enumerate(free_ports(n), start=1)]
+    return launch_backends(places, workdir, "--engine", engine)
+
+
+def launch_backends(places: Iterable[tuple[str, str, int]], workdir: Path, *args: str) -> list[Backend]:
+    """One fake inference server per ``(name, host, port)``, each started with ``args``; returns
+    once all answer /health (none is left running if one does not)."""
+    backends: list[Backend] = []
     try:
+        for name, host, port in places:
+            argv = [
+                sys.executable,
+                str(BACKEND_SCRIPT),
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--name",
+                name,
+                *args,
+            ]
+            proc = ManagedProcess(f"backend {name}", argv, workdir / f"backend-{name}.log").start()
+            backends.append(Backend(name, port, proc, host))
         for b in backends:
             b.proc.wait_ready(f"{b.url}/health", timeout=15.0)
     except BaseException:
@@ -538,6 +554,13 @@ def llmlb_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "llmlb", *args]
 
 
+def serve_argv(grpc_port: int, admin_port: int, *args: str) -> list[str]:
+    """`llmlb serve` with its ext_proc and admin listeners on these loopback ports, then ``args``."""
+    return llmlb_argv(
+        "serve", "--grpc-listen", f"{HOST}:{grpc_port}", "--admin-listen", f"{HOST}:{admin_port}", *args
+    )
+
+
 def run_llmlb(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run a short `llmlb` command, capturing stdout and stderr."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -568,6 +591,23 @@ class Daemon:
     @property
     def admin_url(self) -> str:
         return f"http://{HOST}:{self.admin_port}"
+
+    def debug_discovery(self) -> dict[str, Any]:
+        reply = get(f"{self.admin_url}/debug/discovery", timeout=5.0)
+        assert reply.status == 200, reply
+        data: dict[str, Any] = reply.json()
+        return data
+
+    def wait_for_pool(self, expected: Iterable[str], what: str, within: float) -> dict[str, Any]:
+        """Waits until the pool (/debug/discovery's addresses) is exactly ``expected``; returns
+        that view."""
+        want = sorted(expected)
+        return wait_until(  # type: ignore[no-any-return]
+            lambda: (view := self.debug_discovery()) and sorted(view["addresses"]) == want and view,
+            within,
+            interval=0.02,
+            message=f"{what}: pool {want} (have {self.debug_discovery()['addresses']})",
+        )
 
     def debug_endpoints(self) -> list[dict[str, Any]]:
         reply = get(f"{self.admin_url}/debug/endpoints", timeout=5.0)
@@ -610,15 +650,12 @@ def start_daemon(
     endpoints = list(endpoints)
     grpc_port, admin_port = free_ports(2)
     # No endpoints: none on the command line, so a --config's discovery is not overridden.
-    argv = llmlb_argv(
-        "serve",
+    argv = serve_argv(
+        grpc_port,
+        admin_port,
         *(["--endpoints", ",".join(endpoints)] if endpoints else []),
         "--policy",
         policy,
-        "--grpc-listen",
-        f"{HOST}:{grpc_port}",
-        "--admin-listen",
-        f"{HOST}:{admin_port}",
         "--log-level",
         "info",
         *extra_args,

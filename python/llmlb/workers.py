@@ -12,7 +12,7 @@ no Redis. With Redis configured, each worker is also one Redis replica, and the 
 holds the local fallback state.
 
 The supervisor owns the public admin address: ``/metrics`` sums the workers' series (except
-``llmlb_redis_up``, the minimum), ``/readyz`` is ready when every worker is,
+those in ``MIN_ACROSS_WORKERS``, the minimum), ``/readyz`` is ready when every worker is,
 ``/debug/endpoints`` adds the workers' own counts and ``/debug/discovery`` shows each worker's
 source. A worker that dies is started again with the same index; the new process zeroes that
 index's counts, so a crash leaves no phantom load.
@@ -210,23 +210,21 @@ class Supervisor:
         except (aiohttp.ClientError, TimeoutError):
             return None
 
-    async def _fetch_all(self, path: str) -> list[tuple[int, bytes] | None]:
-        return list(await asyncio.gather(*(self._fetch(w, path) for w in self.workers)))
+    async def _answers(self, path: str) -> dict[int, bytes]:
+        """``path`` asked of every worker at once: the bodies of those answering 200, by index."""
+        replies = await asyncio.gather(*(self._fetch(w, path) for w in self.workers))
+        return {w.index: r[1] for w, r in zip(self.workers, replies, strict=True) if r and r[0] == 200}
 
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        replies = await self._fetch_all("/readyz")
-        ready = sum(1 for r in replies if r is not None and r[0] == 200)
+        ready = len(await self._answers("/readyz"))
         status = 200 if ready == self.count and not self.stopping else 503
         return web.Response(status=status, text=f"{ready}/{self.count} workers ready\n")
 
     async def _metrics(self, _: web.Request) -> web.Response:
-        replies = await self._fetch_all("/metrics")
-        texts = {
-            w.index: r[1].decode() for w, r in zip(self.workers, replies, strict=True) if r and r[0] == 200
-        }
+        texts = {index: body.decode() for index, body in (await self._answers("/metrics")).items()}
         lines = [
             merge_metrics(list(texts.values())).rstrip("\n"),
             "# HELP llmlb_workers Worker processes answering the supervisor.",
@@ -244,26 +242,21 @@ class Supervisor:
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
     async def _debug_endpoints(self, _: web.Request) -> web.Response:
-        replies = await self._fetch_all("/debug/endpoints")
-        views = [orjson.loads(r[1]) for r in replies if r is not None and r[0] == 200]
+        views = [orjson.loads(body) for body in (await self._answers("/debug/endpoints")).values()]
         if not views:
             return web.json_response({"error": "no worker answered"}, status=503)
         return web.Response(body=orjson.dumps(merge_endpoint_views(views)), content_type="application/json")
 
     async def _debug_config(self, _: web.Request) -> web.Response:
-        for reply in await self._fetch_all("/debug/config"):
-            if reply is not None and reply[0] == 200:
-                return web.Response(body=reply[1], content_type="application/json")
+        for body in (await self._answers("/debug/config")).values():
+            return web.Response(body=body, content_type="application/json")
         return web.json_response({"error": "no worker answered"}, status=503)
 
     async def _debug_discovery(self, _: web.Request) -> web.Response:
         """Worker 0's view (the first that answers), ``up`` only when every worker's source is
         up, and each worker's own state under ``workers`` (each runs its own source)."""
-        replies = await self._fetch_all("/debug/discovery")
         views = [
-            (w.index, orjson.loads(r[1]))
-            for w, r in zip(self.workers, replies, strict=True)
-            if r and r[0] == 200
+            (index, orjson.loads(body)) for index, body in (await self._answers("/debug/discovery")).items()
         ]
         if not views:
             return web.json_response({"error": "no worker answered"}, status=503)

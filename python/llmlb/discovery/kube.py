@@ -78,11 +78,11 @@ class KubeClient:
 
         configuration = client.Configuration()
         try:
-            # Said here in one line; the library would also log a warning of its own. (Once, at
-            # start: the loader below reads the file as blockingly.)
-            if kubeconfig and not os.path.isfile(kubeconfig):  # noqa: ASYNC240
-                raise OSError("no such file")
             if kubeconfig:
+                # Said here in one line; the library would also log a warning of its own. (Once,
+                # at start: the loader below reads the file as blockingly.)
+                if not os.path.isfile(kubeconfig):  # noqa: ASYNC240
+                    raise OSError("no such file")
                 await kube_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
             elif os.environ.get("KUBERNETES_SERVICE_HOST"):
                 kube_config.load_incluster_config(client_configuration=configuration)

@@ -1,5 +1,5 @@
 """The admin HTTP server: /healthz, /readyz, /metrics, /debug/endpoints, /debug/config,
-/debug/discovery, /debug/decisions."""
+/debug/discovery, /debug/decisions, /status."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from llmlb.decision import Decision
 from llmlb.endpoints import EndpointManager
 from llmlb.metrics import Metrics
 from llmlb.shared import SharedState
+from llmlb.status import status_page
 
 if TYPE_CHECKING:
     from llmlb.scraper import MetricsScraper
@@ -110,4 +111,5 @@ def build_app(
     app.router.add_get("/debug/config", debug_config)
     app.router.add_get("/debug/discovery", debug_discovery)
     app.router.add_get("/debug/decisions", debug_decisions)
+    app.router.add_get("/status", status_page)
     return app

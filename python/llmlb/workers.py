@@ -40,6 +40,7 @@ from aiohttp import web
 
 from llmlb._core import create_worker_state
 from llmlb.config import Config, parse_listen
+from llmlb.status import status_page
 
 log = logging.getLogger("llmlb.workers")
 
@@ -289,6 +290,7 @@ class Supervisor:
         app.router.add_get("/debug/config", self._debug_config)
         app.router.add_get("/debug/discovery", self._debug_discovery)
         app.router.add_get("/debug/decisions", self._debug_decisions)
+        app.router.add_get("/status", status_page)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = parse_listen(self.config.admin_listen, "admin_listen")

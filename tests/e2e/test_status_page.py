@@ -316,7 +316,8 @@ def test_status_page_says_when_a_fetch_fails_and_keeps_the_last_answers(
     assert len(dom.table("decisions")) == 2
     # The config is fetched until it is had, then no more.
     assert state.served["/debug/config"] == 1
-    assert state.served["/debug/endpoints"] == updates
+    # One fetch per refresh (one more may have been answered as the page's time ran out).
+    assert state.served["/debug/endpoints"] in {updates, updates + 1}
 
 
 def test_status_page_with_nothing_to_fetch_says_so(chromium: str, stub: tuple[str, _Stub]) -> None:

@@ -114,7 +114,10 @@ mod tests {
     fn one_string_field_matches_protobuf_bytes() {
         // Struct{fields: {"a": Value{string_value: "b"}}}, as protoc encodes it.
         let bytes = encode_struct(&[("a", Value::Str("b"))]);
-        assert_eq!(bytes, [0x0a, 0x08, 0x0a, 0x01, b'a', 0x12, 0x03, 0x1a, 0x01, b'b']);
+        assert_eq!(
+            bytes,
+            [0x0a, 0x08, 0x0a, 0x01, b'a', 0x12, 0x03, 0x1a, 0x01, b'b']
+        );
     }
 
     #[test]
@@ -138,7 +141,10 @@ mod tests {
         let long = "x".repeat(300); // a two-byte length
         let inner = vec![("k", Value::Str(&long)), ("n", Value::Number(3.0))];
         let fields = vec![
-            ("envoy.lb", Value::Struct(vec![("d", Value::Str("10.0.0.1:80"))])),
+            (
+                "envoy.lb",
+                Value::Struct(vec![("d", Value::Str("10.0.0.1:80"))]),
+            ),
             ("llmlb", Value::Struct(inner)),
         ];
         let bytes = encode_struct(&fields);

@@ -537,6 +537,7 @@ fn owned_request(
     };
     result.map(|r| OwnedRequest {
         hashes: r.prefix_hashes.clone(),
+        level_ends: r.level_ends.clone(),
         prompt_bytes: r.prompt_bytes,
         context_bytes: r.context_bytes,
         model: Some(r.model.clone()),
@@ -768,6 +769,7 @@ impl PyBalancer {
             let parsed = parsed.get();
             let borrowed = parsed.result.as_ref().ok().map(|r| Request {
                 hashes: &r.prefix_hashes,
+                level_ends: &r.level_ends,
                 prompt_bytes: r.prompt_bytes,
                 context_bytes: r.context_bytes,
                 model: Some(&r.model),

@@ -75,7 +75,8 @@ def test_requests_in_flight_survive_removal(tmp_path):
     b = Balancer("global_least_request")
     m = manager(b, endpoints_file=str(eps))
     m.load_initial()
-    ticket, endpoint, _, _ = b.pick(b'{"prompt": "x"}')
+    pick = b.pick(b'{"prompt": "x"}')
+    ticket, endpoint = pick.ticket, pick.endpoint
     eps.write_text("- 10.0.0.2:80\n")
     bump_mtime(eps)
     m.reload_if_changed()

@@ -264,7 +264,7 @@ def test_ext_proc_wiring(mode: str) -> None:
     proc = ext_proc(cfg)
     assert proc["@type"] == "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
     assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == "llmlb_picker"
-    assert proc["metadata_options"] == {"receiving_namespaces": {"untyped": ["envoy.lb"]}}
+    assert proc["metadata_options"] == {"receiving_namespaces": {"untyped": ["envoy.lb", "llmlb"]}}
     # Buffered: the picker may ask for a Responses API answer's body (to learn its id).
     assert proc["allow_mode_override"] is (mode == "buffered")
     assert [f["name"] for f in hcm(cfg)["http_filters"]] == [
@@ -323,11 +323,15 @@ def test_listener_admin_route_and_access_log() -> None:
     assert route(cfg)["timeout"] == "300s"
     assert route(cfg)["idle_timeout"] == "300s"
     (log,) = manager["access_log"]
-    line = log["typed_config"]["log_format"]["text_format_source"]["inline_string"]
-    assert "%UPSTREAM_HOST%" in line
-    assert "%REQ(x-gateway-destination-endpoint)%" in line
-    assert "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%" in line
-    assert line.endswith("\n")
+    line = log["typed_config"]["log_format"]["json_format"]
+    assert line["upstream"] == "%UPSTREAM_HOST%"
+    assert line["pick_header"] == "%REQ(x-gateway-destination-endpoint)%"
+    assert line["pick_metadata"] == "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%"
+    # The whole decision record, as the picker's dynamic metadata namespace.
+    assert line["llmlb"] == "%DYNAMIC_METADATA(llmlb)%"
+    assert line["request_id"] == "%REQ(X-REQUEST-ID)%"
+    ext_proc = manager["http_filters"][0]["typed_config"]
+    assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy.lb", "llmlb"]
 
 
 def test_ipv6_addresses_are_unbracketed_in_config() -> None:

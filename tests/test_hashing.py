@@ -296,15 +296,18 @@ def test_balancer_takes_parsed_requests_bytes_or_none():
     body = chat([{"role": "user", "content": "hello there"}])
     balancer = Balancer("prefix_cache")
     balancer.set_endpoints(["a:1", "b:1", "c:1"])
-    ticket, holder, _, _ = balancer.pick(parse_body(body, None, UNLIMITED, 64))
-    balancer.release(ticket)
+    first = balancer.pick(parse_body(body, None, UNLIMITED, 64))
+    holder = first.endpoint
+    balancer.release(first.ticket)
     # The same request as bytes, parsed or streamed: a prefix hit on the same endpoint.
     for request in (body, parse_request(body), stream_parse(body, [5])):
-        ticket, endpoint, reason, depth = balancer.pick(request)
-        assert (endpoint, reason, depth) == (holder, "prefix_hit", 1)
-        balancer.release(ticket)
+        pick = balancer.pick(request)
+        assert (pick.endpoint, pick.reason, pick.prefix_depth) == (holder, "prefix_hit", 1)
+        assert (pick.prefix_levels, pick.candidates) == (1, 3)
+        assert 0 < pick.cached_tokens <= pick.prompt_tokens
+        balancer.release(pick.ticket)
     bad = parse_body(b"not json", None, UNLIMITED, 64)
     assert not bad.ok
-    assert balancer.pick(bad)[2] == "bad_body"
-    assert balancer.pick(b"not json")[2] == "bad_body"
-    assert balancer.pick(None)[2] in ("least_request", "prefix_hit")
+    assert balancer.pick(bad).reason == "bad_body"
+    assert balancer.pick(b"not json").reason == "bad_body"
+    assert balancer.pick(None).reason in ("least_request", "prefix_hit")

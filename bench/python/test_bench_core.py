@@ -81,7 +81,7 @@ def _pick_release(balancer: llmlb.Balancer, body: bytes | None, n: int) -> Calla
     def run() -> bool:
         released = False
         for _ in loop:
-            released = release(pick(body)[0])
+            released = release(pick(body).ticket)
         return released
 
     return run
@@ -98,10 +98,10 @@ def _assert_settled(balancer: llmlb.Balancer, n: int) -> None:
 def test_pick_global_least_request(benchmark: Any, n: int) -> None:
     """pick(None) + release: no body, so the Rust side is exactly criterion's pick with no hashes."""
     balancer, addresses = _balancer("global_least_request", n)
-    ticket, endpoint, reason, depth = balancer.pick(None)
-    assert endpoint in addresses
-    assert (reason, depth) == ("least_request", 0)
-    assert balancer.release(ticket)
+    pick = balancer.pick(None)
+    assert pick.endpoint in addresses
+    assert (pick.reason, pick.prefix_depth) == ("least_request", 0)
+    assert balancer.release(pick.ticket)
 
     benchmark.group = "pick"
     repeat = 20 if n < 100 else 2
@@ -118,16 +118,17 @@ def test_pick_prefix_cache(benchmark: Any, chat_bodies: dict[str, bytes], n: int
     balancer, addresses = _balancer("prefix_cache", n)
     for i in range(WARM_CONVERSATIONS):
         other = body.replace(MODEL.encode(), f"warm/model-{i:05d}".encode(), 1)
-        balancer.release(balancer.pick(other)[0])
+        balancer.release(balancer.pick(other).ticket)
     assert balancer.prefix_entries >= 90_000
 
     levels = len(llmlb.parse_request(body).prefix_hashes)
-    first_ticket, holder, _, _ = balancer.pick(body)
-    balancer.release(first_ticket)
-    ticket, endpoint, reason, depth = balancer.pick(body)
-    assert (endpoint, reason, depth) == (holder, "prefix_hit", levels)
-    assert endpoint in addresses
-    balancer.release(ticket)
+    first = balancer.pick(body)
+    holder = first.endpoint
+    balancer.release(first.ticket)
+    pick = balancer.pick(body)
+    assert (pick.endpoint, pick.reason, pick.prefix_depth) == (holder, "prefix_hit", levels)
+    assert pick.endpoint in addresses
+    balancer.release(pick.ticket)
 
     benchmark.group = "pick"
     benchmark.extra_info.update(
@@ -136,7 +137,8 @@ def test_pick_prefix_cache(benchmark: Any, chat_bodies: dict[str, bytes], n: int
     assert benchmark(_pick_release(balancer, body, 1)) is True
 
     _assert_settled(balancer, n)
-    assert balancer.pick(body)[1:] == (holder, "prefix_hit", levels)
+    last = balancer.pick(body)
+    assert (last.endpoint, last.reason, last.prefix_depth) == (holder, "prefix_hit", levels)
 
 
 def test_call_overhead(benchmark: Any) -> None:

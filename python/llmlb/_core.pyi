@@ -20,6 +20,7 @@ __all__ = [
     "NoEndpointsError",
     "OverLimitError",
     "ParsedRequest",
+    "Pick",
     "RequestParseError",
     "RequestStream",
     "ShedError",
@@ -258,6 +259,37 @@ def shared_scripts() -> dict[str, str]:
     """The Redis Lua scripts by name: ``commit``, ``release``, ``heartbeat``, ``reap``."""
 
 @final
+class Pick:
+    """A counted pick and the figures of its decision record."""
+
+    @property
+    def ticket(self) -> int: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def prefix_depth(self) -> int:
+        """Leading prefix levels the endpoint holds, of the request's ``prefix_levels``."""
+    @property
+    def prefix_levels(self) -> int: ...
+    @property
+    def prompt_tokens(self) -> int:
+        """The request's estimated prompt tokens (0: unknown)."""
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens predicted to be cached on the endpoint."""
+    @property
+    def candidates(self) -> int:
+        """Candidates left after the filters."""
+    @property
+    def score(self) -> float:
+        """The endpoint's total score."""
+    @property
+    def runner_up(self) -> float | None:
+        """The best other candidate's total score (``None``: the endpoint was alone)."""
+
+@final
 class Balancer:
     """The picking engine of one replica: pool, tickets, policy, and the seam to where in-flight
     load and prefix holders live (this process, the workers' shared mapping, or Redis)."""
@@ -319,8 +351,8 @@ class Balancer:
         *,
         session: str | None = None,
         pinned: str | None = None,
-    ) -> tuple[int, str, str, int]:
-        """Decides and counts a pick: ``(ticket, endpoint, reason, prefix_depth)``.
+    ) -> Pick:
+        """Decides and counts a pick.
 
         ``request``: a ``ParsedRequest`` (read in place), a body (parsed here without a size
         limit, level cap or decoding), or ``None`` to pick from the headers alone. An unusable
@@ -372,14 +404,14 @@ class Balancer:
             RuntimeError: shared state is not enabled.
             NoEndpointsError, OverLimitError, UnknownModelError: as ``pick``.
         """
-    def complete_shared(self, pending_id: int, reply: list[Any]) -> tuple[int, str, str, int] | bytes:
+    def complete_shared(self, pending_id: int, reply: list[Any]) -> Pick | bytes:
         """Reads a commit's reply ``[committed, [requests...], stream id]``: the pick,
         or the next commit to send after a race lost on the guard.
 
         Raises:
             NoEndpointsError, OverLimitError: deciding again found no endpoint.
         """
-    def fallback_shared(self, pending_id: int) -> tuple[int, str, str, int]:
+    def fallback_shared(self, pending_id: int) -> Pick:
         """Redis did not answer: counts the pending decision here only (like ``pick``).
 
         Raises:

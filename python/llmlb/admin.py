@@ -1,9 +1,9 @@
 """The admin HTTP server: /healthz, /readyz, /metrics, /debug/endpoints, /debug/config,
-/debug/discovery."""
+/debug/discovery, /debug/decisions."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -11,6 +11,7 @@ from aiohttp import web
 
 from llmlb._core import Balancer
 from llmlb.config import Config, effective_dict
+from llmlb.decision import Decision
 from llmlb.endpoints import EndpointManager
 from llmlb.metrics import Metrics
 from llmlb.shared import SharedState
@@ -49,6 +50,11 @@ async def endpoint_views(
     return views
 
 
+def decision_views(recent: Iterable[Decision]) -> list[dict[str, Any]]:
+    """The recent decisions, newest first: each one's record plus its unix ``time``."""
+    return [{"time": d.time, **d.fields()} for d in reversed(list(recent))]
+
+
 def build_app(
     config: Config,
     *,
@@ -58,6 +64,7 @@ def build_app(
     is_ready: Callable[[], bool],
     shared: SharedState | None = None,
     scraper: MetricsScraper | None = None,
+    recent: Iterable[Decision] = (),
 ) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -92,6 +99,9 @@ def build_app(
         body = orjson.dumps(view, option=orjson.OPT_INDENT_2)
         return web.Response(body=body, content_type="application/json")
 
+    async def debug_decisions(_: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(decision_views(recent)), content_type="application/json")
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -99,4 +109,5 @@ def build_app(
     app.router.add_get("/debug/endpoints", debug_endpoints)
     app.router.add_get("/debug/config", debug_config)
     app.router.add_get("/debug/discovery", debug_discovery)
+    app.router.add_get("/debug/decisions", debug_decisions)
     return app

@@ -22,6 +22,9 @@ from llmlb._core import balancer_defaults
 
 POLICIES = ("global_least_request", "prefix_cache", "least_busy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+#: Decisions kept for /debug/decisions and the status page (``recent_decisions``).
+DEFAULT_RECENT_DECISIONS = 100
 
 # Higress fields llmlb accepts but does not need: its counters cannot leak, so nothing to clean,
 # and decisions are always visible in /metrics and debug logs.
@@ -58,6 +61,7 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "drain_timeout": (0, 86_400),
     "discovery.interval": (100, 3_600_000),
     "models_refresh": (0, 3_600_000),
+    "recent_decisions": (0, 100_000),
     "response_ttl": (1, 31_536_000),
     # About 150 bytes an entry.
     "response_store_size": (1, 10_000_000),
@@ -274,6 +278,14 @@ class Config:
     lb_policy: str = "prefix_cache"
     lb_config: LbConfig = field(default_factory=LbConfig)
     log_level: str = "info"
+    # Observability (docs/observability.md): log line format; one info line per request; gRPC
+    # and other libraries' logs (off: WARNING and up only); the opt-in response header carrying
+    # the decision record ("": off); decisions kept for /debug/decisions and /status.
+    log_format: str = "text"
+    log_requests: bool = False
+    log_libraries: bool = False
+    decision_header: str = ""
+    recent_decisions: int = DEFAULT_RECENT_DECISIONS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     health_check_interval: int = 5000
     health_check_timeout: int = 1000
@@ -714,6 +726,18 @@ def parse_config(raw: Any) -> Config:
                 raise ConfigError(key, "cannot be combined with discovery (one source of endpoints)")
     if "log_level" in raw:
         values["log_level"] = _choice(str(raw["log_level"]).lower(), "log_level", LOG_LEVELS)
+    if "log_format" in raw:
+        values["log_format"] = _choice(str(raw["log_format"]).lower(), "log_format", LOG_FORMATS)
+    for key in ("log_requests", "log_libraries"):
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                raise ConfigError(key, f"must be true or false, got {raw[key]!r}")
+            values[key] = raw[key]
+    if raw.get("decision_header") not in (None, ""):
+        header = _str(raw["decision_header"], "decision_header").lower()
+        if header and not _HEADER_NAME.match(header):
+            raise ConfigError("decision_header", f"must be an HTTP header name, got {header!r}")
+        values["decision_header"] = header
     for key in _TOP_INTS:
         if key in raw:
             values[key] = _bounded_int(raw[key], key)
@@ -834,6 +858,11 @@ def effective_dict(config: Config) -> dict[str, Any]:
         "lb_policy": config.lb_policy,
         "lb_config": lb,
         "log_level": config.log_level,
+        "log_format": config.log_format,
+        "log_requests": config.log_requests,
+        "log_libraries": config.log_libraries,
+        "decision_header": config.decision_header,
+        "recent_decisions": config.recent_decisions,
         "max_body_bytes": config.max_body_bytes,
         "health_check_interval": config.health_check_interval,
         "health_check_timeout": config.health_check_timeout,

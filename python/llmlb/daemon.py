@@ -22,8 +22,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llmlb._core import Balancer
 from llmlb.admin import build_app
 from llmlb.config import Config, ConfigError, parse_listen
+from llmlb.decision import STATE_EMBEDDED, STATE_SHARED_MEMORY
 from llmlb.endpoints import EndpointManager
-from llmlb.extproc import Apis, BodyLimits, ExtProcService
+from llmlb.extproc import Apis, BodyLimits, ExtProcService, Observability
+from llmlb.logs import RequestLog, configure_logging
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker
 from llmlb.responses import ResponseStore
@@ -146,6 +148,8 @@ class Daemon:
         self.shared: SharedState | None = None
         self.scraper: MetricsScraper | None = None  # least_busy only
         picker: Picker
+        # Where the picking state lives, for the decision record (a shared picker says per pick).
+        state = STATE_SHARED_MEMORY if role is not None else STATE_EMBEDDED
         if config.lb_policy == "least_busy":
             from llmlb.scraper import MetricsScraper
 
@@ -157,6 +161,8 @@ class Daemon:
                 self.metrics,
                 self.endpoints.report_upstream_failure,
                 shed_retry_after=config.lb_config.shedRetryAfter,
+                state=state,
+                recent_decisions=config.recent_decisions,
             )
         elif config.lb_config.serviceFQDN:
             self.shared = SharedState(config, self.balancer, self.metrics)
@@ -165,9 +171,18 @@ class Daemon:
                 self.metrics,
                 self.shared,
                 on_upstream_failure=self.endpoints.report_upstream_failure,
+                state=state,
+                recent_decisions=config.recent_decisions,
             )
         else:
-            picker = Picker(self.balancer, self.metrics, self.endpoints.report_upstream_failure)
+            picker = Picker(
+                self.balancer,
+                self.metrics,
+                self.endpoints.report_upstream_failure,
+                state=state,
+                recent_decisions=config.recent_decisions,
+            )
+        self.picker = picker
         # Only prefix_cache reads prefix levels: the other policies skip hashing altogether.
         blocks = config.lb_config.maxPrefixBlocks if self.balancer.uses_prefix else 0
         limits = BodyLimits(max_bytes=config.max_body_bytes, max_blocks=blocks)
@@ -179,7 +194,13 @@ class Daemon:
             served_models=self.endpoints.served_models,
             session_header=config.session_header,
         )
-        self.service = ExtProcService(picker, self.metrics, config.grpc_max_streams, limits, apis)
+        observability = Observability(
+            decision_header=config.decision_header,
+            request_log=RequestLog() if config.log_requests else None,
+        )
+        self.service = ExtProcService(
+            picker, self.metrics, config.grpc_max_streams, limits, apis, observability=observability
+        )
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.admin_port = 0
@@ -255,6 +276,7 @@ class Daemon:
             is_ready=lambda: self.ready,
             shared=self.shared,
             scraper=self.scraper,
+            recent=self.picker.recent,
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -435,10 +457,11 @@ def _run(main: Callable[[], Coroutine[None, None, int]]) -> int:
 
 
 def _configure_logging(config: Config, role: WorkerRole | None = None) -> None:
-    name = "%(name)s" if role is None else f"%(name)s[worker {role.index}]"
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s {name}: %(message)s",
+    configure_logging(
+        config.log_level,
+        config.log_format,
+        libraries=config.log_libraries,
+        worker=None if role is None else role.index,
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any, Final, Literal, get_args
 import yaml
 
 from llmlb.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT_S
+from llmlb.decision import RECORD_NAMESPACE
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -464,17 +465,30 @@ def _listener(opts: EnvoyOptions) -> Json:
     }
 
 
-def _access_log_format() -> str:
-    # One line per request; shows the pick both ways it was sent (header and metadata) next to the
-    # host Envoy actually used, which is what an operator needs to debug routing.
-    return (
-        '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
-        "%RESPONSE_CODE% flags=%RESPONSE_FLAGS% details=%RESPONSE_CODE_DETAILS% "
-        f"upstream=%UPSTREAM_HOST% pick_header=%REQ({DESTINATION_HEADER})% "
-        f"pick_metadata=%DYNAMIC_METADATA({METADATA_NAMESPACE}:{DESTINATION_HEADER})% "
-        "rx=%BYTES_RECEIVED% tx=%BYTES_SENT% duration_ms=%DURATION% "
-        "attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% request_id=%REQ(X-REQUEST-ID)%\n"
-    )
+def _access_log_format() -> Json:
+    """One JSON line per request: the pick both ways it was sent (header and metadata) next to
+    the host Envoy actually used, and under ``llmlb`` the picker's whole decision record (its
+    dynamic metadata namespace, see llmlb.decision): what an operator needs to debug routing."""
+    return {
+        "json_format": {
+            "start_time": "%START_TIME%",
+            "method": "%REQ(:METHOD)%",
+            "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+            "protocol": "%PROTOCOL%",
+            "status": "%RESPONSE_CODE%",
+            "flags": "%RESPONSE_FLAGS%",
+            "details": "%RESPONSE_CODE_DETAILS%",
+            "upstream": "%UPSTREAM_HOST%",
+            "pick_header": f"%REQ({DESTINATION_HEADER})%",
+            "pick_metadata": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{DESTINATION_HEADER})%",
+            "rx": "%BYTES_RECEIVED%",
+            "tx": "%BYTES_SENT%",
+            "duration_ms": "%DURATION%",
+            "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+            "request_id": "%REQ(X-REQUEST-ID)%",
+            RECORD_NAMESPACE: f"%DYNAMIC_METADATA({RECORD_NAMESPACE})%",
+        }
+    }
 
 
 def _route(opts: EnvoyOptions) -> Json:
@@ -630,7 +644,7 @@ def _http_connection_manager(opts: EnvoyOptions) -> Json:
                 "name": "envoy.access_loggers.stdout",
                 "typed_config": _typed(
                     "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                    log_format={"text_format_source": {"inline_string": _access_log_format()}},
+                    log_format=_access_log_format(),
                 ),
             }
         ],
@@ -722,9 +736,9 @@ def _ext_proc_filter(opts: EnvoyOptions) -> Json:
         # it learns; see llmlb.extproc). It only ever switches the response body to STREAMED in
         # BUFFERED mode; Envoy ignores overrides in FULL_DUPLEX_STREAMED mode.
         allow_mode_override=opts.mode == "buffered",
-        # Accept the picker's dynamic metadata in envoy.lb; without this Envoy drops it silently
-        # and metadata-based routing finds no host.
-        metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        # Accept the picker's dynamic metadata: the pick in envoy.lb (without it Envoy drops it
+        # silently and metadata-based routing finds no host) and the decision record in llmlb.
+        metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE, RECORD_NAMESPACE]}},
     )
 
 

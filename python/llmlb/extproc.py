@@ -52,8 +52,10 @@ from llmlb._core import (
     request_kind,
     stored_response_id,
 )
+from llmlb.decision import RECORD_NAMESPACE, Decision
+from llmlb.logs import RequestLog
 from llmlb.metrics import Metrics
-from llmlb.picking import Picker, Refusal
+from llmlb.picking import Picker, Refusal, RequestMeta
 from llmlb.responses import ResponseIdScanner, ResponseStore
 
 log = logging.getLogger("llmlb.extproc")
@@ -74,6 +76,19 @@ STREAM_CHUNK = 62_000
 OFFLOAD_BYTES = 1024 * 1024
 OFFLOAD_ENCODED_BYTES = 64 * 1024
 CONTENT_ENCODING = "content-encoding"
+REQUEST_ID = "x-request-id"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
+
+@dataclass(frozen=True, slots=True)
+class Observability:
+    """What the picker tells about each request beyond the pick: the decision record as
+    ``llmlb`` dynamic metadata (always), ``decision_header`` (a response header with the
+    record's compact form; empty: off) and the request log (``None``: off)."""
+
+    decision_header: str = ""
+    request_log: RequestLog | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,38 +161,38 @@ def _pick_common(endpoint: str) -> pb.CommonResponse:
     return pb.CommonResponse(header_mutation=mutation)
 
 
-def _pick_metadata(endpoint: str) -> struct_pb2.Struct:
+def _pick_metadata(decision: Decision) -> struct_pb2.Struct:
+    """The pick for routing (``envoy.lb``) and its decision record (``llmlb``)."""
     metadata = struct_pb2.Struct()
-    metadata.get_or_create_struct(METADATA_NAMESPACE)[DESTINATION_HEADER] = endpoint
+    metadata.get_or_create_struct(METADATA_NAMESPACE)[DESTINATION_HEADER] = decision.endpoint
+    metadata.get_or_create_struct(RECORD_NAMESPACE).update(decision.fields())
     return metadata
 
 
 class _PickResponses:
-    """Ready-made responses per endpoint: built once, then reused for every pick of it."""
+    """The answers that carry a pick: the header mutation is built once per endpoint and
+    reused; the metadata (the decision record) is the request's own."""
 
     def __init__(self) -> None:
-        self._headers: dict[str, pb.ProcessingResponse] = {}
-        self._body: dict[str, pb.ProcessingResponse] = {}
+        self._common: dict[str, pb.CommonResponse] = {}
 
-    def in_headers(self, endpoint: str) -> pb.ProcessingResponse:
-        response = self._headers.get(endpoint)
-        if response is None:
-            response = pb.ProcessingResponse(
-                request_headers=pb.HeadersResponse(response=_pick_common(endpoint)),
-                dynamic_metadata=_pick_metadata(endpoint),
-            )
-            self._headers[endpoint] = response
-        return response
+    def _mutation(self, endpoint: str) -> pb.CommonResponse:
+        common = self._common.get(endpoint)
+        if common is None:
+            common = self._common[endpoint] = _pick_common(endpoint)
+        return common
 
-    def in_body(self, endpoint: str) -> pb.ProcessingResponse:
-        response = self._body.get(endpoint)
-        if response is None:
-            response = pb.ProcessingResponse(
-                request_body=pb.BodyResponse(response=_pick_common(endpoint)),
-                dynamic_metadata=_pick_metadata(endpoint),
-            )
-            self._body[endpoint] = response
-        return response
+    def in_headers(self, decision: Decision) -> pb.ProcessingResponse:
+        return pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(response=self._mutation(decision.endpoint)),
+            dynamic_metadata=_pick_metadata(decision),
+        )
+
+    def in_body(self, decision: Decision) -> pb.ProcessingResponse:
+        return pb.ProcessingResponse(
+            request_body=pb.BodyResponse(response=self._mutation(decision.endpoint)),
+            dynamic_metadata=_pick_metadata(decision),
+        )
 
 
 def _json_reply(
@@ -220,6 +235,24 @@ def immediate_response(refusal: Refusal) -> pb.ProcessingResponse:
         {"error": {"message": refusal.message, "type": refusal.error_type, "code": refusal.status}}
     )
     return _json_reply(refusal.status, body, f"llmlb_{refusal.error_type}", refusal.retry_after)
+
+
+def _response_headers_with(name: str, value: str, send_body: bool) -> pb.ProcessingResponse:
+    """The response headers' answer adding the decision header (see ``Observability``)."""
+    mutation = pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
+                append_action=_OVERWRITE,
+            )
+        ]
+    )
+    answer = pb.ProcessingResponse(
+        response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
+    )
+    if send_body:
+        answer.mode_override.response_body_mode = STREAMED
+    return answer
 
 
 def _status(raw: bytes) -> int:
@@ -309,12 +342,15 @@ class _Stream:
         "body_mode",
         "chunks",
         "closed_for_drain",
+        "decision",
         "encoding",
         "endpoint",
         "failed",
         "kind",
         "learn_id",
         "limits",
+        "meta",
+        "observability",
         "parser",
         "picked",
         "picker",
@@ -324,19 +360,31 @@ class _Stream:
         "responses",
         "scanner",
         "session",
+        "status",
         "task",
         "ticket",
         "watch",
     )
 
     def __init__(
-        self, picker: Picker, responses: _PickResponses, watch: HeaderWatch, limits: BodyLimits, apis: Apis
+        self,
+        picker: Picker,
+        responses: _PickResponses,
+        watch: HeaderWatch,
+        limits: BodyLimits,
+        apis: Apis,
+        *,
+        observability: Observability,
     ) -> None:
         self.picker = picker
         self.responses = responses
         self.watch = watch
         self.limits = limits
         self.apis = apis
+        self.observability = observability
+        # The request's id, path and trace context, for its decision record.
+        self.meta = RequestMeta()
+        self.decision: Decision | None = None
         # What the body means, from :path (see request_kind).
         self.kind = "chat"
         self.session: str | None = None
@@ -352,7 +400,8 @@ class _Stream:
         self.parser: RequestStream | None = None
         # An immediate response ended the request: later body chunks are dropped.
         self.refused = False
-        # The response status was an error (4xx/5xx).
+        # The response status (0: none seen yet), and whether it was an error (4xx/5xx).
+        self.status = 0
         self.failed = False
         self.body_mode = BUFFERED
         self.response_mode = NONE
@@ -371,8 +420,8 @@ class _Stream:
         stream with OK now lets Envoy finish the HTTP request without it."""
         return bool(self.response_mode == NONE and self.body_mode != FULL_DUPLEX)
 
-    async def _pick(self, request: ParsedRequest | None) -> str | pb.ProcessingResponse:
-        """The endpoint, or the immediate response that ends the request. ``None`` picks from
+    async def _pick(self, request: ParsedRequest | None) -> Decision | pb.ProcessingResponse:
+        """The decision, or the immediate response that ends the request. ``None`` picks from
         the headers alone."""
         self.picked = True
         if request is not None and self.kind == "responses" and request.ok:
@@ -380,13 +429,22 @@ class _Stream:
             previous = request.previous_response_id
             if previous is not None and self.pinned is None:
                 self.pinned = await self.apis.responses.lookup(previous)
-        outcome = await self.picker.pick(request, session=self.session, pinned=self.pinned)
+        outcome = await self.picker.pick(request, session=self.session, pinned=self.pinned, meta=self.meta)
         if isinstance(outcome, Refusal):
-            self.refused = True
-            return immediate_response(outcome)
-        self.ticket, self.endpoint = outcome
+            return self._refuse(outcome)
+        self.decision = outcome
+        self.ticket, self.endpoint = outcome.ticket, outcome.endpoint
         self.watch.picked(self)
-        return self.endpoint
+        return outcome
+
+    def _refuse(self, refusal: Refusal) -> pb.ProcessingResponse:
+        """Ends the request with the picker's own answer."""
+        self.refused = True
+        self.picked = True
+        request_log = self.observability.request_log
+        if request_log is not None:
+            request_log.refused(self.meta, refusal)
+        return immediate_response(refusal)
 
     async def handle(
         self, request: pb.ProcessingRequest, kind: str | None
@@ -432,10 +490,17 @@ class _Stream:
                 path = header.raw_value.decode("latin-1")
             elif key == ":method":
                 method = header.raw_value.decode("latin-1")
+            elif key == REQUEST_ID:
+                self.meta.request_id = header.raw_value.decode("latin-1")
             elif key == CONTENT_ENCODING:
                 self.encoding = header.raw_value.decode("latin-1")
+            elif key == TRACEPARENT:
+                self.meta.traceparent = header.raw_value.decode("latin-1")
+            elif key == TRACESTATE:
+                self.meta.tracestate = header.raw_value.decode("latin-1")
             elif key == session_header:
                 self.session = header.raw_value.decode("utf-8", "replace")
+        self.meta.path = path
         # Envoy always sends :path; a client that does not gets today's chat/completions reading.
         self.kind = request_kind(path) if path else "chat"
         if self.kind == "other":
@@ -451,10 +516,10 @@ class _Stream:
         # No body to wait for (a GET, or Envoy sends none): pick now from headers alone.
         # STREAMED mode routes as soon as the headers are answered, so it can only pick here too.
         if headers.end_of_stream or self.body_mode in (NONE, STREAMED):
-            endpoint = await self._pick(None)
-            if isinstance(endpoint, pb.ProcessingResponse):
-                return [endpoint]
-            return [self.responses.in_headers(endpoint)]
+            decision = await self._pick(None)
+            if isinstance(decision, pb.ProcessingResponse):
+                return [decision]
+            return [self.responses.in_headers(decision)]
         if self.body_mode == FULL_DUPLEX:
             return []  # held until the body is complete: the answer carries the pick
         return [_HEADERS_STRIP]
@@ -476,10 +541,10 @@ class _Stream:
         parsed = await self._parse_whole(body.body)
         if parsed.too_large:
             return [self._too_large()]
-        endpoint = await self._pick(parsed)
-        if isinstance(endpoint, pb.ProcessingResponse):
-            return [endpoint]
-        return [self.responses.in_body(endpoint)]
+        decision = await self._pick(parsed)
+        if isinstance(decision, pb.ProcessingResponse):
+            return [decision]
+        return [self.responses.in_body(decision)]
 
     async def _parse_whole(self, body: bytes) -> ParsedRequest:
         limits = self.limits
@@ -511,9 +576,7 @@ class _Stream:
         return True
 
     def _too_large(self) -> pb.ProcessingResponse:
-        self.refused = True
-        self.picked = True
-        return immediate_response(self.picker.refuse_too_large(self.limits.max_bytes))
+        return self._refuse(self.picker.refuse_too_large(self.limits.max_bytes))
 
     async def _finish_full_duplex(self, end_of_stream: bool) -> Iterable[pb.ProcessingResponse]:
         if self.parser is None:  # no body bytes at all
@@ -523,18 +586,19 @@ class _Stream:
         parsed = self.parser.finish()
         self.parser = None
         received, self.chunks = self.chunks, []
-        endpoint = await self._pick(parsed)
-        if isinstance(endpoint, pb.ProcessingResponse):
-            return [endpoint]
+        decision = await self._pick(parsed)
+        if isinstance(decision, pb.ProcessingResponse):
+            return [decision]
         return itertools.chain(
-            (self.responses.in_headers(endpoint),), _streamed_request_body(received, end_of_stream)
+            (self.responses.in_headers(decision),), _streamed_request_body(received, end_of_stream)
         )
 
     def on_response_headers(self, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
         """Notes whether the request failed (it then claims no prefix entries, see `release`)
         and whether Envoy itself answered for an endpoint it could not get a response from; the
         answer asks for the response body when a stored response's id is to be learned."""
-        if not self.endpoint:
+        decision = self.decision
+        if decision is None:
             return _RESPONSE_HEADERS_CONTINUE
         self.watch.answered(self)
         status = 0
@@ -546,22 +610,27 @@ class _Stream:
                     break  # the common case: the status comes first
             elif header.key == UPSTREAM_TIME_HEADER:
                 upstream_answered = True
+        self.status = status
+        send_body = False
         if status < 400:
-            if self.learn_id and status == 200:
-                return self._read_response_id()
-            return _RESPONSE_HEADERS_CONTINUE
-        self.failed = True
-        if status in ENVOY_UPSTREAM_FAILURES and not upstream_answered:
-            self.picker.on_upstream_failure(self.endpoint)
-        return _RESPONSE_HEADERS_CONTINUE
+            send_body = self.learn_id and status == 200 and self._read_response_id()
+        else:
+            self.failed = True
+            if status in ENVOY_UPSTREAM_FAILURES and not upstream_answered:
+                self.picker.on_upstream_failure(self.endpoint)
+        header = self.observability.decision_header
+        if header:
+            return _response_headers_with(header, decision.compact(), send_body)
+        return _RESPONSE_HEADERS_SEND_BODY if send_body else _RESPONSE_HEADERS_CONTINUE
 
-    def _read_response_id(self) -> pb.ProcessingResponse:
+    def _read_response_id(self) -> bool:
+        """Starts reading the response for its id; ``True`` if Envoy must be asked for the
+        body (BUFFERED mode: the stream still ends with it)."""
         self.scanner = ResponseIdScanner()
         if self.response_mode in (FULL_DUPLEX, STREAMED):
-            return _RESPONSE_HEADERS_CONTINUE  # the chunks come anyway
-        # Every chunk of this response now passes the picker; the stream still ends with it.
+            return False  # the chunks come anyway
         self.response_mode = STREAMED
-        return _RESPONSE_HEADERS_SEND_BODY
+        return True
 
     async def _request_trailers(self) -> Iterable[pb.ProcessingResponse]:
         if self.body_mode == FULL_DUPLEX and not self.picked:
@@ -575,10 +644,18 @@ class _Stream:
 
 class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(
-        self, picker: Picker, metrics: Metrics, max_streams: int, limits: BodyLimits, apis: Apis
+        self,
+        picker: Picker,
+        metrics: Metrics,
+        max_streams: int,
+        limits: BodyLimits,
+        apis: Apis,
+        *,
+        observability: Observability | None = None,
     ) -> None:
         self.picker = picker
         self.apis = apis
+        self.observability = observability or Observability()
         self.metrics = metrics
         self.limits = limits
         self.responses = _PickResponses()
@@ -623,7 +700,9 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 f"llmlb: {self.open_streams} ext_proc streams open (grpc_max_streams)",
             )
         self.open_streams += 1
-        stream = _Stream(self.picker, self.responses, self.watch, self.limits, self.apis)
+        stream = _Stream(
+            self.picker, self.responses, self.watch, self.limits, self.apis, observability=self.observability
+        )
         try:
             async for request in request_iterator:
                 # The two messages of every request that need no pick are answered here, without
@@ -653,5 +732,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             self.open_streams -= 1
             if stream.ticket:
                 self.picker.release(stream.ticket, failed=stream.failed)
+                request_log = self.observability.request_log
+                if request_log is not None and stream.decision is not None:
+                    request_log.finished(stream.decision, stream.status)
             if self.draining and self.open_streams == 0:
                 self._all_closed.set()

@@ -134,6 +134,10 @@ PICK_BUCKETS = (
 )  # fmt: skip
 
 
+# Matched prefix levels: 0 (a miss), then up to 64 KiB of prompt and beyond.
+PREFIX_DEPTH_BUCKETS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+
+
 class Metrics:
     """Every metric the daemon exports (names are part of the contract)."""
 
@@ -150,6 +154,12 @@ class Metrics:
             "Requests in flight per endpoint (this replica).",
             ("endpoint",),
             inflight,
+        )
+        self.prefix_hit_depth = Histogram(
+            "llmlb_prefix_hit_depth",
+            "Leading prefix levels (512-byte blocks) the picked endpoint held, per pick of a "
+            "request with prefix levels (0: no match).",
+            PREFIX_DEPTH_BUCKETS,
         )
         self.fallbacks = Counter(
             "llmlb_fallbacks_total", "Picks that fell back from the policy, by reason.", ("reason",)
@@ -327,6 +337,7 @@ class Metrics:
         for metric in (
             self.picks,
             self.pick_duration,
+            self.prefix_hit_depth,
             self.inflight,
             self.fallbacks,
             self.redis_errors,

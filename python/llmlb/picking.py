@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,15 +14,31 @@ from llmlb._core import (
     NoEndpointsError,
     OverLimitError,
     ParsedRequest,
+    Pick,
     ShedError,
     UnknownModelError,
 )
+from llmlb.config import DEFAULT_RECENT_DECISIONS
+from llmlb.decision import STATE_EMBEDDED, Decision, Observer
 from llmlb.metrics import Metrics
 
 log = logging.getLogger("llmlb.pick")
 
 # Seconds a client should wait before retrying a 429 from maxRequestCount.
 OVER_LIMIT_RETRY_AFTER = 1
+
+
+@dataclass(slots=True)
+class RequestMeta:
+    """What a pick's decision record takes from the request's headers."""
+
+    request_id: str = ""
+    path: str = ""
+    traceparent: str = ""
+    tracestate: str = ""
+
+
+NO_META = RequestMeta()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +61,15 @@ class Picker:
         on_upstream_failure: Callable[[str], None] = lambda endpoint: None,
         *,
         shed_retry_after: int = 1,
+        state: str = STATE_EMBEDDED,
+        recent_decisions: int = DEFAULT_RECENT_DECISIONS,
     ) -> None:
         self.balancer = balancer
+        # Where decisions read their state (see llmlb.decision); a shared picker says per pick.
+        self.state = state
+        # Called with every decision, after the pick: metrics, tracing, request logs.
+        self.observers: list[Observer] = []
+        self.recent: deque[Decision] = deque(maxlen=recent_decisions)
         self.shed_retry_after = shed_retry_after
         self.metrics = metrics
         self.policy = balancer.policy
@@ -54,14 +78,19 @@ class Picker:
         self._debug = log.isEnabledFor(logging.DEBUG)
 
     async def pick(
-        self, request: ParsedRequest | None, *, session: str | None = None, pinned: str | None = None
-    ) -> tuple[int, str] | Refusal:
-        """``(ticket, endpoint)``, or a refusal. ``None`` picks from the headers alone;
-        ``session`` is the session header's value, ``pinned`` the endpoint holding the stored
-        response the request continues."""
+        self,
+        request: ParsedRequest | None,
+        *,
+        session: str | None = None,
+        pinned: str | None = None,
+        meta: RequestMeta = NO_META,
+    ) -> Decision | Refusal:
+        """The decision (its ``ticket`` ends the request, see ``release``), or a refusal.
+        ``None`` picks from the headers alone; ``session`` is the session header's value,
+        ``pinned`` the endpoint holding the stored response the request continues."""
         started = time.perf_counter()
         try:
-            ticket, endpoint, reason, depth = self.balancer.pick(request, session=session, pinned=pinned)
+            pick = self.balancer.pick(request, session=session, pinned=pinned)
         except NoEndpointsError:
             return self._refuse_no_endpoints()
         except OverLimitError as e:
@@ -70,8 +99,7 @@ class Picker:
             return self._refuse_shed(str(e))
         except UnknownModelError as e:
             return self._refuse_unknown_model(str(e))
-        self._record(endpoint, reason, depth, ticket, time.perf_counter() - started)
-        return ticket, endpoint
+        return self._decided(pick, request, meta, self.state, time.perf_counter() - started)
 
     def release(self, ticket: int, failed: bool = False) -> None:
         """Ends a picked request; a ``failed`` one (an error answer) also takes back the prefix
@@ -106,10 +134,41 @@ class Picker:
         self.metrics.shed.inc()
         return Refusal(429, "rate_limit_exceeded", f"llmlb: {message}", self.shed_retry_after)
 
-    def _record(self, endpoint: str, reason: str, depth: int, ticket: int, seconds: float) -> None:
-        self.metrics.pick_duration.observe(seconds)
-        self.metrics.picks.inc((self.policy, endpoint, reason))
-        if reason in FALLBACK_PICK_REASONS:
-            self.metrics.fallbacks.inc((reason,))
+    def _decided(
+        self, pick: Pick, request: ParsedRequest | None, meta: RequestMeta, state: str, seconds: float
+    ) -> Decision:
+        """Counts the pick in the metrics and tells the observers."""
+        decision = Decision(
+            ticket=pick.ticket,
+            endpoint=pick.endpoint,
+            policy=self.policy,
+            reason=pick.reason,
+            prefix_depth=pick.prefix_depth,
+            prefix_levels=pick.prefix_levels,
+            prompt_tokens=pick.prompt_tokens,
+            cached_tokens=pick.cached_tokens,
+            candidates=pick.candidates,
+            score=pick.score,
+            runner_up=pick.runner_up,
+            state=state,
+            pick_seconds=seconds,
+            time=time.time(),
+            request_id=meta.request_id,
+            path=meta.path,
+            model=request.model if request is not None and request.ok else "",
+            traceparent=meta.traceparent,
+            tracestate=meta.tracestate,
+        )
+        metrics = self.metrics
+        metrics.pick_duration.observe(seconds)
+        metrics.picks.inc((self.policy, pick.endpoint, pick.reason))
+        if pick.prefix_levels:
+            metrics.prefix_hit_depth.observe(pick.prefix_depth)
+        if pick.reason in FALLBACK_PICK_REASONS:
+            metrics.fallbacks.inc((pick.reason,))
+        self.recent.append(decision)
+        for observe in self.observers:
+            observe(decision)
         if self._debug:
-            log.debug("picked %s reason=%s prefix_depth=%d ticket=%d", endpoint, reason, depth, ticket)
+            log.debug("picked %s", decision.fields())
+        return decision

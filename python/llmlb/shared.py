@@ -48,8 +48,9 @@ from llmlb._core import (
     shared_scripts,
 )
 from llmlb.config import Config, LbConfig
+from llmlb.decision import STATE_LOCAL_FALLBACK, STATE_REDIS, Decision
 from llmlb.metrics import Metrics
-from llmlb.picking import Picker, Refusal
+from llmlb.picking import NO_META, Picker, Refusal, RequestMeta
 from llmlb.resp import LaneClosedError, RespConnection
 
 log = logging.getLogger("llmlb.shared")
@@ -639,10 +640,15 @@ class SharedPicker(Picker):
         self._next_request = 0
 
     async def pick(
-        self, request: ParsedRequest | None, *, session: str | None = None, pinned: str | None = None
-    ) -> tuple[int, str] | Refusal:
+        self,
+        request: ParsedRequest | None,
+        *,
+        session: str | None = None,
+        pinned: str | None = None,
+        meta: RequestMeta = NO_META,
+    ) -> Decision | Refusal:
         if not self.shared.up:
-            local = await super().pick(request, session=session, pinned=pinned)
+            local = await super().pick(request, session=session, pinned=pinned, meta=meta)
             if not isinstance(local, Refusal):
                 self.metrics.fallbacks.inc(("redis_down",))
             return local
@@ -670,7 +676,8 @@ class SharedPicker(Picker):
                     if attempt == 0:
                         self.shared.requeue(releases)
                     self.metrics.fallbacks.inc((reply,))
-                    ticket, endpoint, reason, depth = self.balancer.fallback_shared(pending)
+                    pick = self.balancer.fallback_shared(pending)
+                    state = STATE_LOCAL_FALLBACK
                     break
                 outcome = self.balancer.complete_shared(pending, reply)
                 if isinstance(outcome, bytes):
@@ -678,11 +685,13 @@ class SharedPicker(Picker):
                     self.metrics.redis_commit_retries.inc()
                     command = outcome
                     continue
-                ticket, endpoint, reason, depth = outcome
-                self._request_ids[ticket] = request_id
+                pick = outcome
+                state = STATE_REDIS
+                self._request_ids[pick.ticket] = request_id
                 break
             else:  # pragma: no cover - the core's last commit has no guard
-                ticket, endpoint, reason, depth = self.balancer.fallback_shared(pending)
+                pick = self.balancer.fallback_shared(pending)
+                state = STATE_LOCAL_FALLBACK
         except NoEndpointsError:
             return self._refuse_no_endpoints()
         except OverLimitError as e:
@@ -691,8 +700,7 @@ class SharedPicker(Picker):
             return self._refuse_unknown_model(str(e))
         finally:
             self.balancer.discard_shared(pending)
-        self._record(endpoint, reason, depth, ticket, time.perf_counter() - started)
-        return ticket, endpoint
+        return self._decided(pick, request, meta, state, time.perf_counter() - started)
 
     def release(self, ticket: int, failed: bool = False) -> None:
         tokens = 0

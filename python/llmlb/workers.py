@@ -252,6 +252,16 @@ class Supervisor:
             return web.Response(body=body, content_type="application/json")
         return web.json_response({"error": "no worker answered"}, status=503)
 
+    async def _debug_decisions(self, _: web.Request) -> web.Response:
+        """Every worker's recent decisions, newest first, as many as one worker keeps."""
+        merged: list[dict[str, Any]] = []
+        for index, body in (await self._answers("/debug/decisions")).items():
+            merged.extend({**entry, "worker": index} for entry in orjson.loads(body))
+        merged.sort(key=lambda entry: entry.get("time", 0.0), reverse=True)
+        return web.Response(
+            body=orjson.dumps(merged[: self.config.recent_decisions]), content_type="application/json"
+        )
+
     async def _debug_discovery(self, _: web.Request) -> web.Response:
         """Worker 0's view (the first that answers), ``up`` only when every worker's source is
         up, and each worker's own state under ``workers`` (each runs its own source)."""
@@ -278,6 +288,7 @@ class Supervisor:
         app.router.add_get("/debug/endpoints", self._debug_endpoints)
         app.router.add_get("/debug/config", self._debug_config)
         app.router.add_get("/debug/discovery", self._debug_discovery)
+        app.router.add_get("/debug/decisions", self._debug_decisions)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = parse_listen(self.config.admin_listen, "admin_listen")

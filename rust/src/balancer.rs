@@ -158,6 +158,22 @@ pub struct Pick {
     pub prefix_depth: u32,
     /// In-flight count of the chosen endpoint including this request.
     pub inflight: u32,
+    pub figures: Figures,
+}
+
+/// How a decision was reached: the figures of its decision record.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Figures {
+    /// The request's prefix levels.
+    pub levels: u32,
+    /// The request's estimated prompt tokens, and those predicted to be cached on the endpoint.
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    /// Candidates left after the filters (1 for a pinned request).
+    pub candidates: u32,
+    /// The chosen endpoint's total score, and the best of the others (`None`: it was alone).
+    pub score: f64,
+    pub runner_up: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,6 +240,7 @@ pub struct Decision {
     pub records_prefix: bool,
     /// The affinity key recorded for the endpoint with the pick.
     pub key: Option<u64>,
+    pub figures: Figures,
 }
 
 /// One endpoint's last scraped load (least_busy).
@@ -917,7 +934,7 @@ impl Balancer {
         } else {
             &self.fallback
         };
-        let chosen = profile
+        let choice = profile
             .run(
                 &info,
                 &mut self.candidates,
@@ -925,6 +942,7 @@ impl Balancer {
                 &mut self.rng,
             )
             .ok_or(PickError::NoEndpoints)?;
+        let chosen = choice.candidate;
 
         let limit = self.config.max_request_count;
         if limit > 0 && chosen.inflight >= limit {
@@ -959,6 +977,14 @@ impl Balancer {
             tokens: info.prompt_tokens - cached,
             records_prefix: use_prefix,
             key,
+            figures: Figures {
+                levels: info.prefix_levels,
+                prompt_tokens: info.prompt_tokens,
+                cached_tokens: cached,
+                candidates: choice.candidates,
+                score: choice.score,
+                runner_up: choice.runner_up,
+            },
         })
     }
 
@@ -1018,6 +1044,15 @@ impl Balancer {
             tokens: prompt_tokens - cached,
             records_prefix: use_prefix,
             key: request.key.filter(|_| self.config.policy.uses_prefix()),
+            // No pipeline ran: the one endpoint that can answer it, with a full score.
+            figures: Figures {
+                levels: info.prefix_levels,
+                prompt_tokens,
+                cached_tokens: cached,
+                candidates: 1,
+                score: 1.0,
+                runner_up: None,
+            },
         })
     }
 
@@ -1043,6 +1078,7 @@ impl Balancer {
             reason: decision.reason,
             prefix_depth: decision.depth,
             inflight: decision.inflight + 1,
+            figures: decision.figures,
         }
     }
 

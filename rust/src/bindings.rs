@@ -444,17 +444,53 @@ fn pick_error(error: PickError) -> PyErr {
     }
 }
 
-fn pick_tuple(p: &Pick) -> PickTuple {
-    (
-        p.ticket,
-        p.endpoint.to_string(),
-        p.reason.as_str(),
-        p.prefix_depth,
-    )
+/// A counted pick and the figures of its decision record.
+#[pyclass(name = "Pick", module = "llmlb._core", frozen, get_all)]
+struct PyPick {
+    ticket: u64,
+    endpoint: String,
+    reason: &'static str,
+    /// Leading prefix levels the endpoint holds, of the request's `prefix_levels`.
+    prefix_depth: u32,
+    prefix_levels: u32,
+    /// The request's estimated prompt tokens, and those predicted cached on the endpoint.
+    prompt_tokens: u64,
+    cached_tokens: u64,
+    /// Candidates left after the filters.
+    candidates: u32,
+    /// The endpoint's total score, and the best other candidate's (`None`: it was alone).
+    score: f64,
+    runner_up: Option<f64>,
 }
 
-fn pick_result(result: Result<Pick, PickError>) -> PyResult<PickTuple> {
-    result.map(|p| pick_tuple(&p)).map_err(pick_error)
+#[pymethods]
+impl PyPick {
+    fn __repr__(&self) -> String {
+        format!(
+            "Pick(ticket={}, endpoint={:?}, reason={:?}, prefix_depth={})",
+            self.ticket, self.endpoint, self.reason, self.prefix_depth
+        )
+    }
+}
+
+fn py_pick(p: &Pick) -> PyPick {
+    let f = &p.figures;
+    PyPick {
+        ticket: p.ticket,
+        endpoint: p.endpoint.to_string(),
+        reason: p.reason.as_str(),
+        prefix_depth: p.prefix_depth,
+        prefix_levels: f.levels,
+        prompt_tokens: f.prompt_tokens,
+        cached_tokens: f.cached_tokens,
+        candidates: f.candidates,
+        score: f.score,
+        runner_up: f.runner_up,
+    }
+}
+
+fn pick_result(result: Result<Pick, PickError>) -> PyResult<PyPick> {
+    result.map(|p| py_pick(&p)).map_err(pick_error)
 }
 
 /// What a pick knows besides the body: the session header's value and the endpoint holding
@@ -544,7 +580,6 @@ impl PyBalancer {
     }
 }
 
-type PickTuple = (u64, String, &'static str, u32);
 /// A script call for redis-py: `(KEYS, ARGV)`.
 type CallTuple = (Vec<String>, Vec<Cow<'static, [u8]>>);
 
@@ -706,8 +741,8 @@ impl PyBalancer {
     }
 
     /// Picks an endpoint for a parsed request (or a body, parsed here without size limit,
-    /// level cap or decoding): `(ticket, endpoint, reason, prefix_depth)`. An unusable body is
-    /// picked by load with reason `"bad_body"`; `None` picks from headers alone.
+    /// level cap or decoding): a `Pick`. An unusable body is picked by load with reason
+    /// `"bad_body"`; `None` picks from headers alone.
     /// `session`: the session header's value; `pinned`: the endpoint holding the stored
     /// response the request refers to (see `Request::pinned`).
     #[pyo3(signature = (request, *, session = None, pinned = None))]
@@ -717,7 +752,7 @@ impl PyBalancer {
         request: Option<RequestArg<'_>>,
         session: Option<&str>,
         pinned: Option<&str>,
-    ) -> PyResult<PickTuple> {
+    ) -> PyResult<PyPick> {
         let now = self.now_ms();
         let mut balancer = self.lock();
         let order = &balancer.config().affinity_keys;
@@ -870,9 +905,8 @@ impl PyBalancer {
         Ok((id, Cow::Owned(command)))
     }
 
-    /// Reads a commit's reply `{committed, {requests...}, stream id}`: the pick
-    /// `(ticket, endpoint, reason, prefix_depth)`, or the next commit to send (bytes) after a
-    /// race lost on the guard.
+    /// Reads a commit's reply `{committed, {requests...}, stream id}`: the `Pick`, or the
+    /// next commit to send (bytes) after a race lost on the guard.
     fn complete_shared(&self, pending_id: u64, reply: Vec<Bound<'_, PyAny>>) -> PyResult<Either> {
         let bad = || PyValueError::new_err("not a commit reply");
         let [committed, requests, at] = reply.as_slice() else {
@@ -894,16 +928,16 @@ impl PyBalancer {
             .with_shared(|picks, b| picks.complete(b, pending_id, &reply, now))?
             .map_err(pick_error)?
         {
-            Outcome::Picked(pick) => Ok(Either::Pick(pick_tuple(&pick))),
+            Outcome::Picked(pick) => Ok(Either::Pick(py_pick(&pick))),
             Outcome::Retry(command) => Ok(Either::Retry(Cow::Owned(command))),
         }
     }
 
     /// Redis did not answer: counts the pending decision here only (like `pick`).
-    fn fallback_shared(&self, pending_id: u64) -> PyResult<PickTuple> {
+    fn fallback_shared(&self, pending_id: u64) -> PyResult<PyPick> {
         let now = self.now_ms();
         self.with_shared(|picks, b| picks.fallback(b, pending_id, now))?
-            .map(|p| pick_tuple(&p))
+            .map(|p| py_pick(&p))
             .ok_or_else(|| PyValueError::new_err(format!("unknown pending pick {pending_id}")))
     }
 
@@ -1056,7 +1090,7 @@ impl PyBalancer {
 /// `complete_shared`'s answer: a pick, or the next commit to send.
 #[derive(IntoPyObject)]
 enum Either {
-    Pick(PickTuple),
+    Pick(PyPick),
     Retry(Cow<'static, [u8]>),
 }
 
@@ -1107,6 +1141,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
             .collect::<Vec<_>>(),
     )?;
     m.add_class::<PyBalancer>()?;
+    m.add_class::<PyPick>()?;
     m.add_class::<PyParsedRequest>()?;
     m.add_class::<PyRequestStream>()?;
     m.add_class::<PyEngineMetrics>()?;

@@ -107,7 +107,11 @@ def run(
 
 
 def run_local(balancer: Balancer, ops: list[tuple[str, bytes | int]]) -> list[Pick]:
-    return run(balancer, balancer.pick, balancer.release, ops)
+    def pick(body: bytes) -> tuple[int, str, str, int]:
+        p = balancer.pick(body)
+        return p.ticket, p.endpoint, p.reason, p.prefix_depth
+
+    return run(balancer, pick, balancer.release, ops)
 
 
 def run_redis(replica: Replica, ops: list[tuple[str, bytes | int]]) -> list[Pick]:

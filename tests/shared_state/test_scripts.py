@@ -85,9 +85,9 @@ class Replica:
                 if isinstance(outcome, bytes):
                     command = outcome
                     continue
-                self.last_ticket, endpoint, reason, depth = outcome
+                self.last_ticket = outcome.ticket
                 self.tickets[rid] = self.last_ticket
-                return rid, endpoint, reason, depth
+                return rid, outcome.endpoint, outcome.reason, outcome.prefix_depth
         finally:
             self.balancer.discard_shared(pending)
         raise AssertionError("no commit after 3 attempts")

@@ -102,6 +102,18 @@ pub struct Scratch {
     totals: Vec<f64>,
 }
 
+/// The picker's choice and how clear it was: the decision record's figures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Choice {
+    pub candidate: Candidate,
+    /// Candidates left after the filters.
+    pub candidates: u32,
+    /// The chosen candidate's total (weighted) score.
+    pub score: f64,
+    /// The best total among the others; `None` when the chosen one was alone.
+    pub runner_up: Option<f64>,
+}
+
 pub struct Profile {
     pub filters: Vec<Box<dyn Filter>>,
     pub scorers: Vec<(Box<dyn Scorer>, f64)>,
@@ -109,15 +121,15 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// Runs filters, scorers and the picker; returns the chosen candidate, `None` when there
-    /// are no candidates at all.
+    /// Runs filters, scorers and the picker; returns the choice, `None` when there are no
+    /// candidates at all.
     pub fn run(
         &self,
         request: &RequestInfo,
         candidates: &mut Vec<Candidate>,
         scratch: &mut Scratch,
         rng: &mut SmallRng,
-    ) -> Option<Candidate> {
+    ) -> Option<Choice> {
         if candidates.is_empty() {
             return None;
         }
@@ -137,7 +149,18 @@ impl Profile {
             }
         }
         let chosen = self.picker.pick(candidates, totals, rng);
-        Some(candidates[chosen])
+        let runner_up = totals
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != chosen)
+            .map(|(_, &total)| total)
+            .reduce(f64::max);
+        Some(Choice {
+            candidate: candidates[chosen],
+            candidates: n as u32,
+            score: totals[chosen],
+            runner_up,
+        })
     }
 }
 
@@ -155,5 +178,51 @@ pub(crate) fn cand(id: u32, inflight: u32) -> Candidate {
         stale: false,
         lora: LoraFit::None,
         last_picked: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn choice_reports_candidates_left_and_the_runner_up() {
+        let profile = policies::least_request();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut scratch = Scratch::default();
+        let mut sick = cand(3, 0);
+        sick.healthy = false;
+        let mut candidates = vec![cand(1, 4), cand(2, 1), sick];
+        let choice = profile
+            .run(
+                &RequestInfo::default(),
+                &mut candidates,
+                &mut scratch,
+                &mut rng,
+            )
+            .unwrap();
+        assert_eq!(choice.candidate.id, 2);
+        // The unhealthy endpoint was filtered out.
+        assert_eq!(choice.candidates, 2);
+        let runner_up = choice.runner_up.unwrap();
+        assert!(choice.score > runner_up, "{choice:?}");
+    }
+
+    #[test]
+    fn a_lone_candidate_has_no_runner_up() {
+        let profile = policies::least_request();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut candidates = vec![cand(7, 0)];
+        let choice = profile
+            .run(
+                &RequestInfo::default(),
+                &mut candidates,
+                &mut Scratch::default(),
+                &mut rng,
+            )
+            .unwrap();
+        assert_eq!((choice.candidate.id, choice.candidates), (7, 1));
+        assert_eq!(choice.runner_up, None);
     }
 }

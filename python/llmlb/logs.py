@@ -1,0 +1,111 @@
+"""Logging: the process's log format (``log_format: text|json``) and the per-request log
+(``log_requests``).
+
+JSON lines carry ``time``, ``level``, ``logger``, ``message`` and, for request lines, the
+decision record's fields (``llmlb.decision.RECORD_FIELDS``) plus ``status``. gRPC's and other
+libraries' chatter stays at WARNING unless ``log_libraries`` asks for it: at ``debug`` it would
+drown the picker's own lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+
+from llmlb.decision import Decision
+from llmlb.picking import Refusal, RequestMeta
+
+#: Loggers of libraries kept at WARNING unless ``log_libraries`` is on.
+LIBRARY_LOGGERS = ("grpc", "asyncio", "aiohttp", "kubernetes_asyncio", "urllib3", "opentelemetry")
+REQUEST_LOGGER = "llmlb.requests"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (orjson: a dependency already, and the fastest encoder)."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self.worker is not None:
+            line["worker"] = self.worker
+        fields = getattr(record, "fields", None)
+        if fields:
+            line.update(fields)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def configure_logging(
+    level: str, log_format: str, *, libraries: bool = False, worker: int | None = None
+) -> None:
+    """The root handler for the whole process, once."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(worker))
+    else:
+        name = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if libraries else logging.WARNING)
+
+
+class RequestLog:
+    """One ``info`` line per request when its ext_proc stream ends (``log_requests``): the
+    decision record and the response status (0: none came back), or the picker's refusal."""
+
+    def __init__(self) -> None:
+        self.log = logging.getLogger(REQUEST_LOGGER)
+
+    def finished(self, decision: Decision, status: int) -> None:
+        if not self.log.isEnabledFor(logging.INFO):
+            return
+        self.log.info(
+            "request id=%s %s model=%s -> %s reason=%s depth=%d/%d status=%d pick_us=%.0f",
+            decision.request_id or "-",
+            decision.path or "-",
+            decision.model or "-",
+            decision.endpoint,
+            decision.reason,
+            decision.prefix_depth,
+            decision.prefix_levels,
+            status,
+            decision.pick_seconds * 1e6,
+            extra={"fields": {**decision.fields(), "status": status}},
+        )
+
+    def refused(self, meta: RequestMeta, refusal: Refusal) -> None:
+        if not self.log.isEnabledFor(logging.INFO):
+            return
+        self.log.info(
+            "request id=%s %s refused status=%d %s",
+            meta.request_id or "-",
+            meta.path or "-",
+            refusal.status,
+            refusal.error_type,
+            extra={
+                "fields": {
+                    "request_id": meta.request_id,
+                    "path": meta.path,
+                    "status": refusal.status,
+                    "reason": refusal.error_type,
+                }
+            },
+        )

@@ -9,6 +9,7 @@ import pytest
 
 from llmlb._core import parse_engine_metrics
 from llmlb.config import ConfigError, Prediction, effective_dict, parse_config, prediction_enabled
+from llmlb.daemon import Daemon
 from llmlb.metrics import Metrics
 from llmlb.prediction import EngineCounters, Figures, PredictionTracker, Snapshot, Window
 from llmlb.sim.engine import Engine, EngineConfig
@@ -27,6 +28,7 @@ class Pick:
 class Page:
     prefix_cache_queries: float | None
     prefix_cache_hits: float | None
+    engine: str = "vllm"
 
 
 class Clock:
@@ -261,6 +263,30 @@ def test_prediction_config_errors_name_the_field(raw, field, problem):
     with pytest.raises(ConfigError, match=problem) as err:
         parse_config(raw)
     assert err.value.field == field
+
+
+# --- wiring ------------------------------------------------------------------------------------------
+
+
+def test_one_scrape_serves_least_busy_and_the_check():
+    config = parse_config(
+        {"lb_policy": "least_busy", "endpoints": ["127.0.0.1:1"], "prediction": {"enabled": True}}
+    )
+    daemon = Daemon(config)
+    tracker = daemon.prediction
+    assert tracker is not None
+    assert daemon.scraper is not None
+    assert daemon.scraper.on_values == tracker.engine_sample
+    assert tracker.scraper is None  # no GET of its own
+    assert tracker.observe in daemon.picker.observers
+
+
+def test_other_policies_read_the_engines_themselves_or_not_at_all():
+    daemon = Daemon(parse_config({"endpoints": ["127.0.0.1:1"]}))  # prefix_cache: on
+    assert daemon.prediction is not None
+    assert daemon.prediction.scraper is not None
+    assert daemon.scraper is None
+    assert Daemon(parse_config({"lb_policy": "global_least_request"})).prediction is None
 
 
 # --- the counters on real pages ----------------------------------------------------------------

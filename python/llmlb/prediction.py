@@ -184,6 +184,8 @@ class PredictionTracker:
         self._predicted: dict[str, list[int]] = {}
         self._engine: dict[str, EngineCounters] = {}
         self._windows: dict[str, Window] = {}
+        # Endpoints whose pages have no counters (trtllm-serve, Triton), logged once each.
+        self._uncounted: set[str] = set()
         # Reads the engines' pages when no least_busy scraper does it already.
         self.scraper: MetricsScraper | None = None
         self._task: asyncio.Task[None] | None = None
@@ -205,6 +207,13 @@ class PredictionTracker:
         """An endpoint's parsed ``/metrics`` page; pages without both counters are ignored."""
         queries, hits = values.prefix_cache_queries, values.prefix_cache_hits
         if queries is None or hits is None:
+            if endpoint not in self._uncounted:
+                self._uncounted.add(endpoint)
+                log.info(
+                    "%s reports no prefix-cache counters (%s): no engine hit ratio for it",
+                    endpoint,
+                    values.engine,
+                )
             return
         counters = self._engine.get(endpoint)
         if counters is None:
@@ -220,6 +229,7 @@ class PredictionTracker:
         for table in (self._predicted, self._engine, self._windows):
             for gone in table.keys() - wanted:
                 del table[gone]
+        self._uncounted &= wanted
         for endpoint in wanted:
             window = self._windows.get(endpoint)
             if window is None:

@@ -218,3 +218,37 @@ def test_an_engine_counter_reset_never_makes_a_negative_delta(fleet: Fleet) -> N
     f = fleet.figures()[sim.name]
     assert f["engine_hit_ratio"] is not None, f
     assert 0.0 <= f["engine_hit_ratio"] <= 1.0, f
+
+
+def test_least_busy_feeds_the_check_from_its_own_scrape(fleet: Fleet, tmp_path: Path) -> None:
+    """With least_busy the engine side comes from its scrape (no GET of the check's own): traffic
+    sent straight to a sim shows in that daemon's engine ratio; least_busy predicts no hits."""
+    config = tmp_path / "least-busy.yaml"
+    config.write_text(
+        yaml.safe_dump({"prediction": {"enabled": True, "interval": INTERVAL_MS, "window": 30}})
+    )
+    endpoints = list(fleet.sims)
+    daemon = start_daemon(
+        endpoints, "least_busy", tmp_path, extra_args=["--config", str(config)], name="llmlb-least-busy"
+    )
+    try:
+        sim = fleet.by_name("sim-a")
+        messages = opening(0, uuid.uuid4().hex)
+        body = {"model": "sim-model", "messages": messages, "max_tokens": MAX_TOKENS}
+        time.sleep(2 * INTERVAL_MS / 1000)  # a first reading before the traffic
+        for _ in range(5):  # the same prompt five times: the last four hit all but its tail
+            assert post(sim.url + "/v1/chat/completions", body).status == 200
+
+        def engine_ratio() -> float | None:
+            view = next(v for v in daemon.debug_endpoints() if v["address"] == sim.address)
+            ratio: float | None = view["engine_hit_ratio"]
+            return ratio
+
+        ratio = wait_until(engine_ratio, 5.0, message="an engine hit ratio from least_busy's scrape")
+        print("least_busy, five identical prompts straight to sim-a: engine hit ratio", ratio)
+        assert 0.6 <= ratio < 1.0
+        view = next(v for v in daemon.debug_endpoints() if v["address"] == sim.address)
+        assert view["predicted_hit_ratio"] is None  # no picks through this daemon
+        assert view["prediction_accuracy"] is None
+    finally:
+        daemon.stop()

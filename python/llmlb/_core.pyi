@@ -28,6 +28,7 @@ __all__ = [
     "__version__",
     "balancer_defaults",
     "create_worker_state",
+    "encode_metadata",
     "parse_body",
     "parse_engine_metrics",
     "parse_request",
@@ -463,6 +464,14 @@ def balancer_defaults() -> dict[str, float]:
     ``affinityWeight``, ``prefillTokensPerSecond``, ``maxRequestCount``, ``staleAfter``,
     ``queueThresholdCritical``, ``kvCacheThreshold``, ``queueingThresholdLoRA``,
     ``loraAffinityThreshold``."""
+
+def encode_metadata(namespaces: list[tuple[str, dict[str, str | float | bool | None]]]) -> bytes:
+    """Dynamic metadata for an ext_proc answer: a ``google.protobuf.Struct`` of namespaces, each
+    a Struct of scalar fields (ints become numbers), in protobuf wire format.
+
+    Raises:
+        ValueError: a value of another type.
+    """
 
 def create_worker_state(
     path: str | os.PathLike[str], workers: int, slots: int, prefix_capacity: int, prefix_ttl_s: int

@@ -227,6 +227,15 @@ class EngineMetrics:
     @property
     def max_lora(self) -> int | None: ...
     @property
+    def prefix_cache_queries(self) -> float | None:
+        """Prompt tokens looked up in the prefix cache since the server started (a counter, summed
+        over series). vLLM: ``prefix_cache_queries`` (else ``gpu_prefix_cache_queries``); SGLang:
+        ``prompt_tokens``. ``None`` for trtllm-serve and Triton (no such counter)."""
+    @property
+    def prefix_cache_hits(self) -> float | None:
+        """Of those, tokens found in the cache (a counter). vLLM: ``prefix_cache_hits`` (else
+        ``gpu_prefix_cache_hits``); SGLang: ``cached_tokens`` summed over ``cache_source``."""
+    @property
     def lines_skipped(self) -> int:
         """Malformed lines ignored."""
 

@@ -378,6 +378,8 @@ struct PyEngineMetrics {
     running_lora_adapters: Vec<String>,
     waiting_lora_adapters: Vec<String>,
     max_lora: Option<u32>,
+    prefix_cache_queries: Option<f64>,
+    prefix_cache_hits: Option<f64>,
     lines_skipped: u32,
 }
 
@@ -411,6 +413,8 @@ fn py_parse_engine_metrics(
             running_lora_adapters: m.running_lora_adapters,
             waiting_lora_adapters: m.waiting_lora_adapters,
             max_lora: m.max_lora,
+            prefix_cache_queries: m.prefix_cache_queries,
+            prefix_cache_hits: m.prefix_cache_hits,
             lines_skipped: m.lines_skipped,
         },
     ))

@@ -139,8 +139,10 @@ def test_predicted_and_engine_hit_ratios_agree(fleet: Fleet, mode: str) -> None:
         f = figures[name]
         assert 0.5 <= f["predicted_hit_ratio"] <= 1.0, (name, f)
         assert 0.5 <= f["engine_hit_ratio"] <= 1.0, (name, f)
-        assert abs(f["predicted_hit_ratio"] - f["engine_hit_ratio"]) <= 0.2, (name, f)
-        assert 0.75 <= f["prediction_accuracy"] <= 1.35, (name, f)
+        # Each level's own size makes the prediction close (0.99 measured; a 512-byte block a
+        # level over-predicted short messages: 0.83).
+        assert abs(f["predicted_hit_ratio"] - f["engine_hit_ratio"]) <= 0.1, (name, f)
+        assert 0.9 <= f["prediction_accuracy"] <= 1.1, (name, f)
     samples = fleet.daemon.metrics()
     for sim in fleet.sims.values():
         if sim.name not in home.values():
@@ -188,7 +190,7 @@ def test_a_cache_flushed_behind_llmlbs_back_shows_as_low_accuracy(fleet: Fleet) 
     assert f["engine_hit_ratio"] <= 0.15, f  # ...which the engine no longer has
     assert f["prediction_accuracy"] <= 0.3, f
     assert k["engine_hit_ratio"] >= 0.5, k
-    assert 0.75 <= k["prediction_accuracy"] <= 1.35, k
+    assert 0.9 <= k["prediction_accuracy"] <= 1.1, k
     assert flushed.stats()["prefix_cache_resets"] >= turn - 3
 
 

@@ -176,7 +176,7 @@ class GrpcTls:
 @dataclass(frozen=True)
 class Prediction:
     """``prediction``: predicted prefix-cache hits checked against the engines' own counters
-    (see docs/prediction.md). ``enabled`` ``None`` (``auto`` in the file) means: on with
+    (see docs/observability.md). ``enabled`` ``None`` (``auto`` in the file) means: on with
     ``lb_policy: prefix_cache``, the one policy that predicts hits (:func:`prediction_enabled`)."""
 
     enabled: bool | None = None

@@ -174,6 +174,8 @@ def _raw(name: str, value: object) -> dict[str, object]:
         raw["lb_policy"] = "least_busy"
     if key == "maxRequestCount":
         raw["lb_policy"] = "global_least_request"
+    if section == "prediction":  # the window must hold two readings at either bound
+        raw["prediction"] = {"interval": 100, "window": 86_400, key: value}
     if section == "discovery":
         raw["discovery"] = {"kind": "dns", "name": "models.example", "port": 8000, key: value}
     return raw

@@ -283,6 +283,39 @@ def test_stats_and_reset(sim):
     assert [s.value for s in samples if s.name == "vllm:prefix_cache_queries_total"] == [0]
 
 
+def test_reset_prefix_cache_flushes_the_cache_and_keeps_the_counters(sim):
+    """vLLM's POST /reset_prefix_cache: the next identical prompt misses, the counters go on."""
+    body = chat_body([SYSTEM, {"role": "user", "content": "flush me"}], max_tokens=2)
+
+    def counters() -> tuple[float, float]:
+        samples = parse_metrics(sim.metrics_text())
+        pick = {s.name: s.value for s in samples}
+        return pick["vllm:prefix_cache_queries_total"], pick["vllm:prefix_cache_hits_total"]
+
+    assert post(sim.url + CHAT, body).status == 200
+    assert post(sim.url + CHAT, body).json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    queries, hits = counters()
+    assert hits > 0
+    reply = post(sim.url + "/reset_prefix_cache", None)
+    assert reply.status == 200, reply
+    assert reply.body == b""
+    stats = sim.stats()
+    assert (stats["kv_blocks_cached"], stats["prefix_cache_resets"]) == (0, 1)
+    assert counters() == (queries, hits)  # monotonic, as vLLM's
+    again = post(sim.url + CHAT, body).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert counters()[0] > queries
+    assert counters()[1] == hits
+    # Refused while a running request holds blocks (vLLM's engine refuses too).
+    long = chat_body([{"role": "user", "content": "busy"}], max_tokens=3000, stream=True)
+    with SSEStream(sim.url + CHAT, long) as stream:
+        assert stream.next_event() is not None
+        busy = post(sim.url + "/reset_prefix_cache", None)
+        assert busy.status == 409
+        assert "hold blocks" in busy.json()["error"]["message"]
+    assert sim.stats()["prefix_cache_resets"] == 1
+
+
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [

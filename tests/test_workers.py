@@ -111,6 +111,13 @@ def test_conversations_follow_their_prefix_across_workers(daemon: Daemon) -> Non
     assert all(len(set(endpoints)) == 1 for endpoints in picks.values()), picks
     assert len({endpoints[0] for endpoints in picks.values()}) > 1, "new conversations still spread"
     daemon.wait_idle()
+    # The supervisor's decisions: both workers', newest first, from the shared mapping.
+    decisions = get(f"{daemon.admin_url}/debug/decisions").json()
+    assert {d["worker"] for d in decisions} == {0, 1}, decisions
+    assert {d["state"] for d in decisions} == {"shared_memory"}
+    times = [d["time"] for d in decisions]
+    assert times == sorted(times, reverse=True)
+    assert len(decisions) <= 100  # recent_decisions: as many as one worker keeps
 
 
 def test_in_flight_counts_are_pool_wide(daemon: Daemon) -> None:

@@ -59,6 +59,7 @@ RESULTS = HERE / "results.json"
 # The budget check's own run: only the two configurations compared, alternating, more rounds.
 BUDGET_RESULTS = HERE / "results-budget.json"
 BODY_SIZES = {"2k": 2_000, "64k": 64_000}
+OBSERVED = ["log_level: info", "log_requests: true", "log_format: json", "decision_header: x-llmlb-decision"]
 BODIES_PER_SIZE = 64
 WRK_SCRIPT = r"""
 local bodies = {}
@@ -170,13 +171,16 @@ def start_setups(names: list[str], endpoints: list[str], work: Path, redis_port:
             picker_pid = proc.pid
             wait_until(lambda p=proc: "listening" in p.log_tail(5), 15.0, message="noop ext_proc up")
         elif name != "envoy":
-            policy, _, state = name.split("@")[0].partition("+")
+            policy, *options = name.split("@")[0].split("+")
             policy, _, workers = policy.partition("/w")
-            config = work / f"{name.replace('/', '-').replace('@', '-')}.yaml"
-            lines = ["health_check_interval: 0", "log_level: warning"]
-            if state == "redis":
+            config = work / f"{name.replace('/', '-').replace('@', '-').replace('+', '-')}.yaml"
+            lines = ["health_check_interval: 0"]
+            if "redis" in options:
                 assert redis_port is not None
                 lines += ["pool: bench", f"lb_config: {{serviceFQDN: {HOST}, servicePort: {redis_port}}}"]
+            # Everything issue 15 adds that can be on, except tracing: the decision record goes
+            # out as metadata anyway; here also the response header and a JSON log line per request.
+            lines += OBSERVED if "observed" in options else ["log_level: warning"]
             config.write_text("\n".join(lines) + "\n")
             extra = ["--config", str(config)]
             if workers:
@@ -205,19 +209,20 @@ def main() -> int:
         "--configs",
         default="envoy,noop,global_least_request,prefix_cache,least_busy,global_least_request+redis,"
         "prefix_cache+redis,prefix_cache/w2,prefix_cache@full-duplex",
-        help="comma-separated; llmlb ones are <policy>[/wN][+redis][@full-duplex]: N worker processes, "
-        "state in Redis, Envoy's full-duplex mode (default buffered)",
+        help="comma-separated; llmlb ones are <policy>[/wN][+redis][+observed][@full-duplex]: N worker "
+        "processes, state in Redis, decision header and a JSON log line per request, Envoy's "
+        "full-duplex mode (default buffered)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--budget",
         action="store_true",
-        help="the budget comparison only: noop vs prefix_cache, 8 connections, 2k and 64k bodies, "
-        f"5 rounds, into {BUDGET_RESULTS.name}",
+        help="the budget comparison only: noop vs prefix_cache (plain and +observed), 8 connections, "
+        f"2k and 64k bodies, 5 rounds, into {BUDGET_RESULTS.name}",
     )
     args = parser.parse_args()
     if args.budget:
-        args.configs, args.conns, args.bodies = "noop,prefix_cache", "8", "2k,64k"
+        args.configs, args.conns, args.bodies = "noop,prefix_cache,prefix_cache+observed", "8", "2k,64k"
         args.rounds = max(args.rounds, 5)
         if args.out == RESULTS:
             args.out = BUDGET_RESULTS
@@ -225,7 +230,7 @@ def main() -> int:
         print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 1
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    needs_redis = any(n.endswith("+redis") for n in names)
+    needs_redis = any("+redis" in n for n in names)
     binary = redis_server_binary() if needs_redis else None
     if needs_redis and binary is None:
         print("redis-server not found: bash scripts/install-test-deps.sh", file=sys.stderr)

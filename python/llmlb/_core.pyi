@@ -28,6 +28,7 @@ __all__ = [
     "__version__",
     "balancer_defaults",
     "create_worker_state",
+    "encode_metadata",
     "parse_body",
     "parse_engine_metrics",
     "parse_request",
@@ -225,6 +226,15 @@ class EngineMetrics:
     def waiting_lora_adapters(self) -> list[str]: ...
     @property
     def max_lora(self) -> int | None: ...
+    @property
+    def prefix_cache_queries(self) -> float | None:
+        """Prompt tokens looked up in the prefix cache since the server started (a counter, summed
+        over series). vLLM: ``prefix_cache_queries`` (else ``gpu_prefix_cache_queries``); SGLang:
+        ``prompt_tokens``. ``None`` for trtllm-serve and Triton (no such counter)."""
+    @property
+    def prefix_cache_hits(self) -> float | None:
+        """Of those, tokens found in the cache (a counter). vLLM: ``prefix_cache_hits`` (else
+        ``gpu_prefix_cache_hits``); SGLang: ``cached_tokens`` summed over ``cache_source``."""
     @property
     def lines_skipped(self) -> int:
         """Malformed lines ignored."""
@@ -454,6 +464,14 @@ def balancer_defaults() -> dict[str, float]:
     ``affinityWeight``, ``prefillTokensPerSecond``, ``maxRequestCount``, ``staleAfter``,
     ``queueThresholdCritical``, ``kvCacheThreshold``, ``queueingThresholdLoRA``,
     ``loraAffinityThreshold``."""
+
+def encode_metadata(namespaces: list[tuple[str, dict[str, str | float | bool | None]]]) -> bytes:
+    """Dynamic metadata for an ext_proc answer: a ``google.protobuf.Struct`` of namespaces, each
+    a Struct of scalar fields (ints become numbers), in protobuf wire format.
+
+    Raises:
+        ValueError: a value of another type.
+    """
 
 def create_worker_state(
     path: str | os.PathLike[str], workers: int, slots: int, prefix_capacity: int, prefix_ttl_s: int

@@ -18,7 +18,11 @@ from llmlb.shared import SharedState
 from llmlb.status import status_page
 
 if TYPE_CHECKING:
+    from llmlb.prediction import PredictionTracker
     from llmlb.scraper import MetricsScraper
+
+# Prediction vs reality per endpoint (null while unknown or when `prediction` is off).
+NO_PREDICTION = {"predicted_hit_ratio": None, "engine_hit_ratio": None, "prediction_accuracy": None}
 
 
 async def endpoint_views(
@@ -26,6 +30,7 @@ async def endpoint_views(
     endpoints: EndpointManager,
     shared: SharedState | None = None,
     scraper: MetricsScraper | None = None,
+    prediction: PredictionTracker | None = None,
 ) -> list[dict[str, Any]]:
     local = balancer.endpoints()
     # Pool-wide counts come from Redis when it answers; otherwise this replica's view is all
@@ -46,6 +51,7 @@ async def endpoint_views(
                 "in_pool": in_pool,
                 "labels": dict(endpoints.labels.get(address, {})),
                 **(loads.get(address, {}) if scraper is not None else {}),
+                **(prediction.view(address) if prediction is not None else NO_PREDICTION),
             }
         )
     return views
@@ -66,6 +72,7 @@ def build_app(
     shared: SharedState | None = None,
     scraper: MetricsScraper | None = None,
     recent: Iterable[Decision] = (),
+    prediction: PredictionTracker | None = None,
 ) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -80,7 +87,7 @@ def build_app(
 
     async def debug_endpoints(_: web.Request) -> web.Response:
         body = orjson.dumps(
-            await endpoint_views(balancer, endpoints, shared, scraper), option=orjson.OPT_INDENT_2
+            await endpoint_views(balancer, endpoints, shared, scraper, prediction), option=orjson.OPT_INDENT_2
         )
         return web.Response(body=body, content_type="application/json")
 

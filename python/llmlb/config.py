@@ -82,6 +82,9 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "lb_config.prefixTableSize": (1, 2**24),
     # Blocks of 512 bytes of prompt: 65,536 is 32 MiB of prompt.
     "lb_config.maxPrefixBlocks": (1, 65_536),
+    # prediction: ms between readings of the engines' counters, s the ratios look back.
+    "prediction.interval": (100, 3_600_000),
+    "prediction.window": (1, 86_400),
 }
 FLOAT_BOUNDS: dict[str, tuple[float, float]] = {
     "lb_config.queueThresholdCritical": (0.0, 1e9),
@@ -170,6 +173,58 @@ class GrpcTls:
     client_ca: str | None = None
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """``prediction``: predicted prefix-cache hits checked against the engines' own counters
+    (see docs/observability.md). ``enabled`` ``None`` (``auto`` in the file) means: on with
+    ``lb_policy: prefix_cache``, the one policy that predicts hits (:func:`prediction_enabled`)."""
+
+    enabled: bool | None = None
+    # ms between readings of each endpoint's /metrics (least_busy's own scrape serves instead).
+    interval: int = 5000
+    # s of the sliding window the ratios are computed over.
+    window: int = 60
+
+
+def prediction_enabled(config: Config) -> bool:
+    """Whether the prediction check runs: as configured, else with prefix_cache only (the
+    other policies predict no hits, so the check would cost a GET per endpoint for one side)."""
+    enabled = config.prediction.enabled
+    return config.lb_policy == "prefix_cache" if enabled is None else enabled
+
+
+_PREDICTION_KEYS = ("enabled", "interval", "window")
+#: ``prediction.enabled: auto`` (the default): on with prefix_cache, off with the other policies.
+PREDICTION_AUTO = "auto"
+
+
+def parse_prediction(raw: Any) -> Prediction:
+    if raw is None:
+        return Prediction()
+    if not isinstance(raw, Mapping):
+        raise ConfigError("prediction", f"must be a mapping ({', '.join(_PREDICTION_KEYS)})")
+    for key in raw:
+        if key not in _PREDICTION_KEYS:
+            raise ConfigError(f"prediction.{key}", f"unknown key (allowed: {', '.join(_PREDICTION_KEYS)})")
+    values: dict[str, Any] = {}
+    enabled = raw.get("enabled")
+    if enabled is not None and enabled != PREDICTION_AUTO:
+        if not isinstance(enabled, bool):
+            raise ConfigError("prediction.enabled", f"must be true, false or auto, got {enabled!r}")
+        values["enabled"] = enabled
+    for key in ("interval", "window"):
+        if raw.get(key) is not None:
+            values[key] = _bounded_int(raw[key], f"prediction.{key}")
+    prediction = Prediction(**values)
+    if prediction.window * 1000 < 2 * prediction.interval:
+        raise ConfigError(
+            "prediction.window",
+            f"must span at least two readings (2 x interval = {2 * prediction.interval} ms), "
+            f"got {prediction.window} s",
+        )
+    return prediction
+
+
 DISCOVERY_KINDS = ("dns", "kubernetes", "inferencePool")
 #: Which ``discovery`` fields each kind takes (``labels`` is for every kind).
 DISCOVERY_FIELDS: dict[str, tuple[str, ...]] = {
@@ -248,6 +303,7 @@ class Config:
     # Responses API: which endpoint holds a stored response, kept this many seconds / entries.
     response_ttl: int = 86_400
     response_store_size: int = 100_000
+    prediction: Prediction = field(default_factory=Prediction)
     # Set while loading: Higress fields that were accepted and ignored (warned once at start).
     ignored_fields: tuple[str, ...] = ()
 
@@ -707,6 +763,7 @@ def parse_config(raw: Any) -> Config:
         # An empty path (or null) means TCP connect probes only.
         path = raw["health_check_path"]
         values["health_check_path"] = "" if path in (None, "") else _url_path(path, "health_check_path")
+    values["prediction"] = parse_prediction(raw.get("prediction"))
     return Config(**values)
 
 
@@ -819,6 +876,10 @@ def effective_dict(config: Config) -> dict[str, Any]:
         "unknown_model": config.unknown_model,
         "response_ttl": config.response_ttl,
         "response_store_size": config.response_store_size,
+        "prediction": {
+            **dataclasses.asdict(config.prediction),
+            "enabled": PREDICTION_AUTO if config.prediction.enabled is None else config.prediction.enabled,
+        },
     }
 
 

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmlb._core import Balancer
 from llmlb.admin import build_app
-from llmlb.config import Config, ConfigError, parse_listen
+from llmlb.config import Config, ConfigError, parse_listen, prediction_enabled
 from llmlb.decision import STATE_EMBEDDED, STATE_SHARED_MEMORY
 from llmlb.endpoints import EndpointManager
 from llmlb.extproc import Apis, BodyLimits, ExtProcService, Observability
@@ -33,6 +33,7 @@ from llmlb.shared import SharedPicker, SharedState
 from llmlb.tls import TlsReloader, warn_if_exposed
 
 if TYPE_CHECKING:
+    from llmlb.prediction import PredictionTracker
     from llmlb.scraper import MetricsScraper
 
 log = logging.getLogger("llmlb")
@@ -183,6 +184,7 @@ class Daemon:
                 recent_decisions=config.recent_decisions,
             )
         self.picker = picker
+        self.prediction = self._build_prediction(picker)
         # Only prefix_cache reads prefix levels: the other policies skip hashing altogether.
         blocks = config.lb_config.maxPrefixBlocks if self.balancer.uses_prefix else 0
         limits = BodyLimits(max_bytes=config.max_body_bytes, max_blocks=blocks)
@@ -209,6 +211,30 @@ class Daemon:
         self._stop = asyncio.Event()
         # A second SIGTERM/SIGINT during a drain: stop waiting and exit now.
         self._cut = asyncio.Event()
+
+    def _build_prediction(self, picker: Picker) -> PredictionTracker | None:
+        """The prediction check (``prediction``): counts every pick's prediction and reads the
+        engines' prefix-cache counters, through least_busy's scrape when there is one. With
+        ``--workers``, worker 0 alone reads the engines (see ``PredictionTracker``)."""
+        if not prediction_enabled(self.config):
+            return None
+        from llmlb.prediction import PredictionTracker
+        from llmlb.scraper import MetricsScraper
+
+        settings = self.config.prediction
+        tracker = PredictionTracker(
+            window_s=settings.window,
+            interval_s=settings.interval / 1000,
+            engine_side=self.role is None or self.role.index == 0,
+        )
+        tracker.wire(self.metrics)
+        picker.observers.append(tracker.observe)
+        if tracker.engine_side:
+            if self.scraper is not None:
+                self.scraper.on_values = tracker.engine_sample
+            else:
+                tracker.scraper = MetricsScraper(self.config, self.balancer, self.endpoints, self.metrics)
+        return tracker
 
     def _inflight_samples(self) -> list[tuple[tuple[str, ...], float]]:
         return [((address,), float(own)) for address, _, own, *_ in self.balancer.endpoints()]
@@ -277,6 +303,7 @@ class Daemon:
             shared=self.shared,
             scraper=self.scraper,
             recent=self.picker.recent,
+            prediction=self.prediction,
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -350,6 +377,8 @@ class Daemon:
             await self.shared.start()
         if self.scraper is not None:
             self.scraper.start()
+        if self.prediction is not None:
+            self.prediction.start(self.endpoints)
         if await self._unless_stopped(self._first_sync()):
             self._turn_ready()
         await self._stop.wait()
@@ -361,6 +390,8 @@ class Daemon:
             await self.shared.stop()
         if self.scraper is not None:
             await self.scraper.stop()
+        if self.prediction is not None:
+            await self.prediction.stop()
         await self.endpoints.stop()
         await admin.cleanup()
         if self._remove_state_on_exit and self.role is not None:

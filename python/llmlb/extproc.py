@@ -42,12 +42,12 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 
 from llmlb._core import (
     BodyTooLargeError,
     ParsedRequest,
     RequestStream,
+    encode_metadata,
     parse_body,
     request_kind,
     stored_response_id,
@@ -161,12 +161,19 @@ def _pick_common(endpoint: str) -> pb.CommonResponse:
     return pb.CommonResponse(header_mutation=mutation)
 
 
-def _pick_metadata(decision: Decision) -> struct_pb2.Struct:
-    """The pick for routing (``envoy.lb``) and its decision record (``llmlb``)."""
-    metadata = struct_pb2.Struct()
-    metadata.get_or_create_struct(METADATA_NAMESPACE)[DESTINATION_HEADER] = decision.endpoint
-    metadata.get_or_create_struct(RECORD_NAMESPACE).update(decision.fields())
-    return metadata
+def _with_pick_metadata(response: pb.ProcessingResponse, decision: Decision) -> pb.ProcessingResponse:
+    """Adds the pick for routing (``envoy.lb``) and its decision record (``llmlb``). Encoded in
+    Rust and merged as bytes: building the Struct through the protobuf API (``Struct.update``)
+    costs ~17 µs a request, this ~5 µs."""
+    response.dynamic_metadata.MergeFromString(
+        encode_metadata(
+            [
+                (METADATA_NAMESPACE, {DESTINATION_HEADER: decision.endpoint}),
+                (RECORD_NAMESPACE, decision.fields()),
+            ]
+        )
+    )
+    return response
 
 
 class _PickResponses:
@@ -183,16 +190,16 @@ class _PickResponses:
         return common
 
     def in_headers(self, decision: Decision) -> pb.ProcessingResponse:
-        return pb.ProcessingResponse(
-            request_headers=pb.HeadersResponse(response=self._mutation(decision.endpoint)),
-            dynamic_metadata=_pick_metadata(decision),
+        response = pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(response=self._mutation(decision.endpoint))
         )
+        return _with_pick_metadata(response, decision)
 
     def in_body(self, decision: Decision) -> pb.ProcessingResponse:
-        return pb.ProcessingResponse(
-            request_body=pb.BodyResponse(response=self._mutation(decision.endpoint)),
-            dynamic_metadata=_pick_metadata(decision),
+        response = pb.ProcessingResponse(
+            request_body=pb.BodyResponse(response=self._mutation(decision.endpoint))
         )
+        return _with_pick_metadata(response, decision)
 
 
 def _json_reply(

@@ -200,11 +200,13 @@ class Metrics:
             ("result",),
         )
         self.scrapes = Counter(
-            "llmlb_metrics_scrapes_total", "least_busy scrapes of endpoint metrics.", ("endpoint",)
+            "llmlb_metrics_scrapes_total",
+            "Scrapes of endpoint metrics (least_busy, prediction).",
+            ("endpoint",),
         )
         self.scrape_errors = Counter(
             "llmlb_metrics_scrape_errors_total",
-            "least_busy scrapes that gave no usable load, by endpoint and reason.",
+            "Scrapes that gave no usable page (least_busy: no usable load), by endpoint and reason.",
             ("endpoint", "reason"),
         )
         self.metrics_age = Gauge(
@@ -271,6 +273,65 @@ class Metrics:
             lambda: [],
         )
 
+        # Prediction vs reality (`prediction`): filled in by llmlb.prediction when it is on.
+        # Tokens on the two sides are not the same unit (llmlb estimates bytes / 4, engines
+        # count real tokens), so compare the ratios, not the counts.
+        self.predicted_cached_tokens = CollectedCounter(
+            "llmlb_predicted_cached_tokens_total",
+            "Prompt tokens predicted to be in the picked endpoint's prefix cache (llmlb's estimate, "
+            "prompt bytes / 4; compare ratios, not counts, with the engine's).",
+            ("endpoint",),
+            lambda: [],
+        )
+        self.predicted_prompt_tokens = CollectedCounter(
+            "llmlb_predicted_prompt_tokens_total",
+            "Prompt tokens of the picks that made a prediction (llmlb's estimate, prompt bytes / 4).",
+            ("endpoint",),
+            lambda: [],
+        )
+        self.engine_prefix_queries = CollectedCounter(
+            "llmlb_engine_prefix_cache_queries_total",
+            "Prompt tokens the engine looked up in its prefix cache, mirrored from its /metrics "
+            "(vllm:prefix_cache_queries, sglang:prompt_tokens) since llmlb first read it; an engine "
+            "restart restarts the delta from zero.",
+            ("endpoint",),
+            lambda: [],
+        )
+        self.engine_prefix_hits = CollectedCounter(
+            "llmlb_engine_prefix_cache_hits_total",
+            "Of those, tokens the engine found in its prefix cache (vllm:prefix_cache_hits, "
+            "sglang:cached_tokens), mirrored the same way.",
+            ("endpoint",),
+            lambda: [],
+        )
+        self.engine_prefix_resets = CollectedCounter(
+            "llmlb_engine_prefix_cache_counter_resets_total",
+            "Times an engine's prefix-cache counters went down (a restart or counter reset).",
+            ("endpoint",),
+            lambda: [],
+        )
+        self.prefix_hit_ratio_predicted = Gauge(
+            "llmlb_prefix_hit_ratio_predicted",
+            "Predicted cached share of prompt tokens over the prediction window (absent: no "
+            "predictions in it).",
+            ("endpoint",),
+            lambda: [],
+        )
+        self.prefix_hit_ratio_engine = Gauge(
+            "llmlb_prefix_hit_ratio_engine",
+            "Engine-reported prefix-cache hit ratio (hits / queries) over the same window (absent: "
+            "no lookups or no counters).",
+            ("endpoint",),
+            lambda: [],
+        )
+        self.prefix_prediction_accuracy = Gauge(
+            "llmlb_prefix_prediction_accuracy",
+            "Engine hit ratio / predicted hit ratio over the window: 1 as predicted, below 1 the "
+            "engine reused less than predicted (stale prefix table, flushed cache).",
+            ("endpoint",),
+            lambda: [],
+        )
+
     def render(self) -> str:
         lines: list[str] = []
         for metric in (
@@ -304,6 +365,14 @@ class Metrics:
             self.discovery_last_success,
             self.discovery_updates,
             self.discovery_errors,
+            self.predicted_cached_tokens,
+            self.predicted_prompt_tokens,
+            self.engine_prefix_queries,
+            self.engine_prefix_hits,
+            self.engine_prefix_resets,
+            self.prefix_hit_ratio_predicted,
+            self.prefix_hit_ratio_engine,
+            self.prefix_prediction_accuracy,
         ):
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"

@@ -88,6 +88,17 @@ class Picker:
         """The decision (its ``ticket`` ends the request, see ``release``), or a refusal.
         ``None`` picks from the headers alone; ``session`` is the session header's value,
         ``pinned`` the endpoint holding the stored response the request continues."""
+        return self._pick_here(request, session, pinned, meta, self.state)
+
+    def _pick_here(
+        self,
+        request: ParsedRequest | None,
+        session: str | None,
+        pinned: str | None,
+        meta: RequestMeta,
+        state: str,
+    ) -> Decision | Refusal:
+        """Picks from this process's view (``state`` says which, for the record)."""
         started = time.perf_counter()
         try:
             pick = self.balancer.pick(request, session=session, pinned=pinned)
@@ -99,7 +110,7 @@ class Picker:
             return self._refuse_shed(str(e))
         except UnknownModelError as e:
             return self._refuse_unknown_model(str(e))
-        return self._decided(pick, request, meta, self.state, time.perf_counter() - started)
+        return self._decided(pick, request, meta, state, time.perf_counter() - started)
 
     def release(self, ticket: int, failed: bool = False) -> None:
         """Ends a picked request; a ``failed`` one (an error answer) also takes back the prefix

@@ -6,6 +6,11 @@ scrape (no pile-up of requests to it), and its metrics age until they are stale 
 which makes least_busy avoid it. All loops share one HTTP client with a bounded connection
 pool. Parsing and extraction (vLLM, SGLang, trtllm-serve, Triton names) happen in the Rust core.
 
+The same pages carry the engines' prefix-cache counters: ``on_values`` (set when ``prediction``
+is on) receives every parsed page, so one scrape serves least_busy and the prediction check.
+With another policy, the prediction tracker reads pages through :meth:`MetricsScraper.read`
+alone (no per-endpoint loops, nothing handed to the balancer).
+
 An endpoint's engine comes from its label ``engine`` (or ``llm-d.ai/engine-type``), else from
 ``lb_config.engine``, else it is detected from the first page and remembered. The queue and
 KV-cache gauges are required: a page without either (or a failed scrape) leaves the endpoint's
@@ -18,12 +23,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from llmlb._core import Balancer, MetricsParseError, parse_engine_metrics
+from llmlb._core import Balancer, EngineMetrics, MetricsParseError, parse_engine_metrics
 from llmlb.config import Config, parse_listen
 from llmlb.endpoints import EndpointManager
 from llmlb.metrics import Metrics
@@ -67,6 +73,8 @@ class MetricsScraper:
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._sync_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        # Every parsed page, usable or not for least_busy (the prediction check's counters).
+        self.on_values: Callable[[str, EngineMetrics], None] | None = None
 
     def url(self, address: str) -> str:
         host, port = parse_listen(address, "endpoint")
@@ -87,11 +95,15 @@ class MetricsScraper:
         state = self.states.get(address)
         return self.default_engine or (state.engine if state else None)
 
-    def start(self) -> None:
+    def open(self) -> None:
+        """The HTTP client, for :meth:`read` without the per-endpoint loops."""
         connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=2, force_close=False)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout), auto_decompress=True
         )
+
+    def start(self) -> None:
+        self.open()
         self._sync_task = asyncio.create_task(self._sync_loop(), name="scraper-sync")
 
     async def stop(self) -> None:
@@ -104,6 +116,11 @@ class MetricsScraper:
         self._loops.clear()
         if self._session is not None:
             await self._session.close()
+
+    def forget(self, wanted: set[str]) -> None:
+        """Drops the scrape state of endpoints no longer in the pool (reads without loops)."""
+        for address in self.states.keys() - wanted:
+            del self.states[address]
 
     def sync(self) -> None:
         """One loop per endpoint in the pool: start the new, stop the removed."""
@@ -131,26 +148,37 @@ class MetricsScraper:
                 log.exception("scraping %s failed", address)
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
 
-    async def scrape(self, address: str) -> bool:
-        """One scrape of ``address``; ``True`` when it produced a usable load."""
+    async def read(self, address: str) -> EngineMetrics | None:
+        """One GET and parse of ``address``'s page (failures counted and logged)."""
         state = self.states.setdefault(address, ScrapeState())
         state.scrapes += 1
         self.metrics.scrapes.inc((address,))
         page = await self._fetch(address, state)
         if page is None:
-            return False
+            return None
         engine = self.engine_for(address)
         try:
             detected, values = parse_engine_metrics(page, engine)
         except (MetricsParseError, ValueError) as e:
-            return self._failed(address, state, "parse", str(e))
+            self._failed(address, state, "parse", str(e))
+            return None
         state.engine = state.engine or detected
+        return values
+
+    async def scrape(self, address: str) -> bool:
+        """One scrape of ``address``; ``True`` when it produced a usable load."""
+        values = await self.read(address)
+        if values is None:
+            return False
+        if self.on_values is not None:
+            self.on_values(address, values)
+        state = self.states.setdefault(address, ScrapeState())
         if values.waiting is None or values.kv_cache_usage is None:
             missing = [
                 n for n, v in (("queue", values.waiting), ("kv_cache", values.kv_cache_usage)) if v is None
             ]
             return self._failed(
-                address, state, "missing_metrics", f"no {' or '.join(missing)} gauge ({detected})"
+                address, state, "missing_metrics", f"no {' or '.join(missing)} gauge ({state.engine})"
             )
         self.balancer.set_load(
             address,

@@ -648,7 +648,7 @@ class SharedPicker(Picker):
         meta: RequestMeta = NO_META,
     ) -> Decision | Refusal:
         if not self.shared.up:
-            local = await super().pick(request, session=session, pinned=pinned, meta=meta)
+            local = self._pick_here(request, session, pinned, meta, STATE_LOCAL_FALLBACK)
             if not isinstance(local, Refusal):
                 self.metrics.fallbacks.inc(("redis_down",))
             return local

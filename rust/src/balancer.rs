@@ -197,6 +197,9 @@ pub enum PickError {
 pub struct Request<'a> {
     /// The prompt's chained prefix keys (empty when the policy needs none).
     pub hashes: &'a [u64],
+    /// Canonical prompt bytes up to each level's end (`ParsedRequest::level_ends`); empty: each
+    /// level counts as a full block.
+    pub level_ends: &'a [u64],
     /// The prompt's size (see `ParsedRequest::prompt_bytes`), and its part outside the blocks
     /// (`ParsedRequest::context_bytes`).
     pub prompt_bytes: u64,
@@ -211,10 +214,11 @@ pub struct Request<'a> {
     pub pinned: Option<&'a str>,
 }
 
-impl Request<'_> {
+impl<'a> Request<'a> {
     /// What the pipeline knows of the request's size.
-    fn info(&self) -> RequestInfo {
+    fn info(&self) -> RequestInfo<'a> {
         RequestInfo {
+            level_ends: self.level_ends,
             prefix_levels: self.hashes.len() as u32,
             prompt_tokens: self.prompt_bytes.div_ceil(BYTES_PER_TOKEN),
             block_tokens: DEFAULT_BLOCK_SIZE as u64 / BYTES_PER_TOKEN,

@@ -19,7 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::pybacked::PyBackedBytes;
+use pyo3::pybacked::{PyBackedBytes, PyBackedStr};
+use pyo3::types::{PyBool, PyBytes, PyDict};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
@@ -28,6 +29,7 @@ use crate::balancer::{Balancer, BalancerConfig, Load, Pick, PickError, PickReaso
 use crate::body_decode::{parse_body_for, BodyParser};
 use crate::engine_metrics::{parse_engine_metrics, Engine, EngineMetrics, MetricsError};
 use crate::fd_wait;
+use crate::pb_struct::{encode_struct, Value};
 use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
 use crate::request::{
     parse_request_for, stored_response_id, Affinity, Limits, ParseError, ParsedRequest,
@@ -376,6 +378,8 @@ struct PyEngineMetrics {
     running_lora_adapters: Vec<String>,
     waiting_lora_adapters: Vec<String>,
     max_lora: Option<u32>,
+    prefix_cache_queries: Option<f64>,
+    prefix_cache_hits: Option<f64>,
     lines_skipped: u32,
 }
 
@@ -409,6 +413,8 @@ fn py_parse_engine_metrics(
             running_lora_adapters: m.running_lora_adapters,
             waiting_lora_adapters: m.waiting_lora_adapters,
             max_lora: m.max_lora,
+            prefix_cache_queries: m.prefix_cache_queries,
+            prefix_cache_hits: m.prefix_cache_hits,
             lines_skipped: m.lines_skipped,
         },
     ))
@@ -535,6 +541,7 @@ fn owned_request(
     };
     result.map(|r| OwnedRequest {
         hashes: r.prefix_hashes.clone(),
+        level_ends: r.level_ends.clone(),
         prompt_bytes: r.prompt_bytes,
         context_bytes: r.context_bytes,
         model: Some(r.model.clone()),
@@ -766,6 +773,7 @@ impl PyBalancer {
             let parsed = parsed.get();
             let borrowed = parsed.result.as_ref().ok().map(|r| Request {
                 hashes: &r.prefix_hashes,
+                level_ends: &r.level_ends,
                 prompt_bytes: r.prompt_bytes,
                 context_bytes: r.context_bytes,
                 model: Some(&r.model),
@@ -1114,6 +1122,65 @@ fn wait_readable(py: Python<'_>, fd: i32, timeout_us: u64) -> PyResult<bool> {
         .map_err(|e| PyOSError::new_err(format!("waiting on descriptor {fd}: {e}")))
 }
 
+/// A metadata value as extracted from Python, before it borrows into a `pb_struct::Value`.
+enum Scalar {
+    Null,
+    Number(f64),
+    Str(PyBackedStr),
+    Bool(bool),
+}
+
+fn scalar(value: &Bound<'_, PyAny>) -> PyResult<Scalar> {
+    if value.is_none() {
+        Ok(Scalar::Null)
+    } else if let Ok(b) = value.cast::<PyBool>() {
+        Ok(Scalar::Bool(b.is_true()))
+    } else if let Ok(s) = value.extract::<PyBackedStr>() {
+        Ok(Scalar::Str(s))
+    } else {
+        value.extract::<f64>().map(Scalar::Number).map_err(|_| {
+            PyValueError::new_err(format!(
+                "metadata values are str, int, float, bool or None, got {}",
+                value.get_type()
+            ))
+        })
+    }
+}
+
+fn borrowed(value: &Scalar) -> Value<'_> {
+    match value {
+        Scalar::Null => Value::Null,
+        Scalar::Number(n) => Value::Number(*n),
+        Scalar::Str(s) => Value::Str(s),
+        Scalar::Bool(b) => Value::Bool(*b),
+    }
+}
+
+/// Dynamic metadata for an ext_proc answer: a `google.protobuf.Struct` of namespaces, each a
+/// Struct of scalar fields, in protobuf wire format (``Struct.FromString`` reads it).
+#[pyfunction]
+fn encode_metadata(
+    py: Python<'_>,
+    namespaces: Vec<(PyBackedStr, Bound<'_, PyDict>)>,
+) -> PyResult<Py<PyBytes>> {
+    let mut extracted = Vec::with_capacity(namespaces.len());
+    for (name, fields) in &namespaces {
+        let mut scalars = Vec::with_capacity(fields.len());
+        for (key, value) in fields.iter() {
+            scalars.push((key.extract::<PyBackedStr>()?, scalar(&value)?));
+        }
+        extracted.push((name, scalars));
+    }
+    let tree: Vec<(&str, Value<'_>)> = extracted
+        .iter()
+        .map(|(name, scalars)| {
+            let fields = scalars.iter().map(|(k, v)| (&**k, borrowed(v))).collect();
+            (&***name, Value::Struct(fields))
+        })
+        .collect();
+    Ok(PyBytes::new(py, &encode_struct(&tree)).unbind())
+}
+
 /// The Redis Lua scripts by name (`commit`, `release`, `heartbeat`, `reap`).
 #[pyfunction]
 fn shared_scripts() -> HashMap<&'static str, &'static str> {
@@ -1147,6 +1214,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_stored_response_id, m)?)?;
     m.add_function(wrap_pyfunction!(py_parse_engine_metrics, m)?)?;
     m.add_function(wrap_pyfunction!(shared_scripts, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(balancer_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(create_worker_state, m)?)?;
     m.add_function(wrap_pyfunction!(wait_readable, m)?)?;

@@ -1,5 +1,6 @@
 //! Model-server load from a Prometheus text-format `/metrics` page: queue length, running
-//! requests, KV-cache usage and LoRA adapters, for vLLM, SGLang, trtllm-serve and Triton TRT-LLM.
+//! requests, KV-cache usage and LoRA adapters, for vLLM, SGLang, trtllm-serve and Triton TRT-LLM;
+//! plus the prefix-cache counters (prompt tokens looked up, tokens found) of vLLM and SGLang.
 //!
 //! One pass over the bytes. Lines are found with `memchr`; a sample's metric name is read and
 //! checked against the engine's families before anything else, so the hundreds of histogram
@@ -76,6 +77,13 @@ pub struct EngineMetrics {
     pub running_lora_adapters: Vec<String>,
     pub waiting_lora_adapters: Vec<String>,
     pub max_lora: Option<u32>,
+    /// Prompt tokens looked up in the prefix cache since the server started (a counter), summed
+    /// over the family's series. vLLM: `prefix_cache_queries` (else the older
+    /// `gpu_prefix_cache_queries`); SGLang: `prompt_tokens` (every prompt token is looked up).
+    pub prefix_cache_queries: Option<f64>,
+    /// Of those, tokens found in the cache (a counter). vLLM: `prefix_cache_hits` (else
+    /// `gpu_prefix_cache_hits`); SGLang: `cached_tokens`, summed over its `cache_source` series.
+    pub prefix_cache_hits: Option<f64>,
     /// Lines that are neither blank, comments nor well-formed samples.
     pub lines_skipped: u32,
 }
@@ -117,6 +125,12 @@ enum Family {
     KvUsageOld,
     /// vLLM's `lora_requests_info`.
     Lora,
+    /// Prefix-cache counters: tokens looked up, tokens hit; vLLM's `gpu_` names are the older
+    /// spelling, read when the new one is absent.
+    CacheQueries,
+    CacheHits,
+    CacheQueriesOld,
+    CacheHitsOld,
     /// Triton's `request_metrics`: waiting or running by `request_type`.
     TritonRequests,
     /// Triton's `kv_cache_block_metrics`: usage when `kv_cache_block_type="fraction"`.
@@ -143,6 +157,17 @@ fn classify(name: &[u8]) -> Option<(Engine, Option<Family>)> {
         | (Engine::TrtllmServe, b"kv_cache_utilization") => Family::KvUsage,
         (Engine::Vllm, b"gpu_cache_usage_perc") => Family::KvUsageOld,
         (Engine::Vllm, b"lora_requests_info") => Family::Lora,
+        // Counters: `_total` in the text format; OpenMetrics-style pages may leave it off.
+        (Engine::Vllm, b"prefix_cache_queries_total" | b"prefix_cache_queries")
+        | (Engine::Sglang, b"prompt_tokens_total" | b"prompt_tokens") => Family::CacheQueries,
+        (Engine::Vllm, b"prefix_cache_hits_total" | b"prefix_cache_hits")
+        | (Engine::Sglang, b"cached_tokens_total" | b"cached_tokens") => Family::CacheHits,
+        (Engine::Vllm, b"gpu_prefix_cache_queries_total" | b"gpu_prefix_cache_queries") => {
+            Family::CacheQueriesOld
+        }
+        (Engine::Vllm, b"gpu_prefix_cache_hits_total" | b"gpu_prefix_cache_hits") => {
+            Family::CacheHitsOld
+        }
         (Engine::Triton, b"request_metrics") => Family::TritonRequests,
         (Engine::Triton, b"kv_cache_block_metrics") => Family::TritonKvBlocks,
         _ => return Some((engine, None)),
@@ -434,6 +459,10 @@ struct Tally<'a> {
     kv: Option<f64>,
     kv_old: Option<f64>,
     lora: Option<LoraSeries<'a>>,
+    cache_queries: Option<f64>,
+    cache_hits: Option<f64>,
+    cache_queries_old: Option<f64>,
+    cache_hits_old: Option<f64>,
 }
 
 /// Adds a request count; NaN, infinite and negative values count as absent.
@@ -459,6 +488,10 @@ impl<'a> Tally<'a> {
             Family::Running => add_count(&mut self.running, v),
             Family::KvUsage => max_usage(&mut self.kv, v),
             Family::KvUsageOld => max_usage(&mut self.kv_old, v),
+            Family::CacheQueries => add_count(&mut self.cache_queries, v),
+            Family::CacheHits => add_count(&mut self.cache_hits, v),
+            Family::CacheQueriesOld => add_count(&mut self.cache_queries_old, v),
+            Family::CacheHitsOld => add_count(&mut self.cache_hits_old, v),
             Family::Lora => {
                 // The first of equal stamps stays; a NaN stamp never wins.
                 if self.lora.as_ref().is_none_or(|best| v > best.stamp) && !v.is_nan() {
@@ -494,6 +527,13 @@ impl<'a> Tally<'a> {
         };
         // Finite series can still sum past f64::MAX: such a total is as unusable as one NaN.
         let finite = |total: Option<f64>| total.filter(|t| t.is_finite());
+        // The two counters come from the same spelling (both new or both old), so a page in
+        // the middle of a rename never pairs one name's hits with the other's queries.
+        let (prefix_cache_queries, prefix_cache_hits) =
+            match (finite(self.cache_queries), finite(self.cache_hits)) {
+                (None, None) => (finite(self.cache_queries_old), finite(self.cache_hits_old)),
+                new => new,
+            };
         EngineMetrics {
             waiting: finite(self.waiting),
             running: finite(self.running),
@@ -501,6 +541,8 @@ impl<'a> Tally<'a> {
             running_lora_adapters,
             waiting_lora_adapters,
             max_lora,
+            prefix_cache_queries,
+            prefix_cache_hits,
             lines_skipped,
         }
     }
@@ -752,6 +794,69 @@ vllm:lora_requests_info{max_lora="9",running_lora_adapters="nan",waiting_lora_ad
         assert_eq!(parse_max_lora("-1"), None);
         assert_eq!(parse_max_lora("x"), None);
         assert_eq!(parse_max_lora(" 3 "), Some(3));
+    }
+
+    #[test]
+    fn vllm_prefix_cache_counters() {
+        let page = r#"
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1200.0
+vllm:prefix_cache_queries_total{engine="1",model_name="m"} 800.0
+vllm:prefix_cache_queries_created{engine="0",model_name="m"} 1.7e9
+# TYPE vllm:prefix_cache_hits counter
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 900.0
+vllm:prefix_cache_hits_total{engine="1",model_name="m"} 100.0
+vllm:gpu_prefix_cache_queries_total{engine="0",model_name="m"} 5.0
+vllm:gpu_prefix_cache_hits_total{engine="0",model_name="m"} 1.0
+vllm:external_prefix_cache_hits_total{engine="0",model_name="m"} 77.0
+"#;
+        let m = metrics(page, Engine::Vllm);
+        assert_eq!(
+            (m.prefix_cache_queries, m.prefix_cache_hits),
+            (Some(2000.0), Some(1000.0))
+        );
+        assert_eq!(m.lines_skipped, 0);
+        // Older vLLM: the gpu_ spelling, with or without the counter suffix.
+        for page in [
+            "vllm:gpu_prefix_cache_queries_total 64\nvllm:gpu_prefix_cache_hits_total 48\n",
+            "vllm:gpu_prefix_cache_queries 64\nvllm:gpu_prefix_cache_hits 48\n",
+        ] {
+            let m = metrics(page, Engine::Vllm);
+            assert_eq!(
+                (m.prefix_cache_queries, m.prefix_cache_hits),
+                (Some(64.0), Some(48.0)),
+                "{page}"
+            );
+        }
+        // Absent counters are None, never 0; NaN counts as absent.
+        let m = metrics(VLLM, Engine::Vllm);
+        assert_eq!((m.prefix_cache_queries, m.prefix_cache_hits), (None, None));
+        let m = metrics(
+            "vllm:prefix_cache_queries_total NaN\nvllm:prefix_cache_hits_total 3\n",
+            Engine::Vllm,
+        );
+        assert_eq!(
+            (m.prefix_cache_queries, m.prefix_cache_hits),
+            (None, Some(3.0))
+        );
+    }
+
+    #[test]
+    fn sglang_prefix_cache_counters() {
+        let page = "\
+sglang:prompt_tokens_total{model_name=\"qwen\"} 4000.0
+sglang:cached_tokens_total{cache_source=\"device\",model_name=\"qwen\"} 2500.0
+sglang:cached_tokens_total{cache_source=\"host\",model_name=\"qwen\"} 500.0
+sglang:cache_hit_rate{model_name=\"qwen\"} 0.9
+";
+        let m = metrics(page, Engine::Sglang);
+        assert_eq!(
+            (m.prefix_cache_queries, m.prefix_cache_hits),
+            (Some(4000.0), Some(3000.0))
+        );
+        // trtllm-serve and Triton report no such counters.
+        let m = metrics("trtllm_num_requests_waiting 1\n", Engine::TrtllmServe);
+        assert_eq!((m.prefix_cache_queries, m.prefix_cache_hits), (None, None));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod body_decode;
 pub mod engine_metrics;
 pub mod fd_wait;
+pub mod pb_struct;
 pub mod prefix_hash;
 pub mod prefix_table;
 pub mod request;

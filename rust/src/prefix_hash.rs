@@ -71,6 +71,11 @@ pub struct PrefixHasher {
     block: Vec<u8>,
     /// `c_1 ..= c_n`; turned into keys by `finish`.
     chain: Vec<u64>,
+    /// Canonical prompt bytes up to the end of each level (`ends[i]` for `c_{i+1}`): how much of
+    /// the prompt an endpoint holding `i + 1` levels has (see `finish_with_ends`).
+    ends: Vec<u64>,
+    /// Canonical bytes placed in blocks so far (the blocks' running offset).
+    hashed: u64,
     /// While muted, `feed` and `end_segment` do nothing (a `prompt` parsed after `messages`).
     muted: bool,
     /// Canonical prompt bytes fed (while not muted), past `max_blocks` too: the prompt's size,
@@ -88,6 +93,8 @@ impl PrefixHasher {
             max_blocks,
             block,
             chain: Vec::new(),
+            ends: Vec::new(),
+            hashed: 0,
             muted: false,
             bytes: 0,
         }
@@ -98,6 +105,8 @@ impl PrefixHasher {
         self.block.clear();
         self.block.extend_from_slice(&PROMPT_SEED.to_le_bytes());
         self.chain.clear();
+        self.ends.clear();
+        self.hashed = 0;
         self.bytes = 0;
     }
 
@@ -129,6 +138,7 @@ impl PrefixHasher {
         // Fast path: the bytes fit in the open block (a full block is closed lazily, below).
         let room = self.block_size - (self.block.len() - HEADER);
         if bytes.len() <= room {
+            self.hashed += bytes.len() as u64;
             if bytes.len() <= 8 {
                 // Tags, lengths and decoded escapes: cheaper than a call to memcpy.
                 for &b in bytes {
@@ -156,6 +166,7 @@ impl PrefixHasher {
             }
             let take = (self.block_size - filled).min(bytes.len());
             self.block.extend_from_slice(&bytes[..take]);
+            self.hashed += take as u64;
             bytes = &bytes[take..];
         }
     }
@@ -188,6 +199,7 @@ impl PrefixHasher {
         self.block.push(flag);
         let c = xxh3_64(&self.block);
         self.chain.push(c);
+        self.ends.push(self.hashed);
         self.block.clear();
         self.block.extend_from_slice(&c.to_le_bytes());
     }
@@ -203,16 +215,22 @@ impl PrefixHasher {
 
     /// Heap bytes held.
     pub fn retained_bytes(&self) -> usize {
-        self.block.capacity() + self.chain.capacity() * std::mem::size_of::<u64>()
+        self.block.capacity()
+            + (self.chain.capacity() + self.ends.capacity()) * std::mem::size_of::<u64>()
     }
 
     /// The level keys: `key_i = xxh3_64_with_seed(le64(c_i), ctx)`.
     pub fn finish(self, ctx: u64) -> Vec<u64> {
+        self.finish_with_ends(ctx).0
+    }
+
+    /// The level keys and, for each, the canonical prompt bytes up to its end.
+    pub fn finish_with_ends(self, ctx: u64) -> (Vec<u64>, Vec<u64>) {
         let mut keys = self.chain;
         for c in &mut keys {
             *c = xxh3_64_with_seed(&c.to_le_bytes(), ctx);
         }
-        keys
+        (keys, self.ends)
     }
 }
 

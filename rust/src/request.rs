@@ -186,6 +186,9 @@ pub struct ParsedRequest {
     /// `prefix_hashes[i]` identifies the first `i + 1` blocks of the prompt (at most
     /// `max_blocks` of them).
     pub prefix_hashes: Vec<u64>,
+    /// `level_ends[i]`: canonical prompt bytes up to the end of level `i` (so an endpoint
+    /// holding `i + 1` levels holds that much of the prompt, plus the context).
+    pub level_ends: Vec<u64>,
     /// Size of the prompt: its canonical bytes (every message, past `max_blocks` too) plus the
     /// `tools` JSON and the system part (Messages `system`, Responses `instructions`). The load
     /// model estimates prompt tokens from it.
@@ -206,6 +209,7 @@ impl ParsedRequest {
             model: String::new(),
             stream: false,
             prefix_hashes: Vec::new(),
+            level_ends: Vec::new(),
             prompt_bytes: 0,
             context_bytes: 0,
             affinity: Affinity::default(),
@@ -1092,11 +1096,13 @@ impl RequestParser {
         let ctx = self.context.ctx(&self.model);
         let context_bytes = self.context.tools_len() + self.context.system_len();
         let prompt_bytes = self.hasher.prompt_bytes() + context_bytes;
+        let (prefix_hashes, level_ends) = self.hasher.finish_with_ends(ctx);
         Ok(ParsedRequest {
             kind,
             model: into_string(self.model),
             stream: self.stream,
-            prefix_hashes: self.hasher.finish(ctx),
+            prefix_hashes,
+            level_ends,
             prompt_bytes,
             context_bytes,
             affinity: self.affinity,
@@ -2534,6 +2540,29 @@ mod tests {
             assert!(p.retained_bytes() < 1024);
         }
         assert!(p.finish().is_err());
+    }
+
+    #[test]
+    fn level_ends_say_how_much_of_the_prompt_each_level_covers() {
+        let long = "y".repeat(1500);
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"short"}},{{"role":"assistant","content":"{long}"}}]}}"#
+        );
+        let r = parse_request(body.as_bytes()).unwrap();
+        // One level for the short message, then 512-byte blocks of the long one.
+        assert_eq!(r.level_ends.len(), r.prefix_hashes.len());
+        assert!(r.prefix_hashes.len() >= 4, "{r:?}");
+        assert!(
+            r.level_ends[0] < 32,
+            "a short message is a short level: {:?}",
+            r.level_ends
+        );
+        assert!(r.level_ends.windows(2).all(|w| w[0] < w[1]));
+        assert!(r.level_ends[1] - r.level_ends[0] <= 512);
+        assert_eq!(
+            *r.level_ends.last().unwrap(),
+            r.prompt_bytes - r.context_bytes
+        );
     }
 
     #[test]

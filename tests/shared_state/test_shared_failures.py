@@ -36,7 +36,7 @@ from tests.shared_state.shared_helpers import (
     warm_up,
     write_config,
 )
-from tests.support.procs import Backend, Reply, wait_until
+from tests.support.procs import Backend, Reply, get, wait_until
 from tests.support.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
@@ -309,3 +309,38 @@ def test_acl_user_works_and_a_wrong_password_fails_open_without_leaking_it(
         ):
             assert secret not in text, f"replica {r.name}: the password appears in its {where}"
         assert r.config_text().count(ACL_USERNAME) >= 1, "the username should still be shown"
+
+
+# --------------------------------------------------------------------------------------------------
+# the decision record says where each pick's state came from
+
+
+def test_decision_record_names_redis_then_the_local_fallback(
+    make_redis_server: MakeRedisServer,
+    backends: list[Backend],
+    workdir: Path,
+    replicas: list[Replica],
+) -> None:
+    server: RedisServer = make_redis_server("redis")
+    a = _start(replicas, "state-A", backends, workdir, policy=PC, pool=new_pool(), port=server.port)
+    a.wait_redis_up()
+    nonce = uuid.uuid4().hex[:8]
+
+    def latest_state(request_id: str) -> str | None:
+        decisions = get(f"{a.daemon.admin_url}/debug/decisions").json()
+        return next((d["state"] for d in decisions if d["request_id"] == request_id), None)
+
+    reply = a.chat(_chat(0, 0, nonce), headers={"x-request-id": f"through-redis-{nonce}"})
+    assert reply.status == 200, reply
+    assert latest_state(f"through-redis-{nonce}") == "redis"
+    server.stop()
+    # The first pick after the stop finds Redis gone; later ones do not try it (redis_down).
+    for i in range(20):
+        request_id = f"local-{i}-{nonce}"
+        reply = a.chat(_chat(1, i % 3, nonce), headers={"x-request-id": request_id}, timeout=5.0)
+        assert reply.status == 200, reply
+        if a.metric("llmlb_redis_up") == 0.0:
+            break
+    reply = a.chat(_chat(2, 0, nonce), headers={"x-request-id": f"after-{nonce}"}, timeout=5.0)
+    assert reply.status == 200, reply
+    assert latest_state(f"after-{nonce}") == "local_fallback"

@@ -153,6 +153,8 @@ class Stats:
         """Prompt tokens of admitted requests (vllm:prefix_cache_queries_total)."""
         self.prefix_hits = 0
         """Of which found in the cache (vllm:prefix_cache_hits_total)."""
+        self.prefix_cache_resets = 0
+        """Successful ``POST /reset_prefix_cache`` calls."""
         self.prompt_tokens = 0
         """Prompt tokens of requests whose prefill completed (vllm:prompt_tokens_total)."""
         self.generation_tokens = 0
@@ -250,6 +252,15 @@ class Engine:
     @property
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's ``reset_prefix_cache``: forgets every cached prefix block, counters untouched.
+        Refused (``False``, nothing changed) while a running request holds blocks, as in vLLM."""
+        if self.cache.used_blocks:
+            return False
+        self.cache.reset()
+        self.stats.prefix_cache_resets += 1
+        return True
 
     def reset(self) -> None:
         """Drops the whole cache and every counter. Raises RuntimeError unless idle."""

@@ -1,6 +1,6 @@
 """The HTTP face of ``llmlb sim``: vLLM's OpenAI routes (chat, completions, responses, embeddings),
-Anthropic's messages route and ``/metrics``, SGLang's info routes (for sglang-router), and
-``/_sim/stats`` / ``/_sim/reset`` for benchmarks."""
+Anthropic's messages route and ``/metrics``, vLLM's ``/reset_prefix_cache``, SGLang's info routes
+(for sglang-router), and ``/_sim/stats`` / ``/_sim/reset`` for benchmarks."""
 
 from __future__ import annotations
 
@@ -95,6 +95,8 @@ class Sim:
                 web.get("/metrics", self.metrics),
                 web.get("/_sim/stats", self.stats),
                 web.post("/_sim/reset", self.reset),
+                # vLLM's (dev-mode) route: empties the prefix cache, the server keeps running.
+                web.post("/reset_prefix_cache", self.reset_prefix_cache),
                 # SGLang's info routes, probed by sglang-router.
                 web.get("/server_info", self.server_info),
                 web.get("/get_server_info", self.server_info),
@@ -346,6 +348,7 @@ class Sim:
             "max_running_seen": s.max_running_seen,
             "prompt_tokens_total": s.prefix_queries,
             "cached_tokens_total": s.prefix_hits,
+            "prefix_cache_resets": s.prefix_cache_resets,
             "generation_tokens_total": s.generation_tokens,
             "kv_blocks_used": engine.cache.used_blocks,
             "kv_blocks_cached": engine.cache.cached_blocks,
@@ -372,6 +375,18 @@ class Sim:
         self.rng = random.Random(self.options.seed)
         self.created = time.time()
         return self._json(self.stats_json())
+
+    async def reset_prefix_cache(self, _: web.Request) -> web.Response:
+        """vLLM answers 200 with no body (its engine refuses, with a log line, while running
+        requests hold blocks); the sim says 409 then, so a test is never told a flush happened
+        that did not. The prefix-cache counters go on counting, as vLLM's do."""
+        if not self.engine.reset_prefix_cache():
+            return self._error(
+                f"cannot reset the prefix cache while requests hold blocks "
+                f"({len(self.engine.running)} running)",
+                409,
+            )
+        return web.Response(status=200, headers={NAME_HEADER: self.name})
 
     async def server_info(self, _: web.Request) -> web.Response:
         cfg = self.engine.config

@@ -172,7 +172,7 @@ mod tests {
         c.iter().map(|c| c.id).collect()
     }
 
-    fn critical() -> RequestInfo {
+    fn critical() -> RequestInfo<'static> {
         RequestInfo {
             critical: true,
             ..RequestInfo::default()

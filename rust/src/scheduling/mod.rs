@@ -9,6 +9,8 @@ pub mod scorers;
 
 use rand::rngs::SmallRng;
 
+use crate::balancer::BYTES_PER_TOKEN;
+
 /// One endpoint as the pipeline sees it for one request.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {
@@ -48,13 +50,15 @@ pub enum LoraFit {
 
 /// What the pipeline knows of the request.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RequestInfo {
+pub struct RequestInfo<'a> {
     /// Number of prefix blocks of the request (0 when the body gave none).
     pub prefix_levels: u32,
     /// Estimated prompt tokens of the request, and prompt tokens per prefix block (0 when the
     /// body gave none: the load model then weighs requests only).
     pub prompt_tokens: u64,
     pub block_tokens: u64,
+    /// Canonical prompt bytes up to each prefix level's end (empty: `block_tokens` a level).
+    pub level_ends: &'a [u64],
     /// Prompt tokens outside the blocks (tools, system prompt) that every level's holder has.
     pub context_tokens: u64,
     /// The request's model is critical (least_busy never sheds it).
@@ -65,14 +69,19 @@ pub struct RequestInfo {
     pub entropy: u64,
 }
 
-impl RequestInfo {
-    /// Prompt tokens an endpoint holding `depth` leading levels has cached: those blocks, plus
-    /// the context folded into every level (so any match means it is cached too).
+impl RequestInfo<'_> {
+    /// Prompt tokens an endpoint holding `depth` leading levels has cached: those levels' part
+    /// of the prompt, plus the context folded into every level (so any match means it is
+    /// cached too).
     pub fn cached_tokens(&self, depth: u32) -> u64 {
         if depth == 0 {
             return 0;
         }
-        (u64::from(depth) * self.block_tokens + self.context_tokens).min(self.prompt_tokens)
+        let levels = match self.level_ends.get(depth as usize - 1) {
+            Some(&end) => end.div_ceil(BYTES_PER_TOKEN),
+            None => u64::from(depth) * self.block_tokens,
+        };
+        (levels + self.context_tokens).min(self.prompt_tokens)
     }
 }
 
@@ -207,6 +216,29 @@ mod tests {
         assert_eq!(choice.candidates, 2);
         let runner_up = choice.runner_up.unwrap();
         assert!(choice.score > runner_up, "{choice:?}");
+    }
+
+    #[test]
+    fn cached_tokens_follow_the_levels_own_sizes() {
+        let ends = [40, 100, 612];
+        let request = RequestInfo {
+            prefix_levels: 3,
+            prompt_tokens: 400,
+            block_tokens: 128,
+            context_tokens: 10,
+            level_ends: &ends,
+            ..RequestInfo::default()
+        };
+        assert_eq!(request.cached_tokens(0), 0);
+        assert_eq!(request.cached_tokens(1), 10 + 10);
+        assert_eq!(request.cached_tokens(2), 25 + 10);
+        assert_eq!(request.cached_tokens(3), 153 + 10);
+        // Without level sizes, each level is a full block.
+        let coarse = RequestInfo {
+            level_ends: &[],
+            ..request
+        };
+        assert_eq!(coarse.cached_tokens(2), 256 + 10);
     }
 
     #[test]

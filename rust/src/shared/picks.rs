@@ -34,6 +34,7 @@ pub const MAX_ATTEMPTS: u32 = 3;
 #[derive(Debug, Clone, Default)]
 pub struct OwnedRequest {
     pub hashes: Vec<u64>,
+    pub level_ends: Vec<u64>,
     pub prompt_bytes: u64,
     pub context_bytes: u64,
     pub model: Option<String>,
@@ -45,6 +46,7 @@ impl OwnedRequest {
     pub fn borrow(&self) -> Request<'_> {
         Request {
             hashes: &self.hashes,
+            level_ends: &self.level_ends,
             prompt_bytes: self.prompt_bytes,
             context_bytes: self.context_bytes,
             model: self.model.as_deref(),

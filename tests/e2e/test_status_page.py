@@ -4,11 +4,13 @@ Through real Envoy (both modes, and through the ``--workers 2`` supervisor) a fe
 go to the backends with known ``x-request-id`` headers; then Chromium loads the page, runs its
 script and the rendered DOM must show every endpoint with its health and share of the picks, and
 each request's decision: its id, path, model, endpoint and reason (``prefix_hit`` on the second
-turn). A page served by a stub server checks what the live servers cannot easily show: an error
+turn). With ``llmlb sim`` servers (exact prefix-cache counters) and one server's cache flushed behind
+llmlb's back, it shows that server's engine hit ratio far below the predicted one, in red. A page
+served by a stub server checks what the live servers cannot easily show: an error
 line when a fetch fails (keeping the last answers), hostile values shown as text, and the refresh
 interval. A missing Chromium fails the tests with the install hint: never a silent skip.
 
-``STATUS_SCREENSHOT=docs/status-page.png pytest tests/e2e/test_status_page.py -k screenshot``
+``STATUS_SCREENSHOT=docs/status-page.png pytest tests/e2e/test_status_page.py -k prediction``
 rewrites the docs' screenshot (else it goes to the test's temporary directory).
 """
 
@@ -25,11 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from llmlb.status import render
 from tests.support.browser import INSTALL_HINT, Dom, dump_dom, find_chromium, png_size, screenshot
 from tests.support.conversations import opening
-from tests.support.procs import HOST, Gateway, MakeGateway
+from tests.support.procs import (
+    HOST,
+    Gateway,
+    MakeGateway,
+    ManagedProcess,
+    post,
+    start_daemon,
+    start_envoy,
+    start_sims,
+    stop_all,
+    wait_until,
+)
 
 SCREENSHOT_SIZE = (1280, 900)
 
@@ -141,25 +155,101 @@ def test_status_page_of_the_workers_supervisor(chromium: str, make_gateway: Make
     _check_page(dom, gw, seen, workers=2)
 
 
-@pytest.mark.e2e
-def test_status_page_screenshot(chromium: str, make_gateway: MakeGateway, tmp_path: Path) -> None:
-    """The docs' picture: a few conversations, then a screenshot of the page as an operator sees it."""
-    gw = make_gateway("prefix_cache", "buffered")
-    _converse(gw, conversations=4, turns=3)
-    assert gw.daemon is not None
-    gw.daemon.wait_idle()
-    docs = os.environ.get("STATUS_SCREENSHOT")
-    path = Path(docs) if docs else tmp_path / "status-page.png"
-    screenshot(chromium, f"{gw.daemon.admin_url}/status?refresh=0", path, SCREENSHOT_SIZE)
-    assert png_size(path) == SCREENSHOT_SIZE
-    assert path.stat().st_size < 400_000
-    if docs:
-        # The committed picture: 64 colours are plenty for a page of text and halve the file.
-        from PIL import Image
+PREDICTION = {"prediction": {"interval": 200, "window": 60}}  # a window longer than the test
 
-        with Image.open(path) as image:
-            image.convert("RGB").quantize(64).save(path, optimize=True)
+
+def _percent(cell: str) -> float:
+    assert cell.endswith("%"), cell
+    return float(cell.rstrip("%"))
+
+
+@pytest.mark.e2e
+def test_status_page_shows_prediction_vs_reality(chromium: str, envoy_binary: str, tmp_path: Path) -> None:
+    """``llmlb sim`` servers (exact prefix-cache counters) behind Envoy; one server's cache is
+    flushed behind llmlb's back before every turn after the first: the page shows its engine hit
+    ratio far below the predicted one, and the two close on the others. The page as rendered here
+    is the docs' screenshot."""
+    sims = start_sims({name: ["--step-base-ms", "1"] for name in ("sim-a", "sim-b", "sim-c")}, tmp_path)
+    procs: list[ManagedProcess] = [s.proc for s in sims]
+    try:
+        config = tmp_path / "llmlb.yaml"
+        config.write_text(yaml.safe_dump(PREDICTION))
+        addresses = [s.address for s in sims]
+        daemon = start_daemon(addresses, "prefix_cache", tmp_path, extra_args=["--config", str(config)])
+        procs.append(daemon.proc)
+        envoy = start_envoy(addresses, daemon.grpc_port, "buffered", tmp_path)
+        procs.append(envoy.proc)
+        by_name = {s.name: s for s in sims}
+        nonce = uuid.uuid4().hex[:8]
+        conversations = [opening(c, nonce) for c in range(4)]
+        home: dict[int, str] = {}  # conversation -> the sim that serves it
+
+        def round_of_turns(turn: int) -> None:
+            for c, messages in enumerate(conversations):
+                reply = post(
+                    envoy.url + "/v1/chat/completions",
+                    {"model": "sim-model", "messages": messages, "max_tokens": 4},
+                    headers={"x-request-id": f"status-{nonce}-c{c}-t{turn}"},
+                )
+                assert reply.status == 200, reply
+                assert home.setdefault(c, reply.headers["x-sim-name"]) == reply.headers["x-sim-name"]
+                messages += [
+                    {"role": "assistant", "content": reply.json()["choices"][0]["message"]["content"]},
+                    {"role": "user", "content": f"turn {turn}: and then?"},
+                ]
+
+        round_of_turns(0)
+        flushed = by_name[Counter(home.values()).most_common(1)[0][0]]
+        for turn in range(1, 4):
+            # 409 only while a request still holds blocks: the turns are sequential, so it passes.
+            wait_until(
+                lambda: post(flushed.url + "/reset_prefix_cache", None, timeout=5.0).status == 200,
+                5.0,
+                message=f"{flushed.name} to flush its prefix cache",
+            )
+            round_of_turns(turn)
+        serving = {by_name[name].address for name in home.values()}
+        wait_until(
+            lambda: all(
+                e["predicted_hit_ratio"] is not None and e["engine_hit_ratio"] is not None
+                for e in daemon.debug_endpoints()
+                if e["address"] in serving
+            ),
+            10.0,
+            message="the prediction check's figures for every endpoint that served",
+        )
+        url = f"{daemon.admin_url}/status?refresh=0"
+        dom = dump_dom(chromium, url)
+        assert dom.hidden("error"), dom.text("error")
+        rows = {row["address"]: row for row in dom.table("endpoints")}
+        flushed_row = rows[flushed.address]
+        assert _percent(flushed_row["predicted hit"]) >= 40, flushed_row
+        assert _percent(flushed_row["engine hit"]) <= _percent(flushed_row["predicted hit"]) - 30, flushed_row
+        classes = {
+            row["address"]: names["engine hit"].split()
+            for row, names in zip(dom.table("endpoints"), dom.classes("endpoints"), strict=True)
+        }
+        assert "bad" in classes[flushed.address], classes
+        for address in serving - {flushed.address}:
+            row = rows[address]
+            assert abs(_percent(row["predicted hit"]) - _percent(row["engine hit"])) <= 10, row
+            assert "bad" not in classes[address], classes
+
+        docs = os.environ.get("STATUS_SCREENSHOT")
+        path = Path(docs) if docs else tmp_path / "status-page.png"
+        screenshot(chromium, url, path, SCREENSHOT_SIZE)
         assert png_size(path) == SCREENSHOT_SIZE
+        assert path.stat().st_size < 400_000
+        if docs:
+            # The committed picture: 64 colours are plenty for a page of text and make the file a
+            # sixth; the octree method keeps the few red and green pixels a median cut would grey.
+            from PIL import Image
+
+            with Image.open(path) as image:
+                image.convert("RGB").quantize(64, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
+            assert png_size(path) == SCREENSHOT_SIZE
+    finally:
+        stop_all(reversed(procs))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,6 +377,8 @@ def test_status_page_shows_values_as_text_and_every_figure(chromium: str, stub: 
     assert first_titles["address"] == "zone=a"
     assert first_titles["engine hit"] == "accuracy 0.31 (engine / predicted)"
     assert second_titles["engine hit"] == ""
+    # An engine hit ratio under half the predicted one is red.
+    assert "bad" in dom.classes("endpoints")[0]["engine hit"].split()
     assert dom.titles("decisions")[0]["cached"] == "0 of 40 tokens"
     assert second["health"] == "unhealthy (left pool)"
     assert second["waiting"] == second["KV cache"] == second["predicted hit"] == "—"

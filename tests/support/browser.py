@@ -108,11 +108,11 @@ class Dom(HTMLParser):
         super().__init__(convert_charrefs=True)
         self._texts: dict[str, list[str]] = {}
         self._attrs: dict[str, dict[str, str | None]] = {}
-        self._tables: dict[str, list[list[tuple[str, str]]]] = {}  # cells: (text, title)
+        self._tables: dict[str, list[list[tuple[str, str, str]]]] = {}  # cells: (text, title, class)
         self._open: list[tuple[str, str | None]] = []  # (tag, id) of the elements open now
         self._table: str | None = None
         self._cell: list[str] | None = None
-        self._cell_title = ""
+        self._cell_attrs: tuple[str, str] = ("", "")
         self._table_tags: dict[str, set[str]] = {}
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -133,7 +133,8 @@ class Dom(HTMLParser):
             self._tables[self._table].append([])
         elif tag in ("td", "th") and self._table is not None:
             self._cell = []
-            self._cell_title = dict(attrs).get("title") or ""
+            found = dict(attrs)
+            self._cell_attrs = (found.get("title") or "", found.get("class") or "")
 
     def handle_endtag(self, tag: str) -> None:
         if tag in _VOID:
@@ -143,7 +144,7 @@ class Dom(HTMLParser):
             if open_tag == tag:
                 break
         if tag in ("td", "th") and self._table is not None and self._cell is not None:
-            self._tables[self._table][-1].append(("".join(self._cell).strip(), self._cell_title))
+            self._tables[self._table][-1].append(("".join(self._cell).strip(), *self._cell_attrs))
             self._cell = None
         elif tag == "table":
             self._table = None
@@ -173,12 +174,16 @@ class Dom(HTMLParser):
 
     def table(self, ident: str, part: int = 0) -> list[dict[str, str]]:
         """The table's rows under its first row's headings (a one-cell row: {first heading: text});
-        ``part=1``: the cells' titles (what shows on hover) instead of their text."""
+        ``part=1``: the cells' titles (what shows on hover), ``part=2``: their classes."""
         assert ident in self._tables, f"no table with id {ident!r}"
         head, *rows = self._tables[ident]
-        headings = [text for text, _ in head]
+        headings = [text for text, _, _ in head]
         return [dict(zip(headings, (cell[part] for cell in row), strict=False)) for row in rows]
 
     def titles(self, ident: str) -> list[dict[str, str]]:
         """The table's rows as the titles of their cells, under its headings."""
         return self.table(ident, part=1)
+
+    def classes(self, ident: str) -> list[dict[str, str]]:
+        """The table's rows as the class names of their cells, under its headings."""
+        return self.table(ident, part=2)

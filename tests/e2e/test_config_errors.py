@@ -105,7 +105,7 @@ def _extremes(pick: int) -> dict[str, Any]:
         if name.startswith("discovery."):
             continue  # discovery replaces the static endpoints this test serves (its own tests)
         section, _, key = name.rpartition(".")
-        (config["lb_config"] if section else config)[key or name] = bounds[pick]
+        (config.setdefault(section, {}) if section else config)[key] = bounds[pick]
     config["lb_config"] = {
         k: v for k, v in config["lb_config"].items() if k not in LEAST_BUSY_FIELDS and k != "maxRequestCount"
     }

@@ -21,6 +21,8 @@ Budgets:
 - through Envoy (from `make bench-e2e`'s bench/e2e/results-budget.json, not re-run here), BUFFERED
   mode, 8 connections: llmlb prefix_cache (embedded) >= 0.9x the no-op ext_proc's requests/s
   and <= +0.3 ms p50 with 2 KB bodies, >= 0.8x with 64 KB bodies;
+- the metrics a pick updates (bench/python/test_bench_metrics.py) <= 3 us through
+  prometheus_client, <= 6 us in its multiprocess mode (--workers); a dict baseline is shown;
 - Python call overhead <= 2 us per call: Python-side time minus the Rust-side time of the same
   work (from criterion), divided by the Python->Rust calls involved. Only cases whose Rust-side
   time is at most 10 us are held to it; above that the difference of two medians is within run
@@ -53,6 +55,9 @@ PARSE_BUDGET_MBPS = 1000.0  # 1 GB/s
 PICK_BUDGET_US = 20.0
 METRICS_BUDGET_US = 100.0
 OVERHEAD_BUDGET_US = 2.0
+# A pick's three metric updates through prometheus_client (one process / --workers' multiprocess
+# files): a few µs against the ~500 µs of picker CPU a request costs through Envoy.
+METRICS_PICK_BUDGET_US = {"metrics/pick": 3.0, "metrics/pick_multiprocess": 6.0}
 OVERHEAD_CHECKED_UP_TO_US = 10.0
 
 SIZES = ["1KB", "32KB", "1MB"]
@@ -318,6 +323,25 @@ def python_rows(r: Results) -> list[Row]:
     return rows
 
 
+def metrics_rows(r: Results) -> list[Row]:
+    section = "Metrics per pick (pytest-benchmark)"
+    rows = []
+    for bench_id, label in (
+        ("metrics/pick", "prometheus_client (one process)"),
+        ("metrics/pick_multiprocess", "prometheus_client multiprocess (--workers)"),
+        ("metrics/pick_dict_baseline", "dict/list baseline (no library)"),
+    ):
+        ns = r.py_ns(bench_id)
+        budget = METRICS_PICK_BUDGET_US.get(bench_id)
+        if ns is None:
+            rows.append(Row(section, label, "-", "-", "MISSING", bench_id))
+        elif budget is None:
+            rows.append(Row(section, label, fmt_time(ns), "-", "INFO"))
+        else:
+            rows.append(Row(section, label, fmt_time(ns), f"<= {budget:g} us", status(ns <= budget * 1e3)))
+    return rows
+
+
 def overhead_rows(r: Results) -> list[Row]:
     section = "Python call overhead (Python minus Rust, per call)"
     # (figure, python id, criterion ids whose sum is the Rust-side time of the same work)
@@ -468,7 +492,7 @@ def main() -> int:
         python, machine = read_pytest(json_path)
 
     results = Results(criterion, python)
-    rows = rust_rows(results) + python_rows(results) + overhead_rows(results)
+    rows = rust_rows(results) + python_rows(results) + metrics_rows(results) + overhead_rows(results)
     rows.append(bodies_row(rust_bodies, results))
     rows += e2e_rows()
     table = render(rows)

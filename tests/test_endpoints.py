@@ -109,8 +109,8 @@ def test_health_probes_mark_down_after_two_failures_and_up_after_one_success():
         await m.check_health_once()
         assert m.healthy[live]
         assert b.endpoints()[0][3] is True
-        assert m.metrics.endpoint_health_changes.get(("unhealthy",)) == 1
-        assert m.metrics.endpoint_health_changes.get(("healthy",)) == 1
+        assert m.metrics.endpoint_health_changes.get((live, "unhealthy")) == 1
+        assert m.metrics.endpoint_health_changes.get((live, "healthy")) == 1
         server.close()
         await server.wait_closed()
 

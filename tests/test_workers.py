@@ -118,6 +118,13 @@ def test_conversations_follow_their_prefix_across_workers(daemon: Daemon) -> Non
     times = [d["time"] for d in decisions]
     assert times == sorted(times, reverse=True)
     assert len(decisions) <= 100  # recent_decisions: as many as one worker keeps
+    # The prefix table is the workers' shared one: every turn looked it up, later turns hit.
+    samples = daemon.metrics()
+    assert metric_sum(samples, "llmlb_prefix_table_lookups_total") == 3 * conv
+    assert metric_sum(samples, "llmlb_prefix_table_hits_total") >= 2 * conv
+    entries = metric_sum(samples, "llmlb_prefix_table_entries")
+    assert 0 < entries <= metric_sum(samples, "llmlb_prefix_table_insertions_total")
+    assert metric_sum(samples, "llmlb_prefix_table_capacity") >= entries
 
 
 def test_in_flight_counts_are_pool_wide(daemon: Daemon) -> None:
@@ -166,6 +173,7 @@ def test_a_killed_worker_is_replaced_and_leaves_no_phantom_load(tmp_path: Path) 
             assert len(held) < MAX_CONNECTIONS, "every connection reached one worker"
             held.append(open_pick(daemon, opening(len(held), nonce)))
         assert sum(daemon.inflight().values()) == len(held)
+        assert metric_sum(daemon.metrics(), "llmlb_picks_total") == len(held)
         victim = workers[0]
         os.kill(victim, signal.SIGKILL)
         # Streams of the dead worker fail at the client; the others stay open.
@@ -175,6 +183,8 @@ def test_a_killed_worker_is_replaced_and_leaves_no_phantom_load(tmp_path: Path) 
         alive = [h for h in held if h[0].nothing_within(0.3)]
         assert 0 < len(alive) < len(held), "the held streams were spread over both workers"
         assert sum(daemon.inflight().values()) == len(alive), daemon.debug_endpoints()
+        # Counters live in the supervisor's multiprocess directory: the dead worker's stay counted.
+        assert metric_sum(daemon.metrics(), "llmlb_picks_total") == len(held)
     finally:
         for call, channel, _ in held:
             finish(call, channel)
@@ -223,51 +233,6 @@ def test_workers_behind_envoy_route_every_request(tmp_path: Path) -> None:
         assert metric_sum(samples, "llmlb_workers") == 2
     finally:
         stop_all([envoy.proc, daemon.proc, *(b.proc for b in backends)])
-
-
-def test_merged_metrics_sum_series_and_take_the_minimum_of_redis_up() -> None:
-    from llmlb.workers import merge_metrics
-
-    worker0 = (
-        "# HELP llmlb_picks_total Endpoints picked.\n# TYPE llmlb_picks_total counter\n"
-        'llmlb_picks_total{policy="p",endpoint="a:1",reason="least_request"} 3\n'
-        "# TYPE llmlb_redis_up gauge\nllmlb_redis_up 1\n"
-        'llmlb_pick_duration_seconds_bucket{le="0.001"} 2\nllmlb_pick_duration_seconds_sum 0.25\n'
-    )
-    worker1 = (
-        "# HELP llmlb_picks_total Endpoints picked.\n# TYPE llmlb_picks_total counter\n"
-        'llmlb_picks_total{policy="p",endpoint="a:1",reason="least_request"} 4\n'
-        'llmlb_picks_total{policy="p",endpoint="b:1",reason="prefix_hit"} 1\n'
-        "# TYPE llmlb_redis_up gauge\nllmlb_redis_up 0\n"
-        'llmlb_pick_duration_seconds_bucket{le="0.001"} 5\nllmlb_pick_duration_seconds_sum 0.5\n'
-        "not a sample line\n"
-    )
-    merged = merge_metrics([worker0, worker1])
-    lines = merged.splitlines()
-    assert 'llmlb_picks_total{policy="p",endpoint="a:1",reason="least_request"} 7' in lines
-    assert 'llmlb_picks_total{policy="p",endpoint="b:1",reason="prefix_hit"} 1' in lines
-    assert "llmlb_redis_up 0" in lines, "one worker off Redis means the replica is not fully on it"
-    assert 'llmlb_pick_duration_seconds_bucket{le="0.001"} 7' in lines
-    assert "llmlb_pick_duration_seconds_sum 0.75" in lines
-    assert lines.count("# HELP llmlb_picks_total Endpoints picked.") == 1
-    assert "not a sample line" not in merged
-
-
-def test_merged_discovery_gauges_are_the_least_any_worker_has() -> None:
-    from llmlb.workers import merge_metrics
-
-    def worker(up: int, endpoints: int, success: float, errors: int) -> str:
-        return (
-            f'llmlb_discovery_up{{kind="dns"}} {up}\nllmlb_discovery_endpoints{{kind="dns"}} {endpoints}\n'
-            f'llmlb_discovery_last_success_timestamp_seconds{{kind="dns"}} {success}\n'
-            f'llmlb_discovery_errors_total{{kind="dns"}} {errors}\n'
-        )
-
-    lines = merge_metrics([worker(1, 3, 1000.0, 0), worker(0, 2, 900.0, 4)]).splitlines()
-    assert 'llmlb_discovery_up{kind="dns"} 0' in lines, "one worker out of touch: not up"
-    assert 'llmlb_discovery_endpoints{kind="dns"} 2' in lines
-    assert 'llmlb_discovery_last_success_timestamp_seconds{kind="dns"} 900' in lines
-    assert 'llmlb_discovery_errors_total{kind="dns"} 4' in lines
 
 
 def test_merged_endpoint_views_sum_the_workers_own_counts() -> None:

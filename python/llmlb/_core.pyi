@@ -337,6 +337,10 @@ class Balancer:
     def open_tickets(self) -> int: ...
     @property
     def prefix_entries(self) -> int: ...
+    def prefix_stats(self) -> dict[str, int]:
+        """The prefix table's ``entries`` and ``capacity`` (with ``--workers``, the shared table)
+        and this process's ``lookups``, ``hits``, ``insertions`` and ``evictions`` since it
+        started."""
     def pin_clock(self, ms: int | None) -> None:
         """Pins the balancer's clock at ``ms`` (replays and tests: decisions that depend on time,
         such as prefill backlogs and prefix expiry, then repeat exactly); ``None`` unpins it."""

@@ -134,7 +134,7 @@ class Daemon:
         if role is not None:
             self.balancer.attach_workers(role.state, role.index)
         self.metrics = Metrics(self._inflight_samples)
-        self.metrics.prefix_entries.collect = lambda: [((), float(self.balancer.prefix_entries))]
+        self._export_balancer_state()
         self.endpoints = EndpointManager(
             self.balancer,
             self.metrics,
@@ -156,7 +156,7 @@ class Daemon:
 
             # The servers' own metrics are the shared truth: every replica reads the same.
             self.scraper = MetricsScraper(config, self.balancer, self.endpoints, self.metrics)
-            self.metrics.metrics_age.collect = self.scraper.age_samples
+            self.scraper.export(self.metrics)
             picker = Picker(
                 self.balancer,
                 self.metrics,
@@ -238,6 +238,43 @@ class Daemon:
 
     def _inflight_samples(self) -> list[tuple[tuple[str, ...], float]]:
         return [((address,), float(own)) for address, _, own, *_ in self.balancer.endpoints()]
+
+    def _export_balancer_state(self) -> None:
+        """The prefix table and each endpoint's load, read from the balancer at scrape time."""
+        m, balancer = self.metrics, self.balancer
+
+        def endpoint_column(column: int) -> Callable[[], list[tuple[tuple[str, ...], float]]]:
+            return lambda: [((view[0],), float(view[column])) for view in balancer.endpoints()]
+
+        m.endpoint_inflight.samples = endpoint_column(1)
+        m.endpoint_backlog.samples = endpoint_column(5)
+        m.endpoint_healthy.samples = lambda: [
+            ((address,), float(healthy and in_pool))
+            for address, _, _, healthy, in_pool, _ in balancer.endpoints()
+        ]
+
+        # One reading per scrape for the six families (the shared table is counted in one pass):
+        # entries, registered first, is collected first and takes it.
+        reading: dict[str, float] = {}
+
+        def prefix_stat(name: str) -> Callable[[], list[tuple[tuple[str, ...], float]]]:
+            def sample() -> list[tuple[tuple[str, ...], float]]:
+                if name == "entries" or not reading:
+                    reading.clear()
+                    reading.update(balancer.prefix_stats())
+                return [((), reading[name])]
+
+            return sample
+
+        for metric, name in (
+            (m.prefix_entries, "entries"),
+            (m.prefix_capacity, "capacity"),
+            (m.prefix_lookups, "lookups"),
+            (m.prefix_hits, "hits"),
+            (m.prefix_insertions, "insertions"),
+            (m.prefix_evictions, "evictions"),
+        ):
+            metric.samples = prefix_stat(name)
 
     def _warn_about_config(self) -> None:
         for name in self.config.ignored_fields:

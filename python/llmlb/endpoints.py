@@ -252,11 +252,11 @@ class EndpointManager:
 
     def _export_discovery(self, status: DiscoveryStatus) -> None:
         kind = (status.kind,)
-        self.metrics.discovery_up.collect = lambda: [(kind, 1.0 if status.up else 0.0)]
-        self.metrics.discovery_endpoints.collect = lambda: [(kind, float(status.endpoints))]
-        self.metrics.discovery_last_success.collect = lambda: [(kind, status.last_success or 0.0)]
-        self.metrics.discovery_updates.collect = lambda: [(kind, float(status.updates))]
-        self.metrics.discovery_errors.collect = lambda: [(kind, float(status.errors))]
+        self.metrics.discovery_up.samples = lambda: [(kind, 1.0 if status.up else 0.0)]
+        self.metrics.discovery_endpoints.samples = lambda: [(kind, float(status.endpoints))]
+        self.metrics.discovery_last_success.samples = lambda: [(kind, status.last_success or 0.0)]
+        self.metrics.discovery_updates.samples = lambda: [(kind, float(status.updates))]
+        self.metrics.discovery_errors.samples = lambda: [(kind, float(status.errors))]
 
     # --- health ----------------------------------------------------------------------------
 
@@ -306,7 +306,7 @@ class EndpointManager:
             self.healthy[address] = healthy
             self.balancer.set_healthy(address, healthy)
             state = "healthy" if healthy else "unhealthy"
-            self.metrics.endpoint_health_changes.inc((state,))
+            self.metrics.endpoint_health_changes.inc((address, state))
             log.warning("endpoint %s is now %s", address, state)
 
     async def check_health_once(self) -> None:

@@ -1,130 +1,119 @@
-"""Prometheus metrics, kept small and allocation-free on the hot path.
+"""Every metric the daemon exports (names are part of the contract), through prometheus_client.
 
-A counter increment is a dict update on the event-loop thread (no locks needed: the daemon is
-single-threaded), and the text exposition is rendered only when /metrics is scraped.
+Two kinds:
+
+- **Counted here** (picks, pick time, fallbacks, ...): prometheus_client counters and
+  histograms. Each labelled child is cached on first use, so an increment on the hot path is a
+  dict lookup plus the client's own add (``bench/python/test_bench_metrics.py`` measures it).
+  Under ``--workers`` the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` for its workers, so these
+  values live in per-process files the supervisor sums: a restarted worker's counts stay counted.
+- **Read at scrape time** (:class:`Live`): numbers some other part keeps (discovery, the prefix
+  table, prediction, endpoint load). Their owner sets ``samples``; across workers the supervisor
+  merges each family by its ``across_workers`` rule (sum, or min/max for a fact every worker sees
+  the same).
 """
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 
 LabelValues = tuple[str, ...]
+Samples = Callable[[], Iterable[tuple[LabelValues, float]]]
+AcrossWorkers = Literal["sum", "min", "max"]
+
+#: Set by the ``--workers`` supervisor for its workers (prometheus_client's multiprocess mode).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# `_created` series double what is scraped and say nothing an operator uses here.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: tuple[str, ...], values: LabelValues, extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+def _no_samples() -> Iterable[tuple[LabelValues, float]]:
+    return ()
 
 
 class Counter:
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = ()) -> None:
-        self.name = name
-        self.help = help_text
-        self.label_names = labels
-        self.values: dict[LabelValues, float] = {}
-        if not labels:
-            self.values[()] = 0.0
-
-    def inc(self, labels: LabelValues = (), amount: float = 1.0) -> None:
-        self.values[labels] = self.values.get(labels, 0.0) + amount
-
-    def get(self, labels: LabelValues = ()) -> float:
-        return self.values.get(labels, 0.0)
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} counter"
-        for labels, value in sorted(self.values.items()):
-            yield f"{self.name}{_labels(self.label_names, labels)} {_num(value)}"
-
-
-class Gauge:
-    """A gauge whose samples are computed at scrape time."""
+    """A counter kept here; ``inc`` with the label values in declaration order."""
 
     def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labels: tuple[str, ...],
-        collect: Callable[[], Iterable[tuple[LabelValues, float]]],
+        self, registry: CollectorRegistry, name: str, help_text: str, labels: tuple[str, ...] = ()
     ) -> None:
-        self.name = name
-        self.help = help_text
-        self.label_names = labels
-        self.collect = collect
+        self._metric = prometheus_client.Counter(name, help_text, labels, registry=registry)
+        self._children: dict[LabelValues, prometheus_client.Counter] = {}
+        if not labels:
+            self._children[()] = self._metric
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} gauge"
-        for labels, value in self.collect():
-            yield f"{self.name}{_labels(self.label_names, labels)} {_num(value)}"
+    def _child(self, labels: LabelValues) -> prometheus_client.Counter:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
 
+    def inc(self, labels: LabelValues = (), amount: float = 1.0) -> None:
+        self._child(labels).inc(amount)
 
-class CollectedCounter(Gauge):
-    """A counter whose owner keeps the count (read at scrape time)."""
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} counter"
-        for labels, value in self.collect():
-            yield f"{self.name}{_labels(self.label_names, labels)} {_num(value)}"
-
-
-class ValueGauge:
-    """A gauge holding one value, set by the code that knows it."""
-
-    def __init__(self, name: str, help_text: str) -> None:
-        self.name = name
-        self.help = help_text
-        self.value = 0.0
-
-    def set(self, value: float) -> None:
-        self.value = value
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} gauge"
-        yield f"{self.name} {_num(self.value)}"
+    def get(self, labels: LabelValues = ()) -> float:
+        child = self._children.get(labels)
+        return 0.0 if child is None else child._value.get()
 
 
 class Histogram:
-    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]) -> None:
-        self.name = name
+    def __init__(
+        self, registry: CollectorRegistry, name: str, help_text: str, buckets: tuple[float, ...]
+    ) -> None:
+        self._metric = prometheus_client.Histogram(name, help_text, buckets=buckets, registry=registry)
+        self.observe = self._metric.observe
+
+
+class Live:
+    """A family read at scrape time from ``samples`` (set by the part that keeps the numbers)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        name: str,
+        help_text: str,
+        labels: tuple[str, ...] = (),
+        *,
+        kind: Literal["gauge", "counter"] = "gauge",
+        across_workers: AcrossWorkers = "sum",
+    ) -> None:
+        self.name = name.removesuffix("_total") if kind == "counter" else name
         self.help = help_text
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
+        self.kind = kind
+        self.label_names = labels
+        self.across_workers: AcrossWorkers = across_workers
+        self.samples: Samples = _no_samples
+        registry.register(self)
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
+    def describe(self) -> list[Metric]:
+        return [Metric(self.name, self.help, self.kind)]
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
+    def collect(self) -> Iterator[Metric]:
+        family = Metric(self.name, self.help, self.kind)
+        sample_name = self.name + "_total" if self.kind == "counter" else self.name
+        for values, value in self.samples():
+            family.add_sample(sample_name, dict(zip(self.label_names, values, strict=True)), value)
+        yield family
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} histogram"
-        cumulative = 0
-        # counts has one more slot than buckets: the +Inf bucket, rendered below.
-        for bound, n in zip(self.buckets, self.counts, strict=False):
-            cumulative += n
-            yield f'{self.name}_bucket{{le="{_num(bound)}"}} {cumulative}'
-        yield f'{self.name}_bucket{{le="+Inf"}} {self.count}'
-        yield f"{self.name}_sum {self.sum!r}"
-        yield f"{self.name}_count {self.count}"
+
+class ValueGauge(Live):
+    """A gauge holding one value, set by the code that knows it."""
+
+    def __init__(
+        self, registry: CollectorRegistry, name: str, help_text: str, across_workers: AcrossWorkers = "sum"
+    ) -> None:
+        super().__init__(registry, name, help_text, across_workers=across_workers)
+        self.value = 0.0
+        self.samples = lambda: (((), self.value),)
+
+    def set(self, value: float) -> None:
+        self.value = value
 
 
 # Pick latency is microseconds in the normal case; the top buckets catch stalls.
@@ -139,240 +128,310 @@ PREFIX_DEPTH_BUCKETS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 
 
 class Metrics:
-    """Every metric the daemon exports (names are part of the contract)."""
+    """The daemon's metrics, in one registry of their own (one per process)."""
 
-    def __init__(self, inflight: Callable[[], Iterable[tuple[LabelValues, float]]]) -> None:
+    def __init__(self, inflight: Samples) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
         self.picks = Counter(
-            "llmlb_picks_total", "Endpoints picked, by policy, endpoint and reason.",
+            r, "llmlb_picks_total", "Endpoints picked, by policy, endpoint and reason.",
             ("policy", "endpoint", "reason"),
         )  # fmt: skip
         self.pick_duration = Histogram(
-            "llmlb_pick_duration_seconds", "Time to parse the body and pick an endpoint.", PICK_BUCKETS
-        )
-        self.inflight = Gauge(
-            "llmlb_inflight_requests",
-            "Requests in flight per endpoint (this replica).",
-            ("endpoint",),
-            inflight,
+            r, "llmlb_pick_duration_seconds", "Time to parse the body and pick an endpoint.", PICK_BUCKETS
         )
         self.prefix_hit_depth = Histogram(
+            r,
             "llmlb_prefix_hit_depth",
             "Leading prefix levels (512-byte blocks) the picked endpoint held, per pick of a "
             "request with prefix levels (0: no match).",
             PREFIX_DEPTH_BUCKETS,
         )
-        self.fallbacks = Counter(
-            "llmlb_fallbacks_total", "Picks that fell back from the policy, by reason.", ("reason",)
+        self.inflight = Live(
+            r, "llmlb_inflight_requests", "Requests in flight per endpoint (this replica).", ("endpoint",)
         )
-        self.redis_errors = Counter("llmlb_redis_errors_total", "Redis commands that failed or timed out.")
-        self.redis_up = ValueGauge("llmlb_redis_up", "1 while shared picks go through Redis, 0 while local.")
+        self.inflight.samples = inflight
+        self.fallbacks = Counter(
+            r, "llmlb_fallbacks_total", "Picks that fell back from the policy, by reason.", ("reason",)
+        )
+        self.redis_errors = Counter(r, "llmlb_redis_errors_total", "Redis commands that failed or timed out.")
+        self.redis_up = ValueGauge(
+            r, "llmlb_redis_up", "1 while shared picks go through Redis, 0 while local.", across_workers="min"
+        )
         self.redis_duration = Histogram(
-            "llmlb_redis_pick_duration_seconds", "Round trip of the shared pick script.", PICK_BUCKETS
+            r, "llmlb_redis_pick_duration_seconds", "Round trip of the shared pick script.", PICK_BUCKETS
         )
         self.redis_commit_retries = Counter(
+            r,
             "llmlb_redis_commit_retries_total",
             "Shared picks decided again: another replica made the chosen endpoint busier first.",
         )
         self.reaped_requests = Counter(
-            "llmlb_redis_reaped_requests_total", "In-flight requests removed with a lapsed replica's lease."
+            r,
+            "llmlb_redis_reaped_requests_total",
+            "In-flight requests removed with a lapsed replica's lease.",
         )
         self.redis_dropped_releases = Counter(
-            "llmlb_redis_dropped_releases_total", "Releases dropped while Redis was away (queue full)."
+            r, "llmlb_redis_dropped_releases_total", "Releases dropped while Redis was away (queue full)."
         )
         self.immediate = Counter(
-            "llmlb_immediate_responses_total", "Requests answered by the picker itself, by status.", ("code",)
+            r,
+            "llmlb_immediate_responses_total",
+            "Requests answered by the picker itself, by status.",
+            ("code",),
         )
-        self.streams = Counter("llmlb_extproc_streams_total", "ext_proc streams opened by Envoy.")
+        self.streams = Counter(r, "llmlb_extproc_streams_total", "ext_proc streams opened by Envoy.")
         self.stream_errors = Counter(
+            r,
             "llmlb_extproc_stream_errors_total",
             "ext_proc streams that ended with an error, by kind.",
             ("kind",),
         )
         self.endpoint_health_changes = Counter(
-            "llmlb_endpoint_health_changes_total", "Endpoint health transitions, by new state.", ("state",)
+            r,
+            "llmlb_endpoint_health_changes_total",
+            "Endpoint health transitions, by endpoint and new state.",
+            ("endpoint", "state"),
         )
         self.endpoints_reloads = Counter(
-            "llmlb_endpoints_reloads_total", "endpoints_file reloads, by result.", ("result",)
+            r, "llmlb_endpoints_reloads_total", "endpoints_file reloads, by result.", ("result",)
         )
         self.tls_reloads = Counter(
+            r,
             "llmlb_tls_reloads_total",
             "grpc_tls certificate reloads after a file change, by result.",
             ("result",),
         )
         self.scrapes = Counter(
+            r,
             "llmlb_metrics_scrapes_total",
             "Scrapes of endpoint metrics (least_busy, prediction).",
             ("endpoint",),
         )
         self.scrape_errors = Counter(
+            r,
             "llmlb_metrics_scrape_errors_total",
             "Scrapes that gave no usable page (least_busy: no usable load), by endpoint and reason.",
             ("endpoint", "reason"),
         )
-        self.metrics_age = Gauge(
-            "llmlb_endpoint_metrics_age_seconds",
-            "Age of each endpoint's last usable metrics (least_busy; -1 = none yet).",
-            ("endpoint",),
-            lambda: [],
-        )
         self.shed = Counter(
+            r,
             "llmlb_shed_requests_total",
             "least_busy: sheddable requests refused with 429 (no endpoint had room).",
         )
-        self.prefix_entries = Gauge(
-            "llmlb_prefix_table_entries",
-            "Entries in this process's embedded prefix table (prefix_cache).",
-            (),
-            lambda: [],
-        )
         self.responses_learned = Counter(
+            r,
             "llmlb_responses_learned_total",
             "Responses API: stored response ids learned from responses (id -> endpoint).",
         )
         self.response_lookups = Counter(
+            r,
             "llmlb_response_lookups_total",
             "Responses API: follow-ups naming a stored response, by whether its endpoint was known.",
             ("result",),
         )
         self.model_refreshes = Counter(
+            r,
             "llmlb_model_refreshes_total",
             "GET /v1/models of endpoints (multi-model pools), by result.",
             ("result",),
         )
 
-        # Discovery (`discovery`): filled in by the EndpointManager when a source runs.
-        self.discovery_up = Gauge(
+        # Endpoint load as picks see it (every worker; every replica while Redis answers): the
+        # same view in every worker, so the supervisor takes the largest, not the sum.
+        self.endpoint_inflight = Live(
+            r,
+            "llmlb_endpoint_load_inflight_requests",
+            "Requests in flight per endpoint as picks see them (every worker; every replica through Redis).",
+            ("endpoint",),
+            across_workers="max",
+        )
+        self.endpoint_backlog = Live(
+            r,
+            "llmlb_endpoint_load_backlog_tokens",
+            "Estimated prompt tokens sent to the endpoint and not yet prefilled (prefix_cache's load model).",
+            ("endpoint",),
+            across_workers="max",
+        )
+        self.endpoint_healthy = Live(
+            r,
+            "llmlb_endpoint_healthy",
+            "1 while the endpoint is in the pool and healthy, 0 while it is not.",
+            ("endpoint",),
+            across_workers="min",
+        )
+        # least_busy: the servers' own figures, last scrape.
+        self.endpoint_waiting = Live(
+            r,
+            "llmlb_endpoint_waiting_requests",
+            "least_busy: requests waiting in the endpoint's queue, last scrape.",
+            ("endpoint",),
+            across_workers="max",
+        )
+        self.endpoint_running = Live(
+            r,
+            "llmlb_endpoint_running_requests",
+            "least_busy: requests the endpoint is running, last scrape.",
+            ("endpoint",),
+            across_workers="max",
+        )
+        self.endpoint_kv_cache = Live(
+            r,
+            "llmlb_endpoint_kv_cache_usage_ratio",
+            "least_busy: share of the endpoint's KV cache in use (0-1), last scrape.",
+            ("endpoint",),
+            across_workers="max",
+        )
+        self.metrics_age = Live(
+            r,
+            "llmlb_endpoint_metrics_age_seconds",
+            "Age of each endpoint's last usable metrics (least_busy; -1 = none yet).",
+            ("endpoint",),
+            across_workers="min",
+        )
+
+        # The prefix table (prefix_cache). With --workers the table is shared: its size is the
+        # same in every worker; lookups and insertions are each worker's own.
+        self.prefix_entries = Live(
+            r,
+            "llmlb_prefix_table_entries",
+            "Entries in the prefix table (with --workers, the table the workers share).",
+            across_workers="max",
+        )
+        self.prefix_capacity = Live(
+            r, "llmlb_prefix_table_capacity", "Entries the prefix table holds at most.", across_workers="max"
+        )
+        self.prefix_lookups = Live(
+            r,
+            "llmlb_prefix_table_lookups_total",
+            "Requests with prefix levels looked up in the prefix table.",
+            kind="counter",
+        )
+        self.prefix_hits = Live(
+            r,
+            "llmlb_prefix_table_hits_total",
+            "Lookups where some endpoint held the request's first prefix level.",
+            kind="counter",
+        )
+        self.prefix_insertions = Live(
+            r,
+            "llmlb_prefix_table_insertions_total",
+            "Prefix levels newly stored in the prefix table (picks here and, with Redis, other replicas').",
+            kind="counter",
+        )
+        self.prefix_evictions = Live(
+            r,
+            "llmlb_prefix_table_evictions_total",
+            "Insertions that took the place of another entry (the table was full).",
+            kind="counter",
+        )
+
+        # Discovery (`discovery`): filled in by the EndpointManager when a source runs. Each
+        # worker runs its own source: the pool is up only while every worker's is.
+        self.discovery_up = Live(
+            r,
             "llmlb_discovery_up",
             "1 while the discovery source is in touch with what it watches; 0 while the last known "
             "endpoints are kept through an outage.",
             ("kind",),
-            lambda: [],
+            across_workers="min",
         )
-        self.discovery_endpoints = Gauge(
+        self.discovery_endpoints = Live(
+            r,
             "llmlb_discovery_endpoints",
             "Endpoints the discovery source found, last time.",
             ("kind",),
-            lambda: [],
+            across_workers="min",
         )
-        self.discovery_last_success = Gauge(
+        self.discovery_last_success = Live(
+            r,
             "llmlb_discovery_last_success_timestamp_seconds",
             "Unix time of the discovery source's last good answer (0: none yet).",
             ("kind",),
-            lambda: [],
+            across_workers="min",
         )
-        self.discovery_updates = CollectedCounter(
+        self.discovery_updates = Live(
+            r,
             "llmlb_discovery_updates_total",
             "Changes of the discovered endpoint set applied.",
             ("kind",),
-            lambda: [],
+            kind="counter",
         )
-        self.discovery_errors = CollectedCounter(
+        self.discovery_errors = Live(
+            r,
             "llmlb_discovery_errors_total",
             "Discovery reads that failed (DNS errors, API errors, broken watches).",
             ("kind",),
-            lambda: [],
+            kind="counter",
         )
 
         # Prediction vs reality (`prediction`): filled in by llmlb.prediction when it is on.
         # Tokens on the two sides are not the same unit (llmlb estimates bytes / 4, engines
-        # count real tokens), so compare the ratios, not the counts.
-        self.predicted_cached_tokens = CollectedCounter(
+        # count real tokens), so compare the ratios, not the counts. With --workers only worker
+        # 0 reads the engines, so the sum counts each engine once.
+        self.predicted_cached_tokens = Live(
+            r,
             "llmlb_predicted_cached_tokens_total",
             "Prompt tokens predicted to be in the picked endpoint's prefix cache (llmlb's estimate, "
             "prompt bytes / 4; compare ratios, not counts, with the engine's).",
             ("endpoint",),
-            lambda: [],
+            kind="counter",
         )
-        self.predicted_prompt_tokens = CollectedCounter(
+        self.predicted_prompt_tokens = Live(
+            r,
             "llmlb_predicted_prompt_tokens_total",
             "Prompt tokens of the picks that made a prediction (llmlb's estimate, prompt bytes / 4).",
             ("endpoint",),
-            lambda: [],
+            kind="counter",
         )
-        self.engine_prefix_queries = CollectedCounter(
+        self.engine_prefix_queries = Live(
+            r,
             "llmlb_engine_prefix_cache_queries_total",
             "Prompt tokens the engine looked up in its prefix cache, mirrored from its /metrics "
             "(vllm:prefix_cache_queries, sglang:prompt_tokens) since llmlb first read it; an engine "
             "restart restarts the delta from zero.",
             ("endpoint",),
-            lambda: [],
+            kind="counter",
         )
-        self.engine_prefix_hits = CollectedCounter(
+        self.engine_prefix_hits = Live(
+            r,
             "llmlb_engine_prefix_cache_hits_total",
             "Of those, tokens the engine found in its prefix cache (vllm:prefix_cache_hits, "
             "sglang:cached_tokens), mirrored the same way.",
             ("endpoint",),
-            lambda: [],
+            kind="counter",
         )
-        self.engine_prefix_resets = CollectedCounter(
+        self.engine_prefix_resets = Live(
+            r,
             "llmlb_engine_prefix_cache_counter_resets_total",
             "Times an engine's prefix-cache counters went down (a restart or counter reset).",
             ("endpoint",),
-            lambda: [],
+            kind="counter",
         )
-        self.prefix_hit_ratio_predicted = Gauge(
+        self.prefix_hit_ratio_predicted = Live(
+            r,
             "llmlb_prefix_hit_ratio_predicted",
             "Predicted cached share of prompt tokens over the prediction window (absent: no "
             "predictions in it).",
             ("endpoint",),
-            lambda: [],
         )
-        self.prefix_hit_ratio_engine = Gauge(
+        self.prefix_hit_ratio_engine = Live(
+            r,
             "llmlb_prefix_hit_ratio_engine",
             "Engine-reported prefix-cache hit ratio (hits / queries) over the same window (absent: "
             "no lookups or no counters).",
             ("endpoint",),
-            lambda: [],
         )
-        self.prefix_prediction_accuracy = Gauge(
+        self.prefix_prediction_accuracy = Live(
+            r,
             "llmlb_prefix_prediction_accuracy",
             "Engine hit ratio / predicted hit ratio over the window: 1 as predicted, below 1 the "
             "engine reused less than predicted (stale prefix table, flushed cache).",
             ("endpoint",),
-            lambda: [],
         )
 
+    def live(self) -> list[Live]:
+        """The families read at scrape time (what the ``--workers`` supervisor merges)."""
+        return [m for m in vars(self).values() if isinstance(m, Live)]
+
     def render(self) -> str:
-        lines: list[str] = []
-        for metric in (
-            self.picks,
-            self.pick_duration,
-            self.prefix_hit_depth,
-            self.inflight,
-            self.fallbacks,
-            self.redis_errors,
-            self.redis_up,
-            self.redis_duration,
-            self.redis_commit_retries,
-            self.reaped_requests,
-            self.redis_dropped_releases,
-            self.immediate,
-            self.streams,
-            self.stream_errors,
-            self.endpoint_health_changes,
-            self.endpoints_reloads,
-            self.tls_reloads,
-            self.scrapes,
-            self.scrape_errors,
-            self.metrics_age,
-            self.shed,
-            self.prefix_entries,
-            self.responses_learned,
-            self.response_lookups,
-            self.model_refreshes,
-            self.discovery_up,
-            self.discovery_endpoints,
-            self.discovery_last_success,
-            self.discovery_updates,
-            self.discovery_errors,
-            self.predicted_cached_tokens,
-            self.predicted_prompt_tokens,
-            self.engine_prefix_queries,
-            self.engine_prefix_hits,
-            self.engine_prefix_resets,
-            self.prefix_hit_ratio_predicted,
-            self.prefix_hit_ratio_engine,
-            self.prefix_prediction_accuracy,
-        ):
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()

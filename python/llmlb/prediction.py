@@ -296,16 +296,16 @@ class PredictionTracker:
 
     def wire(self, metrics: Metrics) -> None:
         """Points the metrics' collectors at this tracker (``Metrics`` owns names and help)."""
-        metrics.predicted_cached_tokens.collect = lambda: self._predicted_samples(0)
-        metrics.predicted_prompt_tokens.collect = lambda: self._predicted_samples(1)
+        metrics.predicted_cached_tokens.samples = lambda: self._predicted_samples(0)
+        metrics.predicted_prompt_tokens.samples = lambda: self._predicted_samples(1)
         if not self.engine_side:
             return
-        metrics.engine_prefix_queries.collect = lambda: self._engine_samples("queries")
-        metrics.engine_prefix_hits.collect = lambda: self._engine_samples("hits")
-        metrics.engine_prefix_resets.collect = lambda: self._engine_samples("resets")
-        metrics.prefix_hit_ratio_predicted.collect = lambda: self._figure_samples("predicted")
-        metrics.prefix_hit_ratio_engine.collect = lambda: self._figure_samples("engine")
-        metrics.prefix_prediction_accuracy.collect = lambda: self._figure_samples("accuracy")
+        metrics.engine_prefix_queries.samples = lambda: self._engine_samples("queries")
+        metrics.engine_prefix_hits.samples = lambda: self._engine_samples("hits")
+        metrics.engine_prefix_resets.samples = lambda: self._engine_samples("resets")
+        metrics.prefix_hit_ratio_predicted.samples = lambda: self._figure_samples("predicted")
+        metrics.prefix_hit_ratio_engine.samples = lambda: self._figure_samples("engine")
+        metrics.prefix_prediction_accuracy.samples = lambda: self._figure_samples("accuracy")
 
     def _predicted_samples(self, index: int) -> Samples:
         return [((endpoint,), float(tally[index])) for endpoint, tally in sorted(self._predicted.items())]

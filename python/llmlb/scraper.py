@@ -241,3 +241,19 @@ class MetricsScraper:
             ((address,), -1.0 if age is None else age)
             for address, *_, age, _ in self.balancer.endpoint_loads()
         ]
+
+    def export(self, metrics: Metrics) -> None:
+        """The scraped figures as metrics (read at scrape time; absent until an endpoint's first
+        usable scrape)."""
+
+        def column(index: int) -> Callable[[], list[tuple[tuple[str, ...], float]]]:
+            return lambda: [
+                ((load[0],), float(value))
+                for load in self.balancer.endpoint_loads()
+                if (value := load[index]) is not None
+            ]
+
+        metrics.endpoint_waiting.samples = column(1)
+        metrics.endpoint_running.samples = column(2)
+        metrics.endpoint_kv_cache.samples = column(3)
+        metrics.metrics_age.samples = self.age_samples

@@ -11,9 +11,10 @@ was the other option, but it would add a network round trip to every pick of a s
 no Redis. With Redis configured, each worker is also one Redis replica, and the mapped file
 holds the local fallback state.
 
-The supervisor owns the public admin address: ``/metrics`` sums the workers' series (except
-those in ``MIN_ACROSS_WORKERS``, the minimum), ``/readyz`` is ready when every worker is,
-``/debug/endpoints`` adds the workers' own counts and ``/debug/discovery`` shows each worker's
+The supervisor owns the public admin address: ``/metrics`` holds the workers' counters and
+histograms summed from prometheus_client's multiprocess files (a restarted worker's counts stay)
+and their scrape-time families merged by each family's rule (``llmlb.metrics``); ``/readyz``
+is ready when every worker is, ``/debug/endpoints`` adds the workers' own counts and ``/debug/discovery`` shows each worker's
 source. A worker that dies is started again with the same index; the new process zeroes that
 index's counts, so a crash leaves no phantom load.
 SIGTERM drains every worker, then the supervisor exits.
@@ -25,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -37,9 +38,14 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmlb._core import create_worker_state
 from llmlb.config import Config, parse_listen
+from llmlb.metrics import MULTIPROC_ENV, AcrossWorkers, Metrics
 from llmlb.status import status_page
 
 log = logging.getLogger("llmlb.workers")
@@ -52,20 +58,9 @@ RESTART_LIMIT = 5
 RESTART_WINDOW_S = 60.0
 WORKER_START_TIMEOUT_S = 30.0
 FETCH_TIMEOUT_S = 2.0
-# Series whose value is the same fact in every worker: their minimum, not their sum (each worker
-# runs its own discovery source: the pool is up only while every worker's is).
-MIN_ACROSS_WORKERS = frozenset(
-    {
-        "llmlb_redis_up",
-        "llmlb_endpoint_metrics_age_seconds",
-        "llmlb_discovery_up",
-        "llmlb_discovery_endpoints",
-        "llmlb_discovery_last_success_timestamp_seconds",
-    }
-)
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$")
-_STREAMS = re.compile(r"^llmlb_extproc_streams_total (\S+)$", re.MULTILINE)
+# The supervisor's own families (beside the workers' merged ones).
+WORKERS_FAMILY = "llmlb_workers"
+WORKER_STREAMS_FAMILY = "llmlb_worker_streams"
 
 
 @dataclass
@@ -81,40 +76,43 @@ class Worker:
         return f"http://127.0.0.1:{self.admin_port}" if self.admin_port else None
 
 
-def merge_metrics(texts: list[str]) -> str:
-    """Sums the workers' Prometheus text series by series (HELP/TYPE from the first)."""
-    order: list[str] = []
-    values: dict[str, float] = {}
+def merge_live_families(texts: list[str], rules: dict[str, AcrossWorkers]) -> list[Metric]:
+    """The workers' scrape-time families (``rules``: name -> how samples combine), merged family by
+    family: a series only some workers have still lands in its own family."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in texts:
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                if line and line not in values and line not in order:
-                    order.append(line)
-                continue
-            match = _SAMPLE.match(line)
-            if match is None:
-                continue
-            name, labels, raw = match.groups()
-            key = f"{name}{labels or ''}"
-            try:
-                value = float(raw)
-            except ValueError:
-                continue
-            if key not in values:
-                order.append(key)
-                values[key] = value
-            elif name in MIN_ACROSS_WORKERS:
-                values[key] = min(values[key], value)
-            else:
-                values[key] += value
-    lines = []
-    for key in order:
-        if key in values:
-            value = values[key]
-            lines.append(f"{key} {int(value) if value.is_integer() else repr(value)}")
-        else:
-            lines.append(key)
-    return "\n".join(lines) + "\n"
+        for family in text_string_to_metric_families(text):
+            rule = rules.get(family.name)
+            if rule is None:
+                continue  # counted in the shared multiprocess directory instead
+            families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            merged = values.setdefault(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                seen = merged.get(key)
+                if seen is None:
+                    merged[key] = sample.value
+                elif rule == "min":
+                    merged[key] = min(seen, sample.value)
+                elif rule == "max":
+                    merged[key] = max(seen, sample.value)
+                else:
+                    merged[key] = seen + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in sorted(values[name].items()):
+            family.add_sample(sample_name, dict(labels), value)
+    return list(families.values())
+
+
+class _Families:
+    """A collector of families made per scrape (the supervisor's own and the merged ones)."""
+
+    def __init__(self) -> None:
+        self.families: list[Metric] = []
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 def merge_endpoint_views(views: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -144,6 +142,15 @@ class Supervisor:
         self.count = workers
         self.workdir = Path(tempfile.mkdtemp(prefix="llmlb-workers-", dir=_state_directory()))
         self.state_path = self.workdir / "state"
+        # The workers' counters and histograms (prometheus_client's multiprocess files), kept
+        # after a worker exits so a restart does not take its counts back.
+        self.metrics_dir = self.workdir / "metrics"
+        self.metrics_dir.mkdir()
+        self.registry = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(self.registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
+        self._scraped = _Families()
+        self.registry.register(self._scraped)
+        self._live_rules = {m.name: m.across_workers for m in Metrics(lambda: ()).live()}
         self.workers = [Worker(i, self.workdir / f"worker-{i}.admin") for i in range(workers)]
         self.stopping = False
         self.failed = False
@@ -162,7 +169,9 @@ class Supervisor:
         worker.announce.unlink(missing_ok=True)
         worker.admin_port = None
         worker.process = await asyncio.create_subprocess_exec(
-            *self._argv(worker), stdin=asyncio.subprocess.DEVNULL
+            *self._argv(worker),
+            stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, MULTIPROC_ENV: str(self.metrics_dir)},
         )
 
     async def _wait_announced(self, worker: Worker, deadline: float) -> None:
@@ -226,21 +235,20 @@ class Supervisor:
 
     async def _metrics(self, _: web.Request) -> web.Response:
         texts = {index: body.decode() for index, body in (await self._answers("/metrics")).items()}
-        lines = [
-            merge_metrics(list(texts.values())).rstrip("\n"),
-            "# HELP llmlb_workers Worker processes answering the supervisor.",
-            "# TYPE llmlb_workers gauge",
-            f"llmlb_workers {len(texts)}",
-            # How evenly the kernel spreads Envoy's connections (and so the streams) over workers.
-            "# HELP llmlb_worker_streams_total ext_proc streams opened, by worker.",
-            "# TYPE llmlb_worker_streams_total counter",
-        ]
+        families = merge_live_families(list(texts.values()), self._live_rules)
+        workers = Metric(WORKERS_FAMILY, "Worker processes answering the supervisor.", "gauge")
+        workers.add_sample(WORKERS_FAMILY, {}, len(texts))
+        # How evenly the kernel spreads Envoy's connections (and so the streams) over workers.
+        streams = Metric(WORKER_STREAMS_FAMILY, "ext_proc streams opened, by worker.", "counter")
         for index, text in texts.items():
-            streams = _STREAMS.search(text)
-            lines.append(
-                f'llmlb_worker_streams_total{{worker="{index}"}} {streams.group(1) if streams else 0}'
-            )
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+            opened = next(
+                (s.value for f in text_string_to_metric_families(text) for s in f.samples
+                 if s.name == "llmlb_extproc_streams_total"),
+                0.0,
+            )  # fmt: skip
+            streams.add_sample(f"{WORKER_STREAMS_FAMILY}_total", {"worker": str(index)}, opened)
+        self._scraped.families = [*families, workers, streams]
+        return web.Response(body=generate_latest(self.registry), content_type="text/plain", charset="utf-8")
 
     async def _debug_endpoints(self, _: web.Request) -> web.Response:
         views = [orjson.loads(body) for body in (await self._answers("/debug/endpoints")).values()]
@@ -333,6 +341,7 @@ class Supervisor:
         except RuntimeError as e:
             with contextlib.suppress(OSError):
                 self.state_path.unlink(missing_ok=True)
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
                 self.workdir.rmdir()
             raise SharedStateFailed(
                 f"cannot make the workers' shared state: {e} "
@@ -371,6 +380,7 @@ class Supervisor:
             await self._session.close()
             for path in (*(w.announce for w in self.workers), self.state_path):
                 path.unlink(missing_ok=True)
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 self.workdir.rmdir()
         return 1 if self.failed else 0

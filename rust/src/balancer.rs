@@ -333,6 +333,26 @@ fn claimed_levels(hashes: &[u64], depth: u32) -> Option<Box<[u64]>> {
 }
 
 /// The state this process shares with its sibling workers, and how local ids map onto it.
+/// This process's prefix table activity since it started (the `llmlb_prefix_table_*` metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixCounts {
+    /// Requests with prefix levels looked up.
+    pub lookups: u64,
+    /// Of those, lookups where some endpoint held the first level.
+    pub hits: u64,
+    /// Levels newly stored, and of those, how many evicted another entry.
+    pub insertions: u64,
+    pub evictions: u64,
+}
+
+/// The prefix table's size and activity (scrape time: the shared table is counted in one pass).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    pub entries: usize,
+    pub capacity: usize,
+    pub counts: PrefixCounts,
+}
+
 struct Workers {
     state: Arc<WorkerState>,
     /// Local id -> directory slot (`NO_SLOT` when the directory could not take the address;
@@ -381,6 +401,7 @@ pub struct Balancer {
     tickets: HashMap<u64, Ticket>,
     next_ticket: u64,
     prefix: PrefixTable,
+    prefix_counts: PrefixCounts,
     rng: SmallRng,
     candidates: Vec<Candidate>,
     depths: Vec<(u32, u32)>,
@@ -441,6 +462,7 @@ impl Balancer {
             tickets: HashMap::new(),
             next_ticket: 1,
             prefix,
+            prefix_counts: PrefixCounts::default(),
             rng,
             candidates: Vec::new(),
             depths: Vec::new(),
@@ -660,6 +682,14 @@ impl Balancer {
     }
 
     fn match_depths(&mut self, hashes: &[u64], now_ms: u64) {
+        self.lookup_depths(hashes, now_ms);
+        if !hashes.is_empty() {
+            self.prefix_counts.lookups += 1;
+            self.prefix_counts.hits += u64::from(!self.depths.is_empty());
+        }
+    }
+
+    fn lookup_depths(&mut self, hashes: &[u64], now_ms: u64) {
         match self.workers.as_mut() {
             Some(w) => {
                 w.state.match_depths(hashes, now_ms, &mut w.slot_depths);
@@ -675,10 +705,12 @@ impl Balancer {
     }
 
     fn record(&mut self, hashes: &[u64], id: u32, now_ms: u64) {
-        match self.shared_slot(id) {
+        let recorded = match self.shared_slot(id) {
             Some((w, slot)) => w.state.record(hashes, slot, now_ms),
             None => self.prefix.record(hashes, id, now_ms),
-        }
+        };
+        self.prefix_counts.insertions += recorded.inserted;
+        self.prefix_counts.evictions += recorded.evicted;
     }
 
     fn forget(&mut self, hashes: &[u64], id: u32) {
@@ -1160,6 +1192,20 @@ impl Balancer {
         self.prefix.len()
     }
 
+    /// The table picks match against: with `--workers`, the shared one (endpoints the shared
+    /// directory could not take use this process's own table; their entries are not counted).
+    pub fn prefix_stats(&self) -> PrefixStats {
+        let (entries, capacity) = match &self.workers {
+            Some(w) => (w.state.prefix_entries(), w.state.prefix_capacity()),
+            None => (self.prefix.len(), self.prefix.capacity()),
+        };
+        PrefixStats {
+            entries,
+            capacity,
+            counts: self.prefix_counts,
+        }
+    }
+
     /// The pool, plus endpoints outside it that still have requests in flight (backlogs as of
     /// `now_ms`).
     pub fn endpoints(&self, now_ms: u64) -> Vec<EndpointView> {
@@ -1228,6 +1274,29 @@ mod tests {
             b.release(p.ticket, 0);
         }
         assert_eq!(firsts.len(), 3);
+    }
+
+    #[test]
+    fn prefix_stats_count_lookups_hits_and_insertions() {
+        let mut b = balancer(Policy::PrefixCache);
+        let first = b.pick(Some(&[11, 12]), 0).unwrap();
+        b.release(first.ticket, 0);
+        let next = b.pick(Some(&[11, 12, 13]), 2_000).unwrap();
+        b.release(next.ticket, 2_000);
+        // A request without prefix levels is no lookup.
+        let none = b.pick(Some(&[]), 2_000).unwrap();
+        b.release(none.ticket, 2_000);
+        let stats = b.prefix_stats();
+        assert_eq!(
+            stats.counts,
+            PrefixCounts {
+                lookups: 2,
+                hits: 1,
+                insertions: 3,
+                evictions: 0
+            }
+        );
+        assert_eq!((stats.entries, stats.capacity), (3, b.prefix.capacity()));
     }
 
     #[test]

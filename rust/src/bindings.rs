@@ -1089,6 +1089,19 @@ impl PyBalancer {
     fn prefix_entries(&self) -> usize {
         self.lock().prefix_entries()
     }
+
+    /// The prefix table's size and this process's activity on it, by name.
+    fn prefix_stats(&self) -> HashMap<&'static str, u64> {
+        let stats = self.lock().prefix_stats();
+        HashMap::from([
+            ("entries", stats.entries as u64),
+            ("capacity", stats.capacity as u64),
+            ("lookups", stats.counts.lookups),
+            ("hits", stats.counts.hits),
+            ("insertions", stats.counts.insertions),
+            ("evictions", stats.counts.evictions),
+        ])
+    }
 }
 
 /// `complete_shared`'s answer: a pick, or the next commit to send.

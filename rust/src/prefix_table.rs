@@ -106,6 +106,21 @@ pub struct PrefixTable {
     ttl_s: u32,
 }
 
+/// What one `record` changed: levels newly stored, and of those, how many took the place of
+/// another entry (evictions; the table was full).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recorded {
+    pub inserted: u64,
+    pub evicted: u64,
+}
+
+impl std::ops::AddAssign for Recorded {
+    fn add_assign(&mut self, other: Self) {
+        self.inserted += other.inserted;
+        self.evicted += other.evicted;
+    }
+}
+
 fn seconds(now_ms: u64) -> u32 {
     u32::try_from(now_ms / 1000).unwrap_or(u32::MAX)
 }
@@ -179,22 +194,25 @@ impl PrefixTable {
     }
 
     /// Records that `endpoint` now holds every level of `hashes`.
-    pub fn record(&mut self, hashes: &[u64], endpoint: u32, now_ms: u64) {
+    pub fn record(&mut self, hashes: &[u64], endpoint: u32, now_ms: u64) -> Recorded {
         let expires_s = seconds(now_ms).saturating_add(self.ttl_s);
+        let mut recorded = Recorded::default();
         for &hash in hashes {
             if let Some(entry) = self.entries.get_mut(&hash) {
                 entry.touch(endpoint, expires_s);
                 continue;
             }
+            recorded.inserted += 1;
             if self.ring.len() < self.capacity {
                 self.ring.push(hash);
-            } else {
-                self.evict_into(hash);
+            } else if self.evict_into(hash) {
+                recorded.evicted += 1;
             }
             let mut entry = Entry::default();
             entry.touch(endpoint, expires_s);
             self.entries.insert(hash, entry);
         }
+        recorded
     }
 
     /// Takes back a record of `endpoint` for these levels (its request failed: the server never
@@ -213,17 +231,19 @@ impl PrefixTable {
 
     /// Advances the clock to an entry not used since the last pass, evicts it, and puts `hash`
     /// in its ring slot. Bounded: one full turn clears every bit, so it stops within two turns.
-    fn evict_into(&mut self, hash: u64) {
+    /// False when the slot was already free (its entry forgotten), so nothing was evicted.
+    fn evict_into(&mut self, hash: u64) -> bool {
         loop {
             let victim = self.ring[self.hand];
             let slot = self.hand;
             self.hand = (self.hand + 1) % self.ring.len();
             match self.entries.get_mut(&victim) {
                 Some(entry) if entry.referenced => entry.referenced = false,
-                _ => {
+                found => {
+                    let evicted = found.is_some();
                     self.entries.remove(&victim);
                     self.ring[slot] = hash;
-                    return;
+                    return evicted;
                 }
             }
         }
@@ -316,6 +336,41 @@ mod tests {
         assert_eq!(depths(&mut t, &[2], 0), vec![(7, 1)]);
         assert_eq!(depths(&mut t, &[3], 0), vec![]);
         assert_eq!(depths(&mut t, &[4], 0), vec![]);
+    }
+
+    #[test]
+    fn record_counts_insertions_and_evictions() {
+        let mut t = PrefixTable::new(3, 1000);
+        let first = t.record(&[1, 2, 3], 7, 0);
+        assert_eq!(
+            first,
+            Recorded {
+                inserted: 3,
+                evicted: 0
+            }
+        );
+        // Known levels are refreshed, not inserted again.
+        assert_eq!(t.record(&[1, 2], 8, 0), Recorded::default());
+        // The table is full: a new level takes an old one's place.
+        assert_eq!(
+            t.record(&[4], 7, 0),
+            Recorded {
+                inserted: 1,
+                evicted: 1
+            }
+        );
+        // A forgotten entry's slot is reused without evicting anything.
+        t.forget(&[1, 2, 3, 4], 7);
+        t.forget(&[1, 2], 8);
+        assert!(t.is_empty());
+        assert_eq!(
+            t.record(&[5], 7, 0),
+            Recorded {
+                inserted: 1,
+                evicted: 0
+            }
+        );
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

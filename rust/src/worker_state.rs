@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::backlog::{self, Backlog};
-use crate::prefix_table::HOLDERS;
+use crate::prefix_table::{Recorded, HOLDERS};
 
 const MAGIC: u64 = 0x6c6c_6d6c_625f_7773; // "llmlb_ws"
 /// 2: a prefill backlog word per slot.
@@ -527,12 +527,36 @@ impl WorkerState {
     }
 
     /// Records that `slot` now holds every level of `hashes`.
-    pub fn record(&self, hashes: &[u64], slot: u32, now_ms: u64) {
+    pub fn record(&self, hashes: &[u64], slot: u32, now_ms: u64) -> Recorded {
         let now_s = seconds(now_ms);
         let expires_s = now_s.saturating_add(self.ttl_s);
+        let mut recorded = Recorded::default();
         for &hash in hashes {
-            let _ = self.with_set(hash, |ways| touch(ways, hash, slot, now_s, expires_s));
+            if let Some(one) = self.with_set(hash, |ways| touch(ways, hash, slot, now_s, expires_s))
+            {
+                recorded += one;
+            }
         }
+        recorded
+    }
+
+    /// Ways of the prefix table in use (one pass over the table: for scrapes, not picks).
+    pub fn prefix_entries(&self) -> usize {
+        let base = self.layout.prefix();
+        let words = &self.all()[base..base + self.layout.sets * SET_WORDS];
+        words
+            .chunks_exact(SET_WORDS)
+            .map(|set| {
+                (0..WAYS)
+                    .filter(|&i| way(&set[1..], i)[0].load(Ordering::Relaxed) != 0)
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Entries the prefix table holds at most (whole sets).
+    pub fn prefix_capacity(&self) -> usize {
+        self.layout.sets * WAYS
     }
 }
 
@@ -601,8 +625,9 @@ fn remove_holder(way: &[AtomicU64], slot: u32) {
 
 /// Moves (or inserts) `slot` to the front of `hash`'s holders, claiming a way if needed: a free
 /// one, else the least recently used.
-fn touch(ways: &[AtomicU64], hash: u64, slot: u32, now_s: u32, expires_s: u32) {
+fn touch(ways: &[AtomicU64], hash: u64, slot: u32, now_s: u32, expires_s: u32) -> Recorded {
     let key = key_of(hash);
+    let mut recorded = Recorded::default();
     let target = find_way(ways, hash).unwrap_or_else(|| {
         let victim = (0..WAYS)
             .map(|i| way(ways, i))
@@ -614,6 +639,8 @@ fn touch(ways: &[AtomicU64], hash: u64, slot: u32, now_s: u32, expires_s: u32) {
                 }
             })
             .expect("WAYS > 0");
+        recorded.inserted = 1;
+        recorded.evicted = u64::from(victim[0].load(Ordering::Relaxed) != 0);
         victim[0].store(key, Ordering::Relaxed);
         victim[1].store(0, Ordering::Relaxed);
         victim
@@ -637,6 +664,7 @@ fn touch(ways: &[AtomicU64], hash: u64, slot: u32, now_s: u32, expires_s: u32) {
         u64::from(now_s) | ((new_len as u64) << 32),
         Ordering::Relaxed,
     );
+    recorded
 }
 
 #[cfg(test)]
@@ -798,6 +826,34 @@ mod tests {
         );
         assert_eq!(depths(&a, &[99, 12], 1000), vec![]);
         assert_eq!(depths(&a, &[], 1000), vec![]);
+    }
+
+    #[test]
+    fn prefix_stats_count_the_shared_table() {
+        // One set of WAYS ways: the ninth distinct level evicts one.
+        let file = create("stats", Layout::new(2, 8, WAYS));
+        let a = WorkerState::open(&file.0, 0).unwrap();
+        let b = WorkerState::open(&file.0, 1).unwrap();
+        assert_eq!(a.prefix_capacity(), WAYS);
+        let hashes: Vec<u64> = (1..=WAYS as u64).collect();
+        assert_eq!(
+            a.record(&hashes, 1, 0),
+            Recorded {
+                inserted: WAYS as u64,
+                evicted: 0
+            }
+        );
+        // The other worker sees the same entries; levels already there are not inserted again.
+        assert_eq!(b.prefix_entries(), WAYS);
+        assert_eq!(b.record(&hashes[..2], 2, 0), Recorded::default());
+        assert_eq!(
+            b.record(&[100], 2, 0),
+            Recorded {
+                inserted: 1,
+                evicted: 1
+            }
+        );
+        assert_eq!(a.prefix_entries(), WAYS);
     }
 
     #[test]

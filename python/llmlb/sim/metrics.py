@@ -1,14 +1,18 @@
-"""The simulator's ``/metrics`` page, laid out exactly as vLLM's (prometheus_client, one process).
-
-prometheus_client writes, per family: ``# HELP`` and ``# TYPE`` naming the sample (counters with their
-``_total``), the samples with labels sorted by name and Go-style numbers (``3.0``, ``1.2e+07``), then
-for counters and histograms a ``*_created`` gauge family. Histograms: buckets, ``_count``, ``_sum``.
+"""The simulator's ``/metrics`` page, laid out exactly as vLLM's: written by prometheus_client, as
+vLLM's is (counters with ``_total``, then a ``*_created`` family; histograms: buckets, ``_count``,
+``_sum``; labels sorted; Go-style numbers such as ``3.0`` and ``1.2e+07``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from llmlb.sim.engine import FINISH_REASONS, TTFT_BUCKETS, Engine
 
@@ -17,59 +21,21 @@ LORA_SERIES_LIMIT = 32
 """Label sets of vllm:lora_requests_info kept (vLLM keeps every one it ever set; we keep the newest)."""
 
 
-def go_float(value: float) -> str:
-    """A number as prometheus_client writes it: ``0.0``, ``12.5``, ``1.5e+09``, ``+Inf``."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    text = repr(float(value))
-    whole, dot, frac = text.partition(".")
-    # Go (and so prometheus_client) switches to an exponent once the integer part passes six digits.
-    if value > 0 and dot and "e" not in text and len(whole) > 6:
-        mantissa = f"{whole[0]}.{whole[1:]}{frac}".rstrip("0").rstrip(".")
-        return f"{mantissa}e+{len(whole) - 1:02d}"
-    return text
+def _gauge(name: str, help_text: str, series: Iterable[tuple[Mapping[str, str], float]]) -> Metric:
+    family = Metric(name, help_text, "gauge")
+    for labels, value in series:
+        family.add_sample(name, dict(labels), value)
+    return family
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-class _Page:
-    def __init__(self, created: float) -> None:
-        self.lines: list[str] = []
-        self.created = created
-
-    def head(self, name: str, kind: str, help_text: str) -> None:
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} {kind}")
-
-    def sample(self, name: str, labels: Mapping[str, str], value: float) -> None:
-        inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
-        self.lines.append(f"{name}{{{inner}}} {go_float(value)}")
-
-    def gauge(
-        self,
-        name: str,
-        help_text: str,
-        series: Iterable[tuple[Mapping[str, str], float]],
-        kind: str = "gauge",
-    ) -> None:
-        self.head(name, kind, help_text)
-        for labels, value in series:
-            self.sample(name, labels, value)
-
-    def counter(self, name: str, help_text: str, series: list[tuple[Mapping[str, str], float]]) -> None:
-        """`name` ends in ``_total``; so do its HELP and TYPE lines (prometheus_client's text format)."""
-        self.gauge(name, help_text, series, kind="counter")
-        self.created_family(name.removesuffix("_total"), help_text, [labels for labels, _ in series])
-
-    def created_family(self, base: str, help_text: str, series: list[Mapping[str, str]]) -> None:
-        self.gauge(f"{base}_created", help_text, [(labels, self.created) for labels in series])
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+def _counter(
+    name: str, help_text: str, series: Iterable[tuple[Mapping[str, str], float]], created: float
+) -> Metric:
+    family = CounterMetricFamily(name, help_text, labels=())
+    for labels, value in series:
+        family.add_sample(f"{family.name}_total", dict(labels), value)
+        family.add_sample(f"{family.name}_created", dict(labels), created)
+    return family
 
 
 class LoraInfo:
@@ -104,69 +70,92 @@ class LoraInfo:
         ]
 
 
+class _Page:
+    """The engine's families as a prometheus_client collector, read when the page is asked for."""
+
+    def __init__(self, engine: Engine, lora: LoraInfo | None, created: float) -> None:
+        self.engine = engine
+        self.lora = lora
+        self.created = created
+
+    def collect(self) -> Iterator[Metric]:
+        engine, created = self.engine, self.created
+        cfg = engine.config
+        stats = engine.stats
+        labels = {"engine": "0", "model_name": cfg.model}
+        yield _gauge(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            [(labels, float(len(engine.running)))],
+        )
+        yield _gauge(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            [(labels, float(len(engine.waiting)))],
+        )
+        yield _gauge(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            [(labels, engine.cache.usage)],
+        )
+        yield _counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            [(labels, float(stats.prefix_queries))],
+            created,
+        )
+        yield _counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            [(labels, float(stats.prefix_hits))],
+            created,
+        )
+        yield _counter(
+            "vllm:prompt_tokens",
+            "Number of prefill tokens processed.",
+            [(labels, float(stats.prompt_tokens))],
+            created,
+        )
+        yield _counter(
+            "vllm:generation_tokens",
+            "Number of generation tokens processed.",
+            [(labels, float(stats.generation_tokens))],
+            created,
+        )
+        yield _counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            [({**labels, "finished_reason": r}, float(stats.finished.get(r, 0))) for r in FINISH_REASONS],
+            created,
+        )
+        ttft = HistogramMetricFamily(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            labels=list(labels),
+        )
+        cumulative = 0.0
+        buckets = []
+        for bound, count in zip((*TTFT_BUCKETS, math.inf), stats.ttft_buckets, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
+        ttft.add_metric(list(labels.values()), buckets, stats.ttft_sum)
+        ttft.samples.append(Sample(f"{ttft.name}_created", labels, created))
+        yield ttft
+        cache_config = {
+            "block_size": str(cfg.block_size),
+            "enable_prefix_caching": "True",
+            "num_gpu_blocks": str(cfg.kv_blocks),
+        }
+        yield _gauge(
+            "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", [(cache_config, 1.0)]
+        )
+        if self.lora is not None:
+            yield _gauge("vllm:lora_requests_info", "Running stats on lora requests.", self.lora.series())
+
+
 def render(engine: Engine, lora: LoraInfo | None, created: float) -> str:
     """The page for `engine` now. `created` (unix time of the start or last reset) stamps ``*_created``
     families; `lora` is given when adapters are loaded."""
-    cfg = engine.config
-    stats = engine.stats
-    labels = {"engine": "0", "model_name": cfg.model}
-    page = _Page(created)
-    page.gauge(
-        "vllm:num_requests_running",
-        "Number of requests in model execution batches.",
-        [(labels, float(len(engine.running)))],
-    )
-    page.gauge(
-        "vllm:num_requests_waiting",
-        "Number of requests waiting to be processed.",
-        [(labels, float(len(engine.waiting)))],
-    )
-    page.gauge(
-        "vllm:kv_cache_usage_perc",
-        "KV-cache usage. 1 means 100 percent usage.",
-        [(labels, engine.cache.usage)],
-    )
-    page.counter(
-        "vllm:prefix_cache_queries_total",
-        "Prefix cache queries, in terms of number of queried tokens.",
-        [(labels, float(stats.prefix_queries))],
-    )
-    page.counter(
-        "vllm:prefix_cache_hits_total",
-        "Prefix cache hits, in terms of number of cached tokens.",
-        [(labels, float(stats.prefix_hits))],
-    )
-    page.counter(
-        "vllm:prompt_tokens_total",
-        "Number of prefill tokens processed.",
-        [(labels, float(stats.prompt_tokens))],
-    )
-    page.counter(
-        "vllm:generation_tokens_total",
-        "Number of generation tokens processed.",
-        [(labels, float(stats.generation_tokens))],
-    )
-    page.counter(
-        "vllm:request_success_total",
-        "Count of successfully processed requests.",
-        [({**labels, "finished_reason": r}, float(stats.finished.get(r, 0))) for r in FINISH_REASONS],
-    )
-    name = "vllm:time_to_first_token_seconds"
-    help_text = "Histogram of time to first token in seconds."
-    page.head(name, "histogram", help_text)
-    cumulative = 0
-    for bound, count in zip((*TTFT_BUCKETS, math.inf), stats.ttft_buckets, strict=True):
-        cumulative += count
-        page.sample(f"{name}_bucket", {**labels, "le": go_float(bound)}, float(cumulative))
-    page.sample(f"{name}_count", labels, float(cumulative))
-    page.sample(f"{name}_sum", labels, stats.ttft_sum)
-    page.created_family(name, help_text, [labels])
-    cache_config = {
-        "block_size": str(cfg.block_size),
-        "enable_prefix_caching": "True",
-        "num_gpu_blocks": str(cfg.kv_blocks),
-    }
-    page.gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", [(cache_config, 1.0)])
-    if lora is not None:
-        page.gauge("vllm:lora_requests_info", "Running stats on lora requests.", lora.series())
-    return page.text()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Page(engine, lora, created))
+    return generate_latest(registry).decode()

@@ -20,11 +20,11 @@ from llmlb.decision import RECORD_FIELDS, Decision
 
 pytest.importorskip("opentelemetry.sdk.trace")
 
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-from opentelemetry.trace import SpanKind  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
-from llmlb.tracing import SPAN_NAME, PickTracer, span_attributes  # noqa: E402
-from tests.support.procs import free_port  # noqa: E402
+from llmlb.tracing import SPAN_NAME, PickTracer, span_attributes
+from tests.support.procs import free_port
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
@@ -173,7 +173,8 @@ def test_the_span_continues_the_request_trace_context():
     assert span.name == SPAN_NAME
     assert span.kind == SpanKind.SERVER
     assert format(span.context.trace_id, "032x") == TRACE_ID
-    assert span.parent is not None and span.parent.is_remote
+    assert span.parent is not None
+    assert span.parent.is_remote
     assert format(span.parent.span_id, "016x") == PARENT_ID
     assert span.context.trace_state.to_header() == "vendor=x"
     # The pick's real times.
@@ -184,7 +185,9 @@ def test_the_span_continues_the_request_trace_context():
     assert span.resource.attributes["llmlb.worker"] == 1
 
 
-@pytest.mark.parametrize("traceparent", ["", "garbage", "00-00000000000000000000000000000000-b7ad6b7169203331-01"])
+@pytest.mark.parametrize(
+    "traceparent", ["", "garbage", "00-00000000000000000000000000000000-b7ad6b7169203331-01"]
+)
 def test_without_a_valid_traceparent_the_span_starts_its_own_trace(traceparent):
     [span] = _record([decision(traceparent=traceparent, tracestate="")])
     assert span.parent is None
@@ -265,8 +268,11 @@ def test_serve_without_the_packages_exits_2_with_one_line(tmp_path):
     path = os.pathsep.join([str(tmp_path / "shadow"), os.environ.get("PYTHONPATH", "")])
     for workers in ("1", "2"):
         result = subprocess.run(
-            [sys.executable, "-m", "llmlb", "serve", "--config", str(config), "--endpoints", "10.0.0.1:80"]
-            + ["--grpc-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--workers", workers],
+            [
+                *(sys.executable, "-m", "llmlb", "serve", "--config", str(config)),
+                *("--endpoints", "10.0.0.1:80", "--grpc-listen", "127.0.0.1:0"),
+                *("--admin-listen", "127.0.0.1:0", "--workers", workers),
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -278,4 +284,5 @@ def test_serve_without_the_packages_exits_2_with_one_line(tmp_path):
         assert "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr
-        assert "tracing.otlp_endpoint" in lines[0] and "llmlb[tracing]" in lines[0]
+        assert "tracing.otlp_endpoint" in lines[0]
+        assert "llmlb[tracing]" in lines[0]

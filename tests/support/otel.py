@@ -136,7 +136,9 @@ class Collector:
         return self.proc.stop()
 
 
-def start_collector(workdir: Path, *, tls: tuple[Path, Path] | None = None, name: str = "otelcol") -> Collector:
+def start_collector(
+    workdir: Path, *, tls: tuple[Path, Path] | None = None, name: str = "otelcol"
+) -> Collector:
     """The collector on a free port, ready (its "Everything is ready" log line, then a TCP
     connect); ``tls``: (cert, key) PEM files for its OTLP/gRPC receiver."""
     binary = require_collector()

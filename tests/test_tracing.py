@@ -206,6 +206,46 @@ def test_sampling_follows_the_parent_else_the_ratio():
     assert [s.attributes["llmlb.request_id"] for s in at_one] == ["sampled-parent", "no-parent"]
 
 
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "",
+        SAMPLED,
+        UNSAMPLED,
+        f"00-{TRACE_ID}-{PARENT_ID}-02",  # other flags, not sampled
+        f"00-{TRACE_ID}-{PARENT_ID}-03",
+        f"00-{'0' * 32}-{PARENT_ID}-00",  # invalid: no parent, so the ratio decides
+        f"00-{TRACE_ID}-{'0' * 16}-00",
+        f"00-{TRACE_ID.upper()}-{PARENT_ID}-00",
+        f"01-{TRACE_ID}-{PARENT_ID}-00",
+        "garbage",
+    ],
+)
+def test_dropping_early_agrees_with_the_sampler(traceparent, ratio):
+    """observe() drops picks it knows will not be sampled, before any span is made: exactly
+    those the SDK's sampler would not sample anyway."""
+
+    async def run() -> tuple[int, int]:
+        tracer, exporter = _tracer(ratio)
+        d = decision(traceparent=traceparent, tracestate="")
+        tracer.record(d)
+        tracer.flush()
+        by_sampler = len(exporter.get_finished_spans())
+        exporter.clear()
+        tracer.observe(d)
+        queued = len(tracer._pending)
+        await asyncio.sleep(0)
+        tracer.flush()
+        assert len(exporter.get_finished_spans()) == by_sampler
+        await tracer.shutdown()
+        return by_sampler, queued
+
+    by_sampler, queued = asyncio.run(run())
+    if by_sampler:
+        assert queued == 1
+
+
 def test_ratio_zero_exports_nothing_without_a_sampled_parent():
     assert _record([decision(traceparent="", tracestate="") for _ in range(50)], ratio=0.0) == []
 

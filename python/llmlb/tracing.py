@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -56,6 +57,9 @@ SHUTDOWN_TIMEOUT_S = 5.0
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _ROOT = Context()
+# A well-formed version-00 traceparent whose sampled flag is clear: ParentBased never samples
+# under it, so such a pick is dropped before any span is made (see ``PickTracer.observe``).
+_UNSAMPLED_PARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f][02468ace]")
 
 
 def span_attributes(decision: Decision) -> dict[str, AttributeValue]:
@@ -135,12 +139,20 @@ class PickTracer:
         self._loop = loop or asyncio.get_running_loop()
         self._pending: list[Decision] = []
         self._closed = False
+        # Picks without a parent are never sampled at ratio 0.
+        self._drop_roots = settings.sample_ratio == 0.0
 
     def observe(self, decision: Decision) -> None:
         """The ``Picker`` observer, on the pick's path: queue the decision; the loop makes the
         spans of everything queued in one callback once the current step (the answer to Envoy)
-        is done."""
+        is done. A pick that certainly goes unsampled (an unsampled parent; no parent at
+        ratio 0) is dropped here, before any work."""
         if self._closed:
+            return
+        traceparent = decision.traceparent
+        if (self._drop_roots and not traceparent) or (
+            traceparent and _UNSAMPLED_PARENT.fullmatch(traceparent) is not None
+        ):
             return
         self._pending.append(decision)
         if len(self._pending) == 1:

@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -114,13 +113,11 @@ class PickTracer:
         worker: int | None = None,
         exporter: SpanExporter | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
-        resource_attributes: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         attributes: dict[str, Any] = {"service.name": settings.service_name, "process.pid": os.getpid()}
         if worker is not None:
             attributes["llmlb.worker"] = worker
-        attributes.update(resource_attributes or {})
         self.processor = BatchSpanProcessor(
             exporter if exporter is not None else build_exporter(settings),
             max_queue_size=MAX_QUEUE,

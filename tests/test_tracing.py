@@ -305,7 +305,11 @@ def test_serve_without_the_packages_exits_2_with_one_line(tmp_path):
     (shadow / "__init__.py").write_text("raise ImportError('No module named opentelemetry (test)')\n")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"tracing": {"otlp_endpoint": "http://127.0.0.1:4317"}}))
-    path = os.pathsep.join([str(tmp_path / "shadow"), os.environ.get("PYTHONPATH", "")])
+    # The llmlb under test, whatever the working directory.
+    import llmlb
+
+    here = str(Path(llmlb.__file__).resolve().parents[1])
+    path = os.pathsep.join([str(tmp_path / "shadow"), here, os.environ.get("PYTHONPATH", "")])
     for workers in ("1", "2"):
         result = subprocess.run(
             [

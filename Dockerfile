@@ -62,10 +62,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # The wheel and its dependencies (grpcio, uvloop, redis, kubernetes_asyncio, ...: binary wheels
-# from PyPI), compiled to bytecode now, as root, so nothing is written at run time. Then the
-# user the process runs as: numeric, no home, no shell, owning nothing in the image.
+# from PyPI) with the `tracing` extra (OpenTelemetry SDK + OTLP/gRPC exporter, so `tracing:` in
+# the config works in the image; imported only when configured), compiled to bytecode now, as
+# root, so nothing is written at run time. Then the user the process runs as: numeric, no home,
+# no shell, owning nothing in the image.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install /wheels/llmlb-*.whl \
+    whl=$(ls /wheels/llmlb-*.whl) \
+ && pip install "${whl}[tracing]" \
  && groupadd --system --gid "${LLMLB_UID}" llmlb \
  && useradd --system --uid "${LLMLB_UID}" --gid "${LLMLB_UID}" --no-create-home \
       --home-dir /nonexistent --shell /usr/sbin/nologin llmlb \

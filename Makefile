@@ -25,6 +25,10 @@ dev: deps ## Install llmlb editable plus everything the tests, lints and benchma
 kube-bin: ## Build the test Kubernetes API server, etcd and kubectl once into a cache dir (~6 min cold)
 	bash scripts/build-kube-test-binaries.sh
 
+.PHONY: otel-bin
+otel-bin: ## Build the OpenTelemetry Collector the tracing tests receive spans with, once into a cache dir (~2 min cold)
+	bash scripts/build-otel-collector.sh
+
 .PHONY: build
 build: ## Rebuild the Rust extension in place after Rust changes (editable install)
 	$(PIP) install --no-build-isolation --no-deps -e .
@@ -63,7 +67,7 @@ test-bench-smoke: ## The Python benchmarks, once each, as smoke tests
 	$(PYTHON) -m pytest bench/python --benchmark-disable -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 .PHONY: test
-test: dev kube-bin lint test-rust test-python test-bench-smoke ## Install what tests need, lint, run every test
+test: dev kube-bin otel-bin lint test-rust test-python test-bench-smoke ## Install what tests need, lint, run every test
 
 .PHONY: bench
 bench: ## Criterion (Rust) and pytest-benchmark (Python) benchmarks

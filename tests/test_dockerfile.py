@@ -69,7 +69,9 @@ def test_two_stages_from_python_slim() -> None:
     assert "maturin build --release --locked --out /wheels" in builder_runs
     runtime_runs = " ".join(rest for word, rest in runtime if word == "RUN")
     assert "from=builder,source=/wheels" in runtime_runs
-    assert "pip install /wheels/llmlb-*.whl" in runtime_runs
+    # The wheel with its tracing extra (OpenTelemetry), so `tracing:` works in the image.
+    assert "whl=$(ls /wheels/llmlb-*.whl)" in runtime_runs
+    assert 'pip install "${whl}[tracing]"' in runtime_runs
     # The toolchain is pinned at or above the crate's rust-version.
     floor = re.search(r'rust-version = "(\d+)\.(\d+)"', (ROOT / "Cargo.toml").read_text())
     assert floor is not None

@@ -9,6 +9,10 @@ Configurations (all started once, then measured in alternating order so machine 
   shared state in a loopback Redis; ``<policy>/wN`` runs ``llmlb serve --workers N``;
   ``@full-duplex`` puts Envoy in FULL_DUPLEX_STREAMED mode (request and response bodies
   stream through the picker) instead of BUFFERED.
+- ``<policy>+traced``: tracing on (``tracing.otlp_endpoint``), every pick's span exported to a real
+  OpenTelemetry Collector (``make otel-bin``; its own CPU is not counted as the picker's);
+  ``+traced_unsampled``: the same with ``sample_ratio: 0`` (spans made but never exported).
+  ``--tracing`` runs just prefix_cache with and without them, into ``results-tracing.json``.
 
 The backends are one more Envoy serving a fixed chat-completion answer on three ports
 (``direct_response``), so they cost almost nothing and the picker is what is measured. Bodies are
@@ -40,6 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.support.otel import collector_binary, start_collector  # noqa: E402
 from tests.support.procs import (  # noqa: E402
     HOST,
     ManagedProcess,
@@ -58,6 +63,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
 # The budget check's own run: only the two configurations compared, alternating, more rounds.
 BUDGET_RESULTS = HERE / "results-budget.json"
+# The tracing comparison (``--tracing``): prefix_cache plain, traced, traced but unsampled.
+TRACING_RESULTS = HERE / "results-tracing.json"
 BODY_SIZES = {"2k": 2_000, "64k": 64_000}
 OBSERVED = ["log_level: info", "log_requests: true", "log_format: json", "decision_header: x-llmlb-decision"]
 BODIES_PER_SIZE = 64
@@ -150,7 +157,13 @@ def run_wrk(url: str, conns: int, seconds: float, bodies_dir: Path, script: Path
     raise RuntimeError(f"wrk gave no result (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
 
 
-def start_setups(names: list[str], endpoints: list[str], work: Path, redis_port: int | None) -> list[Setup]:
+def start_setups(
+    names: list[str],
+    endpoints: list[str],
+    work: Path,
+    redis_port: int | None,
+    otlp_endpoint: str | None = None,
+) -> list[Setup]:
     setups: list[Setup] = []
     for name in names:
         procs: list[ManagedProcess] = []
@@ -181,6 +194,10 @@ def start_setups(names: list[str], endpoints: list[str], work: Path, redis_port:
             # Everything issue 15 adds that can be on, except tracing: the decision record goes
             # out as metadata anyway; here also the response header and a JSON log line per request.
             lines += OBSERVED if "observed" in options else ["log_level: warning"]
+            if "traced" in options or "traced_unsampled" in options:
+                assert otlp_endpoint is not None
+                ratio = 0 if "traced_unsampled" in options else 1
+                lines += [f"tracing: {{otlp_endpoint: '{otlp_endpoint}', sample_ratio: {ratio}}}"]
             config.write_text("\n".join(lines) + "\n")
             extra = ["--config", str(config)]
             if workers:
@@ -209,8 +226,9 @@ def main() -> int:
         "--configs",
         default="envoy,noop,global_least_request,prefix_cache,least_busy,global_least_request+redis,"
         "prefix_cache+redis,prefix_cache/w2,prefix_cache@full-duplex",
-        help="comma-separated; llmlb ones are <policy>[/wN][+redis][+observed][@full-duplex]: N worker "
-        "processes, state in Redis, decision header and a JSON log line per request, Envoy's "
+        help="comma-separated; llmlb ones are <policy>[/wN][+redis][+observed][+traced|+traced_unsampled]"
+        "[@full-duplex]: N worker processes, state in Redis, decision header and a JSON log line per "
+        "request, a span per pick to a local OpenTelemetry Collector (or sample_ratio 0), Envoy's "
         "full-duplex mode (default buffered)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -220,7 +238,18 @@ def main() -> int:
         help="the budget comparison only: noop vs prefix_cache (plain and +observed), 8 connections, "
         f"2k and 64k bodies, 5 rounds, into {BUDGET_RESULTS.name}",
     )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="the tracing comparison only: prefix_cache plain, +traced and +traced_unsampled, 8 "
+        f"connections, 2k bodies, 3 rounds, into {TRACING_RESULTS.name}",
+    )
     args = parser.parse_args()
+    if args.tracing:
+        args.configs = "prefix_cache,prefix_cache+traced,prefix_cache+traced_unsampled"
+        args.conns, args.bodies, args.rounds = "8", "2k", max(args.rounds, 3)
+        if args.out == RESULTS:
+            args.out = TRACING_RESULTS
     if args.budget:
         args.configs, args.conns, args.bodies = "noop,prefix_cache,prefix_cache+observed", "8", "2k,64k"
         args.rounds = max(args.rounds, 5)
@@ -234,6 +263,10 @@ def main() -> int:
     binary = redis_server_binary() if needs_redis else None
     if needs_redis and binary is None:
         print("redis-server not found: bash scripts/install-test-deps.sh", file=sys.stderr)
+        return 1
+    needs_collector = any("+traced" in n for n in names)
+    if needs_collector and not collector_binary().exists():
+        print(f"no OpenTelemetry Collector at {collector_binary()}: make otel-bin", file=sys.stderr)
         return 1
     work = Path(tempfile.mkdtemp(prefix="llmlb-bench-e2e-"))
     script = work / "bench.lua"
@@ -252,7 +285,12 @@ def main() -> int:
         procs.append(backend.proc)
         if binary is not None:
             redis = RedisServer(binary, work / "redis").start()
-        setups = start_setups(names, endpoints, work, redis.port if redis else None)
+        otlp_endpoint = None
+        if needs_collector:
+            collector = start_collector(work / "otel")
+            procs.append(collector.proc)
+            otlp_endpoint = collector.endpoint
+        setups = start_setups(names, endpoints, work, redis.port if redis else None, otlp_endpoint)
         for s in setups:
             procs += s.procs
         for s in setups:  # warm-up: connections, caches, the scripts in Redis

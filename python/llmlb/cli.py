@@ -303,6 +303,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = _serve_config(args)
     _check_tls_files(config)
+    _check_tracing_installed(config)
     try:
         if args.worker_index is not None:
             role = WorkerRole(args.worker_index, args.worker_state, args.worker_announce)
@@ -324,6 +325,26 @@ def _check_tls_files(config: Config) -> None:
         from llmlb.tls import check_files
 
         check_files(config.grpc_tls)
+
+
+#: What ``tracing`` needs beyond llmlb's own dependencies (the ``llmlb[tracing]`` extra).
+TRACING_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
+
+
+def _check_tracing_installed(config: Config) -> None:
+    """Tracing configured without the OpenTelemetry packages stops here: exit 2, one line."""
+    if not config.tracing.enabled:
+        return
+    import importlib
+
+    for module in TRACING_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(
+                "tracing.otlp_endpoint",
+                f"tracing needs the OpenTelemetry packages: pip install 'llmlb[tracing]' ({e})",
+            ) from None
 
 
 def _check_kubeconfig(config: Config) -> None:
@@ -350,6 +371,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         load_endpoints_file(config.endpoints_file)
     _check_tls_files(config)
     _check_kubeconfig(config)
+    _check_tracing_installed(config)
     sys.stdout.write(effective_yaml(config))
     return EXIT_OK
 

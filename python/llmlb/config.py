@@ -97,6 +97,8 @@ FLOAT_BOUNDS: dict[str, tuple[float, float]] = {
     "lb_config.requestTokens": (0.0, 1e6),
     "lb_config.affinityWeight": (0.0, 100.0),
     "lb_config.prefillTokensPerSecond": (1.0, 1e7),
+    # tracing: the share of traces started here that are sampled (a sampled parent always is).
+    "tracing.sample_ratio": (0.0, 1.0),
 }
 # Longest accepted string value (model names, paths, hosts): far beyond any real one.
 MAX_STRING = 4096
@@ -225,6 +227,71 @@ def parse_prediction(raw: Any) -> Prediction:
     return prediction
 
 
+@dataclass(frozen=True)
+class Tracing:
+    """``tracing``: a span per pick exported over OTLP/gRPC (see docs/observability.md#traces).
+    ``otlp_endpoint`` ``None`` (the default) means tracing is off."""
+
+    otlp_endpoint: str | None = None
+    service_name: str = "llmlb"
+    sample_ratio: float = 1.0
+    # Sent with every export (e.g. an auth token); "${ENV_NAME}" values read the environment.
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.otlp_endpoint is not None
+
+
+_TRACING_KEYS = ("otlp_endpoint", "service_name", "sample_ratio", "headers")
+_OTLP_URL = re.compile(r"^https?://(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)(?::\d{1,5})?/?$")
+# gRPC metadata keys: lowercase, and not the binary ("-bin") kind.
+_METADATA_KEY = re.compile(r"^[a-z0-9_.-]+$")
+
+
+def parse_tracing(raw: Any) -> Tracing:
+    if raw is None:
+        return Tracing()
+    if not isinstance(raw, Mapping):
+        raise ConfigError("tracing", f"must be a mapping ({', '.join(_TRACING_KEYS)})")
+    for key in raw:
+        if key not in _TRACING_KEYS:
+            raise ConfigError(f"tracing.{key}", f"unknown key (allowed: {', '.join(_TRACING_KEYS)})")
+    values: dict[str, Any] = {}
+    if raw.get("otlp_endpoint") is not None:
+        url = _str(raw["otlp_endpoint"], "tracing.otlp_endpoint")
+        if not _OTLP_URL.match(url):
+            raise ConfigError(
+                "tracing.otlp_endpoint",
+                f"must be http://host:port or https://host:port (an OTLP/gRPC receiver), got {url!r}",
+            )
+        port = url.rstrip("/").rsplit(":", 1)[-1]
+        if port.isdigit() and not 1 <= int(port) <= 65535:
+            raise ConfigError("tracing.otlp_endpoint", f"port must be 1..65535, got {port}")
+        values["otlp_endpoint"] = url.rstrip("/")
+    if raw.get("service_name") is not None:
+        values["service_name"] = _str(raw["service_name"], "tracing.service_name")
+    if raw.get("sample_ratio") is not None:
+        values["sample_ratio"] = _bounded_float(raw["sample_ratio"], "tracing.sample_ratio")
+    headers = raw.get("headers")
+    if headers is not None:
+        if not isinstance(headers, Mapping):
+            raise ConfigError("tracing.headers", "must be a mapping of header name to value")
+        parsed: dict[str, str] = {}
+        for name, value in headers.items():
+            where = f"tracing.headers.{name}"
+            if not isinstance(name, str) or not _METADATA_KEY.match(name) or name.endswith("-bin"):
+                raise ConfigError(where, "must be a lowercase header name (letters, digits, _ . -)")
+            if not isinstance(value, str):
+                raise ConfigError(where, f"must be a string, got {value!r}")
+            expanded = _env_expand(_str(value, where), where)
+            if not all(" " <= c <= "~" for c in expanded):
+                raise ConfigError(where, "must be printable ASCII (a gRPC metadata value)")
+            parsed[name] = expanded
+        values["headers"] = parsed
+    return Tracing(**values)
+
+
 DISCOVERY_KINDS = ("dns", "kubernetes", "inferencePool")
 #: Which ``discovery`` fields each kind takes (``labels`` is for every kind).
 DISCOVERY_FIELDS: dict[str, tuple[str, ...]] = {
@@ -304,6 +371,7 @@ class Config:
     response_ttl: int = 86_400
     response_store_size: int = 100_000
     prediction: Prediction = field(default_factory=Prediction)
+    tracing: Tracing = field(default_factory=Tracing)
     # Set while loading: Higress fields that were accepted and ignored (warned once at start).
     ignored_fields: tuple[str, ...] = ()
 
@@ -764,6 +832,7 @@ def parse_config(raw: Any) -> Config:
         path = raw["health_check_path"]
         values["health_check_path"] = "" if path in (None, "") else _url_path(path, "health_check_path")
     values["prediction"] = parse_prediction(raw.get("prediction"))
+    values["tracing"] = parse_tracing(raw.get("tracing"))
     return Config(**values)
 
 
@@ -879,6 +948,13 @@ def effective_dict(config: Config) -> dict[str, Any]:
         "prediction": {
             **dataclasses.asdict(config.prediction),
             "enabled": PREDICTION_AUTO if config.prediction.enabled is None else config.prediction.enabled,
+        },
+        "tracing": {
+            "otlp_endpoint": config.tracing.otlp_endpoint,
+            "service_name": config.tracing.service_name,
+            "sample_ratio": config.tracing.sample_ratio,
+            # Header values are credentials more often than not.
+            "headers": {name: REDACTED for name in config.tracing.headers},
         },
     }
 

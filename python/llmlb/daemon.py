@@ -35,6 +35,7 @@ from llmlb.tls import TlsReloader, warn_if_exposed
 if TYPE_CHECKING:
     from llmlb.prediction import PredictionTracker
     from llmlb.scraper import MetricsScraper
+    from llmlb.tracing import PickTracer
 
 log = logging.getLogger("llmlb")
 
@@ -185,6 +186,7 @@ class Daemon:
             )
         self.picker = picker
         self.prediction = self._build_prediction(picker)
+        self.tracer = self._build_tracer(picker)
         # Only prefix_cache reads prefix levels: the other policies skip hashing altogether.
         blocks = config.lb_config.maxPrefixBlocks if self.balancer.uses_prefix else 0
         limits = BodyLimits(max_bytes=config.max_body_bytes, max_blocks=blocks)
@@ -235,6 +237,17 @@ class Daemon:
             else:
                 tracker.scraper = MetricsScraper(self.config, self.balancer, self.endpoints, self.metrics)
         return tracker
+
+    def _build_tracer(self, picker: Picker) -> PickTracer | None:
+        """A span per pick (``tracing``), made after the answer went out and exported in the
+        background; with ``--workers`` each worker exports its own."""
+        if not self.config.tracing.enabled:
+            return None
+        from llmlb.tracing import PickTracer
+
+        tracer = PickTracer(self.config.tracing, worker=None if self.role is None else self.role.index)
+        picker.observers.append(tracer.observe)
+        return tracer
 
     def _inflight_samples(self) -> list[tuple[tuple[str, ...], float]]:
         return [((address,), float(own)) for address, _, own, *_ in self.balancer.endpoints()]
@@ -431,6 +444,8 @@ class Daemon:
             await self.prediction.stop()
         await self.endpoints.stop()
         await admin.cleanup()
+        if self.tracer is not None:
+            await self.tracer.shutdown()
         if self._remove_state_on_exit and self.role is not None:
             state = Path(self.role.state)
             for path in (state, *state.parent.glob("worker-*.admin")):

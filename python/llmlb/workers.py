@@ -15,8 +15,8 @@ The supervisor owns the public admin address: ``/metrics`` holds the workers' co
 histograms summed from prometheus_client's multiprocess files (a restarted worker's counts stay)
 and their scrape-time families merged by each family's rule (``llmlb.metrics``); ``/readyz``
 is ready when every worker is, ``/debug/endpoints`` adds the workers' own counts and
-``/debug/discovery`` shows each worker's source. A worker that dies is started again with the same index; the new process zeroes that
-index's counts, so a crash leaves no phantom load.
+``/debug/discovery`` shows each worker's source. A worker that dies is started again with the
+same index; the new process zeroes that index's counts, so a crash leaves no phantom load.
 SIGTERM drains every worker, then the supervisor exits.
 """
 

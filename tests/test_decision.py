@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 from google.protobuf import struct_pb2
 
-from llmlb._core import Balancer, encode_metadata
+from llmlb._core import Balancer, RecordEncoder
 from llmlb.config import ConfigError, parse_config
-from llmlb.decision import RECORD_FIELDS, Decision
+from llmlb.decision import RECORD_FIELDS, RECORD_NAMESPACE, Decision
 from llmlb.logs import REQUEST_LOGGER, RequestLog, configure_logging
 from llmlb.picking import Refusal, RequestMeta
 
@@ -38,7 +38,7 @@ def decision(**changes: object) -> Decision:
         "model": "llama",
     }
     fields.update(changes)
-    return Decision(**fields)  # type: ignore[arg-type]
+    return Decision.of(**fields)  # type: ignore[arg-type]
 
 
 def test_record_has_every_documented_field_in_order() -> None:
@@ -72,15 +72,30 @@ def test_compact_form_is_one_header_value() -> None:
     assert decision(runner_up=None).compact().count("runner_up=-") == 1
 
 
-def test_rust_metadata_equals_the_protobuf_struct() -> None:
-    record = {"s": "ü ✓", "i": 3, "f": 0.25, "t": True, "n": None, "big": 2**40}
-    encoded = struct_pb2.Struct.FromString(encode_metadata([("envoy.lb", {"k": "v"}), ("llmlb", record)]))
-    expected = struct_pb2.Struct()
-    expected.get_or_create_struct("envoy.lb")["k"] = "v"
-    expected.get_or_create_struct("llmlb").update(record)
-    assert encoded == expected
-    with pytest.raises(ValueError, match="metadata values"):
-        encode_metadata([("llmlb", {"x": [1]})])
+def test_metadata_is_the_record_and_the_route() -> None:
+    """The Rust-encoded metadata is a protobuf Struct: the route namespace with the endpoint,
+    the record namespace with exactly the record's dict form (same values, same rounding)."""
+    encoder = RecordEncoder(
+        "envoy.lb", "x-gateway-destination-endpoint", RECORD_NAMESPACE, list(RECORD_FIELDS)
+    )
+    for d in (decision(), decision(runner_up=None, prompt_tokens=0, cached_tokens=0, score=1 / 3)):
+        encoded = struct_pb2.Struct.FromString(
+            encoder.metadata(d.pick, d.policy, d.state, d.request_id, d.path, d.model, d.pick_seconds)
+        )
+        expected = struct_pb2.Struct()
+        expected.get_or_create_struct("envoy.lb")["x-gateway-destination-endpoint"] = d.endpoint
+        expected.get_or_create_struct(RECORD_NAMESPACE).update(d.fields())
+        assert encoded == expected
+    with pytest.raises(ValueError, match="no decision record field"):
+        RecordEncoder("envoy.lb", "k", RECORD_NAMESPACE, ["endpoint", "colour"])
+
+
+def test_record_values_are_typed_as_json_expects() -> None:
+    record = decision(score=1 / 3).fields()
+    assert record["score"] == 0.333333
+    assert isinstance(record["prefix_depth"], int)
+    assert isinstance(record["candidates"], int)
+    assert isinstance(record["pick_us"], float)
 
 
 def test_pick_figures_come_from_the_pipeline() -> None:

@@ -87,3 +87,29 @@ def test_workers_merge_family_by_family():
     ]
     # Counted-here families come from the multiprocess directory, not from the pages.
     assert "llmlb_picks" not in merged
+
+
+def test_fast_paths_count_as_the_client_does():
+    """Counter.inc and Histogram.observe add to the client's value holders directly: the page
+    is the one the public methods make (bucket edges included)."""
+    import random
+
+    import prometheus_client
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from llmlb.metrics import PICK_BUCKETS, Counter, Histogram
+
+    rng = random.Random(5)
+    values = [*PICK_BUCKETS, 0.0, 2.0, *(rng.uniform(0, 0.003) for _ in range(500))]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    fast = Histogram(ours, "h", "h.", PICK_BUCKETS)
+    public = prometheus_client.Histogram("h", "h.", buckets=PICK_BUCKETS, registry=theirs)
+    fast_counter = Counter(ours, "c_total", "c.", ("a",))
+    public_counter = prometheus_client.Counter("c_total", "c.", ("a",), registry=theirs)
+    for i, value in enumerate(values):
+        fast.observe(value)
+        public.observe(value)
+        fast_counter.inc((str(i % 3),), value)
+        public_counter.labels(str(i % 3)).inc(value)
+    assert fast.observe == fast._observe, "the fast path is in use"
+    assert generate_latest(ours) == generate_latest(theirs)

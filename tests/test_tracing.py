@@ -55,7 +55,7 @@ def decision(**changes: object) -> Decision:
         "tracestate": "vendor=x",
     }
     values.update(changes)
-    return Decision(**values)  # type: ignore[arg-type]
+    return Decision.of(**values)  # type: ignore[arg-type]
 
 
 # --- config ------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class _Drop(SpanExporter):
 
 
 def _decision(traceparent: str = "") -> Decision:
-    return Decision(
+    return Decision.of(
         ticket=1,
         endpoint="10.0.0.2:8000",
         policy="prefix_cache",

@@ -21,6 +21,7 @@ __all__ = [
     "OverLimitError",
     "ParsedRequest",
     "Pick",
+    "RecordEncoder",
     "RequestParseError",
     "RequestStream",
     "ShedError",
@@ -28,7 +29,6 @@ __all__ = [
     "__version__",
     "balancer_defaults",
     "create_worker_state",
-    "encode_metadata",
     "parse_body",
     "parse_engine_metrics",
     "parse_request",
@@ -263,6 +263,25 @@ def shared_scripts() -> dict[str, str]:
 class Pick:
     """A counted pick and the figures of its decision record."""
 
+    def __new__(
+        cls,
+        *,
+        ticket: int,
+        endpoint: str,
+        reason: str,
+        prefix_depth: int = 0,
+        prefix_levels: int = 0,
+        prompt_tokens: int = 0,
+        cached_tokens: int = 0,
+        candidates: int = 1,
+        score: float = 0.0,
+        runner_up: float | None = None,
+    ) -> Self:
+        """A pick from its figures (tests and replays; the balancer makes the real ones).
+
+        Raises:
+            ValueError: an unknown ``reason``.
+        """
     @property
     def ticket(self) -> int: ...
     @property
@@ -289,6 +308,28 @@ class Pick:
     @property
     def runner_up(self) -> float | None:
         """The best other candidate's total score (``None``: the endpoint was alone)."""
+
+@final
+class RecordEncoder:
+    """The decision record of picks, fields in the order of ``names`` (``RECORD_FIELDS``): values
+    and rounding are the Rust core's, the same in every form.
+
+    Raises:
+        ValueError: a name that is no record field.
+    """
+
+    def __new__(
+        cls, route_namespace: str, route_key: str, record_namespace: str, names: list[str]
+    ) -> Self: ...
+    def metadata(
+        self, pick: Pick, policy: str, state: str, request_id: str, path: str, model: str, pick_seconds: float
+    ) -> bytes:
+        """The answer's dynamic metadata (``google.protobuf.Struct`` wire format): the route
+        namespace with ``{route_key: endpoint}``, the record namespace with the record."""
+    def fields(
+        self, pick: Pick, policy: str, state: str, request_id: str, path: str, model: str, pick_seconds: float
+    ) -> dict[str, Any]:
+        """The record as a dict in field order (``runner_up`` left out when there was none)."""
 
 @final
 class Balancer:
@@ -468,14 +509,6 @@ def balancer_defaults() -> dict[str, float]:
     ``affinityWeight``, ``prefillTokensPerSecond``, ``maxRequestCount``, ``staleAfter``,
     ``queueThresholdCritical``, ``kvCacheThreshold``, ``queueingThresholdLoRA``,
     ``loraAffinityThreshold``."""
-
-def encode_metadata(namespaces: list[tuple[str, dict[str, str | float | bool | None]]]) -> bytes:
-    """Dynamic metadata for an ext_proc answer: a ``google.protobuf.Struct`` of namespaces, each
-    a Struct of scalar fields (ints become numbers), in protobuf wire format.
-
-    Raises:
-        ValueError: a value of another type.
-    """
 
 def create_worker_state(
     path: str | os.PathLike[str], workers: int, slots: int, prefix_capacity: int, prefix_ttl_s: int

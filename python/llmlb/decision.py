@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llmlb._core import Pick, RecordEncoder
+
 #: The dynamic metadata namespace of the decision record (``%DYNAMIC_METADATA(llmlb:...)%``).
 RECORD_NAMESPACE = "llmlb"
 
@@ -45,22 +47,18 @@ RECORD_FIELDS: dict[str, str] = {
 
 Observer = Callable[["Decision"], None]
 
+# The record's values and rounding live in the Rust core (one owner for every form of the
+# record); this one makes the dict form. The metadata form is made by the ext_proc answer.
+_RECORD = RecordEncoder("", "", RECORD_NAMESPACE, list(RECORD_FIELDS))
+
 
 @dataclass(slots=True)
 class Decision:
-    """One pick and its figures (see ``RECORD_FIELDS``)."""
+    """One pick (the balancer's ``Pick``: endpoint, reason, prefix and score figures) and what
+    the picker knows around it (see ``RECORD_FIELDS``)."""
 
-    ticket: int
-    endpoint: str
+    pick: Pick
     policy: str
-    reason: str
-    prefix_depth: int
-    prefix_levels: int
-    prompt_tokens: int
-    cached_tokens: int
-    candidates: int
-    score: float
-    runner_up: float | None
     state: str
     pick_seconds: float
     #: Unix time the pick ended.
@@ -72,25 +70,86 @@ class Decision:
     traceparent: str = ""
     tracestate: str = ""
 
+    @classmethod
+    def of(
+        cls,
+        *,
+        policy: str,
+        state: str,
+        pick_seconds: float,
+        time: float,
+        request_id: str = "",
+        path: str = "",
+        model: str = "",
+        traceparent: str = "",
+        tracestate: str = "",
+        **figures: Any,
+    ) -> Decision:
+        """A decision from the pick's figures by name (tests, replays); picks make theirs from
+        the balancer's ``Pick``."""
+        return cls(
+            Pick(**figures),
+            policy,
+            state,
+            pick_seconds,
+            time,
+            request_id,
+            path,
+            model,
+            traceparent,
+            tracestate,
+        )
+
+    @property
+    def ticket(self) -> int:
+        return self.pick.ticket
+
+    @property
+    def endpoint(self) -> str:
+        return self.pick.endpoint
+
+    @property
+    def reason(self) -> str:
+        return self.pick.reason
+
+    @property
+    def prefix_depth(self) -> int:
+        return self.pick.prefix_depth
+
+    @property
+    def prefix_levels(self) -> int:
+        return self.pick.prefix_levels
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.pick.prompt_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.pick.cached_tokens
+
+    @property
+    def candidates(self) -> int:
+        return self.pick.candidates
+
+    @property
+    def score(self) -> float:
+        return self.pick.score
+
+    @property
+    def runner_up(self) -> float | None:
+        return self.pick.runner_up
+
     @property
     def prefix_share(self) -> float:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
-    @property
-    def pick_us(self) -> float:
-        return round(self.pick_seconds * 1e6, 1)
-
     def fields(self) -> dict[str, Any]:
         """The record (``RECORD_FIELDS``, in order), JSON-ready; ``runner_up`` only when there
         was one."""
-        record = {name: getattr(self, name) for name in RECORD_FIELDS}
-        record["prefix_share"] = round(record["prefix_share"], 4)
-        record["score"] = round(self.score, 6)
-        if self.runner_up is None:
-            del record["runner_up"]
-        else:
-            record["runner_up"] = round(self.runner_up, 6)
-        return record
+        return _RECORD.fields(
+            self.pick, self.policy, self.state, self.request_id, self.path, self.model, self.pick_seconds
+        )
 
     def compact(self) -> str:
         """The response header's form: ``key=value`` pairs joined by ``;``, short enough for any

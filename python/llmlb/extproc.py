@@ -46,13 +46,13 @@ from envoy.type.v3 import http_status_pb2
 from llmlb._core import (
     BodyTooLargeError,
     ParsedRequest,
+    RecordEncoder,
     RequestStream,
-    encode_metadata,
     parse_body,
     request_kind,
     stored_response_id,
 )
-from llmlb.decision import RECORD_NAMESPACE, Decision
+from llmlb.decision import RECORD_FIELDS, RECORD_NAMESPACE, Decision
 from llmlb.logs import RequestLog
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker, Refusal, RequestMeta
@@ -161,16 +161,25 @@ def _pick_common(endpoint: str) -> pb.CommonResponse:
     return pb.CommonResponse(header_mutation=mutation)
 
 
+# The pick for routing (``envoy.lb``) and its decision record (``llmlb``), encoded in Rust from
+# the balancer's Pick: building the Struct through the protobuf API (``Struct.update``) cost
+# ~17 µs a request, a dict of the record encoded in Rust ~5 µs, this ~1 µs.
+_RECORD_METADATA = RecordEncoder(
+    METADATA_NAMESPACE, DESTINATION_HEADER, RECORD_NAMESPACE, list(RECORD_FIELDS)
+)
+
+
 def _with_pick_metadata(response: pb.ProcessingResponse, decision: Decision) -> pb.ProcessingResponse:
-    """Adds the pick for routing (``envoy.lb``) and its decision record (``llmlb``). Encoded in
-    Rust and merged as bytes: building the Struct through the protobuf API (``Struct.update``)
-    costs ~17 µs a request, this ~5 µs."""
+    """Adds the pick's dynamic metadata (see ``_RECORD_METADATA``)."""
     response.dynamic_metadata.MergeFromString(
-        encode_metadata(
-            [
-                (METADATA_NAMESPACE, {DESTINATION_HEADER: decision.endpoint}),
-                (RECORD_NAMESPACE, decision.fields()),
-            ]
+        _RECORD_METADATA.metadata(
+            decision.pick,
+            decision.policy,
+            decision.state,
+            decision.request_id,
+            decision.path,
+            decision.model,
+            decision.pick_seconds,
         )
     )
     return response

@@ -15,6 +15,7 @@ Two kinds:
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
@@ -38,36 +39,62 @@ def _no_samples() -> Iterable[tuple[LabelValues, float]]:
 
 
 class Counter:
-    """A counter kept here; ``inc`` with the label values in declaration order."""
+    """A counter kept here; ``inc`` with the label values in declaration order.
+
+    The hot path adds to the child's value holder directly (the one ``Counter.inc`` adds to,
+    in-process or multiprocess), skipping the public method's checks: llmlb only adds
+    positive amounts. A prometheus_client without that holder gets the public method."""
 
     def __init__(
         self, registry: CollectorRegistry, name: str, help_text: str, labels: tuple[str, ...] = ()
     ) -> None:
         self._metric = prometheus_client.Counter(name, help_text, labels, registry=registry)
-        self._children: dict[LabelValues, prometheus_client.Counter] = {}
+        self._adders: dict[LabelValues, Callable[[float], None]] = {}
         if not labels:
-            self._children[()] = self._metric
-
-    def _child(self, labels: LabelValues) -> prometheus_client.Counter:
-        child = self._children.get(labels)
-        if child is None:
-            child = self._children[labels] = self._metric.labels(*labels)
-        return child
+            self._adders[()] = _adder(self._metric)
 
     def inc(self, labels: LabelValues = (), amount: float = 1.0) -> None:
-        self._child(labels).inc(amount)
+        add = self._adders.get(labels)
+        if add is None:
+            add = self._adders[labels] = _adder(self._metric.labels(*labels))
+        add(amount)
 
     def get(self, labels: LabelValues = ()) -> float:
-        child = self._children.get(labels)
-        return 0.0 if child is None else child._value.get()
+        if labels not in self._adders:
+            return 0.0
+        value: float = self._metric.labels(*labels)._value.get() if labels else self._metric._value.get()
+        return value
+
+
+def _adder(counter: prometheus_client.Counter) -> Callable[[float], None]:
+    holder = getattr(counter, "_value", None)
+    add = getattr(holder, "inc", None)
+    return add if callable(add) else counter.inc
 
 
 class Histogram:
+    """A histogram; ``observe`` finds the bucket by bisection and adds to the bucket's and the
+    sum's value holders directly (see ``Counter``), else uses the public method."""
+
     def __init__(
         self, registry: CollectorRegistry, name: str, help_text: str, buckets: tuple[float, ...]
     ) -> None:
         self._metric = prometheus_client.Histogram(name, help_text, buckets=buckets, registry=registry)
-        self.observe = self._metric.observe
+        bounds = getattr(self._metric, "_upper_bounds", None)
+        holders = getattr(self._metric, "_buckets", None)
+        total = getattr(self._metric, "_sum", None)
+        if bounds is not None and holders is not None and total is not None and len(bounds) == len(holders):
+            self._bounds = list(bounds)
+            self._bucket_adds = [holder.inc for holder in holders]
+            self._sum_add = total.inc
+            self.observe = self._observe
+        else:
+            self.observe = self._metric.observe
+
+    def _observe(self, amount: float) -> None:
+        # The first bucket whose upper bound is >= amount (the last is +Inf), as the client does.
+        self._bucket_adds[bisect.bisect_left(self._bounds, amount)](1.0)
+        self._sum_add(amount)
 
 
 class Live:

@@ -150,25 +150,16 @@ class Picker:
     ) -> Decision:
         """Counts the pick in the metrics and tells the observers."""
         decision = Decision(
-            ticket=pick.ticket,
-            endpoint=pick.endpoint,
-            policy=self.policy,
-            reason=pick.reason,
-            prefix_depth=pick.prefix_depth,
-            prefix_levels=pick.prefix_levels,
-            prompt_tokens=pick.prompt_tokens,
-            cached_tokens=pick.cached_tokens,
-            candidates=pick.candidates,
-            score=pick.score,
-            runner_up=pick.runner_up,
-            state=state,
-            pick_seconds=seconds,
-            time=time.time(),
-            request_id=meta.request_id,
-            path=meta.path,
-            model=request.model if request is not None and request.ok else "",
-            traceparent=meta.traceparent,
-            tracestate=meta.tracestate,
+            pick,
+            self.policy,
+            state,
+            seconds,
+            time.time(),
+            meta.request_id,
+            meta.path,
+            request.model if request is not None and request.ok else "",
+            meta.traceparent,
+            meta.tracestate,
         )
         metrics = self.metrics
         metrics.pick_duration.observe(seconds)

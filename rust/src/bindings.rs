@@ -19,17 +19,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::pybacked::{PyBackedBytes, PyBackedStr};
-use pyo3::types::{PyBool, PyBytes, PyDict};
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::{PyBytes, PyDict};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 use crate::affinity::{AffinityKey, KeySources};
 use crate::balancer::{Balancer, BalancerConfig, Load, Pick, PickError, PickReason, Request};
 use crate::body_decode::{parse_body_for, BodyParser};
+use crate::decision_record::{self, Field, FieldValue, Record as DecisionRecord};
 use crate::engine_metrics::{parse_engine_metrics, Engine, EngineMetrics, MetricsError};
 use crate::fd_wait;
-use crate::pb_struct::{encode_struct, Value};
 use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
 use crate::request::{
     parse_request_for, stored_response_id, Affinity, Limits, ParseError, ParsedRequest,
@@ -467,6 +467,44 @@ struct PyPick {
 
 #[pymethods]
 impl PyPick {
+    /// A pick from its figures (tests and replays; the balancer makes the real ones).
+    #[new]
+    #[pyo3(signature = (
+        *, ticket, endpoint, reason, prefix_depth = 0, prefix_levels = 0, prompt_tokens = 0,
+        cached_tokens = 0, candidates = 1, score = 0.0, runner_up = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ticket: u64,
+        endpoint: String,
+        reason: &str,
+        prefix_depth: u32,
+        prefix_levels: u32,
+        prompt_tokens: u64,
+        cached_tokens: u64,
+        candidates: u32,
+        score: f64,
+        runner_up: Option<f64>,
+    ) -> PyResult<Self> {
+        let reason = PickReason::ALL
+            .into_iter()
+            .map(PickReason::as_str)
+            .find(|r| *r == reason)
+            .ok_or_else(|| PyValueError::new_err(format!("unknown pick reason {reason:?}")))?;
+        Ok(Self {
+            ticket,
+            endpoint,
+            reason,
+            prefix_depth,
+            prefix_levels,
+            prompt_tokens,
+            cached_tokens,
+            candidates,
+            score,
+            runner_up,
+        })
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Pick(ticket={}, endpoint={:?}, reason={:?}, prefix_depth={})",
@@ -488,6 +526,127 @@ fn py_pick(p: &Pick) -> PyPick {
         candidates: f.candidates,
         score: f.score,
         runner_up: f.runner_up,
+    }
+}
+
+impl PyPick {
+    #[allow(clippy::too_many_arguments)]
+    fn record<'a>(
+        &'a self,
+        policy: &'a str,
+        state: &'a str,
+        request_id: &'a str,
+        path: &'a str,
+        model: &'a str,
+        pick_seconds: f64,
+    ) -> DecisionRecord<'a> {
+        DecisionRecord {
+            endpoint: &self.endpoint,
+            reason: self.reason,
+            prefix_depth: self.prefix_depth,
+            prefix_levels: self.prefix_levels,
+            prompt_tokens: self.prompt_tokens,
+            cached_tokens: self.cached_tokens,
+            candidates: self.candidates,
+            score: self.score,
+            runner_up: self.runner_up,
+            policy,
+            state,
+            request_id,
+            path,
+            model,
+            pick_seconds,
+        }
+    }
+}
+
+/// The decision record of picks, in the field order it is made with (`RECORD_FIELDS`): as
+/// dynamic metadata bytes for Envoy, or as a dict for logs, traces and `/debug/decisions`.
+#[pyclass(name = "RecordEncoder", module = "llmlb._core", frozen)]
+struct PyRecordEncoder {
+    route_namespace: String,
+    route_key: String,
+    record_namespace: String,
+    fields: Vec<(String, Field)>,
+}
+
+#[pymethods]
+impl PyRecordEncoder {
+    #[new]
+    fn new(
+        route_namespace: String,
+        route_key: String,
+        record_namespace: String,
+        names: Vec<String>,
+    ) -> PyResult<Self> {
+        let fields = names
+            .into_iter()
+            .map(|name| match Field::named(&name) {
+                Some(field) => Ok((name, field)),
+                None => Err(PyValueError::new_err(format!(
+                    "no decision record field {name:?}"
+                ))),
+            })
+            .collect::<PyResult<_>>()?;
+        Ok(Self {
+            route_namespace,
+            route_key,
+            record_namespace,
+            fields,
+        })
+    }
+
+    /// The answer's dynamic metadata (`google.protobuf.Struct` wire format): the route
+    /// namespace with the endpoint, the record namespace with the record.
+    #[allow(clippy::too_many_arguments)]
+    fn metadata<'py>(
+        &self,
+        py: Python<'py>,
+        pick: &PyPick,
+        policy: &str,
+        state: &str,
+        request_id: &str,
+        path: &str,
+        model: &str,
+        pick_seconds: f64,
+    ) -> Bound<'py, PyBytes> {
+        let record = pick.record(policy, state, request_id, path, model, pick_seconds);
+        PyBytes::new(
+            py,
+            &decision_record::encode_metadata(
+                &self.route_namespace,
+                &self.route_key,
+                &self.record_namespace,
+                &self.fields,
+                &record,
+            ),
+        )
+    }
+
+    /// The record as a dict, in field order (absent fields left out).
+    #[allow(clippy::too_many_arguments)]
+    fn fields<'py>(
+        &self,
+        py: Python<'py>,
+        pick: &PyPick,
+        policy: &str,
+        state: &str,
+        request_id: &str,
+        path: &str,
+        model: &str,
+        pick_seconds: f64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let record = pick.record(policy, state, request_id, path, model, pick_seconds);
+        let out = PyDict::new(py);
+        for (name, field) in &self.fields {
+            match record.value(*field) {
+                FieldValue::Text(s) => out.set_item(name, s)?,
+                FieldValue::Count(n) => out.set_item(name, n)?,
+                FieldValue::Number(n) => out.set_item(name, n)?,
+                FieldValue::Absent => {}
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -1135,65 +1294,6 @@ fn wait_readable(py: Python<'_>, fd: i32, timeout_us: u64) -> PyResult<bool> {
         .map_err(|e| PyOSError::new_err(format!("waiting on descriptor {fd}: {e}")))
 }
 
-/// A metadata value as extracted from Python, before it borrows into a `pb_struct::Value`.
-enum Scalar {
-    Null,
-    Number(f64),
-    Str(PyBackedStr),
-    Bool(bool),
-}
-
-fn scalar(value: &Bound<'_, PyAny>) -> PyResult<Scalar> {
-    if value.is_none() {
-        Ok(Scalar::Null)
-    } else if let Ok(b) = value.cast::<PyBool>() {
-        Ok(Scalar::Bool(b.is_true()))
-    } else if let Ok(s) = value.extract::<PyBackedStr>() {
-        Ok(Scalar::Str(s))
-    } else {
-        value.extract::<f64>().map(Scalar::Number).map_err(|_| {
-            PyValueError::new_err(format!(
-                "metadata values are str, int, float, bool or None, got {}",
-                value.get_type()
-            ))
-        })
-    }
-}
-
-fn borrowed(value: &Scalar) -> Value<'_> {
-    match value {
-        Scalar::Null => Value::Null,
-        Scalar::Number(n) => Value::Number(*n),
-        Scalar::Str(s) => Value::Str(s),
-        Scalar::Bool(b) => Value::Bool(*b),
-    }
-}
-
-/// Dynamic metadata for an ext_proc answer: a `google.protobuf.Struct` of namespaces, each a
-/// Struct of scalar fields, in protobuf wire format (``Struct.FromString`` reads it).
-#[pyfunction]
-fn encode_metadata(
-    py: Python<'_>,
-    namespaces: Vec<(PyBackedStr, Bound<'_, PyDict>)>,
-) -> PyResult<Py<PyBytes>> {
-    let mut extracted = Vec::with_capacity(namespaces.len());
-    for (name, fields) in &namespaces {
-        let mut scalars = Vec::with_capacity(fields.len());
-        for (key, value) in fields.iter() {
-            scalars.push((key.extract::<PyBackedStr>()?, scalar(&value)?));
-        }
-        extracted.push((name, scalars));
-    }
-    let tree: Vec<(&str, Value<'_>)> = extracted
-        .iter()
-        .map(|(name, scalars)| {
-            let fields = scalars.iter().map(|(k, v)| (&**k, borrowed(v))).collect();
-            (&***name, Value::Struct(fields))
-        })
-        .collect();
-    Ok(PyBytes::new(py, &encode_struct(&tree)).unbind())
-}
-
 /// The Redis Lua scripts by name (`commit`, `release`, `heartbeat`, `reap`).
 #[pyfunction]
 fn shared_scripts() -> HashMap<&'static str, &'static str> {
@@ -1218,6 +1318,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add_class::<PyBalancer>()?;
     m.add_class::<PyPick>()?;
+    m.add_class::<PyRecordEncoder>()?;
     m.add_class::<PyParsedRequest>()?;
     m.add_class::<PyRequestStream>()?;
     m.add_class::<PyEngineMetrics>()?;
@@ -1227,7 +1328,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_stored_response_id, m)?)?;
     m.add_function(wrap_pyfunction!(py_parse_engine_metrics, m)?)?;
     m.add_function(wrap_pyfunction!(shared_scripts, m)?)?;
-    m.add_function(wrap_pyfunction!(encode_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(balancer_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(create_worker_state, m)?)?;
     m.add_function(wrap_pyfunction!(wait_readable, m)?)?;

@@ -6,6 +6,7 @@ pub mod affinity;
 pub mod backlog;
 pub mod balancer;
 pub mod body_decode;
+pub mod decision_record;
 pub mod engine_metrics;
 pub mod fd_wait;
 pub mod pb_struct;

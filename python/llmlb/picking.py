@@ -90,6 +90,15 @@ class Picker:
         ``pinned`` the endpoint holding the stored response the request continues."""
         return self._pick_here(request, session, pinned, meta, self.state)
 
+    #: ``pick_now`` decides without waiting (no round trip): callers may skip the coroutine.
+    synchronous = True
+
+    def pick_now(
+        self, request: ParsedRequest | None, session: str | None, pinned: str | None, meta: RequestMeta
+    ) -> Decision | Refusal:
+        """``pick`` without the coroutine, for pickers that never wait (``synchronous``)."""
+        return self._pick_here(request, session, pinned, meta, self.state)
+
     def _pick_here(
         self,
         request: ParsedRequest | None,

@@ -636,6 +636,7 @@ class SharedPicker(Picker):
     def __init__(self, balancer: Balancer, metrics: Metrics, shared: SharedState, **kwargs: Any) -> None:
         super().__init__(balancer, metrics, **kwargs)
         self.shared = shared
+        self.synchronous = False  # picks through Redis wait for its answer
         self._request_ids: dict[int, str] = {}
         self._next_request = 0
 

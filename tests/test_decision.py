@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
 from llmlb._core import Balancer, RecordEncoder
@@ -88,6 +89,27 @@ def test_metadata_is_the_record_and_the_route() -> None:
         assert encoded == expected
     with pytest.raises(ValueError, match="no decision record field"):
         RecordEncoder("envoy.lb", "k", RECORD_NAMESPACE, ["endpoint", "colour"])
+    # As the answer's dynamic_metadata field: appended to the answer's bytes, parsed into it.
+    field = pb.ProcessingResponse.DESCRIPTOR.fields_by_name["dynamic_metadata"].number
+    wrapped = RecordEncoder(
+        "envoy.lb",
+        "x-gateway-destination-endpoint",
+        RECORD_NAMESPACE,
+        list(RECORD_FIELDS),
+        metadata_field=field,
+    )
+    d = decision()
+    answer = pb.ProcessingResponse(request_body=pb.BodyResponse())
+    parsed = pb.ProcessingResponse.FromString(
+        answer.SerializeToString()
+        + wrapped.metadata(d.pick, d.policy, d.state, d.request_id, d.path, d.model, d.pick_seconds)
+    )
+    assert parsed.HasField("request_body")
+    assert parsed.dynamic_metadata == struct_pb2.Struct.FromString(
+        encoder.metadata(d.pick, d.policy, d.state, d.request_id, d.path, d.model, d.pick_seconds)
+    )
+    with pytest.raises(ValueError, match="metadata_field 16"):
+        RecordEncoder("envoy.lb", "k", RECORD_NAMESPACE, ["endpoint"], metadata_field=16)
 
 
 def test_record_values_are_typed_as_json_expects() -> None:

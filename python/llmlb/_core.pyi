@@ -315,12 +315,19 @@ class RecordEncoder:
     and rounding are the Rust core's, the same in every form.
 
     Raises:
-        ValueError: a name that is no record field.
+        ValueError: a name that is no record field, or a ``metadata_field`` past 15.
     """
 
     def __new__(
-        cls, route_namespace: str, route_key: str, record_namespace: str, names: list[str]
-    ) -> Self: ...
+        cls,
+        route_namespace: str,
+        route_key: str,
+        record_namespace: str,
+        names: list[str],
+        metadata_field: int = 0,
+    ) -> Self:
+        """``metadata_field`` (1..15): ``metadata()`` as that field of the enclosing answer, ready
+        to append to its bytes; 0: the bare Struct."""
     def metadata(
         self, pick: Pick, policy: str, state: str, request_id: str, path: str, model: str, pick_seconds: float
     ) -> bytes:

@@ -163,22 +163,15 @@ def _pick_common(endpoint: str) -> pb.CommonResponse:
 
 # The pick for routing (``envoy.lb``) and its decision record (``llmlb``), encoded in Rust from
 # the balancer's Pick: building the Struct through the protobuf API (``Struct.update``) cost
-# ~17 µs a request, a dict of the record encoded in Rust ~5 µs, this ~1 µs.
+# ~17 µs a request, a dict of the record encoded in Rust ~5 µs, this ~1 µs. Encoded as the
+# ProcessingResponse.dynamic_metadata field, so it is appended to an answer's bytes.
 _RECORD_METADATA = RecordEncoder(
-    METADATA_NAMESPACE, DESTINATION_HEADER, RECORD_NAMESPACE, list(RECORD_FIELDS)
+    METADATA_NAMESPACE,
+    DESTINATION_HEADER,
+    RECORD_NAMESPACE,
+    list(RECORD_FIELDS),
+    metadata_field=pb.ProcessingResponse.DESCRIPTOR.fields_by_name["dynamic_metadata"].number,
 )
-# ProcessingResponse.dynamic_metadata as a length-delimited field, to append to an answer's bytes.
-_METADATA_TAG = bytes([pb.ProcessingResponse.DESCRIPTOR.fields_by_name["dynamic_metadata"].number << 3 | 2])
-
-
-def _length(n: int) -> bytes:
-    """A protobuf varint."""
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 class _PickResponses:
@@ -221,7 +214,7 @@ def _with_pick_metadata(answer: bytes, decision: Decision) -> pb.ProcessingRespo
         decision.model,
         decision.pick_seconds,
     )
-    return pb.ProcessingResponse.FromString(answer + _METADATA_TAG + _length(len(metadata)) + metadata)
+    return pb.ProcessingResponse.FromString(answer + metadata)
 
 
 def _json_reply(

@@ -30,6 +30,7 @@ use crate::body_decode::{parse_body_for, BodyParser};
 use crate::decision_record::{self, Field, FieldValue, Record as DecisionRecord};
 use crate::engine_metrics::{parse_engine_metrics, Engine, EngineMetrics, MetricsError};
 use crate::fd_wait;
+use crate::pb_struct;
 use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
 use crate::request::{
     parse_request_for, stored_response_id, Affinity, Limits, ParseError, ParsedRequest,
@@ -568,17 +569,27 @@ struct PyRecordEncoder {
     route_key: String,
     record_namespace: String,
     fields: Vec<(String, Field)>,
+    /// `metadata()` as this field of the enclosing answer (`None`: the bare Struct).
+    metadata_field: Option<u8>,
 }
 
 #[pymethods]
 impl PyRecordEncoder {
     #[new]
+    #[pyo3(signature = (route_namespace, route_key, record_namespace, names, metadata_field = 0))]
     fn new(
         route_namespace: String,
         route_key: String,
         record_namespace: String,
         names: Vec<String>,
+        metadata_field: u8,
     ) -> PyResult<Self> {
+        if metadata_field > pb_struct::MAX_ONE_BYTE_FIELD {
+            return Err(PyValueError::new_err(format!(
+                "metadata_field {metadata_field}: at most {}",
+                pb_struct::MAX_ONE_BYTE_FIELD
+            )));
+        }
         let fields = names
             .into_iter()
             .map(|name| match Field::named(&name) {
@@ -593,11 +604,13 @@ impl PyRecordEncoder {
             route_key,
             record_namespace,
             fields,
+            metadata_field: (metadata_field > 0).then_some(metadata_field),
         })
     }
 
     /// The answer's dynamic metadata (`google.protobuf.Struct` wire format): the route
-    /// namespace with the endpoint, the record namespace with the record.
+    /// namespace with the endpoint, the record namespace with the record; with
+    /// `metadata_field`, as that field of the answer, ready to append to its bytes.
     #[allow(clippy::too_many_arguments)]
     fn metadata<'py>(
         &self,
@@ -619,6 +632,7 @@ impl PyRecordEncoder {
                 &self.record_namespace,
                 &self.fields,
                 &record,
+                self.metadata_field,
             ),
         )
     }

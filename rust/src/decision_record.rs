@@ -4,7 +4,7 @@
 //! module maps each name to where its value comes from, so the two cannot drift apart silently:
 //! an unknown name is refused when the encoder is made.
 
-use crate::pb_struct::{encode_struct, Value};
+use crate::pb_struct::{encode_struct, encode_struct_field, Value};
 
 /// Where a record field's value comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,13 +123,14 @@ impl<'a> Record<'a> {
 
 /// Encodes the dynamic metadata of a pick: `route_namespace` with `{route_key: endpoint}` (what
 /// Envoy routes by) and `record_namespace` with the record's `fields` (in wire format, see
-/// `pb_struct`).
+/// `pb_struct`); with `as_field`, as that field of the enclosing answer (`encode_struct_field`).
 pub fn encode_metadata(
     route_namespace: &str,
     route_key: &str,
     record_namespace: &str,
     fields: &[(String, Field)],
     record: &Record<'_>,
+    as_field: Option<u8>,
 ) -> Vec<u8> {
     let values: Vec<(&str, Value<'_>)> = fields
         .iter()
@@ -141,13 +142,17 @@ pub fn encode_metadata(
             FieldValue::Absent => None,
         })
         .collect();
-    encode_struct(&[
+    let metadata = [
         (
             route_namespace,
             Value::Struct(vec![(route_key, Value::Str(record.endpoint))]),
         ),
         (record_namespace, Value::Struct(values)),
-    ])
+    ];
+    match as_field {
+        Some(field) => encode_struct_field(field, &metadata),
+        None => encode_struct(&metadata),
+    }
 }
 
 #[cfg(test)]
@@ -230,8 +235,9 @@ mod tests {
                 runner_up: Some(0.25),
                 ..record()
             },
+            None,
         );
-        let without = encode_metadata("envoy.lb", "x", "llmlb", &fields, &record());
+        let without = encode_metadata("envoy.lb", "x", "llmlb", &fields, &record(), None);
         // The runner_up entry: a map entry with the key and a fixed64 number.
         assert!(with.len() > without.len());
         assert!(!without.windows(9).any(|w| w == b"runner_up"));

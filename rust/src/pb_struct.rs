@@ -106,9 +106,36 @@ pub fn encode_struct(fields: &[(&str, Value<'_>)]) -> Vec<u8> {
     out
 }
 
+/// Field numbers `encode_struct_field` takes: those with a one-byte tag.
+pub const MAX_ONE_BYTE_FIELD: u8 = 15;
+
+/// A Struct with these fields as field `field` (1..=15) of an enclosing message: appended to
+/// that message's bytes, a parser merges it in.
+pub fn encode_struct_field(field: u8, fields: &[(&str, Value<'_>)]) -> Vec<u8> {
+    assert!(
+        (1..=MAX_ONE_BYTE_FIELD).contains(&field),
+        "field {field} needs a longer tag"
+    );
+    let size = struct_size(fields);
+    let mut out = Vec::with_capacity(len_field_size(size));
+    put_len(field, size, &mut out);
+    put_struct(fields, &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_struct_field_is_its_tag_length_and_struct() {
+        let fields = [("k", Value::Str("v"))];
+        let bare = encode_struct(&fields);
+        let field = encode_struct_field(8, &fields);
+        assert_eq!(field[0], 8 << 3 | 2);
+        assert_eq!(usize::from(field[1]), bare.len());
+        assert_eq!(&field[2..], &bare[..]);
+    }
 
     #[test]
     fn one_string_field_matches_protobuf_bytes() {

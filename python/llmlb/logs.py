@@ -42,20 +42,35 @@ class JsonFormatter(logging.Formatter):
         self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "time": utc_stamp(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
+        extra: dict[str, Any] = {}
+        if record.exc_info:
+            extra["exception"] = self.formatException(record.exc_info)
+        return self.line(
+            record.created,
+            record.levelname.lower(),
+            record.name,
+            record.getMessage(),
+            getattr(record, "fields", None),
+            extra,
+        )
+
+    def line(
+        self,
+        when: float,
+        level: str,
+        logger: str,
+        message: str,
+        *parts: dict[str, Any] | None,
+        newline: bool = False,
+    ) -> str:
+        """The JSON line: ``time``, ``level``, ``logger``, ``message``, ``worker``, then ``parts``."""
+        line: dict[str, Any] = {"time": utc_stamp(when), "level": level, "logger": logger, "message": message}
         if self.worker is not None:
             line["worker"] = self.worker
-        fields = getattr(record, "fields", None)
-        if fields:
-            line.update(fields)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
+        for part in parts:
+            if part:
+                line.update(part)
+        return orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE if newline else None).decode()
 
 
 def configure_logging(
@@ -91,8 +106,8 @@ class RequestLog:
     decision record and the response status (0: none came back), or the picker's refusal.
 
     With ``log_format: json`` a request's line is written straight to the handler's stream, the
-    same object ``JsonFormatter`` would make: ~3.5 µs a request instead of ~16 µs for a
-    ``LogRecord`` through the formatter, on every request's path."""
+    line ``JsonFormatter`` makes of a record: ~3.5 µs a request instead of ~16 µs for a
+    ``LogRecord`` through ``logging``, on every request's path."""
 
     def __init__(self) -> None:
         self.log = logging.getLogger(REQUEST_LOGGER)
@@ -103,14 +118,16 @@ class RequestLog:
             return
         handler = self._json
         if handler is not None:
-            line: dict[str, Any] = {"time": utc_stamp(time.time()), "level": "info", "logger": REQUEST_LOGGER}
-            worker = getattr(handler.formatter, "worker", None)
-            if worker is not None:
-                line["worker"] = worker
-            line["message"] = "request"
-            line.update(decision.fields())
-            line["status"] = status
-            text = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode()
+            assert isinstance(handler.formatter, JsonFormatter)  # see _json_handler
+            text = handler.formatter.line(
+                time.time(),
+                "info",
+                REQUEST_LOGGER,
+                "request",
+                decision.fields(),
+                {"status": status},
+                newline=True,
+            )
             handler.acquire()
             try:
                 handler.stream.write(text)

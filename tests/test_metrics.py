@@ -77,7 +77,8 @@ def test_workers_merge_family_by_family():
         m.prefix_insertions.samples = lambda: [((), 3.0)]
         workers.append(m.render())
     rules = {live.name: live.across_workers for live in Metrics(lambda: []).live()}
-    merged = {f.name: f for f in merge_live_families(workers, rules)}
+    pages = [list(text_string_to_metric_families(text)) for text in workers]
+    merged = {f.name: f for f in merge_live_families(pages, rules)}
     inflight = {s.labels["endpoint"]: s.value for s in merged["llmlb_inflight_requests"].samples}
     assert inflight == {"a:1": 2.0, "b:2": 4.0}
     assert [s.value for s in merged["llmlb_redis_up"].samples] == [0.0]

@@ -31,6 +31,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,13 +77,14 @@ class Worker:
         return f"http://127.0.0.1:{self.admin_port}" if self.admin_port else None
 
 
-def merge_live_families(texts: list[str], rules: dict[str, AcrossWorkers]) -> list[Metric]:
-    """The workers' scrape-time families (``rules``: name -> how samples combine), merged family by
-    family: a series only some workers have still lands in its own family."""
+def merge_live_families(pages: Iterable[list[Metric]], rules: dict[str, AcrossWorkers]) -> list[Metric]:
+    """The workers' scrape-time families (``rules``: name -> how samples combine; ``pages``: each
+    worker's parsed ``/metrics``), merged family by family: a series only some workers have still
+    lands in its own family."""
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
-        for family in text_string_to_metric_families(text):
+    for page in pages:
+        for family in page:
             rule = rules.get(family.name)
             if rule is None:
                 continue  # counted in the shared multiprocess directory instead
@@ -234,18 +236,20 @@ class Supervisor:
         return web.Response(status=status, text=f"{ready}/{self.count} workers ready\n")
 
     async def _metrics(self, _: web.Request) -> web.Response:
-        texts = {index: body.decode() for index, body in (await self._answers("/metrics")).items()}
-        families = merge_live_families(list(texts.values()), self._live_rules)
+        pages = {
+            index: list(text_string_to_metric_families(body.decode()))
+            for index, body in (await self._answers("/metrics")).items()
+        }
+        families = merge_live_families(pages.values(), self._live_rules)
         workers = Metric(WORKERS_FAMILY, "Worker processes answering the supervisor.", "gauge")
-        workers.add_sample(WORKERS_FAMILY, {}, len(texts))
+        workers.add_sample(WORKERS_FAMILY, {}, len(pages))
         # How evenly the kernel spreads Envoy's connections (and so the streams) over workers.
         streams = Metric(WORKER_STREAMS_FAMILY, "ext_proc streams opened, by worker.", "counter")
-        for index, text in texts.items():
+        for index, page in pages.items():
             opened = next(
-                (s.value for f in text_string_to_metric_families(text) for s in f.samples
-                 if s.name == "llmlb_extproc_streams_total"),
+                (s.value for f in page for s in f.samples if s.name == "llmlb_extproc_streams_total"),
                 0.0,
-            )  # fmt: skip
+            )
             streams.add_sample(f"{WORKER_STREAMS_FAMILY}_total", {"worker": str(index)}, opened)
         self._scraped.families = [*families, workers, streams]
         return web.Response(body=generate_latest(self.registry), content_type="text/plain", charset="utf-8")

@@ -200,14 +200,20 @@ _PREDICTION_KEYS = ("enabled", "interval", "window")
 PREDICTION_AUTO = "auto"
 
 
-def parse_prediction(raw: Any) -> Prediction:
+def _section(raw: Any, name: str, keys: tuple[str, ...]) -> Mapping[str, Any]:
+    """A config section that is a mapping of only ``keys`` (``None``: empty, the defaults)."""
     if raw is None:
-        return Prediction()
+        return {}
     if not isinstance(raw, Mapping):
-        raise ConfigError("prediction", f"must be a mapping ({', '.join(_PREDICTION_KEYS)})")
+        raise ConfigError(name, f"must be a mapping ({', '.join(keys)})")
     for key in raw:
-        if key not in _PREDICTION_KEYS:
-            raise ConfigError(f"prediction.{key}", f"unknown key (allowed: {', '.join(_PREDICTION_KEYS)})")
+        if key not in keys:
+            raise ConfigError(f"{name}.{key}", f"unknown key (allowed: {', '.join(keys)})")
+    return raw
+
+
+def parse_prediction(raw: Any) -> Prediction:
+    raw = _section(raw, "prediction", _PREDICTION_KEYS)
     values: dict[str, Any] = {}
     enabled = raw.get("enabled")
     if enabled is not None and enabled != PREDICTION_AUTO:
@@ -250,13 +256,7 @@ _METADATA_KEY = re.compile(r"^[a-z0-9_.-]+$")
 
 
 def parse_tracing(raw: Any) -> Tracing:
-    if raw is None:
-        return Tracing()
-    if not isinstance(raw, Mapping):
-        raise ConfigError("tracing", f"must be a mapping ({', '.join(_TRACING_KEYS)})")
-    for key in raw:
-        if key not in _TRACING_KEYS:
-            raise ConfigError(f"tracing.{key}", f"unknown key (allowed: {', '.join(_TRACING_KEYS)})")
+    raw = _section(raw, "tracing", _TRACING_KEYS)
     values: dict[str, Any] = {}
     if raw.get("otlp_endpoint") is not None:
         url = _str(raw["otlp_endpoint"], "tracing.otlp_endpoint")

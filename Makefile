@@ -63,8 +63,9 @@ test-python: ## Python tests: unit, protocol and end-to-end through a real Envoy
 	$(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 .PHONY: test-bench-smoke
-test-bench-smoke: ## The Python benchmarks, once each, as smoke tests
+test-bench-smoke: ## The Python benchmarks, once each, and bench-scale's short variant, as smoke tests
 	$(PYTHON) -m pytest bench/python --benchmark-disable -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(PYTHON) bench/scale/bench_scale.py --smoke
 
 .PHONY: test
 test: dev kube-bin otel-bin lint test-rust test-python test-bench-smoke ## Install what tests need, lint, run every test
@@ -94,6 +95,10 @@ bench-stall: ## How long one big request body holds up other streams in the pick
 .PHONY: bench-churn
 bench-churn: ## What pod churn costs the picker (CPU, lag, RSS) against the test API server (needs kube-bin)
 	$(PYTHON) bench/discovery/bench_churn.py
+
+.PHONY: bench-scale
+bench-scale: ## Gateway mode at scale beside the llm-d EPP (../shared/anchors): CPU, req/s, scrapes, memory
+	$(PYTHON) bench/scale/bench_scale.py --label $(or $(LABEL),run)
 
 .PHONY: bench-quality
 bench-quality: ## Routing quality (KV hit rate, TTFT, hot spots) of each policy over simulated vLLM servers

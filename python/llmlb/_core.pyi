@@ -19,6 +19,7 @@ __all__ = [
     "MetricsParseError",
     "NoEndpointsError",
     "OverLimitError",
+    "PageScraper",
     "ParsedRequest",
     "Pick",
     "RecordEncoder",
@@ -238,6 +239,30 @@ class EngineMetrics:
     @property
     def lines_skipped(self) -> int:
         """Malformed lines ignored."""
+
+@final
+class PageScraper:
+    """The endpoints' ``/metrics`` pages scraped on a background thread: each endpoint on its
+    own timer (a slow one delays only its own scrapes), kept-alive connections, each exchange
+    bounded by ``timeout_s`` and ``max_page_bytes``, the page parsed on that thread."""
+
+    def __new__(cls, interval_s: float, timeout_s: float, max_page_bytes: int) -> Self:
+        """Starts the thread.
+
+        Raises:
+            ValueError: an interval or timeout that is not a positive number of seconds.
+            OSError: the thread could not be started.
+        """
+    def set_targets(self, targets: list[tuple[str, str, str | None]]) -> list[str]:
+        """Scrapes exactly these ``(address, url, engine)`` from now on (``engine`` ``None``:
+        detected from the first page); unchanged targets keep their timer and connection.
+        Returns the addresses whose engine name is unknown (detected instead)."""
+    def drain(self) -> list[tuple[str, EngineMetrics | None, str | None, str | None]]:
+        """Every scrape since the last drain, oldest first: ``(address, metrics, reason,
+        detail)``; on failure ``metrics`` is ``None`` and ``reason`` is ``http_status``,
+        ``timeout``, ``connect``, ``too_large`` or ``parse``."""
+    def close(self) -> None:
+        """Stops the thread (scrapes in flight are abandoned); idempotent."""
 
 def parse_engine_metrics(text: bytes, engine: str | None = None) -> tuple[str, EngineMetrics]:
     """Reads a Prometheus text-format ``/metrics`` page: ``(engine, metrics)``.

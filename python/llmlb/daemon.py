@@ -149,6 +149,9 @@ class Daemon:
         )
         self.shared: SharedState | None = None
         self.scraper: MetricsScraper | None = None  # least_busy only
+        # With --workers, worker 0 alone scrapes; the loads reach the others through the shared
+        # state (one scrape per endpoint per interval, whatever the number of workers).
+        self._scrapes = role is None or role.index == 0
         picker: Picker
         # Where the picking state lives, for the decision record (a shared picker says per pick).
         state = STATE_SHARED_MEMORY if role is not None else STATE_EMBEDDED
@@ -235,7 +238,14 @@ class Daemon:
             if self.scraper is not None:
                 self.scraper.on_values = tracker.engine_sample
             else:
-                tracker.scraper = MetricsScraper(self.config, self.balancer, self.endpoints, self.metrics)
+                tracker.scraper = MetricsScraper(
+                    self.config,
+                    self.balancer,
+                    self.endpoints,
+                    self.metrics,
+                    interval_ms=settings.interval,
+                    feed_balancer=False,
+                )
         return tracker
 
     def _build_tracer(self, picker: Picker) -> PickTracer | None:
@@ -425,7 +435,7 @@ class Daemon:
         self.endpoints.start()
         if self.shared is not None:
             await self.shared.start()
-        if self.scraper is not None:
+        if self.scraper is not None and self._scrapes:
             self.scraper.start()
         if self.prediction is not None:
             self.prediction.start(self.endpoints)

@@ -258,6 +258,9 @@ class PredictionTracker:
     # --- running -------------------------------------------------------------------------------
 
     def start(self, endpoints: EndpointManager) -> None:
+        if self.scraper is not None:
+            self.scraper.on_values = self.engine_sample
+            self.scraper.start()
         if self.engine_side:
             self._task = asyncio.create_task(self._run(endpoints), name="prediction")
 
@@ -272,25 +275,14 @@ class PredictionTracker:
 
     async def _run(self, endpoints: EndpointManager) -> None:
         loop = asyncio.get_running_loop()
-        if self.scraper is not None:
-            self.scraper.open()
         while True:
             started = loop.time()
             addresses = [ep.address for ep in endpoints.pool]
             try:
-                if self.scraper is not None:
-                    await asyncio.gather(*(self._read(a) for a in addresses))
-                    self.scraper.forget(set(addresses))
                 self.tick(addresses)
             except Exception:  # a bug must not end the loop
                 log.exception("prediction tick failed")
             await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
-
-    async def _read(self, address: str) -> None:
-        assert self.scraper is not None
-        values = await self.scraper.read(address)
-        if values is not None:
-            self.engine_sample(address, values)
 
     # --- views -----------------------------------------------------------------------------------
 

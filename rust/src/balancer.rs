@@ -414,6 +414,9 @@ pub struct Balancer {
     /// scrape could not see them yet). Releasing one picked before the scrape changes nothing.
     picks_since_scrape: Vec<u32>,
     scrape_generation: Vec<u32>,
+    /// With `--workers`: the generation of the shared load last taken in per endpoint (see
+    /// `take_published_load`).
+    published_generation: Vec<u64>,
 }
 
 impl Balancer {
@@ -472,19 +475,48 @@ impl Balancer {
             models: Vec::new(),
             picks_since_scrape: Vec::new(),
             scrape_generation: Vec::new(),
+            published_generation: Vec::new(),
         })
     }
 
     /// Records an endpoint's freshly scraped load; picks since the previous scrape stop counting.
+    /// With `--workers` it is published to the other workers too (one of them scrapes for all).
     pub fn set_load(&mut self, address: &str, load: Load) {
         let id = self.intern(address) as usize;
+        if let Some(w) = &self.workers {
+            if let Some(slot) = w.slot(id as u32) {
+                w.state.publish_load(slot, &load);
+                self.published_generation[id] = w.state.load_generation(slot);
+            }
+        }
         self.loads[id] = Some(load);
         self.picks_since_scrape[id] = 0;
         self.scrape_generation[id] = self.scrape_generation[id].wrapping_add(1);
     }
 
-    /// The last load of every endpoint in the pool.
-    pub fn endpoint_loads(&self) -> Vec<LoadView> {
+    /// With `--workers`: takes in the load another worker published for `id` since this one
+    /// last looked, as `set_load` would (one atomic read when nothing changed).
+    fn take_published_load(&mut self, id: usize) {
+        let Some(w) = &self.workers else { return };
+        let Some(slot) = w.slot(id as u32) else {
+            return;
+        };
+        if w.state.load_generation(slot) == self.published_generation[id] {
+            return;
+        }
+        if let Some((generation, load)) = w.state.read_load(slot) {
+            self.loads[id] = Some(load);
+            self.picks_since_scrape[id] = 0;
+            self.scrape_generation[id] = self.scrape_generation[id].wrapping_add(1);
+            self.published_generation[id] = generation;
+        }
+    }
+
+    /// The last load of every endpoint in the pool (with `--workers`, the latest published).
+    pub fn endpoint_loads(&mut self) -> Vec<LoadView> {
+        for i in 0..self.pool.len() {
+            self.take_published_load(self.pool[i] as usize);
+        }
         self.pool
             .iter()
             .map(|&id| LoadView {
@@ -507,6 +539,11 @@ impl Balancer {
     fn least_busy(&mut self, model: Option<&str>, now_ms: u64) -> Result<bool, PickError> {
         let stale_after = self.config.stale_after_ms;
         let mut lora = false;
+        if self.workers.is_some() {
+            for i in 0..self.candidates.len() {
+                self.take_published_load(self.candidates[i].id as usize);
+            }
+        }
         for c in &mut self.candidates {
             let id = c.id as usize;
             match &self.loads[id] {
@@ -794,6 +831,7 @@ impl Balancer {
         self.models.push(None);
         self.picks_since_scrape.push(0);
         self.scrape_generation.push(0);
+        self.published_generation.push(0);
         if let Some(w) = self.workers.as_mut() {
             let slot = w
                 .state
@@ -1808,6 +1846,37 @@ mod tests {
             &*b.pick_for(Some(&[]), Some("m"), 40).unwrap().endpoint,
             "a:1"
         );
+    }
+
+    #[test]
+    fn one_worker_scrapes_and_every_worker_picks_by_its_loads() {
+        use crate::worker_state::{Layout, WorkerState};
+        let path = std::env::temp_dir().join(format!("llmlb-balancer-{}-busy", std::process::id()));
+        WorkerState::create(&path, Layout::new(2, 64, 1024), 60).unwrap();
+        let mut w: Vec<Balancer> = (0..2)
+            .map(|i| {
+                let mut b = busy_balancer(None);
+                b.attach_workers(Arc::new(WorkerState::open(&path, i).unwrap()));
+                b
+            })
+            .collect();
+        // Worker 1 has never been handed a load: all stale, so it falls back by request count.
+        let before = w[1].pick_for(Some(&[]), Some("m"), 10).unwrap();
+        assert_eq!(before.reason, PickReason::StaleMetrics);
+        w[0].set_load("a:1", load(8.0, 0.5, 0));
+        w[0].set_load("b:1", load(0.0, 0.1, 0));
+        w[0].set_load("c:1", load(9.0, 0.9, 0));
+        let p = w[1].pick_for(Some(&[]), Some("m"), 10).unwrap();
+        assert_eq!((&*p.endpoint, p.reason), ("b:1", PickReason::LeastBusy));
+        let views = w[1].endpoint_loads();
+        assert_eq!(views[0].load.as_ref().map(|l| l.waiting), Some(8.0));
+        // The next scrape flips the load; worker 1 follows it, its own pick count restarting.
+        w[0].set_load("a:1", load(0.0, 0.1, 30));
+        w[0].set_load("b:1", load(20.0, 0.9, 30));
+        w[0].set_load("c:1", load(20.0, 0.9, 30));
+        let p = w[1].pick_for(Some(&[]), Some("m"), 40).unwrap();
+        assert_eq!(&*p.endpoint, "a:1");
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]

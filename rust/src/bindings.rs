@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::create_exception;
@@ -38,6 +38,7 @@ use crate::request::{
 };
 use crate::scheduling::least_busy::Thresholds;
 use crate::scheduling::policies::{LoadModel, Policy};
+use crate::scraper::{Scraper, Settings as ScrapeSettings, Target};
 use crate::shared::picks::{CommitReply, Outcome, OwnedRequest, SharedPicks};
 use crate::shared::{
     forget_command, heartbeat_call, reap_call, release_call, scripts, Call, Keys, Record, Release,
@@ -393,20 +394,15 @@ fn py_parse_engine_metrics(
     text: PyBackedBytes,
     engine: Option<&str>,
 ) -> PyResult<(&'static str, PyEngineMetrics)> {
-    let engine = engine
-        .map(|name| {
-            Engine::from_name(name).ok_or_else(|| {
-                PyValueError::new_err(format!(
-                    "unknown engine {name:?}; expected vllm, sglang, trtllm-serve or triton"
-                ))
-            })
-        })
-        .transpose()?;
+    let engine = engine.map(engine_named).transpose()?;
     let (engine, m) =
         parse_metrics(py, &text, engine).map_err(|e| MetricsParseError::new_err(e.to_string()))?;
-    Ok((
-        engine.name(),
-        PyEngineMetrics {
+    Ok((engine.name(), PyEngineMetrics::new(engine, m)))
+}
+
+impl PyEngineMetrics {
+    fn new(engine: Engine, m: EngineMetrics) -> Self {
+        Self {
             engine: engine.name(),
             waiting: m.waiting,
             running: m.running,
@@ -417,8 +413,122 @@ fn py_parse_engine_metrics(
             prefix_cache_queries: m.prefix_cache_queries,
             prefix_cache_hits: m.prefix_cache_hits,
             lines_skipped: m.lines_skipped,
-        },
-    ))
+        }
+    }
+}
+
+fn engine_named(name: &str) -> PyResult<Engine> {
+    Engine::from_name(name).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "unknown engine {name:?}; expected vllm, sglang, trtllm-serve or triton"
+        ))
+    })
+}
+
+/// One scrape's outcome as Python sees it: `(address, metrics, reason, detail)`, metrics `None`
+/// and reason/detail set when it failed.
+type ScrapeOutcome = (
+    String,
+    Option<PyEngineMetrics>,
+    Option<&'static str>,
+    Option<String>,
+);
+
+/// The endpoints' `/metrics` pages scraped on a background thread (see `scraper`).
+#[pyclass(name = "PageScraper", module = "llmlb._core", frozen)]
+struct PyPageScraper {
+    inner: Mutex<Option<Scraper>>,
+}
+
+impl PyPageScraper {
+    fn with<R>(&self, f: impl FnOnce(&mut Scraper) -> R) -> PyResult<R> {
+        let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let scraper = guard
+            .as_mut()
+            .ok_or_else(|| PyRuntimeError::new_err("the scraper is closed"))?;
+        Ok(f(scraper))
+    }
+}
+
+#[pymethods]
+impl PyPageScraper {
+    #[new]
+    fn new(interval_s: f64, timeout_s: f64, max_page_bytes: usize) -> PyResult<Self> {
+        let seconds = |value: f64, what: &str| {
+            Duration::try_from_secs_f64(value)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!(
+                        "{what} must be a positive number of seconds, not {value}"
+                    ))
+                })
+        };
+        let settings = ScrapeSettings {
+            interval: seconds(interval_s, "interval_s")?,
+            timeout: seconds(timeout_s, "timeout_s")?,
+            max_page_bytes,
+        };
+        let scraper = Scraper::start(settings)
+            .map_err(|e| PyOSError::new_err(format!("starting the scraper thread: {e}")))?;
+        Ok(Self {
+            inner: Mutex::new(Some(scraper)),
+        })
+    }
+
+    /// Scrapes exactly these `(address, url, engine)` from now on (`engine` `None`: detected
+    /// from the first page); unchanged targets keep their timer and connection. Returns the
+    /// addresses whose engine name is unknown: theirs is detected instead.
+    fn set_targets(
+        &self,
+        py: Python<'_>,
+        targets: Vec<(String, String, Option<String>)>,
+    ) -> PyResult<Vec<String>> {
+        let mut unknown = Vec::new();
+        let targets = targets
+            .into_iter()
+            .map(|(address, url, name)| {
+                let engine = name.as_deref().and_then(Engine::from_name);
+                if engine.is_none() && name.is_some() {
+                    unknown.push(address.clone());
+                }
+                Target {
+                    address,
+                    url,
+                    engine,
+                }
+            })
+            .collect();
+        py.detach(|| self.with(|s| s.set_targets(targets)))?;
+        Ok(unknown)
+    }
+
+    /// Every outcome since the last drain, oldest first.
+    fn drain(&self) -> PyResult<Vec<ScrapeOutcome>> {
+        let (outcomes, timeout) = self.with(|s| (s.drain(), s.settings().timeout))?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| match o.result {
+                Ok((engine, m)) => (o.address, Some(PyEngineMetrics::new(engine, m)), None, None),
+                Err(failure) => (
+                    o.address,
+                    None,
+                    Some(failure.reason()),
+                    Some(failure.detail(timeout)),
+                ),
+            })
+            .collect())
+    }
+
+    /// Stops the thread; scrapes in flight are abandoned. Idempotent.
+    fn close(&self, py: Python<'_>) {
+        let scraper = self
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        py.detach(|| drop(scraper));
+    }
 }
 
 #[pyclass(name = "Balancer", module = "llmlb._core", frozen)]
@@ -1336,6 +1446,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyParsedRequest>()?;
     m.add_class::<PyRequestStream>()?;
     m.add_class::<PyEngineMetrics>()?;
+    m.add_class::<PyPageScraper>()?;
     m.add_function(wrap_pyfunction!(py_parse_request, m)?)?;
     m.add_function(wrap_pyfunction!(py_parse_body, m)?)?;
     m.add_function(wrap_pyfunction!(py_request_kind, m)?)?;

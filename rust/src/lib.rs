@@ -14,6 +14,7 @@ pub mod prefix_hash;
 pub mod prefix_table;
 pub mod request;
 pub mod scheduling;
+pub mod scraper;
 pub mod shared;
 pub mod worker_state;
 

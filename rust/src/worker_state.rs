@@ -12,7 +12,11 @@
 //! - a **prefill backlog** per slot (`backlog::pack`, one word updated by compare-and-swap):
 //!   every worker's picks add to it and it drains with time, so it needs no cleaning up;
 //! - a **prefix table**: set-associative (8 ways per set), each entry a prefix hash and up to
-//!   four `(slot, expiry)` holders like the embedded table, least recently used way replaced.
+//!   four `(slot, expiry)` holders like the embedded table, least recently used way replaced;
+//! - a **scraped load** per slot (least_busy): one worker scrapes the endpoints' metrics and
+//!   publishes each load here, so the pool is scraped once per interval whatever the number of
+//!   workers. A sequence word guards each record (odd while written; readers retry), and a
+//!   writer that died mid-write is simply overwritten by the next publish.
 //!
 //! Every word is an `AtomicU64`. Directory and prefix sets are guarded by spinlocks whose word
 //! holds the owner's PID: a lock held by a process that no longer exists is taken over, and a
@@ -28,11 +32,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::backlog::{self, Backlog};
+use crate::balancer::Load;
 use crate::prefix_table::{Recorded, HOLDERS};
 
 const MAGIC: u64 = 0x6c6c_6d6c_625f_7773; // "llmlb_ws"
-/// 2: a prefill backlog word per slot.
-const VERSION: u64 = 2;
+/// 2: a prefill backlog word per slot; 3: a scraped load per slot.
+const VERSION: u64 = 3;
 
 const HEADER_WORDS: usize = 8;
 const H_MAGIC: usize = 0;
@@ -56,6 +61,16 @@ const ENTRY_WORDS: usize = 2 + HOLDERS;
 const SET_WORDS: usize = 1 + WAYS * ENTRY_WORDS;
 
 pub const MAX_WORKERS: usize = 256;
+
+/// Scraped load record: sequence, waiting, running, KV use (f64 bits), scraped at (ms),
+/// `max_lora`, bytes of adapter names used, then the names.
+const LOAD_WORDS: usize = 32;
+const LOAD_HEAD: usize = 7;
+/// Adapter names shared per endpoint (each: running/waiting tag, length, bytes); names past
+/// it are left out (a worker then sees fewer adapters loaded than the scrape did).
+pub const LOAD_NAME_BYTES: usize = (LOAD_WORDS - LOAD_HEAD) * 8;
+/// Reads of a record being rewritten before giving up (the previous load is then used).
+const LOAD_READ_TRIES: u32 = 64;
 
 /// Spins before a busy lock is checked for a dead owner, and before it is given up on.
 const STEAL_CHECK_SPINS: u32 = 2_000;
@@ -90,8 +105,12 @@ impl Layout {
         self.backlogs() + self.slots
     }
 
-    fn words(&self) -> usize {
+    fn loads(&self) -> usize {
         self.prefix() + self.sets * SET_WORDS
+    }
+
+    fn words(&self) -> usize {
+        self.loads() + self.slots * LOAD_WORDS
     }
 
     pub fn bytes(&self) -> usize {
@@ -540,6 +559,111 @@ impl WorkerState {
         recorded
     }
 
+    fn load_record(&self, slot: u32) -> Option<&[AtomicU64]> {
+        let slot = slot as usize;
+        (slot < self.layout.slots).then(|| {
+            let base = self.layout.loads() + slot * LOAD_WORDS;
+            &self.all()[base..base + LOAD_WORDS]
+        })
+    }
+
+    /// Publishes `slot`'s freshly scraped load to every worker (one writer: the scraping one).
+    pub fn publish_load(&self, slot: u32, load: &Load) {
+        let Some(record) = self.load_record(slot) else {
+            return;
+        };
+        let mut names = [0u8; LOAD_NAME_BYTES];
+        let mut used = 0;
+        let tagged = (load.running_lora.iter().map(|n| (0u8, n)))
+            .chain(load.waiting_lora.iter().map(|n| (1u8, n)));
+        for (tag, name) in tagged {
+            let bytes = name.as_bytes();
+            if bytes.len() > usize::from(u8::MAX) || used + 2 + bytes.len() > LOAD_NAME_BYTES {
+                continue;
+            }
+            names[used] = tag;
+            names[used + 1] = bytes.len() as u8;
+            names[used + 2..used + 2 + bytes.len()].copy_from_slice(bytes);
+            used += 2 + bytes.len();
+        }
+        // Odd while written; an odd word left by a writer that died is taken over as it is.
+        let odd = record[0].load(Ordering::Relaxed) | 1;
+        record[0].store(odd, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        record[1].store(load.waiting.to_bits(), Ordering::Relaxed);
+        record[2].store(load.running.to_bits(), Ordering::Relaxed);
+        record[3].store(load.kv_cache.to_bits(), Ordering::Relaxed);
+        record[4].store(load.at_ms, Ordering::Relaxed);
+        record[5].store(u64::from(load.max_lora), Ordering::Relaxed);
+        record[6].store(used as u64, Ordering::Relaxed);
+        for (i, chunk) in names[..used].chunks(8).enumerate() {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            record[LOAD_HEAD + i].store(u64::from_le_bytes(word), Ordering::Relaxed);
+        }
+        record[0].store(odd + 1, Ordering::Release);
+    }
+
+    /// How many loads were published for `slot` (0: none yet); changes with every publish.
+    pub fn load_generation(&self, slot: u32) -> u64 {
+        self.load_record(slot)
+            .map_or(0, |r| r[0].load(Ordering::Acquire) / 2)
+    }
+
+    /// `slot`'s latest published load and its generation; `None` before the first publish (or
+    /// while a writer keeps rewriting it).
+    pub fn read_load(&self, slot: u32) -> Option<(u64, Load)> {
+        let record = self.load_record(slot)?;
+        for _ in 0..LOAD_READ_TRIES {
+            let before = record[0].load(Ordering::Acquire);
+            if before == 0 {
+                return None;
+            }
+            if before & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let words: Vec<u64> = record[1..]
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed))
+                .collect();
+            std::sync::atomic::fence(Ordering::Acquire);
+            if record[0].load(Ordering::Relaxed) != before {
+                continue;
+            }
+            let mut load = Load {
+                waiting: f64::from_bits(words[0]),
+                running: f64::from_bits(words[1]),
+                kv_cache: f64::from_bits(words[2]),
+                at_ms: words[3],
+                max_lora: u32::try_from(words[4]).unwrap_or(u32::MAX),
+                ..Load::default()
+            };
+            let used = (words[5] as usize).min(LOAD_NAME_BYTES);
+            let bytes: Vec<u8> = words[LOAD_HEAD - 1..]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .take(used)
+                .collect();
+            let mut at = 0;
+            while at + 2 <= bytes.len() {
+                let (tag, len) = (bytes[at], usize::from(bytes[at + 1]));
+                let Some(name) = bytes.get(at + 2..at + 2 + len) else {
+                    break;
+                };
+                let name = String::from_utf8_lossy(name).into_owned();
+                if tag == 0 {
+                    load.running_lora.push(name);
+                } else {
+                    load.waiting_lora.push(name);
+                }
+                at += 2 + len;
+            }
+            return Some((before / 2, load));
+        }
+        None
+    }
+
     /// Ways of the prefix table in use (one pass over the table: for scrapes, not picks).
     pub fn prefix_entries(&self) -> usize {
         let base = self.layout.prefix();
@@ -715,6 +839,83 @@ mod tests {
         state.match_depths(hashes, now_ms, &mut out);
         out.sort_unstable();
         out
+    }
+
+    #[test]
+    fn a_published_load_is_read_by_every_worker_with_its_adapters() {
+        let file = create("loads", Layout::new(2, 4, 16));
+        let a = WorkerState::open(&file.0, 0).unwrap();
+        let b = WorkerState::open(&file.0, 1).unwrap();
+        let slot = a.intern("10.0.0.1:8000").unwrap();
+        assert_eq!(b.read_load(slot), None, "nothing published yet");
+        assert_eq!(b.load_generation(slot), 0);
+        let load = Load {
+            waiting: 3.0,
+            running: 2.5,
+            kv_cache: 0.75,
+            running_lora: vec!["sql-lora".into(), "chat-lora".into()],
+            waiting_lora: vec!["new-lora".into()],
+            max_lora: 4,
+            at_ms: 12_345,
+        };
+        a.publish_load(slot, &load);
+        assert_eq!(b.read_load(slot), Some((1, load.clone())));
+        let next = Load {
+            waiting: 0.0,
+            ..load
+        };
+        a.publish_load(slot, &next);
+        assert_eq!(b.load_generation(slot), 2);
+        assert_eq!(b.read_load(slot).map(|(_, l)| l.waiting), Some(0.0));
+        assert_eq!(b.read_load(99), None, "out of range");
+    }
+
+    #[test]
+    fn adapter_names_past_the_record_are_left_out() {
+        let file = create("loads-names", Layout::new(1, 1, 8));
+        let a = WorkerState::open(&file.0, 0).unwrap();
+        let names: Vec<String> = (0..40).map(|i| format!("adapter-{i:03}")).collect();
+        let load = Load {
+            running_lora: names.clone(),
+            ..Load::default()
+        };
+        a.publish_load(0, &load);
+        let (_, read) = a.read_load(0).unwrap();
+        let fit = LOAD_NAME_BYTES / (2 + names[0].len());
+        assert_eq!(read.running_lora, names[..fit]);
+    }
+
+    #[test]
+    fn readers_never_see_a_torn_load() {
+        let file = create("loads-torn", Layout::new(2, 1, 8));
+        let writer = WorkerState::open(&file.0, 0).unwrap();
+        let path = file.0.clone();
+        let reader = std::thread::spawn(move || {
+            let state = WorkerState::open(&path, 1).unwrap();
+            let mut seen = 0;
+            for _ in 0..200_000 {
+                if let Some((_, l)) = state.read_load(0) {
+                    // Every publish writes one value into all three figures.
+                    assert_eq!(l.waiting.to_bits(), l.running.to_bits());
+                    assert_eq!(l.waiting.to_bits(), l.kv_cache.to_bits());
+                    seen += 1;
+                }
+            }
+            seen
+        });
+        for i in 0..200_000u32 {
+            let v = f64::from(i);
+            writer.publish_load(
+                0,
+                &Load {
+                    waiting: v,
+                    running: v,
+                    kv_cache: v,
+                    ..Load::default()
+                },
+            );
+        }
+        assert!(reader.join().unwrap() > 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@ stale. Each test sets the fleet's load, waits until the daemon has scraped it (i
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -289,7 +290,16 @@ def test_workers_scrape_and_route_by_load_too(tmp_path: Path) -> None:
         )
         counts = fleet.served()
         assert counts[b] >= REQUESTS - 1, counts
-        # Both workers scrape: the supervisor's merged view keeps the freshest age.
+        # Worker 0 scrapes for both (the loads reach worker 1 through the shared state): each
+        # server is scraped once per 50 ms interval, not once per worker.
         assert metric_sum(daemon.metrics(), "llmlb_workers") == 2
+        for backend in backends:
+            backend.reset()
+        started = time.monotonic()
+        time.sleep(2.0)
+        elapsed = time.monotonic() - started
+        for backend in backends:
+            scrapes = backend.stats()["metrics_scrapes"]
+            assert 0.6 * elapsed / 0.05 <= scrapes <= 1.3 * elapsed / 0.05 + 2, (backend.name, scrapes)
     finally:
         fleet.stop()

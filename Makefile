@@ -14,7 +14,7 @@ install: ## Install llmlb (builds the Rust extension, release profile)
 	$(PIP) install .
 
 .PHONY: deps
-deps: ## System packages the tests need (Debian's redis-server, dnsmasq-base, chromium; idempotent)
+deps: ## System packages the tests need (Debian's redis-server, dnsmasq-base, chromium, wrk; idempotent)
 	bash scripts/install-test-deps.sh
 
 .PHONY: dev

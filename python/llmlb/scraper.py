@@ -43,6 +43,9 @@ METRICS_PORT_LABEL = "metrics_port"
 # A metrics page larger than this is refused rather than read (vLLM's is ~100 KB).
 MAX_PAGE_BYTES = 8 * 1024 * 1024
 POOL_SYNC_SECONDS = 0.25
+# How often the scrapes are taken from the Rust scraper: a scrape waits at most this long before
+# its load reaches the balancer (one cheap call when there is nothing).
+DRAIN_SECONDS = 0.05
 
 
 @dataclass
@@ -84,6 +87,9 @@ class MetricsScraper:
         self._task: asyncio.Task[None] | None = None
         # Every parsed page, usable or not for least_busy (the prediction check's counters).
         self.on_values: Callable[[str, EngineMetrics], None] | None = None
+        # After each drain that brought scrapes (the prediction check's own scraper ticks then,
+        # so its snapshots pair the engines' counters with the predictions of the same moment).
+        self.on_batch: Callable[[], None] | None = None
 
     def url(self, address: str) -> str:
         host, port = parse_listen(address, "endpoint")
@@ -154,13 +160,14 @@ class MetricsScraper:
                 self.apply()
             except Exception:  # a bug must not end the scraping
                 log.exception("applying scrapes failed")
-            await asyncio.sleep(min(self.interval, POOL_SYNC_SECONDS))
+            await asyncio.sleep(DRAIN_SECONDS)
 
     def apply(self) -> None:
         """Hands every scrape since the last call to the balancer, ``on_values`` and the
         counters."""
         assert self._pages is not None, "start() first"
-        for address, values, reason, detail in self._pages.drain():
+        outcomes = self._pages.drain()
+        for address, values, reason, detail in outcomes:
             state = self.states.get(address)
             if state is None:  # left the pool since
                 continue
@@ -171,6 +178,8 @@ class MetricsScraper:
                 continue
             state.engine = state.engine or values.engine
             self._use(address, state, values)
+        if outcomes and self.on_batch is not None:
+            self.on_batch()
 
     def _use(self, address: str, state: ScrapeState, values: EngineMetrics) -> None:
         if self.on_values is not None:

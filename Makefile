@@ -20,6 +20,9 @@ deps: ## System packages the tests need (Debian's redis-server, dnsmasq-base, ch
 .PHONY: dev
 dev: deps ## Install llmlb editable plus everything the tests, lints and benchmarks need
 	$(PIP) install -e '.[test]'
+	@# xds-protos ships an old copy of opentelemetry-proto's modules (Envoy's API imports them);
+	@# whichever wheel pip unpacks last owns the files, so put the real ones back.
+	$(PIP) install --no-deps --force-reinstall "opentelemetry-proto==$$($(PYTHON) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 
 .PHONY: kube-bin
 kube-bin: ## Build the test Kubernetes API server, etcd and kubectl once into a cache dir (~6 min cold)

@@ -12,7 +12,7 @@ import yaml
 
 from llmlb.config import Config, ConfigError, GrpcTls, effective_dict, load_config, parse_config
 from llmlb.metrics import Metrics
-from llmlb.tls import TlsReloader, check_files
+from llmlb.tls import TlsMaterial, TlsReloader, check_files
 from tests.support.certs import CA, replace_file, serial_of
 
 
@@ -208,16 +208,16 @@ def test_unusable_files_exit_2_with_one_line(tls_dir: Path, ca: CA, how: str, co
 # --- the reloader ------------------------------------------------------------------------------
 
 
-def _reloader(tls_dir: Path) -> tuple[TlsReloader, Metrics]:
+def _reloader(tls_dir: Path) -> tuple[TlsReloader, Metrics, list[TlsMaterial]]:
     config = load_config(str(tls_dir / "llmlb.yaml"))
     assert config.grpc_tls is not None
     metrics = Metrics(lambda: [])
-    return TlsReloader(config.grpc_tls, metrics), metrics
+    applied: list[TlsMaterial] = []
+    return TlsReloader(config.grpc_tls, metrics, applied.append), metrics, applied
 
 
 def test_a_change_is_taken_once_it_has_settled(tls_dir: Path, ca: CA) -> None:
-    reloader, metrics = _reloader(tls_dir)
-    assert reloader.fetch() is None  # gRPC starts with the initial configuration
+    reloader, metrics, applied = _reloader(tls_dir)
     assert not reloader.poll()
     fresh = ca.server()
     fresh.write(tls_dir, "tls")
@@ -225,19 +225,19 @@ def test_a_change_is_taken_once_it_has_settled(tls_dir: Path, ca: CA) -> None:
     assert reloader.poll()
     assert serial_of(reloader.material.cert) == fresh.serial
     assert metrics.tls_reloads.get(("ok",)) == 1
-    assert reloader.fetch() is not None  # the next handshake takes the new certificates...
-    assert reloader.fetch() is None  # ...and later ones need nothing new
+    assert applied == [reloader.material]  # new connections take the new certificates, once
     assert not reloader.poll()
+    assert len(applied) == 1
 
 
 def test_a_broken_replacement_keeps_the_old_certificates(tls_dir: Path, ca: CA) -> None:
-    reloader, metrics = _reloader(tls_dir)
+    reloader, metrics, applied = _reloader(tls_dir)
     before = reloader.material
     replace_file(tls_dir / "tls.crt", b"garbage\n")
     for _ in range(5):
         assert not reloader.poll()
     assert reloader.material == before
-    assert reloader.fetch() is None
+    assert applied == []
     assert metrics.tls_reloads.get(("error",)) == 1  # counted (and logged) once per broken version
     assert metrics.tls_reloads.get(("ok",)) == 0
     fixed = ca.server()
@@ -249,7 +249,7 @@ def test_a_broken_replacement_keeps_the_old_certificates(tls_dir: Path, ca: CA) 
 
 
 def test_half_replaced_pair_is_not_reported_when_completed_in_time(tls_dir: Path, ca: CA) -> None:
-    reloader, metrics = _reloader(tls_dir)
+    reloader, metrics, _ = _reloader(tls_dir)
     fresh = ca.server()
     replace_file(tls_dir / "tls.crt", fresh.cert_pem)  # the key follows before the next look
     assert not reloader.poll()

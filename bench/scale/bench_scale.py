@@ -72,6 +72,16 @@ from tests.support.procs import (  # noqa: E402
 HERE = Path(__file__).resolve().parent
 EPP_ARCHIVE = ROOT.parent / "shared" / "anchors" / "epp-linux-amd64.gz"
 PICKERS = ("epp", "llmlb@full-duplex", "llmlb@buffered")
+# ``--baseline DIR``: another llmlb source tree (its extension built in place) measured in the
+# same run as ``before@MODE``, for before/after tables.
+BASELINE_PICKERS = ("before@full-duplex", "before@buffered")
+_baseline: Path | None = None
+
+
+def _is_llmlb(name: str) -> bool:
+    return name.startswith(("llmlb", "before"))
+
+
 SHAPES = ("small", "stream", "big400k", "big4m", "agentic", "idle", "memory")
 # The SSE answers of the streamed shapes (the test backend's knobs, see tests/support/backend.py).
 STREAM_CHUNKS = 1_000
@@ -243,12 +253,16 @@ def start_picker(
         proc, port = start_epp(binary, endpoints, work, tag)
         procs.append(proc)
         pid = proc.pid
-    elif name.startswith("llmlb"):
+    elif _is_llmlb(name):
         mode = name.partition("@")[2] or "buffered"
         config = work / f"{tag}.yaml"
         config.write_text("health_check_interval: 0\nlog_level: warning\n")
         extra = ["--config", str(config)] + (["--workers", str(workers)] if workers > 1 else [])
-        daemon = start_daemon(endpoints, policy, work, extra_args=extra, name=tag)
+        env = None
+        if name.startswith("before"):
+            assert _baseline is not None
+            env = {"PYTHONPATH": str(_baseline / "python")}
+        daemon = start_daemon(endpoints, policy, work, extra_args=extra, name=tag, env=env)
         procs.append(daemon.proc)
         pid, port = daemon.proc.pid, daemon.grpc_port
     config_yaml, listen, admin = front_envoy_yaml(endpoints, port, mode)
@@ -450,8 +464,9 @@ def idle_runs(pickers: list[str], run: Run) -> list[dict[str, Any]]:
     results = []
     try:
         variants = [(p, 1) for p in pickers if p == "epp"]
-        if any(p.startswith("llmlb") for p in pickers):
-            variants += [("llmlb@buffered", 1), ("llmlb@buffered", 2)]
+        for kind in ("llmlb", "before"):
+            if any(p.startswith(kind) for p in pickers):
+                variants += [(f"{kind}@buffered", 1), (f"{kind}@buffered", 2)]
         for name, workers in variants:
             picker = start_picker(name, endpoints, work, policy="least_busy", workers=workers)
             try:
@@ -460,7 +475,7 @@ def idle_runs(pickers: list[str], run: Run) -> list[dict[str, Any]]:
                 cores = idle_cores(picker.pid, seconds)
             finally:
                 stop_all(reversed(picker.procs))
-            label = name if name == "epp" else f"llmlb/w{workers}"
+            label = name if name == "epp" else f"{name.partition('@')[0]}/w{workers}"
             results.append({"picker": label, "shape": "idle", "servers": servers, "cores": cores})
             log(f"{label:20} idle     {servers} servers: {cores:.3f} cores")
     finally:
@@ -564,7 +579,17 @@ ROWS = [
 
 
 def render(summary: dict[str, dict[str, float]]) -> str:
-    order = ("epp", "llmlb@full-duplex", "llmlb@buffered", "llmlb/w1", "llmlb/w2")
+    order = (
+        "epp",
+        "before@full-duplex",
+        "llmlb@full-duplex",
+        "before@buffered",
+        "llmlb@buffered",
+        "before/w1",
+        "llmlb/w1",
+        "before/w2",
+        "llmlb/w2",
+    )
     columns = [p for p in order if p in summary]
     epp = summary.get("epp", {})
     head = "| figure | " + " | ".join(columns) + " |"
@@ -596,12 +621,22 @@ def main() -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--pickers", default=",".join(PICKERS))
     parser.add_argument("--no-epp", action="store_true")
+    parser.add_argument(
+        "--baseline", type=Path, help="another llmlb tree (extension built in place), run as before@MODE"
+    )
     parser.add_argument("--smoke", action="store_true", help="CI: no EPP, small shapes, 1 s runs, 1 round")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 1
     pickers = [p for p in args.pickers.split(",") if p]
+    if args.baseline is not None:
+        global _baseline  # noqa: PLW0603 - set once, from the command line
+        _baseline = args.baseline.resolve()
+        if not (_baseline / "python" / "llmlb").is_dir():
+            print(f"--baseline {args.baseline}: no python/llmlb there", file=sys.stderr)
+            return 2
+        pickers += [p for p in BASELINE_PICKERS if p not in pickers]
     shapes = [s for s in args.shapes.split(",") if s]
     if args.smoke:
         args.no_epp, args.seconds, args.rounds = True, 1.0, 1

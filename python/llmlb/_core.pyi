@@ -5,17 +5,20 @@ are parsed with it released.
 """
 
 import os
-from typing import Any, Final, final
+from typing import Any, ClassVar, Final, final
 
 from typing_extensions import Self
 
 __all__ = [
+    "EXT_PROC_SERVICE",
     "FALLBACK_PICK_REASONS",
     "PICK_REASONS",
     "PREFIX_BLOCK_SIZE",
+    "SHARED_COMMIT_ATTEMPTS",
     "Balancer",
     "BodyTooLargeError",
     "EngineMetrics",
+    "ExtProcTransport",
     "MetricsParseError",
     "NoEndpointsError",
     "OverLimitError",
@@ -42,6 +45,10 @@ __all__ = [
 __version__: Final[str]
 #: Bytes of canonical prompt per prefix block.
 PREFIX_BLOCK_SIZE: Final[int]
+#: The gRPC service name of ext_proc (what Envoy's gRPC health checks ask for).
+EXT_PROC_SERVICE: Final[str]
+#: Commit attempts of one shared (Redis) pick; the last goes ahead unguarded.
+SHARED_COMMIT_ATTEMPTS: Final[int]
 #: Every pick reason (``llmlb_picks_total{reason}``), and those that fell back from the policy.
 PICK_REASONS: Final[list[str]]
 FALLBACK_PICK_REASONS: Final[list[str]]
@@ -239,6 +246,58 @@ class EngineMetrics:
     @property
     def lines_skipped(self) -> int:
         """Malformed lines ignored."""
+
+@final
+class ExtProcTransport:
+    """The ext_proc gRPC server's transport: Envoy's connections and streams served on a Rust
+    thread (HTTP/2, gRPC framing, health checks, TLS); the event loop takes the streams'
+    messages in batches (``take_events``) and sends the answers (``send``)."""
+
+    OPENED: ClassVar[int]
+    MESSAGE: ClassVar[int]
+    ENDED: ClassVar[int]
+    RESET: ClassVar[int]
+
+    def __new__(
+        cls,
+        address: str,
+        *,
+        reuse_port: bool,
+        max_streams_per_connection: int,
+        max_message_bytes: int,
+        tls: tuple[bytes, bytes, bytes | None] | None = None,
+    ) -> Self:
+        """Binds ``address`` (``ip:port`` or ``[ip]:port``) and serves; health NOT_SERVING until
+        ``set_serving(True)``.
+
+        Raises:
+            OSError: the address cannot be bound.
+            ValueError: an unusable address or TLS material.
+        """
+    @property
+    def port(self) -> int: ...
+    @property
+    def open_streams(self) -> int: ...
+    def wake_fd(self) -> int:
+        """Turns readable when events wait."""
+    def take_events(self) -> list[tuple[int, int, bytes | None]]:
+        """``(stream, kind, message)`` since the last call, oldest first; ``message`` only for
+        MESSAGE (a serialized ``ProcessingRequest``)."""
+    def send(self, messages: list[tuple[int, bytes]], finishes: list[tuple[int, int, str]]) -> None:
+        """Answers (serialized ``ProcessingResponse``) in order, then ``(stream, grpc_status,
+        message)`` for the streams that end. Unknown or ended streams are skipped."""
+    def hand_over(self, stream: int, delivered: int) -> bool:
+        """The stream's response body chunks are echoed in Rust from now on, if the service
+        has taken all ``delivered`` messages counted for it; False: try again later."""
+    def set_serving(self, serving: bool) -> None: ...
+    def set_accepting(self, accepting: bool) -> None:
+        """False: new ext_proc streams are refused with UNAVAILABLE."""
+    def set_tls(self, cert: bytes, key: bytes, client_ca: bytes | None = None) -> None:
+        """New connections use these PEM files. Raises ValueError if they are unusable."""
+    def stop_listening(self) -> None:
+        """Closes the listener and sends GOAWAY; open streams go on."""
+    def close(self) -> None:
+        """Ends the open streams with UNAVAILABLE and stops the thread; idempotent."""
 
 @final
 class PageScraper:

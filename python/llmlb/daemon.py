@@ -14,10 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
 from aiohttp import web
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmlb._core import Balancer
 from llmlb.admin import build_app
@@ -25,12 +22,13 @@ from llmlb.config import Config, ConfigError, parse_listen, prediction_enabled
 from llmlb.decision import STATE_EMBEDDED, STATE_SHARED_MEMORY
 from llmlb.endpoints import EndpointManager
 from llmlb.extproc import Apis, BodyLimits, ExtProcService, Observability
+from llmlb.extproc_server import ExtProcServer, bind
 from llmlb.logs import RequestLog, configure_logging
 from llmlb.metrics import Metrics
 from llmlb.picking import Picker
 from llmlb.responses import ResponseStore
 from llmlb.shared import SharedPicker, SharedState
-from llmlb.tls import TlsReloader, warn_if_exposed
+from llmlb.tls import TlsMaterial, TlsReloader, warn_if_exposed
 
 if TYPE_CHECKING:
     from llmlb.prediction import PredictionTracker
@@ -39,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmlb")
 
-EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 # How often a worker checks that its supervisor still lives.
 ORPHAN_CHECK_SECONDS = 1.0
 # Room for the gRPC framing and headers around the largest body Envoy may forward.
@@ -48,8 +45,6 @@ MESSAGE_OVERHEAD = 1024 * 1024
 # buffer is larger than max_body_bytes, or a full-duplex chunk that grew while the picker was
 # busy) is then still read and answered 413, instead of failing the stream (Envoy's 500).
 MESSAGE_LIMIT_FACTOR = 2
-# The drain decides when to cut open streams; gRPC's own stop grace only backs it up.
-STOP_BACKSTOP_SECONDS = 5
 # How long a start waits for the discovery source's first answer before serving without one.
 DISCOVERY_FIRST_SYNC_S = 10.0
 
@@ -83,6 +78,18 @@ def check_bindable(listen: str, field: str) -> None:
             probe.bind(address)
         except OSError as e:
             raise StartupError(f"{field}: cannot listen on {listen}: {e.strerror}") from None
+
+
+def resolve_listen(listen: str, field: str) -> str:
+    """``listen`` with its host resolved to the IP address the listener binds (the first
+    address the resolver gives, as the bind check probes)."""
+    host, port = parse_listen(listen, field)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise StartupError(f"{field}: cannot resolve {host!r}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    return f"[{address[0]}]:{port}" if family == socket.AF_INET6 else f"{address[0]}:{port}"
 
 
 @dataclass(frozen=True)
@@ -208,7 +215,6 @@ class Daemon:
         self.service = ExtProcService(
             picker, self.metrics, config.grpc_max_streams, limits, apis, observability=observability
         )
-        self.health = health.aio.HealthServicer()
         self.ready = False
         self.admin_port = 0
         self._tls_reloader: TlsReloader | None = None
@@ -309,47 +315,49 @@ class Daemon:
         if not self.endpoints.pool and self.config.discovery is None:
             log.warning("no endpoints configured: requests get 503 until endpoints appear")
 
-    async def _start_grpc(self) -> grpc.aio.Server:
-        limit = min(self.config.max_body_bytes * MESSAGE_LIMIT_FACTOR + MESSAGE_OVERHEAD, 2**31 - 1)
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
+    async def _start_grpc(self) -> ExtProcServer:
+        config = self.config
+        limit = min(config.max_body_bytes * MESSAGE_LIMIT_FACTOR + MESSAGE_OVERHEAD, 2**31 - 1)
+        if self.role is None:
+            check_bindable(config.grpc_listen, "grpc_listen")
+        reloader: TlsReloader | None = None
+        if config.grpc_tls is not None:
+            try:
+                reloader = TlsReloader(config.grpc_tls, self.metrics)
+            except ConfigError as e:
+                raise ConfigRefused(str(e)) from None
+        material = None if reloader is None else reloader.material
+        try:
+            server = bind(
+                self.service,
+                resolve_listen(config.grpc_listen, "grpc_listen"),
                 # A second daemon on the same port must fail, not silently share the traffic;
                 # the workers of one `--workers N` share it on purpose.
-                ("grpc.so_reuseport", 1 if self.role else 0),
+                reuse_port=self.role is not None,
                 # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a peer holds further streams back.
-                ("grpc.max_concurrent_streams", self.config.grpc_max_streams_per_connection),
-            ]
-        )
-        if self.role is None:
-            check_bindable(self.config.grpc_listen, "grpc_listen")
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.service, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        tls = self.config.grpc_tls
-        reloader: TlsReloader | None = None
-        try:
-            if tls is None:
-                port = server.add_insecure_port(self.config.grpc_listen)
-            else:
-                try:
-                    reloader = TlsReloader(tls, self.metrics)
-                except ConfigError as e:
-                    raise ConfigRefused(str(e)) from None
-                port = server.add_secure_port(self.config.grpc_listen, reloader.credentials())
-        except RuntimeError as e:
-            raise StartupError(f"grpc_listen: cannot listen on {self.config.grpc_listen}: {e}") from None
-        if port == 0:
-            raise StartupError(f"grpc_listen: cannot listen on {self.config.grpc_listen}")
+                max_streams_per_connection=config.grpc_max_streams_per_connection,
+                max_message_bytes=limit,
+                tls=None if material is None else (material.cert, material.key, material.client_ca),
+            )
+        except OSError as e:
+            raise StartupError(
+                f"grpc_listen: cannot listen on {config.grpc_listen}: {e.strerror or e}"
+            ) from None
+        except ValueError as e:
+            raise ConfigRefused(f"grpc_tls: {e}") from None
         if self.role is None or self.role.index == 0:
-            warn_if_exposed(self.config)
-        await server.start()
+            warn_if_exposed(config)
+        server.start()
         if reloader is not None:
+
+            def apply(new: TlsMaterial) -> None:
+                server.transport.set_tls(new.cert, new.key, new.client_ca)
+
+            reloader.apply = apply
             # Runs until the event loop ends (asyncio cancels it then).
             reloader.start()
             self._tls_reloader = reloader
-        for service in ("", EXT_PROC_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        server.set_serving(True)
         return server
 
     async def _start_admin(self) -> web.AppRunner:
@@ -505,13 +513,13 @@ class Daemon:
             admin_address,
         )
 
-    async def _drain(self, server: grpc.aio.Server) -> None:
+    async def _drain(self, server: ExtProcServer) -> None:
         """SIGTERM: not ready at once, new streams still served for ``drain_grace`` (so health
         checkers move traffic away first), then no new streams and up to ``drain_timeout`` for
         the open ones. Streams that need nothing more from the picker end at once (see
         ``ExtProcService.start_draining``); a second signal cuts the wait short."""
         was_ready, self.ready = self.ready, False
-        await self.health.enter_graceful_shutdown()
+        server.set_serving(False)
         config = self.config
         # A picker that never turned ready was never sent traffic: nothing to move away.
         grace = config.drain_grace if was_ready else 0
@@ -524,9 +532,7 @@ class Daemon:
             await asyncio.wait_for(self._cut.wait(), grace)
         service = self.service
         service.start_draining()
-        # No new streams from here on. The stop's own grace is a backstop: the wait below
-        # decides when to cut, so it can count what it cut.
-        stopping = asyncio.create_task(server.stop(config.drain_timeout + STOP_BACKSTOP_SECONDS))
+        server.stop_accepting()
         log.info("no new streams; waiting for %d open ones", service.open_streams)
         waits = {asyncio.create_task(service.wait_closed()), asyncio.create_task(self._cut.wait())}
         await asyncio.wait(waits, timeout=config.drain_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -535,8 +541,7 @@ class Daemon:
         cut = service.open_streams
         if cut:
             log.warning("cutting %d open streams (drain_timeout %d s)", cut, config.drain_timeout)
-            await server.stop(None)
-        await stopping
+        await server.close()
         log.info("stopped")
 
 

@@ -25,6 +25,7 @@ from typing import Any, Final, Literal, get_args
 
 import yaml
 
+from llmlb._core import EXT_PROC_SERVICE
 from llmlb.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT_S
 from llmlb.decision import RECORD_NAMESPACE
 
@@ -68,7 +69,6 @@ DEFAULT_PICKER: Final = "127.0.0.1:9002"
 #: serves under /v1/, /v1/models included); anything else gets 404 from Envoy itself.
 DEFAULT_ROUTE_PREFIXES: Final[tuple[str, ...]] = ("/v1/",)
 POOL_CLUSTER: Final = "pool"
-EXT_PROC_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
 #: Header hashed by the ``ring_hash`` fallback (client IP when absent).
 SESSION_HEADER: Final = "x-session-id"
 

@@ -30,17 +30,16 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
 from llmlb._core import (
@@ -442,6 +441,12 @@ class _Stream:
         stream with OK now lets Envoy finish the HTTP request without it."""
         return bool(self.response_mode == NONE and self.body_mode != FULL_DUPLEX)
 
+    @property
+    def echoes_response(self) -> bool:
+        """Past the response headers, each response chunk is only passed back as it came
+        (FULL_DUPLEX_STREAMED, no response id to read)."""
+        return bool(self.response_mode == FULL_DUPLEX and self.scanner is None and self.status)
+
     async def _pick(self, request: ParsedRequest | None) -> Decision | pb.ProcessingResponse:
         """The decision, or the immediate response that ends the request. ``None`` picks from
         the headers alone."""
@@ -668,7 +673,18 @@ class _Stream:
         return [_REQUEST_TRAILERS_CONTINUE]
 
 
-class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+class StreamContext(Protocol):
+    """What ``Process`` may do to its gRPC stream besides answering (see llmlb.extproc_server)."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        """Ends the stream with this status."""
+
+    def echo_response_bodies(self) -> None:
+        """The stream's response body chunks need nothing more than an echo: the transport may
+        answer them itself from now on (it does once nothing of the stream waits here)."""
+
+
+class ExtProcService:
     def __init__(
         self,
         picker: Picker,
@@ -712,14 +728,12 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         await self._all_closed.wait()
 
     async def Process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: StreamContext
+    ) -> AsyncGenerator[pb.ProcessingResponse, None]:
         self.metrics.streams.inc()
         if self.open_streams >= self.max_streams:
-            # Refused before reading a message: nothing picked, no in-flight count touched. Checked
-            # here rather than with grpc.aio's maximum_concurrent_rpcs, which counts every RPC
-            # (gRPC health checks and watches too, so a full picker would fail Envoy's health
-            # checks for the wrong reason) and refuses before llmlb could count the refusal.
+            # Refused before reading a message: nothing picked, no in-flight count touched. Only
+            # ext_proc streams count: gRPC health checks are answered whatever this says.
             self.metrics.stream_errors.inc(("over_capacity",))
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -736,6 +750,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 kind = request.WhichOneof("request")
                 if kind == "response_headers" and not request.HasField("protocol_config"):
                     yield stream.on_response_headers(request.response_headers)
+                    if stream.echoes_response:
+                        context.echo_response_bodies()
                     if stream.done_with_picker:
                         if self.draining:
                             return
@@ -744,6 +760,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     continue
                 for response in await stream.handle(request, kind):
                     yield response
+                if kind == "response_body" and stream.echoes_response:
+                    context.echo_response_bodies()  # chunks that came before the hand-over took
         except asyncio.CancelledError:
             if stream.closed_for_drain:
                 return  # ends the RPC with OK: see start_draining

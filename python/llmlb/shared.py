@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llmlb._core import (
+    SHARED_COMMIT_ATTEMPTS,
     Balancer,
     NoEndpointsError,
     OverLimitError,
@@ -74,8 +75,6 @@ MAX_PENDING_RELEASES = 100_000
 # A finished request to release in Redis: its request id, and the prompt tokens the prefill
 # backlog still held of it (`Balancer.release_tokens`), which the other replicas take back.
 Release = tuple[str, int]
-# Commits per pick: the core's last attempt has no guard, so this is only a backstop.
-MAX_COMMITS = 3
 # The stream of prefix records: records per read, and how long one read blocks at most.
 STREAM_BATCH = 1000
 STREAM_BLOCK_MS = 1000
@@ -671,7 +670,7 @@ class SharedPicker(Picker):
             self.shared.requeue(releases)
             return self._refuse_over_limit(str(e))
         try:
-            for attempt in range(MAX_COMMITS):
+            for attempt in range(SHARED_COMMIT_ATTEMPTS):
                 reply = await self.shared.commit(command, request_id)
                 if isinstance(reply, str):
                     if attempt == 0:

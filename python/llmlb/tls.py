@@ -1,13 +1,12 @@
 """TLS for the ext_proc gRPC server (``grpc_tls``): loading, checking and reloading the PEM files.
 
-gRPC asks :meth:`TlsReloader.fetch` for the certificates at every new connection's handshake
-(``grpc.dynamic_ssl_server_credentials``); it answers "unchanged" until :meth:`TlsReloader.poll`
-(once a second, from the event loop) has seen the files change, stay unchanged for one more
-poll (so a half-written file or a certificate replaced before its key is not taken for a
-broken one), and load cleanly. A change therefore reaches new connections within about two
-seconds; open connections keep the certificates they were made with. A broken replacement keeps
-the old certificates: one error in the log and ``llmlb_tls_reloads_total{result="error"}`` per
-broken version of the files.
+The ext_proc transport (Rust, rustls) is given the certificates at start and again whenever
+:meth:`TlsReloader.poll` (once a second, from the event loop) has seen the files change, stay
+unchanged for one more poll (so a half-written file or a certificate replaced before its key is
+not taken for a broken one), and load cleanly. A change therefore reaches new connections
+within about two seconds; open connections keep the certificates they were made with. A broken
+replacement keeps the old certificates: one error in the log and
+``llmlb_tls_reloads_total{result="error"}`` per broken version of the files.
 """
 
 from __future__ import annotations
@@ -17,9 +16,9 @@ import ipaddress
 import logging
 import os
 import ssl
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from llmlb.config import Config, ConfigError, GrpcTls, parse_listen
 
@@ -127,51 +126,21 @@ def _signature(tls: GrpcTls) -> _Signature:
     return tuple(result)
 
 
-def _grpc_config(material: TlsMaterial) -> Any:
-    import grpc
-
-    return grpc.ssl_server_certificate_configuration(
-        [(material.key, material.cert)], root_certificates=material.client_ca
-    )
-
-
 class TlsReloader:
-    """Serves the current certificates to gRPC and replaces them when the files change."""
+    """Holds the current certificates and hands new ones to ``apply`` when the files change."""
 
-    def __init__(self, tls: GrpcTls, metrics: Metrics) -> None:
+    def __init__(
+        self, tls: GrpcTls, metrics: Metrics, apply: Callable[[TlsMaterial], None] | None = None
+    ) -> None:
         self.tls = tls
         self.metrics = metrics
+        self.apply = apply
         signature = _signature(tls)
         self.material = check_files(tls)
-        self._lock = threading.Lock()
-        self._config = _grpc_config(self.material)
-        self._version = 0
-        self._fetched = 0  # the version gRPC has
         self._applied = signature  # the files' signature when self.material was read
         self._candidate: _Signature | None = None  # a change seen once, waiting to settle
         self._failed: _Signature | None = None  # a broken version already reported
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def require_client_auth(self) -> bool:
-        return self.tls.client_ca is not None
-
-    def credentials(self) -> Any:
-        """``grpc.ServerCredentials`` that ask :meth:`fetch` at every handshake."""
-        import grpc
-
-        return grpc.dynamic_ssl_server_credentials(
-            self._config, self.fetch, require_client_authentication=self.require_client_auth
-        )
-
-    def fetch(self) -> Any:
-        """gRPC's certificate-configuration fetcher: the new configuration once, else None
-        ("unchanged"). Called by gRPC, possibly from one of its own threads."""
-        with self._lock:
-            if self._fetched == self._version:
-                return None
-            self._fetched = self._version
-            return self._config
 
     def poll(self) -> bool:
         """One look at the files; True when new certificates were taken."""
@@ -194,10 +163,14 @@ class TlsReloader:
             self.metrics.tls_reloads.inc(("error",))
             log.error("grpc_tls: keeping the current certificates; the changed files are unusable: %s", e)
             return False
-        config = _grpc_config(material)
-        with self._lock:
-            self._config = config
-            self._version += 1
+        if self.apply is not None:
+            try:
+                self.apply(material)
+            except ValueError as e:  # OpenSSL took the files, the TLS stack did not
+                self._failed = signature
+                self.metrics.tls_reloads.inc(("error",))
+                log.error("grpc_tls: keeping the current certificates; the changed files are unusable: %s", e)
+                return False
         self.material = material
         self._applied = signature
         self._candidate = None

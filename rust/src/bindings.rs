@@ -29,6 +29,9 @@ use crate::balancer::{Balancer, BalancerConfig, Load, Pick, PickError, PickReaso
 use crate::body_decode::{parse_body_for, BodyParser};
 use crate::decision_record::{self, Field, FieldValue, Record as DecisionRecord};
 use crate::engine_metrics::{parse_engine_metrics, Engine, EngineMetrics, MetricsError};
+use crate::extproc_server::{
+    Event, Server as ExtProcServer, Settings as ExtProcSettings, TlsFiles,
+};
 use crate::fd_wait;
 use crate::pb_struct;
 use crate::prefix_hash::DEFAULT_BLOCK_SIZE;
@@ -435,6 +438,141 @@ type ScrapeOutcome = (
 );
 
 /// The endpoints' `/metrics` pages scraped on a background thread (see `scraper`).
+/// PEM certificate chain, key and client CA (if clients must present certificates).
+type TlsPem = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+/// A transport event for Python: (stream, kind, message).
+type TransportEvent<'py> = (u64, u8, Option<Bound<'py, PyBytes>>);
+
+/// The ext_proc gRPC transport (see `extproc_server`): Envoy's streams served on a Rust
+/// thread; the event loop takes their messages in batches and sends the answers.
+#[pyclass(name = "ExtProcTransport", module = "llmlb._core", frozen)]
+struct PyExtProcTransport {
+    server: ExtProcServer,
+}
+
+#[pymethods]
+impl PyExtProcTransport {
+    /// Event kinds in `take_events`: (stream, kind, message or None).
+    #[classattr]
+    const OPENED: u8 = 0;
+    #[classattr]
+    const MESSAGE: u8 = 1;
+    #[classattr]
+    const ENDED: u8 = 2;
+    #[classattr]
+    const RESET: u8 = 3;
+
+    /// Binds `address` (an IP literal `ip:port` or `[ip]:port`) and serves; `tls` is
+    /// `(cert_pem, key_pem, client_ca_pem or None)`. Raises OSError if it cannot listen,
+    /// ValueError for unusable TLS material.
+    #[new]
+    #[pyo3(signature = (address, *, reuse_port, max_streams_per_connection, max_message_bytes, tls=None))]
+    fn new(
+        address: &str,
+        reuse_port: bool,
+        max_streams_per_connection: u32,
+        max_message_bytes: usize,
+        tls: Option<TlsPem>,
+    ) -> PyResult<Self> {
+        let address = address
+            .parse()
+            .map_err(|_| PyValueError::new_err(format!("not an ip:port address: {address:?}")))?;
+        let settings = ExtProcSettings {
+            address,
+            reuse_port,
+            max_streams_per_connection,
+            max_message_bytes,
+        };
+        let tls = tls.map(|(cert, key, client_ca)| TlsFiles {
+            cert,
+            key,
+            client_ca,
+        });
+        let server = ExtProcServer::start(settings, tls.as_ref()).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidInput {
+                PyValueError::new_err(e.to_string())
+            } else {
+                PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string()))
+            }
+        })?;
+        Ok(Self { server })
+    }
+
+    #[getter]
+    fn port(&self) -> u16 {
+        self.server.port()
+    }
+
+    /// A descriptor that turns readable when events wait.
+    fn wake_fd(&self) -> i32 {
+        self.server.wake_fd()
+    }
+
+    /// Every event since the last call, oldest first.
+    fn take_events<'py>(&self, py: Python<'py>) -> Vec<TransportEvent<'py>> {
+        self.server
+            .take_events()
+            .into_iter()
+            .map(|event| match event {
+                Event::Opened(id) => (id, Self::OPENED, None),
+                Event::Message(id, message) => {
+                    (id, Self::MESSAGE, Some(PyBytes::new(py, &message)))
+                }
+                Event::Ended(id) => (id, Self::ENDED, None),
+                Event::Reset(id) => (id, Self::RESET, None),
+            })
+            .collect()
+    }
+
+    /// Serialized answers `(stream, bytes)`, in order, then `(stream, grpc_status, message)`
+    /// for the streams that end.
+    fn send(&self, messages: Vec<(u64, PyBackedBytes)>, finishes: Vec<(u64, u32, String)>) {
+        let messages = messages.iter().map(|(id, m)| (*id, &m[..])).collect();
+        self.server.send(messages, finishes);
+    }
+
+    /// Response chunks of `stream` are echoed in Rust from now on, if all `delivered` messages
+    /// counted for it were taken; False otherwise (try again later).
+    fn hand_over(&self, stream: u64, delivered: u64) -> bool {
+        self.server.hand_over(stream, delivered)
+    }
+
+    fn set_serving(&self, serving: bool) {
+        self.server.set_serving(serving);
+    }
+
+    fn set_accepting(&self, accepting: bool) {
+        self.server.set_accepting(accepting);
+    }
+
+    /// New connections use these PEM certificates (ValueError if unusable).
+    #[pyo3(signature = (cert, key, client_ca=None))]
+    fn set_tls(&self, cert: Vec<u8>, key: Vec<u8>, client_ca: Option<Vec<u8>>) -> PyResult<()> {
+        self.server
+            .set_tls(&TlsFiles {
+                cert,
+                key,
+                client_ca,
+            })
+            .map_err(PyValueError::new_err)
+    }
+
+    #[getter]
+    fn open_streams(&self) -> usize {
+        self.server.open_streams()
+    }
+
+    /// Closes the listener and sends GOAWAY; open streams go on.
+    fn stop_listening(&self) {
+        self.server.stop_listening();
+    }
+
+    /// Ends the open streams with UNAVAILABLE and stops the thread.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.server.close());
+    }
+}
+
 #[pyclass(name = "PageScraper", module = "llmlb._core", frozen)]
 struct PyPageScraper {
     inner: Mutex<Option<Scraper>>,
@@ -1428,6 +1566,9 @@ fn shared_scripts() -> HashMap<&'static str, &'static str> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PREFIX_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)?;
+    m.add("SHARED_COMMIT_ATTEMPTS", crate::shared::picks::MAX_ATTEMPTS)?;
+    // The gRPC service the transport serves (and health checks name), for the Envoy config.
+    m.add("EXT_PROC_SERVICE", crate::extproc_server::EXT_PROC_SERVICE)?;
     m.add(
         "PICK_REASONS",
         PickReason::ALL.map(PickReason::as_str).to_vec(),
@@ -1447,6 +1588,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRequestStream>()?;
     m.add_class::<PyEngineMetrics>()?;
     m.add_class::<PyPageScraper>()?;
+    m.add_class::<PyExtProcTransport>()?;
     m.add_function(wrap_pyfunction!(py_parse_request, m)?)?;
     m.add_function(wrap_pyfunction!(py_parse_body, m)?)?;
     m.add_function(wrap_pyfunction!(py_request_kind, m)?)?;

@@ -8,6 +8,8 @@ pub mod balancer;
 pub mod body_decode;
 pub mod decision_record;
 pub mod engine_metrics;
+pub mod ext_proc_wire;
+pub mod extproc_server;
 pub mod fd_wait;
 pub mod pb_struct;
 pub mod prefix_hash;

@@ -14,15 +14,15 @@ pub enum Value<'a> {
 
 // Field numbers: Struct.fields (map<string, Value>) is 1; a map entry's key 1 and value 2;
 // Value: null_value 1, number_value 2, string_value 3, bool_value 4, struct_value 5.
-const WIRE_VARINT: u8 = 0;
+pub(crate) const WIRE_VARINT: u8 = 0;
 const WIRE_FIXED64: u8 = 1;
-const WIRE_LEN: u8 = 2;
+pub(crate) const WIRE_LEN: u8 = 2;
 
-fn tag(field: u8, wire: u8) -> u8 {
+pub(crate) fn tag(field: u8, wire: u8) -> u8 {
     field << 3 | wire
 }
 
-fn put_varint(mut n: u64, out: &mut Vec<u8>) {
+pub(crate) fn put_varint(mut n: u64, out: &mut Vec<u8>) {
     while n >= 0x80 {
         out.push((n as u8) | 0x80);
         n >>= 7;
@@ -30,7 +30,7 @@ fn put_varint(mut n: u64, out: &mut Vec<u8>) {
     out.push(n as u8);
 }
 
-fn varint_len(mut n: u64) -> usize {
+pub(crate) fn varint_len(mut n: u64) -> usize {
     let mut len = 1;
     while n >= 0x80 {
         n >>= 7;
@@ -39,7 +39,7 @@ fn varint_len(mut n: u64) -> usize {
     len
 }
 
-fn len_field_size(payload: usize) -> usize {
+pub(crate) fn len_field_size(payload: usize) -> usize {
     1 + varint_len(payload as u64) + payload
 }
 
@@ -64,7 +64,7 @@ pub fn struct_size(fields: &[(&str, Value<'_>)]) -> usize {
         .sum()
 }
 
-fn put_len(field: u8, len: usize, out: &mut Vec<u8>) {
+pub(crate) fn put_len(field: u8, len: usize, out: &mut Vec<u8>) {
     out.push(tag(field, WIRE_LEN));
     put_varint(len as u64, out);
 }

@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from llmlb.shared import STREAM_PACE_S
 from tests.shared_state.shared_helpers import (
     LEASE_TTL,
     LR,
@@ -208,6 +209,10 @@ def test_two_replicas_keep_least_request_spread_across_the_pool(
 
 CONVERSATIONS = 8
 TURNS = 4
+# A replica learns another's prefix records up to STREAM_PACE_S after their picks (the stream is
+# read in paced batches). A model's answer takes far longer than that; the test backend's
+# instant one would let the next turn overtake the record, so each answer takes this long.
+ANSWER_MS = int(STREAM_PACE_S * 1000 * 3)
 
 
 def test_a_conversation_started_on_one_replica_continues_on_the_same_backend_through_the_other(
@@ -224,7 +229,7 @@ def test_a_conversation_started_on_one_replica_continues_on_the_same_backend_thr
             # Even conversations start on A and go on through B; odd ones the other way round.
             first, other = (a, b) if c % 2 == 0 else (b, a)
             via = first if turn == 0 else other
-            reply = via.chat(messages)
+            reply = via.chat(messages, headers={"x-test-delay-ms": str(ANSWER_MS)})
             assert reply.status == 200, reply
             served = str(reply.served_by)
             if turn == 0:

@@ -645,6 +645,7 @@ def start_daemon(
     extra_args: Iterable[str] = (),
     name: str = "llmlb",
     ready_timeout: float = 20.0,
+    env: Mapping[str, str] | None = None,
 ) -> Daemon:
     """`llmlb serve` on fresh ports; returns once /readyz answers 200."""
     endpoints = list(endpoints)
@@ -660,7 +661,7 @@ def start_daemon(
         "info",
         *extra_args,
     )
-    proc = ManagedProcess(name, argv, workdir / f"{name}.log").start()
+    proc = ManagedProcess(name, argv, workdir / f"{name}.log", env=env).start()
     try:
         proc.wait_ready(f"http://{HOST}:{admin_port}/readyz", timeout=ready_timeout)
     except BaseException:

@@ -27,8 +27,12 @@ use super::{commit_call, parse_levels, Commit, Keys, Record, Release, Settings, 
 /// the view (which the stream keeps within milliseconds), so replicas never herd onto one
 /// endpoint and least-request stays exact across them; a lost race costs a second round trip.
 pub const GUARD_SLACK: u32 = 0;
-/// Commit attempts per pick; the last has no guard (a pick never loops).
-pub const MAX_ATTEMPTS: u32 = 3;
+/// Commit attempts per pick; the last has no guard (a pick never loops). A burst of picks on
+/// several replicas at once (30 in the same millisecond on two) loses some races twice, and an
+/// unguarded third commit then skews least-request by one; later attempts are decided on
+/// fresher loads each time, so five made the burst exact in every run (a lost race costs one
+/// more round trip, nothing in the common case).
+pub const MAX_ATTEMPTS: u32 = 5;
 
 /// A request as a pick needs it, owned (it may be decided again after a race).
 #[derive(Debug, Clone, Default)]

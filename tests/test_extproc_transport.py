@@ -54,6 +54,16 @@ def _events(transport: ExtProcTransport, count: int) -> list[tuple[int, int, byt
     return got
 
 
+def _open(
+    transport: ExtProcTransport, channel: grpc.Channel, first: pb.ProcessingRequest
+) -> tuple[ExtProcCall, int]:
+    """A stream with its first message taken by the service: the call and the stream's id."""
+    call = ExtProcCall(channel, WAIT_S)
+    call.send(first)
+    (stream, _, _), _ = _events(transport, 2)
+    return call, stream
+
+
 def _chunk(data: bytes, end: bool = False) -> pb.ProcessingRequest:
     return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=end))
 
@@ -88,9 +98,7 @@ def test_messages_reach_the_service_in_order_and_answers_the_client(
 def test_after_the_hand_over_response_chunks_are_echoed_without_the_service(
     transport: ExtProcTransport, channel: grpc.Channel
 ) -> None:
-    call = ExtProcCall(channel, WAIT_S)
-    call.send(pb.ProcessingRequest(response_headers=pb.HttpHeaders()))
-    (stream, _, _), _ = _events(transport, 2)
+    call, stream = _open(transport, channel, pb.ProcessingRequest(response_headers=pb.HttpHeaders()))
     # A chunk that is not yet taken by the service: the hand-over must wait for it.
     call.send(_chunk(b"early"))
     time.sleep(0.2)
@@ -127,9 +135,7 @@ def test_a_hand_over_of_an_unknown_stream_fails(transport: ExtProcTransport) -> 
 def test_a_client_reset_is_an_event_and_a_status_ends_the_stream(
     transport: ExtProcTransport, channel: grpc.Channel
 ) -> None:
-    call = ExtProcCall(channel, WAIT_S)
-    call.send(pb.ProcessingRequest(request_headers=pb.HttpHeaders()))
-    (stream, _, _), _ = _events(transport, 2)
+    call, stream = _open(transport, channel, pb.ProcessingRequest(request_headers=pb.HttpHeaders()))
     call.call.cancel()
     assert [kind for _, kind, _ in _events(transport, 1)] == [T.RESET]
     transport.send([], [(stream, 0, "")])
@@ -140,9 +146,7 @@ def test_a_client_reset_is_an_event_and_a_status_ends_the_stream(
 
 
 def test_the_service_status_reaches_the_client(transport: ExtProcTransport, channel: grpc.Channel) -> None:
-    call = ExtProcCall(channel, WAIT_S)
-    call.send(pb.ProcessingRequest(request_headers=pb.HttpHeaders()))
-    (stream, _, _), _ = _events(transport, 2)
+    call, stream = _open(transport, channel, pb.ProcessingRequest(request_headers=pb.HttpHeaders()))
     transport.send([], [(stream, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "llmlb: 100% full")])
     with pytest.raises(AssertionError) as failed:
         call.recv()

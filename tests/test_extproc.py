@@ -19,7 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.extproc_client import DEST, ExtProcCall, picked_header
-from tests.support.procs import Daemon, start_daemon, wait_until
+from tests.support.procs import Daemon, metric_sum, start_daemon, wait_until
 
 Mode = processing_mode_pb2.ProcessingMode
 ENDPOINTS = ["10.11.0.1:8000", "10.11.0.2:8000", "10.11.0.3:8000"]
@@ -156,6 +156,29 @@ def test_a_finished_stream_releases_its_pick(channel, daemon):
     call.recv()
     call.close()
     wait_until(lambda: daemon.inflight()[endpoint] == 0, timeout=5, message="in-flight back to 0")
+
+
+def test_a_malformed_message_ends_its_stream_with_invalid_argument_and_releases_its_pick(channel, daemon):
+    # Raw bytes on the ext_proc method: what a broken client, not Envoy, might send.
+    process = channel.stream_stream(
+        "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+        request_serializer=lambda raw: raw,
+        response_deserializer=pb.ProcessingResponse.FromString,
+    )
+    truncated_body = b"\x22\x05\x01"
+    answers = process(iter([headers(Mode.NONE).SerializeToString(), truncated_body]), timeout=TIMEOUT)
+    endpoint = picked_header(next(answers).request_headers.response.header_mutation)
+    with pytest.raises(grpc.RpcError) as failed:
+        next(answers)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed" in failed.value.details()
+    wait_until(lambda: daemon.inflight()[endpoint] == 0, timeout=5, message="in-flight back to 0")
+    assert metric_sum(daemon.metrics(), "llmlb_extproc_stream_errors_total", kind="malformed") == 1
+    # The daemon goes on serving other streams.
+    call = ExtProcCall(channel, TIMEOUT)
+    call.send(headers(Mode.NONE))
+    assert picked_header(call.recv().request_headers.response.header_mutation) in ENDPOINTS
+    call.cancel()
 
 
 def test_grpc_health_is_serving(channel):

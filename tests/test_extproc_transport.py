@@ -11,8 +11,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmlb._core import ExtProcTransport
-from llmlb.extproc import _echo_response_chunk
+from llmlb._core import ExtProcMessage, ExtProcTransport, echo_response_chunk
 from tests.support.extproc_client import ExtProcCall
 
 T = ExtProcTransport
@@ -44,9 +43,9 @@ def channel(transport: ExtProcTransport) -> Iterator[grpc.Channel]:
         yield ch
 
 
-def _events(transport: ExtProcTransport, count: int) -> list[tuple[int, int, bytes | None]]:
+def _events(transport: ExtProcTransport, count: int) -> list[tuple[int, int, ExtProcMessage | None]]:
     """At least ``count`` events (waits a bounded time for them)."""
-    got: list[tuple[int, int, bytes | None]] = []
+    got: list[tuple[int, int, ExtProcMessage | None]] = []
     deadline = time.monotonic() + WAIT_S
     while len(got) < count and time.monotonic() < deadline:
         got.extend(transport.take_events())
@@ -72,6 +71,11 @@ def _answer(stream: int, answer: pb.ProcessingResponse) -> list[tuple[int, bytes
     return [(stream, answer.SerializeToString())]
 
 
+def _echo(chunk: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    body = chunk.response_body
+    return pb.ProcessingResponse.FromString(echo_response_chunk(body.body, body.end_of_stream))
+
+
 def test_messages_reach_the_service_in_order_and_answers_the_client(
     transport: ExtProcTransport, channel: grpc.Channel
 ) -> None:
@@ -82,9 +86,13 @@ def test_messages_reach_the_service_in_order_and_answers_the_client(
     (stream, opened, _), (_, kind1, first), (_, kind2, second) = events
     assert (opened, kind1, kind2) == (T.OPENED, T.MESSAGE, T.MESSAGE)
     assert first is not None
-    assert pb.ProcessingRequest.FromString(first).HasField("request_headers")
+    assert first.phase == ExtProcMessage.REQUEST_HEADERS
     assert second is not None
-    assert pb.ProcessingRequest.FromString(second).request_body.body == b"x" * 100_000
+    assert (second.phase, second.body, second.end_of_stream) == (
+        ExtProcMessage.REQUEST_BODY,
+        b"x" * 100_000,
+        True,
+    )
     headers = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
     body = pb.ProcessingResponse(request_body=pb.BodyResponse())
     transport.send(_answer(stream, headers) + _answer(stream, body), [])
@@ -102,34 +110,35 @@ def test_after_the_hand_over_response_chunks_are_echoed_without_the_service(
     # A chunk that is not yet taken by the service: the hand-over must wait for it.
     call.send(_chunk(b"early"))
     time.sleep(0.2)
-    assert not transport.hand_over(stream, 1)
+    assert transport.send([], [], [(stream, 1)]) == []
     (_, kind, early) = _events(transport, 1)[0]
     assert kind == T.MESSAGE
     assert early is not None
     headers_answer = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-    early_echo = _echo_response_chunk(pb.ProcessingRequest.FromString(early).response_body)
-    transport.send(_answer(stream, headers_answer) + _answer(stream, early_echo), [])
-    assert transport.hand_over(stream, 2)
+    early_echo = echo_response_chunk(early.body, early.end_of_stream)
+    # The answers of the batch go out before its hand-over takes.
+    handed = transport.send([*_answer(stream, headers_answer), (stream, early_echo)], [], [(stream, 2)])
+    assert handed == [stream]
     chunks = [_chunk(f"data: {n}\n\n".encode() * (n + 1)) for n in range(20)] + [_chunk(b"", end=True)]
     for chunk in chunks:
         call.send(chunk)
     # Everything answered before the hand-over comes first, then every chunk echoed in order.
     assert call.recv() == headers_answer
-    assert call.recv() == early_echo
+    assert call.recv().SerializeToString() == early_echo
     for chunk in chunks:
-        assert call.recv() == _echo_response_chunk(chunk.response_body)
+        assert call.recv() == _echo(chunk)
     # None of the echoed chunks reached the service; trailers still do.
     call.send(pb.ProcessingRequest(response_trailers=pb.HttpTrailers()))
     (_, kind, trailers) = _events(transport, 1)[0]
     assert kind == T.MESSAGE
     assert trailers is not None
-    assert pb.ProcessingRequest.FromString(trailers).HasField("response_trailers")
+    assert trailers.phase == ExtProcMessage.RESPONSE_TRAILERS
     transport.send([], [(stream, 0, "")])
     call.close()
 
 
 def test_a_hand_over_of_an_unknown_stream_fails(transport: ExtProcTransport) -> None:
-    assert not transport.hand_over(12345, 0)
+    assert transport.send([], [], [(12345, 0)]) == []
 
 
 def test_a_client_reset_is_an_event_and_a_status_ends_the_stream(

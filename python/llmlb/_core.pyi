@@ -18,6 +18,7 @@ __all__ = [
     "Balancer",
     "BodyTooLargeError",
     "EngineMetrics",
+    "ExtProcMessage",
     "ExtProcTransport",
     "MetricsParseError",
     "NoEndpointsError",
@@ -33,9 +34,11 @@ __all__ = [
     "__version__",
     "balancer_defaults",
     "create_worker_state",
+    "echo_response_chunk",
     "parse_body",
     "parse_engine_metrics",
     "parse_request",
+    "request_body_chunk",
     "request_kind",
     "shared_scripts",
     "stored_response_id",
@@ -280,15 +283,20 @@ class ExtProcTransport:
     def open_streams(self) -> int: ...
     def wake_fd(self) -> int:
         """Turns readable when events wait."""
-    def take_events(self) -> list[tuple[int, int, bytes | None]]:
+    def take_events(self) -> list[tuple[int, int, ExtProcMessage | None]]:
         """``(stream, kind, message)`` since the last call, oldest first; ``message`` only for
-        MESSAGE (a serialized ``ProcessingRequest``)."""
-    def send(self, messages: list[tuple[int, bytes]], finishes: list[tuple[int, int, str]]) -> None:
+        MESSAGE (the ``ProcessingRequest`` decoded)."""
+    def send(
+        self,
+        messages: list[tuple[int, bytes]],
+        finishes: list[tuple[int, int, str]],
+        hand_overs: list[tuple[int, int]] = ...,
+    ) -> list[int]:
         """Answers (serialized ``ProcessingResponse``) in order, then ``(stream, grpc_status,
-        message)`` for the streams that end. Unknown or ended streams are skipped."""
-    def hand_over(self, stream: int, delivered: int) -> bool:
-        """The stream's response body chunks are echoed in Rust from now on, if the service
-        has taken all ``delivered`` messages counted for it; False: try again later."""
+        message)`` for the streams that end (unknown or ended streams are skipped), then
+        ``(stream, delivered)`` hand-overs: the stream's response body chunks are echoed in
+        Rust from now on if the service has taken all ``delivered`` messages counted for it.
+        Returns the streams handed over (the others: try again later)."""
     def set_serving(self, serving: bool) -> None: ...
     def set_accepting(self, accepting: bool) -> None:
         """False: new ext_proc streams are refused with UNAVAILABLE."""
@@ -298,6 +306,43 @@ class ExtProcTransport:
         """Closes the listener and sends GOAWAY; open streams go on."""
     def close(self) -> None:
         """Ends the open streams with UNAVAILABLE and stops the thread; idempotent."""
+
+@final
+class ExtProcMessage:
+    """One ``ProcessingRequest`` as the ext_proc service reads it, decoded in Rust."""
+
+    MALFORMED: ClassVar[int]
+    NONE: ClassVar[int]
+    REQUEST_HEADERS: ClassVar[int]
+    RESPONSE_HEADERS: ClassVar[int]
+    REQUEST_BODY: ClassVar[int]
+    RESPONSE_BODY: ClassVar[int]
+    REQUEST_TRAILERS: ClassVar[int]
+    RESPONSE_TRAILERS: ClassVar[int]
+
+    @staticmethod
+    def decode(message: bytes) -> ExtProcMessage:
+        """Decodes serialized ``ProcessingRequest`` bytes (phase MALFORMED if they are not)."""
+    @property
+    def phase(self) -> int:
+        """One of the phase constants (NONE: the message carries none)."""
+    @property
+    def headers(self) -> tuple[tuple[str, bytes], ...]:
+        """A headers phase's ``(key, raw value)`` pairs in order; empty otherwise."""
+    @property
+    def body(self) -> bytes:
+        """A body phase's chunk; empty otherwise."""
+    @property
+    def end_of_stream(self) -> bool: ...
+    @property
+    def body_modes(self) -> tuple[int, int] | None:
+        """``(request_body_mode, response_body_mode)`` of ``protocol_config``, if sent."""
+
+def echo_response_chunk(body: bytes, end_of_stream: bool) -> bytes:
+    """The ``ProcessingResponse`` echoing a response body chunk (FULL_DUPLEX_STREAMED)."""
+
+def request_body_chunk(body: bytes, end_of_stream: bool) -> bytes:
+    """The ``ProcessingResponse`` passing a request body chunk on (FULL_DUPLEX_STREAMED)."""
 
 @final
 class PageScraper:

@@ -3,9 +3,10 @@ on its own thread (HTTP/2, gRPC framing, health checks, TLS); here each stream's
 ``ExtProcService.Process``, the one ext_proc implementation, and its answers go back.
 
 Per event-loop pass the transport's events are taken in one call (its descriptor turns
-readable when some wait) and the answers of the pass are sent in one call. Once a stream only
-echoes its response body (``StreamContext.echo_response_bodies``), its response chunks are
-answered on the transport's thread without reaching Python at all.
+readable when some wait), each message already decoded in Rust (``ExtProcMessage``), and the
+answers of the pass (serialized bytes) are sent in one call. Once a stream only echoes its
+response body (``StreamContext.echo_response_bodies``), the next send hands it over and its
+response chunks are answered on the transport's thread without reaching Python at all.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from collections import deque
 from typing import NoReturn
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from llmlb._core import ExtProcTransport
+from llmlb._core import ExtProcMessage, ExtProcTransport
 from llmlb.extproc import ExtProcService
 
 log = logging.getLogger("llmlb.extproc")
@@ -41,14 +41,13 @@ class _Aborted(Exception):
 
 
 class _Inbox:
-    """One stream's messages as ``Process`` reads them: queued as they are taken, decoded as
-    they are read."""
+    """One stream's messages as ``Process`` reads them, queued as they are taken."""
 
     __slots__ = ("_ended", "_loop", "_queue", "_waiter", "delivered")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[ExtProcMessage] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False
         # Messages taken from the transport for this stream (the hand-over compares counts).
@@ -58,7 +57,7 @@ class _Inbox:
     def empty(self) -> bool:
         return not self._queue
 
-    def put(self, message: bytes) -> None:
+    def put(self, message: ExtProcMessage) -> None:
         self._queue.append(message)
         self.delivered += 1
         self._wake()
@@ -75,7 +74,7 @@ class _Inbox:
     def __aiter__(self) -> _Inbox:
         return self
 
-    async def __anext__(self) -> pb.ProcessingRequest:
+    async def __anext__(self) -> ExtProcMessage:
         while not self._queue:
             if self._ended:
                 raise StopAsyncIteration
@@ -84,7 +83,7 @@ class _Inbox:
                 await self._waiter
             finally:
                 self._waiter = None
-        return pb.ProcessingRequest.FromString(self._queue.popleft())
+        return self._queue.popleft()
 
 
 class _Context:
@@ -101,7 +100,7 @@ class _Context:
         raise _Aborted(code.value[0], details)
 
     def echo_response_bodies(self) -> None:
-        self._server.hand_over(self._stream, self._inbox)
+        self._server.hand_over_soon(self._stream, self._inbox)
 
 
 class ExtProcServer:
@@ -113,6 +112,8 @@ class ExtProcServer:
         self._streams: dict[int, tuple[_Inbox, asyncio.Task[None]]] = {}
         self._messages: list[tuple[int, bytes]] = []
         self._finishes: list[tuple[int, int, str]] = []
+        # Streams to hand over with the next send (see hand_over_soon).
+        self._hand_overs: dict[int, _Inbox] = {}
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
@@ -157,7 +158,7 @@ class ExtProcServer:
         try:
             async with contextlib.aclosing(self.service.Process(inbox, context)) as answers:
                 async for answer in answers:
-                    self._messages.append((stream, answer.SerializeToString()))
+                    self._messages.append((stream, answer))
                     self._schedule_flush()
         except _Aborted as e:
             status, details = e.code, e.details
@@ -178,19 +179,30 @@ class ExtProcServer:
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """The pass's answers in one call: the transport's thread wakes once for all of them."""
+        """The pass's answers and hand-overs in one call: the transport's thread wakes once
+        for all of them."""
         self._flush_scheduled = False
         messages, finishes = self._messages, self._finishes
-        if messages or finishes:
+        hand_overs = []
+        if self._hand_overs:
+            streams = self._streams
+            # Only streams whose every message was handled here (else Process asks again after
+            # the next chunk); the transport checks the count against what it delivered.
+            hand_overs = [
+                (stream, inbox.delivered)
+                for stream, inbox in self._hand_overs.items()
+                if inbox.empty and stream in streams
+            ]
+            self._hand_overs = {}
+        if messages or finishes or hand_overs:
             self._messages, self._finishes = [], []
-            self.transport.send(messages, finishes)
+            # The answers go out before the hand-overs take: no echo overtakes them.
+            self.transport.send(messages, finishes, hand_overs)
 
-    def hand_over(self, stream: int, inbox: _Inbox) -> None:
-        """Lets the transport echo the stream's response chunks, once everything counted for it
-        is handled here (else ``Process`` tries again after the next chunk)."""
-        if inbox.empty:
-            self._flush()  # what was answered so far goes out before the first echo
-            self.transport.hand_over(stream, inbox.delivered)
+    def hand_over_soon(self, stream: int, inbox: _Inbox) -> None:
+        """Lets the transport echo the stream's response chunks from the pass's send on."""
+        self._hand_overs[stream] = inbox
+        self._schedule_flush()
 
     def set_serving(self, serving: bool) -> None:
         self.transport.set_serving(serving)

@@ -20,7 +20,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
@@ -29,6 +29,7 @@ use crate::balancer::{Balancer, BalancerConfig, Load, Pick, PickError, PickReaso
 use crate::body_decode::{parse_body_for, BodyParser};
 use crate::decision_record::{self, Field, FieldValue, Record as DecisionRecord};
 use crate::engine_metrics::{parse_engine_metrics, Engine, EngineMetrics, MetricsError};
+use crate::ext_proc_wire;
 use crate::extproc_server::{
     Event, Server as ExtProcServer, Settings as ExtProcSettings, TlsFiles,
 };
@@ -441,7 +442,119 @@ type ScrapeOutcome = (
 /// PEM certificate chain, key and client CA (if clients must present certificates).
 type TlsPem = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
 /// A transport event for Python: (stream, kind, message).
-type TransportEvent<'py> = (u64, u8, Option<Bound<'py, PyBytes>>);
+type TransportEvent<'py> = (u64, u8, Option<Bound<'py, PyExtProcMessage>>);
+
+/// One `ProcessingRequest` as the ext_proc service reads it, decoded in Rust (see
+/// `ext_proc_wire::decode_request`): no protobuf objects on the way to Python.
+#[pyclass(name = "ExtProcMessage", module = "llmlb._core", frozen)]
+struct PyExtProcMessage {
+    /// One of the phase constants; NONE if the message carries none, MALFORMED if it is not a
+    /// well-formed `ProcessingRequest`.
+    #[pyo3(get)]
+    phase: i64,
+    /// A headers phase's headers, `(key, raw value)` in order; empty otherwise.
+    #[pyo3(get)]
+    headers: Py<PyTuple>,
+    /// A body phase's chunk; empty otherwise.
+    #[pyo3(get)]
+    body: Py<PyBytes>,
+    #[pyo3(get)]
+    end_of_stream: bool,
+    /// `(request_body_mode, response_body_mode)` of the stream's `protocol_config`, if sent.
+    #[pyo3(get)]
+    body_modes: Option<(i32, i32)>,
+}
+
+#[pymethods]
+impl PyExtProcMessage {
+    #[classattr]
+    const MALFORMED: i64 = -1;
+    #[classattr]
+    const NONE: i64 = 0;
+    #[classattr]
+    const REQUEST_HEADERS: i64 = ext_proc_wire::REQUEST_HEADERS.cast_signed();
+    #[classattr]
+    const RESPONSE_HEADERS: i64 = ext_proc_wire::RESPONSE_HEADERS.cast_signed();
+    #[classattr]
+    const REQUEST_BODY: i64 = ext_proc_wire::REQUEST_BODY.cast_signed();
+    #[classattr]
+    const RESPONSE_BODY: i64 = ext_proc_wire::RESPONSE_BODY.cast_signed();
+    #[classattr]
+    const REQUEST_TRAILERS: i64 = ext_proc_wire::REQUEST_TRAILERS.cast_signed();
+    #[classattr]
+    const RESPONSE_TRAILERS: i64 = ext_proc_wire::RESPONSE_TRAILERS.cast_signed();
+
+    /// Decodes serialized `ProcessingRequest` bytes (what the transport does with each message).
+    #[staticmethod]
+    fn decode(py: Python<'_>, message: &[u8]) -> PyResult<Self> {
+        Self::from_wire(py, message)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "ExtProcMessage(phase={}, headers={}, body={} bytes, end_of_stream={}, body_modes={:?})",
+            self.phase,
+            self.headers.bind(py).len(),
+            self.body.as_bytes(py).len(),
+            self.end_of_stream,
+            self.body_modes
+        )
+    }
+}
+
+impl PyExtProcMessage {
+    fn from_wire(py: Python<'_>, message: &[u8]) -> PyResult<Self> {
+        let Some(request) = ext_proc_wire::decode_request(message) else {
+            return Ok(Self {
+                phase: Self::MALFORMED,
+                headers: PyTuple::empty(py).unbind(),
+                body: PyBytes::new(py, b"").unbind(),
+                end_of_stream: false,
+                body_modes: None,
+            });
+        };
+        let headers = if request.headers.is_empty() {
+            PyTuple::empty(py)
+        } else {
+            let pairs = request
+                .headers
+                .iter()
+                .map(|(key, value)| {
+                    let key = PyString::new(py, &String::from_utf8_lossy(key));
+                    PyTuple::new(py, [key.into_any(), PyBytes::new(py, value).into_any()])
+                })
+                .collect::<PyResult<Vec<_>>>()?;
+            PyTuple::new(py, pairs)?
+        };
+        Ok(Self {
+            phase: request.phase.cast_signed(),
+            headers: headers.unbind(),
+            body: PyBytes::new(py, request.body).unbind(),
+            end_of_stream: request.end_of_stream,
+            body_modes: request.body_modes,
+        })
+    }
+}
+
+/// The `ProcessingResponse` that echoes a response body chunk (FULL_DUPLEX_STREAMED).
+#[pyfunction]
+fn echo_response_chunk<'py>(
+    py: Python<'py>,
+    body: &[u8],
+    end_of_stream: bool,
+) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &ext_proc_wire::echo_response_chunk(body, end_of_stream))
+}
+
+/// The `ProcessingResponse` that passes a request body chunk on (FULL_DUPLEX_STREAMED).
+#[pyfunction]
+fn request_body_chunk<'py>(
+    py: Python<'py>,
+    body: &[u8],
+    end_of_stream: bool,
+) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &ext_proc_wire::request_body_chunk(body, end_of_stream))
+}
 
 /// The ext_proc gRPC transport (see `extproc_server`): Envoy's streams served on a Rust
 /// thread; the event loop takes their messages in batches and sends the answers.
@@ -509,32 +622,42 @@ impl PyExtProcTransport {
     }
 
     /// Every event since the last call, oldest first.
-    fn take_events<'py>(&self, py: Python<'py>) -> Vec<TransportEvent<'py>> {
+    fn take_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<TransportEvent<'py>>> {
         self.server
             .take_events()
             .into_iter()
-            .map(|event| match event {
-                Event::Opened(id) => (id, Self::OPENED, None),
-                Event::Message(id, message) => {
-                    (id, Self::MESSAGE, Some(PyBytes::new(py, &message)))
-                }
-                Event::Ended(id) => (id, Self::ENDED, None),
-                Event::Reset(id) => (id, Self::RESET, None),
+            .map(|event| {
+                Ok(match event {
+                    Event::Opened(id) => (id, Self::OPENED, None),
+                    Event::Message(id, message) => {
+                        let message = PyExtProcMessage::from_wire(py, &message)?;
+                        (id, Self::MESSAGE, Some(Bound::new(py, message)?))
+                    }
+                    Event::Ended(id) => (id, Self::ENDED, None),
+                    Event::Reset(id) => (id, Self::RESET, None),
+                })
             })
             .collect()
     }
 
     /// Serialized answers `(stream, bytes)`, in order, then `(stream, grpc_status, message)`
-    /// for the streams that end.
-    fn send(&self, messages: Vec<(u64, PyBackedBytes)>, finishes: Vec<(u64, u32, String)>) {
+    /// for the streams that end, then hand-overs `(stream, delivered)`: the stream's response
+    /// chunks are echoed in Rust from now on if all `delivered` messages counted for it were
+    /// taken (after this batch's answers). Returns the streams handed over.
+    #[pyo3(signature = (messages, finishes, hand_overs=Vec::new()))]
+    fn send(
+        &self,
+        messages: Vec<(u64, PyBackedBytes)>,
+        finishes: Vec<(u64, u32, String)>,
+        hand_overs: Vec<(u64, u64)>,
+    ) -> Vec<u64> {
         let messages = messages.iter().map(|(id, m)| (*id, &m[..])).collect();
         self.server.send(messages, finishes);
-    }
-
-    /// Response chunks of `stream` are echoed in Rust from now on, if all `delivered` messages
-    /// counted for it were taken; False otherwise (try again later).
-    fn hand_over(&self, stream: u64, delivered: u64) -> bool {
-        self.server.hand_over(stream, delivered)
+        hand_overs
+            .into_iter()
+            .filter(|&(stream, delivered)| self.server.hand_over(stream, delivered))
+            .map(|(stream, _)| stream)
+            .collect()
     }
 
     fn set_serving(&self, serving: bool) {
@@ -1589,6 +1712,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngineMetrics>()?;
     m.add_class::<PyPageScraper>()?;
     m.add_class::<PyExtProcTransport>()?;
+    m.add_class::<PyExtProcMessage>()?;
+    m.add_function(wrap_pyfunction!(echo_response_chunk, m)?)?;
+    m.add_function(wrap_pyfunction!(request_body_chunk, m)?)?;
     m.add_function(wrap_pyfunction!(py_parse_request, m)?)?;
     m.add_function(wrap_pyfunction!(py_parse_body, m)?)?;
     m.add_function(wrap_pyfunction!(py_request_kind, m)?)?;

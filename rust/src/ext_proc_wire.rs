@@ -1,19 +1,40 @@
-//! The few ext_proc and gRPC health messages the transport reads and writes itself, in protobuf
-//! wire format: a streamed response chunk and its echo (answered without Python once a stream
-//! only echoes its response, see `extproc_server`), and the health check's request and answer.
-//! Everything else is decoded and encoded by the Python service.
+//! The ext_proc and gRPC health messages in protobuf wire format, read and written without
+//! protobuf objects: every `ProcessingRequest` decoded into what the service reads of it
+//! (`decode_request`), the streamed body answers (request chunks passed on after a pick, and
+//! response chunks echoed, in Python or by the transport once a stream only echoes its response,
+//! see `extproc_server`), and the health check's request and answer. The rarer answers (picks,
+//! immediate responses) are encoded by the Python service.
 
 use crate::pb_struct::{len_field_size, put_len, put_varint, tag, WIRE_VARINT};
 
-// ProcessingRequest: response_body 5; metadata_context 8, attributes 9 and observability_mode
-// 10 may come beside it; protocol_config 11 only in a stream's first message.
-const REQUEST_RESPONSE_BODY: u64 = 5;
+// ProcessingRequest's `request` oneof: the phase a message carries (the numbers are its fields).
+pub const REQUEST_HEADERS: u64 = 2;
+pub const RESPONSE_HEADERS: u64 = 3;
+pub const REQUEST_BODY: u64 = 4;
+pub const RESPONSE_BODY: u64 = 5;
+pub const REQUEST_TRAILERS: u64 = 6;
+pub const RESPONSE_TRAILERS: u64 = 7;
+// metadata_context 8, attributes 9 and observability_mode 10 may come beside a phase;
+// protocol_config 11 only in a stream's first message.
 const REQUEST_SIDE_FIELDS: [u64; 3] = [8, 9, 10];
+const REQUEST_PROTOCOL_CONFIG: u64 = 11;
+// HttpHeaders: headers 1 (a HeaderMap: headers 1, each a HeaderValue: key 1, value 2,
+// raw_value 3), end_of_stream 3.
+const HEADERS_MAP: u64 = 1;
+const HEADERS_END: u64 = 3;
+const MAP_VALUE: u64 = 1;
+const VALUE_KEY: u64 = 1;
+const VALUE_TEXT: u64 = 2;
+const VALUE_RAW: u64 = 3;
+// ProtocolConfiguration: request_body_mode 1, response_body_mode 2.
+const PROTOCOL_REQUEST_MODE: u64 = 1;
+const PROTOCOL_RESPONSE_MODE: u64 = 2;
 // HttpBody and StreamedBodyResponse: body 1, end_of_stream 2.
 const BODY_BYTES: u64 = 1;
 const BODY_END: u64 = 2;
-// ProcessingResponse.response_body 4 > BodyResponse.response 1 > CommonResponse.body_mutation 3
-// > BodyMutation.streamed_response 3.
+// ProcessingResponse.request_body 3 / response_body 4 > BodyResponse.response 1 >
+// CommonResponse.body_mutation 3 > BodyMutation.streamed_response 3.
+const RESPONSE_REQUEST_BODY: u8 = 3;
 const RESPONSE_RESPONSE_BODY: u8 = 4;
 const BODY_RESPONSE_COMMON: u8 = 1;
 const COMMON_BODY_MUTATION: u8 = 3;
@@ -81,7 +102,7 @@ pub fn response_body_chunk(request: &[u8]) -> Option<(&[u8], bool)> {
     let mut chunk = None;
     for (number, value) in fields(request)? {
         match (number, value) {
-            (REQUEST_RESPONSE_BODY, FieldValue::Bytes(body)) if chunk.is_none() => {
+            (RESPONSE_BODY, FieldValue::Bytes(body)) if chunk.is_none() => {
                 chunk = Some(body);
             }
             (n, _) if REQUEST_SIDE_FIELDS.contains(&n) => {}
@@ -101,9 +122,111 @@ pub fn response_body_chunk(request: &[u8]) -> Option<(&[u8], bool)> {
     Some((body, end))
 }
 
+/// What the service reads of a `ProcessingRequest`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// REQUEST_HEADERS ..= RESPONSE_TRAILERS; 0 when the message carries no phase.
+    pub phase: u64,
+    /// The headers of a headers phase, `(key, value)` in order (`raw_value`, else `value`).
+    pub headers: Vec<(&'a [u8], &'a [u8])>,
+    /// The chunk of a body phase.
+    pub body: &'a [u8],
+    pub end_of_stream: bool,
+    /// The stream's request and response body modes (`protocol_config`, first message only).
+    pub body_modes: Option<(i32, i32)>,
+}
+
+/// Decodes a `ProcessingRequest`, or `None` if it is not well-formed protobuf. As the protobuf
+/// library reads it: the last phase set wins, and a field of an unexpected wire type is
+/// skipped as unknown.
+pub fn decode_request(request: &[u8]) -> Option<Request<'_>> {
+    let mut out = Request::default();
+    let mut payload: &[u8] = &[];
+    for (number, value) in fields(request)? {
+        match (number, value) {
+            (REQUEST_HEADERS..=RESPONSE_TRAILERS, FieldValue::Bytes(bytes)) => {
+                out.phase = number;
+                payload = bytes;
+            }
+            (REQUEST_PROTOCOL_CONFIG, FieldValue::Bytes(bytes)) => {
+                out.body_modes = Some(body_modes(bytes)?);
+            }
+            // Metadata, attributes, observability mode: not read. A known field with another
+            // wire type is an unknown field to protobuf too, so it is skipped, not refused.
+            _ => {}
+        }
+    }
+    match out.phase {
+        REQUEST_HEADERS | RESPONSE_HEADERS => read_headers(payload, &mut out)?,
+        REQUEST_BODY | RESPONSE_BODY => {
+            for (number, value) in fields(payload)? {
+                match (number, value) {
+                    (BODY_BYTES, FieldValue::Bytes(bytes)) => out.body = bytes,
+                    (BODY_END, FieldValue::Varint(flag)) => out.end_of_stream = flag != 0,
+                    _ => {}
+                }
+            }
+        }
+        _ => {} // trailers: their content is not read
+    }
+    Some(out)
+}
+
+fn read_headers<'a>(payload: &'a [u8], out: &mut Request<'a>) -> Option<()> {
+    for (number, value) in fields(payload)? {
+        match (number, value) {
+            (HEADERS_MAP, FieldValue::Bytes(map)) => {
+                for (number, value) in fields(map)? {
+                    if let (MAP_VALUE, FieldValue::Bytes(header)) = (number, value) {
+                        out.headers.push(header_value(header)?);
+                    }
+                }
+            }
+            (HEADERS_END, FieldValue::Varint(flag)) => out.end_of_stream = flag != 0,
+            _ => {}
+        }
+    }
+    Some(())
+}
+
+fn header_value(header: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (mut key, mut text, mut raw): (&[u8], &[u8], Option<&[u8]>) = (&[], &[], None);
+    for (number, value) in fields(header)? {
+        match (number, value) {
+            (VALUE_KEY, FieldValue::Bytes(bytes)) => key = bytes,
+            (VALUE_TEXT, FieldValue::Bytes(bytes)) => text = bytes,
+            (VALUE_RAW, FieldValue::Bytes(bytes)) => raw = Some(bytes),
+            _ => {}
+        }
+    }
+    Some((key, raw.unwrap_or(text)))
+}
+
+fn body_modes(config: &[u8]) -> Option<(i32, i32)> {
+    let (mut request, mut response) = (0, 0);
+    for (number, value) in fields(config)? {
+        match (number, value) {
+            (PROTOCOL_REQUEST_MODE, FieldValue::Varint(mode)) => request = mode as i32,
+            (PROTOCOL_RESPONSE_MODE, FieldValue::Varint(mode)) => response = mode as i32,
+            _ => {}
+        }
+    }
+    Some((request, response))
+}
+
 /// The `ProcessingResponse` passing a response body chunk on unchanged (FULL_DUPLEX_STREAMED):
 /// byte for byte what the Python protobuf encoder makes of the same message.
 pub fn echo_response_chunk(body: &[u8], end_of_stream: bool) -> Vec<u8> {
+    streamed_body_answer(RESPONSE_RESPONSE_BODY, body, end_of_stream)
+}
+
+/// The `ProcessingResponse` passing a request body chunk on (FULL_DUPLEX_STREAMED, after the
+/// pick), as the Python protobuf encoder makes it.
+pub fn request_body_chunk(body: &[u8], end_of_stream: bool) -> Vec<u8> {
+    streamed_body_answer(RESPONSE_REQUEST_BODY, body, end_of_stream)
+}
+
+fn streamed_body_answer(phase: u8, body: &[u8], end_of_stream: bool) -> Vec<u8> {
     let end_size = if end_of_stream { 2 } else { 0 };
     let body_size = if body.is_empty() {
         0
@@ -115,7 +238,7 @@ pub fn echo_response_chunk(body: &[u8], end_of_stream: bool) -> Vec<u8> {
     let common = len_field_size(mutation);
     let body_response = len_field_size(common);
     let mut out = Vec::with_capacity(len_field_size(body_response));
-    put_len(RESPONSE_RESPONSE_BODY, body_response, &mut out);
+    put_len(phase, body_response, &mut out);
     put_len(BODY_RESPONSE_COMMON, common, &mut out);
     put_len(COMMON_BODY_MUTATION, mutation, &mut out);
     put_len(MUTATION_STREAMED, streamed, &mut out);
@@ -236,6 +359,101 @@ mod tests {
             len_field_size(len_field_size(len_field_size(len_field_size(
                 len_field_size(70_000)
             ))))
+        );
+    }
+
+    fn message(field: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_len(field, payload.len(), &mut out);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn header(key: &[u8], value_field: u8, value: &[u8]) -> Vec<u8> {
+        let mut out = message(1, key);
+        out.extend(message(value_field, value));
+        message(1, &out) // one HeaderMap.headers entry
+    }
+
+    #[test]
+    fn request_headers_are_read_in_order_with_raw_values_first() {
+        let mut map = header(b":path", 3, b"/v1/chat/completions");
+        map.extend(header(b"x-text", 2, b"text"));
+        let mut raw_and_text = message(1, b"both");
+        raw_and_text.extend(message(2, b"text"));
+        raw_and_text.extend(message(3, b"raw"));
+        map.extend(message(1, &raw_and_text));
+        let mut http_headers = message(1, &map);
+        http_headers.extend_from_slice(&[tag(3, WIRE_VARINT), 1]);
+        let mut request = message(2, &http_headers);
+        let mut config = vec![tag(1, WIRE_VARINT), 6, tag(2, WIRE_VARINT), 6];
+        config.extend_from_slice(&[tag(3, WIRE_VARINT), 1]); // not read
+        request.extend(message(11, &config));
+        request.extend_from_slice(&[tag(10, WIRE_VARINT), 1]); // observability_mode: skipped
+        let decoded = decode_request(&request).unwrap();
+        assert_eq!(decoded.phase, REQUEST_HEADERS);
+        assert_eq!(
+            decoded.headers,
+            vec![
+                (&b":path"[..], &b"/v1/chat/completions"[..]),
+                (&b"x-text"[..], &b"text"[..]),
+                (&b"both"[..], &b"raw"[..]),
+            ]
+        );
+        assert!(decoded.end_of_stream);
+        assert_eq!(decoded.body_modes, Some((6, 6)));
+    }
+
+    #[test]
+    fn bodies_trailers_and_empty_messages_decode() {
+        let chunk = request_with_chunk(b"data", true);
+        let decoded = decode_request(&chunk).unwrap();
+        assert_eq!(
+            (decoded.phase, decoded.body, decoded.end_of_stream),
+            (RESPONSE_BODY, &b"data"[..], true)
+        );
+        let mut body = message(1, b"{}");
+        body.extend_from_slice(&[tag(2, WIRE_VARINT), 0]);
+        let request = message(4, &body);
+        let decoded = decode_request(&request).unwrap();
+        assert_eq!(
+            (decoded.phase, decoded.body, decoded.end_of_stream),
+            (REQUEST_BODY, &b"{}"[..], false)
+        );
+        let trailers = message(6, &message(1, &header(b"t", 3, b"v")));
+        let decoded = decode_request(&trailers).unwrap();
+        assert_eq!(
+            (decoded.phase, decoded.headers.len()),
+            (REQUEST_TRAILERS, 0)
+        );
+        assert_eq!(decode_request(&[]), Some(Request::default()));
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_and_unexpected_wire_types_skipped() {
+        assert!(decode_request(&[0x22, 0x05, 1]).is_none()); // truncated body
+        assert!(decode_request(&[0x0f]).is_none()); // wire type 7
+        let varint = [tag(4, WIRE_VARINT), 1];
+        let phase_as_varint = decode_request(&varint).unwrap();
+        assert_eq!(phase_as_varint.phase, 0);
+        let end_as_bytes = message(2, &[tag(3, 2), 0]);
+        assert!(!decode_request(&end_as_bytes).unwrap().end_of_stream);
+        let mode_as_bytes = message(11, &message(1, b"x"));
+        assert_eq!(
+            decode_request(&mode_as_bytes).unwrap().body_modes,
+            Some((0, 0))
+        );
+    }
+
+    #[test]
+    fn request_chunks_nest_like_response_echoes_under_field_3() {
+        let echo = echo_response_chunk(b"abc", true);
+        let chunk = request_body_chunk(b"abc", true);
+        assert_eq!(chunk[0], tag(3, 2));
+        assert_eq!(echo[1..], chunk[1..]);
+        assert_eq!(
+            request_body_chunk(b"", false),
+            vec![tag(3, 2), 6, 0x0a, 4, 0x1a, 2, 0x1a, 0]
         );
     }
 

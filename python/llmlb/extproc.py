@@ -491,7 +491,7 @@ class _Stream:
             return [self.on_response_headers(request)]
         if phase == _RESPONSE_BODY:
             if self.scanner is not None:
-                self._scan(request.body)
+                await self._scan(request.body)
             if self.response_mode == FULL_DUPLEX:
                 return [echo_response_chunk(request.body, request.end_of_stream)]
             return [_RESPONSE_BODY_CONTINUE]
@@ -499,12 +499,14 @@ class _Stream:
             return [_RESPONSE_TRAILERS_CONTINUE]
         return []
 
-    def _scan(self, chunk: bytes) -> None:
+    async def _scan(self, chunk: bytes) -> None:
+        """Reads the response for its id; the chunk that carries it is answered once the id
+        is remembered (see ``ResponseStore.remember``)."""
         scanner = self.scanner
         assert scanner is not None
         response_id = scanner.feed(chunk)
         if response_id is not None:
-            self.apis.responses.remember(response_id, self.endpoint)
+            await self.apis.responses.remember(response_id, self.endpoint)
         if scanner.done:
             self.scanner = None
 

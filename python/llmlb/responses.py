@@ -80,7 +80,11 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._local)
 
-    def remember(self, response_id: str, endpoint: str) -> None:
+    async def remember(self, response_id: str, endpoint: str) -> None:
+        """Keeps where ``response_id`` is; with Redis, returns once the pool knows it too (or
+        after ``redisBudget``, the write then lands in the background). The caller holds the
+        response chunk that carries the id until then, so a client that sends its follow-up
+        through another replica as soon as it has the id finds it there."""
         self._keep(response_id, endpoint, time.monotonic() + self.ttl_s)
         self.metrics.responses_learned.inc()
         shared = self.shared
@@ -90,6 +94,7 @@ class ResponseStore:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            await asyncio.wait((task,), timeout=shared.budget)
 
     def _keep(self, response_id: str, endpoint: str, expires: float) -> None:
         self._local[response_id] = (endpoint, expires)

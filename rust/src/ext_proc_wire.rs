@@ -109,17 +109,23 @@ pub fn response_body_chunk(request: &[u8]) -> Option<(&[u8], bool)> {
             _ => return None,
         }
     }
-    let mut body: &[u8] = &[];
-    let mut end = false;
-    for (number, value) in fields(chunk?)? {
+    let (body, end, other_fields) = http_body(chunk?)?;
+    // end_of_stream_without_message, grpc_message_compressed: not echoed as-is.
+    (!other_fields).then_some((body, end))
+}
+
+/// An `HttpBody`: its chunk, end of stream, and whether any other field was set (or a known
+/// one with an unexpected wire type, which protobuf keeps as unknown); `None` if broken.
+fn http_body(payload: &[u8]) -> Option<(&[u8], bool, bool)> {
+    let (mut body, mut end, mut other_fields): (&[u8], bool, bool) = (&[], false, false);
+    for (number, value) in fields(payload)? {
         match (number, value) {
             (BODY_BYTES, FieldValue::Bytes(bytes)) => body = bytes,
             (BODY_END, FieldValue::Varint(flag)) => end = flag != 0,
-            // end_of_stream_without_message, grpc_message_compressed: not echoed as-is.
-            _ => return None,
+            _ => other_fields = true,
         }
     }
-    Some((body, end))
+    Some((body, end, other_fields))
 }
 
 /// What the service reads of a `ProcessingRequest`.
@@ -159,13 +165,7 @@ pub fn decode_request(request: &[u8]) -> Option<Request<'_>> {
     match out.phase {
         REQUEST_HEADERS | RESPONSE_HEADERS => read_headers(payload, &mut out)?,
         REQUEST_BODY | RESPONSE_BODY => {
-            for (number, value) in fields(payload)? {
-                match (number, value) {
-                    (BODY_BYTES, FieldValue::Bytes(bytes)) => out.body = bytes,
-                    (BODY_END, FieldValue::Varint(flag)) => out.end_of_stream = flag != 0,
-                    _ => {}
-                }
-            }
+            (out.body, out.end_of_stream, _) = http_body(payload)?;
         }
         _ => {} // trailers: their content is not read
     }

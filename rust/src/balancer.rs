@@ -447,7 +447,7 @@ impl Balancer {
         } else {
             1
         };
-        let prefix = PrefixTable::try_new(capacity, config.prefix_ttl_s.saturating_mul(1000))?;
+        let prefix = PrefixTable::try_new(capacity, config.prefix_ttl_s)?;
         Ok(Self {
             config,
             profile,
@@ -598,6 +598,8 @@ impl Balancer {
             }
         }
         self.workers = Some(workers);
+        // Prefix entries live in the shared state from now on: the embedded table's memory goes.
+        self.prefix = PrefixTable::new(1, self.config.prefix_ttl_s);
     }
 
     /// Shared picks go through Redis from now on: decisions use the pool-wide request counts of
@@ -1278,10 +1280,13 @@ mod tests {
     use super::*;
 
     fn balancer(policy: Policy) -> Balancer {
-        let config = BalancerConfig {
+        balancer_with(BalancerConfig {
             policy,
             ..BalancerConfig::default()
-        };
+        })
+    }
+
+    fn balancer_with(config: BalancerConfig) -> Balancer {
         let mut b = Balancer::with_rng(config, SmallRng::seed_from_u64(3));
         b.set_endpoints(&["a:1", "b:1", "c:1"]);
         b
@@ -1380,6 +1385,27 @@ mod tests {
         assert_eq!(next.endpoint, first.endpoint);
         assert_eq!(next.reason, PickReason::PrefixHit);
         assert_eq!(next.prefix_depth, 2);
+    }
+
+    #[test]
+    fn a_prefix_expires_prefix_ttl_s_seconds_after_its_last_use() {
+        let mut b = balancer_with(BalancerConfig {
+            policy: Policy::PrefixCache,
+            prefix_ttl_s: 60,
+            ..BalancerConfig::default()
+        });
+        let first = b.pick(Some(&[11, 12]), 0).unwrap();
+        b.release(first.ticket, 0);
+        let within = b.pick(Some(&[11, 12]), 59_000).unwrap();
+        assert_eq!(within.reason, PickReason::PrefixHit);
+        b.release(within.ticket, 59_000);
+        // The hit recorded the prefix again at 59 s: it now lasts until 119 s, not 120.
+        let renewed = b.pick(Some(&[11, 12]), 118_000).unwrap();
+        assert_eq!(renewed.reason, PickReason::PrefixHit);
+        b.release(renewed.ticket, 118_000);
+        let expired = b.pick(Some(&[11, 12]), 178_000).unwrap();
+        assert_eq!(expired.reason, PickReason::LeastRequest);
+        assert_eq!(expired.prefix_depth, 0);
     }
 
     #[test]

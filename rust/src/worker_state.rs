@@ -11,8 +11,9 @@
 //!   index) zeroes the row when it opens the state, so no phantom load survives a restart;
 //! - a **prefill backlog** per slot (`backlog::pack`, one word updated by compare-and-swap):
 //!   every worker's picks add to it and it drains with time, so it needs no cleaning up;
-//! - a **prefix table**: set-associative (8 ways per set), each entry a prefix hash and up to
-//!   four `(slot, expiry)` holders like the embedded table, least recently used way replaced;
+//! - a **prefix table**: the embedded table's sets (`prefix_table::WAYS` ways, `set_of`), each
+//!   entry a prefix hash and up to four `(slot, expiry)` holders, least recently used way
+//!   replaced;
 //! - a **scraped load** per slot (least_busy): one worker scrapes the endpoints' metrics and
 //!   publishes each load here, so the pool is scraped once per interval whatever the number of
 //!   workers. A sequence word guards each record (odd while written; readers retry), and a
@@ -33,11 +34,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::backlog::{self, Backlog};
 use crate::balancer::Load;
-use crate::prefix_table::{Recorded, HOLDERS};
+use crate::prefix_table::{self, Recorded, HOLDERS, WAYS};
 
 const MAGIC: u64 = 0x6c6c_6d6c_625f_7773; // "llmlb_ws"
-/// 2: a prefill backlog word per slot; 3: a scraped load per slot.
-const VERSION: u64 = 3;
+/// 2: a prefill backlog word per slot; 3: a scraped load per slot; 4: sets chosen by
+/// `prefix_table::set_of`.
+const VERSION: u64 = 4;
 
 const HEADER_WORDS: usize = 8;
 const H_MAGIC: usize = 0;
@@ -54,7 +56,6 @@ const DIRECTORY: usize = HEADER_WORDS;
 const DIR_WORDS: usize = 16;
 pub const MAX_ADDRESS: usize = (DIR_WORDS - 1) * 8;
 
-pub const WAYS: usize = 8;
 /// Prefix entry: key, `last_used_s | len << 32`, then one `slot | expires_s << 32` per holder.
 const ENTRY_WORDS: usize = 2 + HOLDERS;
 /// Prefix set: its lock word, then the ways.
@@ -483,7 +484,7 @@ impl WorkerState {
     }
 
     fn set_of(&self, hash: u64) -> usize {
-        self.layout.prefix() + (hash % self.layout.sets as u64) as usize * SET_WORDS
+        self.layout.prefix() + prefix_table::set_of(hash, self.layout.sets) * SET_WORDS
     }
 
     /// Runs `f` on the ways of `hash`'s set under its lock; `None` if the lock stayed busy.
@@ -794,6 +795,7 @@ fn touch(ways: &[AtomicU64], hash: u64, slot: u32, now_s: u32, expires_s: u32) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prefix_table::spread;
 
     struct TempFile(std::path::PathBuf);
 
@@ -1112,7 +1114,7 @@ mod tests {
             let slot = state.intern("shared:1").unwrap();
             for i in 0..10_000u64 {
                 state.increment(slot);
-                state.record(&[i % 97, 1000 + i % 13], slot, 0);
+                state.record(&[spread(i % 97), spread(1000 + i % 13)], slot, 0);
                 if i % 2 == 0 {
                     state.decrement(slot);
                 }
@@ -1120,6 +1122,6 @@ mod tests {
         });
         let slot = states[0].intern("shared:1").unwrap();
         assert_eq!(states[0].inflight(slot), 4 * 5_000);
-        assert!(!depths(&states[0], &[5], 0).is_empty());
+        assert!(!depths(&states[0], &[spread(5)], 0).is_empty());
     }
 }

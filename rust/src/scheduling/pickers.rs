@@ -22,23 +22,26 @@ impl Picker for MaxScorePicker {
     fn pick(&self, candidates: &[Candidate], totals: &[f64], rng: &mut SmallRng) -> usize {
         let best = totals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let is_tied = |i: usize| (best - totals[i]).abs() <= TIE;
-        let oldest = (0..totals.len())
-            .filter(|&i| is_tied(i))
-            .map(|i| candidates[i].last_picked)
-            .min()
-            .unwrap_or(0);
-        let is_next = |i: usize| is_tied(i) && candidates[i].last_picked == oldest;
-        let ties = (0..totals.len()).filter(|&i| is_next(i)).count();
-        // One draw among the tied, uniform (cheaper than a draw per tie when many are equal).
-        let nth = if ties > 1 {
-            rng.random_range(0..ties)
-        } else {
-            0
-        };
-        (0..totals.len())
-            .filter(|&i| is_next(i))
+        // One pass finds the tied candidate picked longest ago and how many share that turn.
+        let (mut first, mut oldest, mut ties) = (0, u64::MAX, 0usize);
+        for (i, c) in candidates.iter().enumerate().take(totals.len()) {
+            if !is_tied(i) || c.last_picked > oldest {
+                continue;
+            }
+            if c.last_picked < oldest {
+                (first, oldest, ties) = (i, c.last_picked, 0);
+            }
+            ties += 1;
+        }
+        if ties <= 1 {
+            return first;
+        }
+        // One draw among them, uniform (cheaper than a draw per tie when many are equal).
+        let nth = rng.random_range(0..ties);
+        (first..totals.len())
+            .filter(|&i| is_tied(i) && candidates[i].last_picked == oldest)
             .nth(nth)
-            .unwrap_or(0)
+            .unwrap_or(first)
     }
 }
 

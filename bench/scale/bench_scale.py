@@ -15,7 +15,12 @@ Shapes (each a wrk run of ``--seconds``; CPU is utime+stime of the picker's proc
 - ``stream``: 2 KB chat answered by 1,000 SSE chunks; ``chunk`` CPU is its extra CPU over a
   one-chunk answer divided by the extra ext_proc messages (Envoy's own ``stream_msgs_sent``).
 - ``big400k`` / ``big4m``: a 400 KB (about 100k tokens) and a 4 MB prompt, small answer.
-- ``agentic``: the 400 KB prompt answered by 1,000 SSE chunks.
+- ``agentic``: the 400 KB prompt answered by 1,000 SSE chunks, sent back to back: Envoy reads
+  several chunks at once, so a request costs ~130-220 ext_proc messages, not 1,000.
+- ``agentic-paced``: the same, one chunk a millisecond, as a model server streams tokens: each
+  chunk reaches Envoy alone and costs its own ext_proc message (~1,000 a request, the count the
+  issue's table was measured at). 8 connections; each request takes over a second, so each run
+  lasts at least 15 s.
 - ``idle``: 100 idle model servers (one Envoy serving a vLLM /metrics page on 100 ports), no
   traffic; the picker scrapes each every 50 ms (llmlb: ``least_busy``, with 1 and 2 workers):
   cores used.
@@ -34,6 +39,7 @@ every figure was measured and no request failed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -82,7 +88,7 @@ def _is_llmlb(name: str) -> bool:
     return name.startswith(("llmlb", "before"))
 
 
-SHAPES = ("small", "stream", "big400k", "big4m", "agentic", "idle", "memory")
+SHAPES = ("small", "stream", "big400k", "big4m", "agentic", "agentic-paced", "idle", "memory")
 # The SSE answers of the streamed shapes (the test backend's knobs, see tests/support/backend.py).
 STREAM_CHUNKS = 1_000
 MEMORY_STREAMS = 500
@@ -101,7 +107,7 @@ init = function(args)
   local chunks = os.getenv("LLMLB_BENCH_CHUNKS")
   if chunks ~= nil and chunks ~= "" then
     headers["x-test-stream-chunks"] = chunks
-    headers["x-test-stream-interval-ms"] = "0"
+    headers["x-test-stream-interval-ms"] = os.getenv("LLMLB_BENCH_INTERVAL_MS")
   end
 end
 request = function()
@@ -119,13 +125,16 @@ end
 
 @dataclass(frozen=True)
 class Shape:
-    """One load: the body (bytes of the prompt), SSE chunks in the answer (0: plain JSON) and
-    wrk's connections."""
+    """One load: the body (bytes of the prompt), SSE chunks in the answer (0: plain JSON),
+    wrk's connections, the backend's pause between chunks, and the shortest run that completes
+    enough requests to measure (CPU is counted in 10 ms ticks)."""
 
     name: str
     prompt_bytes: int
     chunks: int
     conns: int
+    interval_ms: int = 0
+    min_seconds: float = 0.0
 
 
 REQUEST_SHAPES = {
@@ -135,6 +144,7 @@ REQUEST_SHAPES = {
     "big400k": Shape("big400k", 400_000, 0, 4),
     "big4m": Shape("big4m", 4_000_000, 0, 2),
     "agentic": Shape("agentic", 400_000, STREAM_CHUNKS, 4),
+    "agentic-paced": Shape("agentic-paced", 400_000, STREAM_CHUNKS, 8, interval_ms=1, min_seconds=15),
 }
 
 
@@ -292,6 +302,13 @@ def envoy_messages(envoy: Envoy) -> int:
     return total
 
 
+def shape_for(name: str, smoke: bool) -> Shape:
+    """The shape as run: the smoke run's 1 s runs cannot hold a paced answer of 1,000 chunks
+    (over a second each), so there it is 50 chunks."""
+    shape = REQUEST_SHAPES[name]
+    return dataclasses.replace(shape, chunks=50, min_seconds=0) if smoke and shape.interval_ms else shape
+
+
 def start_wrk(url: str, shape: Shape, seconds: float, work: Path) -> subprocess.Popen[str]:
     body = work / f"body-{shape.prompt_bytes}-{shape.chunks > 0}.json"
     if not body.exists():
@@ -307,6 +324,7 @@ def start_wrk(url: str, shape: Shape, seconds: float, work: Path) -> subprocess.
         **os.environ,
         "LLMLB_BENCH_BODY": str(body),
         "LLMLB_BENCH_CHUNKS": str(shape.chunks) if shape.chunks else "",
+        "LLMLB_BENCH_INTERVAL_MS": str(shape.interval_ms),
     }
     argv = ["wrk", "-t1", f"-c{shape.conns}", f"-d{seconds:g}s", "--timeout", "60s", "-s", str(script), url]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -351,7 +369,7 @@ def measure(picker: Picker, shape: Shape, seconds: float, work: Path) -> dict[st
     assert picker.pid is not None or picker.name == "envoy"
     cpu0 = process_tree_cpu(picker.pid) if picker.pid else 0.0
     msgs0 = envoy_messages(picker.envoy) if picker.pid else 0
-    r = run_wrk(picker.url, shape, seconds, work)
+    r = run_wrk(picker.url, shape, max(seconds, shape.min_seconds), work)
     r["cpu_s"] = process_tree_cpu(picker.pid) - cpu0 if picker.pid else 0.0
     r["messages"] = envoy_messages(picker.envoy) - msgs0 if picker.pid else 0
     r.update(picker=picker.name, shape=shape.name)
@@ -407,7 +425,7 @@ def stream_backends(work: Path, count: int = 3) -> tuple[list[ManagedProcess], l
 def request_runs(pickers: list[str], shapes: list[str], run: Run) -> list[dict[str, Any]]:
     work, seconds, rounds, log = run.work, run.seconds, run.rounds, run.log
     plain = [s for s in shapes if s in ("small", "big400k", "big4m")]
-    streamed = [s for s in shapes if s in ("stream", "agentic")]
+    streamed = [s for s in shapes if s in ("stream", "agentic", "agentic-paced")]
     if "stream" in streamed:
         streamed.insert(0, "stream1")
     results: list[dict[str, Any]] = []
@@ -436,13 +454,13 @@ def request_runs(pickers: list[str], shapes: list[str], run: Run) -> list[dict[s
                 for shape_name in group:
                     order = setups[round_no % len(setups) :] + setups[: round_no % len(setups)]
                     for s in order:
-                        r = measure(s, REQUEST_SHAPES[shape_name], seconds, work)
+                        r = measure(s, shape_for(shape_name, run.smoke), seconds, work)
                         r["round"] = round_no
                         results.append(r)
                         rps = r["requests"] / (r["duration_us"] / 1e6)
                         cpu = r["cpu_s"] / max(r["requests"], 1) * 1e6
                         log(
-                            f"{s.name:20} {shape_name:8} {rps:8.0f} req/s  {cpu:9.0f} µs CPU/req  "
+                            f"{s.name:20} {shape_name:13} {rps:8.0f} req/s  {cpu:9.0f} µs CPU/req  "
                             f"p50 {r['p50_us'] / 1000:.2f} ms  errors {r['errors']}"
                         )
             stop_all(reversed(procs))
@@ -569,6 +587,10 @@ ROWS = [
     ("big4m.added_p50_us", "4 MB prompt: p50 added, µs", 0),
     ("agentic.cpu_us", "agentic (400 KB + 1,000 chunks): CPU µs/request", 0),
     ("agentic.added_p50_us", "agentic: p50 added, µs", 0),
+    ("agentic.messages", "agentic: ext_proc messages/request", 0),
+    ("agentic-paced.cpu_us", "agentic, chunks paced 1 ms: CPU µs/request", 0),
+    ("agentic-paced.added_p50_us", "agentic, paced: p50 added, µs", 0),
+    ("agentic-paced.messages", "agentic, paced: ext_proc messages/request", 0),
     ("idle.cores", "100 idle model servers, 50 ms scrapes: cores", 3),
     ("memory.rss_before_mib", "RSS before, MiB", 0),
     ("memory.rss_peak_streams_mib", "RSS peak, 500 streams x 5,000 chunks, MiB", 0),

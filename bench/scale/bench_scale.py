@@ -116,9 +116,10 @@ end
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
-    'LLMLB_RESULT {"requests":%d,"duration_us":%d,"errors":%d,"p50_us":%d,"p99_us":%d}\n',
+    'LLMLB_RESULT {"requests":%d,"duration_us":%d,"errors":%d,"p50_us":%d,"p99_us":%d,' ..
+    '"error_kinds":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}}\n',
     summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
-    latency:percentile(50), latency:percentile(99)))
+    latency:percentile(50), latency:percentile(99), e.connect, e.read, e.write, e.status, e.timeout))
 end
 """
 
@@ -290,16 +291,41 @@ def start_picker(
     return Picker(name, f"{envoy.url}/v1/chat/completions", pid, envoy, procs)
 
 
-def envoy_messages(envoy: Envoy) -> int:
-    """ext_proc messages Envoy sent to the picker so far (its ``stream_msgs_sent`` counter)."""
-    with urllib.request.urlopen(f"{envoy.admin_url}/stats?filter=ext_proc", timeout=5) as reply:
+def envoy_counters(envoy: Envoy, pattern: str) -> dict[str, int]:
+    """Envoy's counters whose names match ``pattern`` (its admin ``/stats?filter=``)."""
+    with urllib.request.urlopen(f"{envoy.admin_url}/stats?filter={pattern}", timeout=5) as reply:
         text = reply.read().decode()
-    total = 0
+    counters: dict[str, int] = {}
     for line in text.splitlines():
         name, _, value = line.partition(": ")
-        if name.endswith("ext_proc.stream_msgs_sent"):
-            total += int(value)
-    return total
+        if value.isdigit():
+            counters[name] = int(value)
+    return counters
+
+
+def envoy_messages(envoy: Envoy) -> int:
+    """ext_proc messages Envoy sent to the picker so far (its ``stream_msgs_sent`` counter)."""
+    counters = envoy_counters(envoy, "ext_proc")
+    return sum(v for k, v in counters.items() if k.endswith("ext_proc.stream_msgs_sent"))
+
+
+# Why requests failed, from the front Envoy's counters: the picker's side (its ext_proc streams)
+# or the backends' (Envoy could not reach them in time: the test backends saturate first).
+FAILURE_COUNTERS = {
+    "ext_proc_streams_failed": "ext_proc.streams_failed",
+    "ext_proc_message_timeouts": "ext_proc.message_timeouts",
+    "ext_proc_failure_mode_allowed": "ext_proc.failure_mode_allowed",
+    "backend_connect_timeouts": "cluster.pool.upstream_cx_connect_timeout",
+    "backend_pending_ejected": "cluster.pool.upstream_rq_pending_failure_eject",
+}
+
+
+def failure_counts(envoy: Envoy) -> dict[str, int]:
+    counters = envoy_counters(envoy, "ext_proc|cluster.pool.upstream")
+    return {
+        key: sum(v for name, v in counters.items() if name.endswith(suffix))
+        for key, suffix in FAILURE_COUNTERS.items()
+    }
 
 
 def shape_for(name: str, smoke: bool) -> Shape:
@@ -393,15 +419,23 @@ def memory_run(picker: Picker, work: Path, seconds: float, smoke: bool) -> dict[
     assert picker.pid is not None
     before = rss_bytes(picker.pid)
     peaks: dict[str, int] = {}
-    errors = 0
+    errors: dict[str, Any] = {}
     for shape in memory_shapes(smoke):
         peak = 0
+        failures = failure_counts(picker.envoy)
         proc = start_wrk(picker.url, shape, seconds, work)
         deadline = time.monotonic() + seconds + 90
         while proc.poll() is None and time.monotonic() < deadline:
             peak = max(peak, rss_bytes(picker.pid))
             time.sleep(0.25)
-        errors += wrk_result(proc, max(1.0, deadline - time.monotonic()))["errors"]
+        result = wrk_result(proc, max(1.0, deadline - time.monotonic()))
+        after = failure_counts(picker.envoy)
+        errors[shape.name] = {
+            "requests": result["requests"],
+            **result.get("error_kinds", {}),
+            **{key: after[key] - failures[key] for key in after},
+        }
+        errors["errors"] = errors.get("errors", 0) + result["errors"]
         peaks[shape.name] = peak
     time.sleep(2.0)
     return {
@@ -411,7 +445,8 @@ def memory_run(picker: Picker, work: Path, seconds: float, smoke: bool) -> dict[
         "rss_peak_streams": peaks["memory-streams"],
         "rss_peak_4m": peaks["memory-4m"],
         "rss_after": rss_bytes(picker.pid),
-        "errors": errors,
+        "errors": errors.pop("errors", 0),
+        "by_load": errors,
     }
 
 
@@ -689,7 +724,7 @@ def main() -> int:
     print(render(summary))
     failed = [r for r in results if r.get("errors")]
     for r in failed:
-        log(f"FAILED requests: {r['picker']} {r['shape']}: {r['errors']} errors")
+        log(f"FAILED requests: {r['picker']} {r['shape']}: {r['errors']} errors {r.get('by_load', '')}")
     if args.smoke:
         missing = [p for p in pickers if not summary.get(p)]
         if missing:

@@ -78,7 +78,7 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "lb_config.shedRetryAfter": (0, 3600),
     "lb_config.maxRequestCount": (0, 1_000_000),
     "lb_config.affinityLoadFloor": (0, 1_000_000),
-    # About 56 bytes an entry: 2^24 entries is under 1 GiB.
+    # About 52 bytes an entry: 2^24 entries is 832 MiB.
     "lb_config.prefixTableSize": (1, 2**24),
     # Blocks of 512 bytes of prompt: 65,536 is 32 MiB of prompt.
     "lb_config.maxPrefixBlocks": (1, 65_536),

@@ -70,7 +70,7 @@ fn empty_sets(count: usize) -> Result<Box<[Set]>, TryReserveError> {
 }
 
 /// Asks Linux to back a large table with huge pages before it is first written. Lookups land
-/// at random: with 4 KiB pages a table of the default size (15 MiB) misses the TLB on most of
+/// at random: with 4 KiB pages a table of the default size (13 MiB) misses the TLB on most of
 /// them, which cost more than the cache misses themselves in `record/new_default_capacity`. A
 /// hint: where transparent huge pages are off, nothing changes.
 fn advise_huge_pages(start: usize, bytes: usize) {
@@ -433,6 +433,16 @@ mod tests {
         // Every set filled up: the table is full, not just one set.
         assert_eq!(t.len(), t.capacity());
         assert_eq!(depths(&mut t, &[spread(9_999)], 0), vec![(7, 1)]);
+    }
+
+    #[test]
+    fn an_entry_costs_52_bytes() {
+        // docs/configuration.md quotes this (13 MiB at the default 262,144 entries).
+        assert_eq!(std::mem::size_of::<Set>(), 52 * WAYS);
+        assert_eq!(
+            PrefixTable::new(262_144, 1).sets.len() * std::mem::size_of::<Set>(),
+            13 << 20
+        );
     }
 
     #[test]

@@ -219,6 +219,25 @@ def test_close_ends_open_streams_unavailable(transport: ExtProcTransport, channe
     transport.close()  # idempotent
 
 
+def test_streams_finished_before_close_keep_their_status() -> None:
+    """A drain ends the streams that need nothing more with OK, then closes the transport: the
+    close must not overtake those finishes with UNAVAILABLE (Envoy would cut their responses)."""
+    for _ in range(5):
+        transport = _transport()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{transport.port}") as channel:
+                calls = [ExtProcCall(channel, WAIT_S) for _ in range(10)]
+                for call in calls:
+                    call.send(pb.ProcessingRequest(request_headers=pb.HttpHeaders()))
+                streams = sorted({stream for stream, _, _ in _events(transport, 2 * len(calls))})
+                assert len(streams) == len(calls)
+                transport.send([], [(stream, 0, "") for stream in streams], [])
+                transport.close()
+                assert [call.call.code() for call in calls] == [grpc.StatusCode.OK] * len(calls)
+        finally:
+            transport.close()
+
+
 def test_a_taken_port_fails_unless_both_share_it() -> None:
     first = _transport()
     try:

@@ -144,7 +144,16 @@ struct Shared {
     accepting: AtomicBool,
     tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
     settings: Settings,
-    outbox: mpsc::UnboundedSender<Vec<(u64, Out)>>,
+    outbox: mpsc::UnboundedSender<Routing>,
+}
+
+/// What the dispatch task routes, in the order it was sent.
+enum Routing {
+    /// Answers and finishes for their streams.
+    Batch(Vec<(u64, Out)>),
+    /// Ends every stream still open with this status. It comes through the same queue as the
+    /// batches, so the finishes sent before it (a drain's OKs) reach their streams first.
+    FinishAll(u32, String),
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -169,7 +178,7 @@ impl Shared {
     }
 
     fn route(&self, batch: Vec<(u64, Out)>) {
-        let _ = self.outbox.send(batch);
+        let _ = self.outbox.send(Routing::Batch(batch));
     }
 }
 
@@ -366,7 +375,7 @@ async fn run(
     shared: Arc<Shared>,
     listener: std::net::TcpListener,
     mut phase: watch::Receiver<Phase>,
-    outbox: mpsc::UnboundedReceiver<Vec<(u64, Out)>>,
+    outbox: mpsc::UnboundedReceiver<Routing>,
 ) {
     tokio::spawn(dispatch(Arc::clone(&shared), outbox));
     let Ok(listener) = TcpListener::from_std(listener) else {
@@ -388,32 +397,44 @@ async fn run(
     }
     drop(listener);
     let _ = phase.wait_for(|p| *p == Phase::Closed).await;
-    let open: Vec<StreamEntry> = lock(&shared.streams).drain().map(|(_, e)| e).collect();
-    for entry in open {
-        let _ = entry
-            .tx
-            .send(Out::Finish(code::UNAVAILABLE, "llmlb stopped".into()));
-    }
+    let _ = shared.outbox.send(Routing::FinishAll(
+        code::UNAVAILABLE,
+        "llmlb stopped".into(),
+    ));
     tokio::time::sleep(CLOSE_FLUSH).await;
 }
 
 /// Routes the service's answers (and the echoes made here) to their streams, in order.
-async fn dispatch(shared: Arc<Shared>, mut outbox: mpsc::UnboundedReceiver<Vec<(u64, Out)>>) {
-    while let Some(batch) = outbox.recv().await {
+async fn dispatch(shared: Arc<Shared>, mut outbox: mpsc::UnboundedReceiver<Routing>) {
+    while let Some(routing) = outbox.recv().await {
         let mut streams = lock(&shared.streams);
-        for (id, out) in batch {
-            if matches!(out, Out::Finish(..)) {
-                if let Some(mut entry) = streams.remove(&id) {
-                    if let Some(stop) = entry.stop.take() {
-                        let _ = stop.send(());
+        match routing {
+            Routing::Batch(batch) => {
+                for (id, out) in batch {
+                    if matches!(out, Out::Finish(..)) {
+                        if let Some(entry) = streams.remove(&id) {
+                            finish(entry, out);
+                        }
+                    } else if let Some(entry) = streams.get(&id) {
+                        let _ = entry.tx.send(out);
                     }
-                    let _ = entry.tx.send(out);
                 }
-            } else if let Some(entry) = streams.get(&id) {
-                let _ = entry.tx.send(out);
+            }
+            Routing::FinishAll(status, text) => {
+                for (_, entry) in streams.drain() {
+                    finish(entry, Out::Finish(status, text.clone()));
+                }
             }
         }
     }
+}
+
+/// Ends a stream taken out of the table: its reader stops, then the status goes out.
+fn finish(mut entry: StreamEntry, out: Out) {
+    if let Some(stop) = entry.stop.take() {
+        let _ = stop.send(());
+    }
+    let _ = entry.tx.send(out);
 }
 
 async fn serve_connection(

@@ -297,19 +297,18 @@ impl PrefixTable {
         let mut recorded = Recorded::default();
         for group in hashes.chunks(GROUP) {
             // Fetch the group's sets at once, then look each level up, then change them.
-            for &hash in group {
-                let set = &self.sets[set_of(hash, sets)];
+            let mut found = [(0usize, None); GROUP];
+            for (slot, &hash) in found.iter_mut().zip(group) {
+                slot.0 = set_of(hash, sets);
+                let set = &self.sets[slot.0];
                 prefetch(&set.keys);
                 prefetch(&set.used);
             }
-            let mut found = [(0usize, None); GROUP];
             for (slot, &hash) in found.iter_mut().zip(group) {
-                let index = set_of(hash, sets);
-                let set = &self.sets[index];
-                let way = set.find(hash);
+                let set = &self.sets[slot.0];
+                slot.1 = set.find(hash);
                 // The entry this level will write: fetched now too, not one by one below.
-                prefetch(&set.entries[way.unwrap_or_else(|| set.victim())]);
-                *slot = (index, way);
+                prefetch(&set.entries[slot.1.unwrap_or_else(|| set.victim())]);
             }
             for (&hash, &(set, way)) in group.iter().zip(&found) {
                 let set = &mut self.sets[set];

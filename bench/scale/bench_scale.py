@@ -419,7 +419,8 @@ def memory_run(picker: Picker, work: Path, seconds: float, smoke: bool) -> dict[
     assert picker.pid is not None
     before = rss_bytes(picker.pid)
     peaks: dict[str, int] = {}
-    errors: dict[str, Any] = {}
+    errors = 0
+    by_load: dict[str, dict[str, int]] = {}
     for shape in memory_shapes(smoke):
         peak = 0
         failures = failure_counts(picker.envoy)
@@ -430,12 +431,12 @@ def memory_run(picker: Picker, work: Path, seconds: float, smoke: bool) -> dict[
             time.sleep(0.25)
         result = wrk_result(proc, max(1.0, deadline - time.monotonic()))
         after = failure_counts(picker.envoy)
-        errors[shape.name] = {
+        by_load[shape.name] = {
             "requests": result["requests"],
             **result.get("error_kinds", {}),
             **{key: after[key] - failures[key] for key in after},
         }
-        errors["errors"] = errors.get("errors", 0) + result["errors"]
+        errors += result["errors"]
         peaks[shape.name] = peak
     time.sleep(2.0)
     return {
@@ -445,8 +446,8 @@ def memory_run(picker: Picker, work: Path, seconds: float, smoke: bool) -> dict[
         "rss_peak_streams": peaks["memory-streams"],
         "rss_peak_4m": peaks["memory-4m"],
         "rss_after": rss_bytes(picker.pid),
-        "errors": errors.pop("errors", 0),
-        "by_load": errors,
+        "errors": errors,
+        "by_load": by_load,
     }
 
 
@@ -459,8 +460,10 @@ def stream_backends(work: Path, count: int = 3) -> tuple[list[ManagedProcess], l
 
 def request_runs(pickers: list[str], shapes: list[str], run: Run) -> list[dict[str, Any]]:
     work, seconds, rounds, log = run.work, run.seconds, run.rounds, run.log
-    plain = [s for s in shapes if s in ("small", "big400k", "big4m")]
-    streamed = [s for s in shapes if s in ("stream", "agentic", "agentic-paced")]
+    # Plain answers come from an Envoy backend, streamed ones from the aiohttp test backend.
+    requested = [s for s in shapes if s in REQUEST_SHAPES and s != "stream1"]
+    plain = [s for s in requested if not REQUEST_SHAPES[s].chunks]
+    streamed = [s for s in requested if REQUEST_SHAPES[s].chunks]
     if "stream" in streamed:
         streamed.insert(0, "stream1")
     results: list[dict[str, Any]] = []
